@@ -1,0 +1,430 @@
+"""
+PolychromaticLM: a ~600M decoder-only transformer whose FFN layers use PolyGLU.
+
+Reading order:
+  1. the frozen architecture (ModelConfig, RMSNorm, RoPE, GQA, PolyGLU, SwiGLU, TransformerBlock,
+     PolychromaticLM). Parameter names, shapes, init and forward math are fixed by SPEC.md and pinned by
+     tests/test_model.py: wrap them, never edit them.
+  2. document masking (cu_seqlens from EOS) and the wrappers applied from outside: flash attention,
+     block gradient checkpointing.
+  3. create / save / load helpers, parameter counts, FLOPs per token, routing entropy.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+EOS_ID = 151_643  # <|endoftext|>, the document separator of the Qwen3 tokenizer
+ACTIVATION_NAMES = ('relu', 'tanh', 'silu', 'gelu')
+ACTIVATIONS = (F.relu, torch.tanh, F.silu, F.gelu)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 151_669
+    d_model: int = 1024
+    n_layers: int = 28
+    n_heads: int = 16
+    n_kv_heads: int = 8
+    d_ff: int = 4096
+    max_seq_len: int = 4096
+    rope_theta: float = 10_000.0
+    n_activations: int = 4
+    model_type: str = 'polyglu'  # 'polyglu' | 'vanilla' (SwiGLU baseline, VanillaLM)
+    gate_hidden: int = 32        # width of PolyGLU's gate network
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    def __post_init__(self):
+        if self.model_type not in ('polyglu', 'vanilla'):
+            raise SystemExit(f"error: model_type must be 'polyglu' or 'vanilla', got {self.model_type!r}")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise SystemExit(f"error: d_model ({self.d_model}) must divide into n_heads ({self.n_heads}) heads, "
+                             f"and n_heads into n_kv_heads ({self.n_kv_heads}) groups")
+        if self.n_activations != len(ACTIVATIONS):
+            raise SystemExit(f"error: n_activations must be {len(ACTIVATIONS)} ({', '.join(ACTIVATION_NAMES)})")
+
+# =============================================================================
+# The frozen architecture
+# =============================================================================
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32: bf16 sums of squares over 1024 features lose too much precision
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class RoPE(nn.Module):
+    """Rotary positions (rotate-half convention, as Qwen3). No parameters; cos/sin are non-persistent."""
+
+    def __init__(self, head_dim, max_seq_len, theta=10_000.0):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # [max_seq_len, head_dim]
+        self.register_buffer('cos', angles.cos(), persistent=False)
+        self.register_buffer('sin', angles.sin(), persistent=False)
+
+    def forward(self, seq_len):
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"sequence of {seq_len} tokens is longer than max_seq_len={self.max_seq_len}")
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+    @staticmethod
+    def rotate(x, cos, sin):
+        # x: [B, T, H, D]; cos, sin: [T, D]
+        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def sdpa_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    """Causal attention with PyTorch SDPA; with cu_seqlens, a block-diagonal causal mask so that no token
+    attends across a document boundary. q: [B, T, H, D], k/v: [B, T, H_kv, D] -> [B, T, H, D].
+    cu_seqlens index the flattened B*T tokens, and every row start is a boundary (see cu_seqlens_from_eos)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if cu_seqlens is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        B, T = q.shape[0], q.shape[2]
+        positions = torch.arange(B * T, device=q.device)
+        doc = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True).view(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = (doc[:, :, None] == doc[:, None, :]) & causal
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+class GQA(nn.Module):
+    """Grouped-query attention with QK-norm and RoPE. `self.attend` is the attention kernel; the flash patch
+    swaps it per instance (see enable_flash_attention), the projections and their math stay as they are."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.attend = sdpa_attention
+
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
+        B, T, _ = x.shape
+        cos, sin = rope
+        q = RoPE.rotate(self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)), cos, sin)
+        k = RoPE.rotate(self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        out = self.attend(q, k, v, cu_seqlens, max_seqlen)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+def sequence_mean(x, cu_seqlens=None):
+    """The frozen PolyGLU pooling: the mean over the whole row, [B, T, C] -> [B, 1, C]. It ignores document
+    boundaries on purpose (SPEC.md: in pre-training the row is the sequence)."""
+    return x.mean(dim=1, keepdim=True)
+
+
+class PolyGLU(nn.Module):
+    """SwiGLU with state-conditional activation routing: every neuron mixes K activations (ReLU, Tanh, SiLU,
+    GELU) with weights g = GumbelSoftmax(alpha + beta * f(mean_t h), tau), one choice per sequence and neuron.
+    Train mode samples Gumbel noise; eval mode is deterministic, softmax((alpha + beta * f) / tau)."""
+
+    def __init__(self, config):
+        super().__init__()
+        K = config.n_activations
+        self.w_gate = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w_up = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w_down = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.alpha = nn.Parameter(torch.zeros(config.d_ff, K))  # static preference; zeros = uniform routing
+        self.beta = nn.Parameter(torch.ones(K))
+        self.gate_net = nn.Sequential(nn.Linear(config.d_model, config.gate_hidden), nn.ReLU(),
+                                      nn.Linear(config.gate_hidden, K))
+        self.tau = 1.0
+        self.pool = sequence_mean   # a per-segment wrapper for packed evaluation may replace it
+        self.last_logits = None     # routing logits of the last forward, detached, for entropy logging
+
+    def routing_logits(self, pooled):
+        # pooled: [B, S, C] -> [B, S, d_ff, K]; in float32 because tau = 0.1 sharpens bf16 rounding tenfold
+        return self.alpha.float() + self.beta.float() * self.gate_net(pooled).float()[..., None, :]
+
+    def routing_weights(self, logits):
+        if self.training:
+            return F.gumbel_softmax(logits, tau=self.tau, hard=False, dim=-1)
+        return torch.softmax(logits / self.tau, dim=-1)
+
+    def forward(self, x, cu_seqlens=None):
+        logits = self.routing_logits(self.pool(x, cu_seqlens))  # [B, 1, d_ff, K] (or [B, T, d_ff, K])
+        self.last_logits = logits.detach()
+        g = self.routing_weights(logits).to(x.dtype)
+        gate = self.w_gate(x)
+        mixed = sum(g[..., k] * act(gate) for k, act in enumerate(ACTIVATIONS))
+        return self.w_down(mixed * self.w_up(x))
+
+
+class SwiGLU(nn.Module):
+    """The VanillaLM FFN: the same three matrices as PolyGLU, SiLU only, no routing."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.w_gate = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w_up = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w_down = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x, cu_seqlens=None):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = GQA(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = PolyGLU(config) if config.model_type == 'polyglu' else SwiGLU(config)
+
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
+        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen)
+        return x + self.ffn(self.ffn_norm(x), cu_seqlens)
+
+
+class PolychromaticLM(nn.Module):
+    """embedding -> n_layers blocks -> RMSNorm -> head tied to the embedding. With model_type='vanilla'
+    this is VanillaLM, the SwiGLU baseline."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.rope = RoPE(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.apply(self._init_weights)
+        # residual-branch outputs: scaled so the residual stream's variance does not grow with depth
+        for block in self.blocks:
+            for proj in (block.attn.o_proj, block.ffn.w_down):
+                proj.weight.data.mul_(1.0 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_states(self, idx, cu_seqlens=None, max_seqlen=None):
+        """Final normalised hidden states [B, T, d_model]; the head is applied by forward or, in chunks,
+        by the training loss (the full [B*T, vocab] logits need not exist)."""
+        x = self.embed(idx)
+        rope = self.rope(idx.shape[1])
+        for block in self.blocks:
+            x = block(x, rope, cu_seqlens, max_seqlen)
+        return self.norm(x)
+
+    def forward(self, idx, cu_seqlens=None, max_seqlen=None):
+        return F.linear(self.hidden_states(idx, cu_seqlens, max_seqlen), self.embed.weight)
+
+    @property
+    def tau(self):
+        polyglus = [m for m in self.modules() if isinstance(m, PolyGLU)]
+        return polyglus[0].tau if polyglus else None
+
+    def set_tau(self, tau):
+        for m in self.modules():
+            if isinstance(m, PolyGLU):
+                m.tau = float(tau)
+
+    def update_tau(self, step, total_steps, tau_start=1.0, tau_end=0.1):
+        """Linear Gumbel-temperature anneal from tau_start to tau_end over total_steps, clamped at tau_end."""
+        tau = max(tau_end, tau_start - (tau_start - tau_end) * step / max(1, total_steps))
+        self.set_tau(tau)
+        return tau
+
+# =============================================================================
+# Document masking and the wrappers applied from outside
+# =============================================================================
+
+def cu_seqlens_from_eos(tokens, eos_id=EOS_ID):
+    """Document boundaries of a packed batch [B, T] as cumulative lengths over the flattened B*T tokens
+    (int32, as flash_attn_varlen_func wants). A document ends with its EOS; every row starts a document.
+    Returns (cu_seqlens, max_seqlen)."""
+    B, T = tokens.shape
+    starts = torch.zeros(B, T, dtype=torch.bool, device=tokens.device)
+    starts[:, 0] = True
+    starts[:, 1:] = tokens[:, :-1] == eos_id
+    boundaries = torch.cat([starts.flatten().nonzero().squeeze(1),
+                            torch.tensor([B * T], device=tokens.device)])
+    cu_seqlens = boundaries.to(torch.int32)
+    max_seqlen = int((boundaries[1:] - boundaries[:-1]).max())
+    return cu_seqlens, max_seqlen
+
+
+def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    """The same contract as sdpa_attention, on flash-attn 2 (bf16/fp16 on CUDA only). GQA is native."""
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    if cu_seqlens is None:
+        return flash_attn_func(q, k, v, causal=True)
+    B, T, H, D = q.shape
+    out = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                 cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+    return out.view(B, T, H, D)
+
+
+def flash_available():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def enable_flash_attention(model):
+    """Route every GQA of the model through flash-attn; the frozen GQA is untouched (its `attend` kernel is
+    swapped per instance)."""
+    for m in model.modules():
+        if isinstance(m, GQA):
+            m.attend = flash_attention
+    return model
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute each block's activations in the backward pass: memory for ~30% more compute. Wraps each
+    block's forward in place so the parameter names stay the frozen ones."""
+    for block in model.blocks:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    return model
+
+# =============================================================================
+# Create, save, load; counts and FLOPs; routing entropy
+# =============================================================================
+
+def create_model(config, device='cpu', dtype=torch.float32, flash=False, gradient_checkpointing=False):
+    """Build the model (initialised per SPEC.md) on a device and dtype, with the optional wrappers. flash=True
+    without CUDA or flash-attn falls back to the SDPA path, which computes the same masked attention."""
+    model = PolychromaticLM(config).to(device=device, dtype=dtype)
+    if flash and flash_available() and torch.device(device).type == 'cuda':
+        enable_flash_attention(model)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def config_from_dict(values):
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"error: unknown model config field(s) {unknown}; known: {sorted(known)}")
+    return ModelConfig(**values)
+
+
+def save_checkpoint(path, model, step, optimizer=None, scheduler=None, **extra):
+    """Portable checkpoint {model_state_dict, optimizer_state_dict, scheduler_state_dict, step, tau,
+    model_config}, written to a temporary name and renamed: a crash never leaves a half file under `path`."""
+    state = {
+        'model_state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        'optimizer_state_dict': optimizer.state_dict() if optimizer is not None else None,
+        'scheduler_state_dict': scheduler.state_dict() if scheduler is not None else None,
+        'step': int(step),
+        'tau': model.tau,
+        'model_config': asdict(model.config),
+        **extra,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device='cpu', config=None):
+    """Load a portable checkpoint -> (model in eval mode, step, tau). Built without flash attention so it
+    loads on any machine. `config`, if given, is what the caller expects: a different architecture is one
+    clear error line instead of a state-dict traceback."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} not found (train.py writes checkpoints/portable_*.pt)")
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
+    if not isinstance(state, dict) or 'model_state_dict' not in state or 'model_config' not in state:
+        raise SystemExit(f"error: {path} is not a PolychromaticLM portable checkpoint "
+                         "(expected keys model_state_dict, model_config, step, tau)")
+    saved_config = config_from_dict(state['model_config'])
+    if config is not None and asdict(config) != asdict(saved_config):
+        diffs = {k: (v, getattr(saved_config, k)) for k, v in asdict(config).items()
+                 if getattr(saved_config, k) != v}
+        raise SystemExit(f"error: {path} holds a different model than configured; "
+                         f"(configured, checkpoint): {diffs}. Fix the config or pick the right checkpoint")
+    model = PolychromaticLM(saved_config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state['model_state_dict'].items()}
+    if expected != found:
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        wrong = [f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in expected
+                 if k in found and found[k] != expected[k]]
+        raise SystemExit(f"error: {path} does not match its model config: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}")
+    model.load_state_dict(state['model_state_dict'])
+    tau = state.get('tau')
+    if tau is not None:
+        model.set_tau(tau)
+    return model.to(device).eval(), state.get('step', 0), tau
+
+
+def count_parameters(config):
+    """(total, routing) parameter counts without allocating the weights (meta device). The tied head counts
+    once; routing = PolyGLU's alpha, beta and gate networks."""
+    with torch.device('meta'):
+        model = PolychromaticLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    routing = sum(p.numel() for name, p in model.named_parameters()
+                  if name.split('.')[-1] in ('alpha', 'beta') or '.gate_net.' in name)
+    return total, routing
+
+
+def flops_per_token(config, seq_len=None, n_params=None):
+    """Training FLOPs per token: 6N for the matmuls (forward + backward) plus causal attention's
+    6 * n_layers * d_attn * seq_len (QK^T and AV, half the square for causality)."""
+    seq_len = seq_len or config.max_seq_len
+    n_params = n_params or count_parameters(config)[0]
+    return 6 * n_params + 6 * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+def routing_entropy(model):
+    """Routing entropy per layer (nats, and as a fraction of ln K) of the last forward's routing distribution
+    softmax(logits / tau) (the Gumbel-free distribution the samples come from), averaged over sequences and
+    neurons. A flat dict ready for wandb; empty for VanillaLM or before the first forward."""
+    stats = {}
+    entropies = []
+    for i, block in enumerate(model.blocks):
+        ffn = block.ffn
+        if not isinstance(ffn, PolyGLU) or ffn.last_logits is None:
+            continue
+        log_probs = torch.log_softmax(ffn.last_logits.float() / ffn.tau, dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1).mean().item()
+        entropies.append(entropy)
+        stats[f'routing/entropy_layer_{i:02d}'] = entropy
+    if entropies:
+        max_entropy = math.log(model.config.n_activations)
+        stats['routing/entropy_mean'] = sum(entropies) / len(entropies)
+        stats['routing/entropy_frac_mean'] = stats['routing/entropy_mean'] / max_entropy
+    return stats

@@ -1,0 +1,24 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from model import ModelConfig  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def small_config(**overrides):
+    """A model of the real shape family, small enough for CPU tests in milliseconds."""
+    values = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@pytest.fixture
+def config():
+    return small_config()

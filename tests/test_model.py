@@ -1,0 +1,280 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from conftest import small_config
+
+
+def test_full_size_parameter_counts():
+    total, routing = M.count_parameters(M.ModelConfig())
+    assert total == 597_153_888
+    assert routing == 1_380_960
+    assert round(100 * routing / total, 2) == 0.23
+    assert M.count_parameters(M.ModelConfig(model_type='vanilla')) == (595_772_928, 0)
+
+
+def test_frozen_parameter_names_and_shapes():
+    with torch.device('meta'):
+        model = M.PolychromaticLM(M.ModelConfig())
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    layer0 = {name[len('blocks.0.'):]: shape for name, shape in shapes.items() if name.startswith('blocks.0.')}
+    assert layer0 == {
+        'attn_norm.weight': (1024,),
+        'attn.q_proj.weight': (1024, 1024),
+        'attn.k_proj.weight': (512, 1024),
+        'attn.v_proj.weight': (512, 1024),
+        'attn.o_proj.weight': (1024, 1024),
+        'attn.q_norm.weight': (64,),
+        'attn.k_norm.weight': (64,),
+        'ffn_norm.weight': (1024,),
+        'ffn.alpha': (4096, 4),
+        'ffn.beta': (4,),
+        'ffn.w_gate.weight': (4096, 1024),
+        'ffn.w_up.weight': (4096, 1024),
+        'ffn.w_down.weight': (1024, 4096),
+        'ffn.gate_net.0.weight': (32, 1024),
+        'ffn.gate_net.0.bias': (32,),
+        'ffn.gate_net.2.weight': (4, 32),
+        'ffn.gate_net.2.bias': (4,),
+    }
+    for i in range(28):
+        assert {n[len(f'blocks.{i}.'):]: s for n, s in shapes.items() if n.startswith(f'blocks.{i}.')} == layer0
+    others = {n: s for n, s in shapes.items() if not n.startswith('blocks.')}
+    assert others == {'embed.weight': (151_669, 1024), 'norm.weight': (1024,)}  # head tied to embed
+    assert len(shapes) == 2 + 17 * 28
+    assert list(model.state_dict()) == list(shapes)  # no buffers (RoPE tables, tau) in checkpoints
+
+
+def test_initialisation_statistics():
+    torch.manual_seed(0)
+    config = small_config(d_model=256, d_ff=1024, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4096)
+    model = M.PolychromaticLM(config)
+    block = model.blocks[1]
+    residual_std = 0.02 / math.sqrt(2 * 4)
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert block.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert block.ffn.w_gate.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert block.ffn.gate_net[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.attn.o_proj.weight.std().item() == pytest.approx(residual_std, rel=0.02)
+    assert block.ffn.w_down.weight.std().item() == pytest.approx(residual_std, rel=0.02)
+    assert block.ffn.gate_net[0].bias.abs().max().item() == 0.0
+    assert block.ffn.alpha.abs().max().item() == 0.0
+    assert block.ffn.beta.tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert block.attn_norm.weight.tolist() == [1.0] * 256
+    assert model.tau == 1.0
+
+
+def test_tau_schedule():
+    model = M.PolychromaticLM(small_config())
+    assert model.update_tau(0, 1000) == 1.0
+    assert model.update_tau(500, 1000) == pytest.approx(0.55)
+    assert model.update_tau(1000, 1000) == pytest.approx(0.1)
+    assert model.update_tau(1500, 1000) == pytest.approx(0.1)  # clamped
+    assert all(b.ffn.tau == pytest.approx(0.1) for b in model.blocks)
+    assert model.tau == pytest.approx(0.1)
+
+
+def test_polyglu_forward_is_the_spec_formula(config):
+    torch.manual_seed(0)
+    ffn = M.PolyGLU(config).eval()
+    with torch.no_grad():
+        ffn.alpha.normal_()
+        ffn.beta.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    ffn.tau = 0.3
+    x = torch.randn(3, 10, config.d_model)
+    f = ffn.gate_net(x.mean(dim=1))                                    # [B, K]
+    g = torch.softmax((ffn.alpha + ffn.beta * f[:, None, :]) / 0.3, -1)  # [B, d_ff, K]
+    h = x @ ffn.w_gate.weight.T
+    activations = torch.stack([F.relu(h), torch.tanh(h), F.silu(h), F.gelu(h)], dim=-1)
+    expected = ((activations * g[:, None]).sum(-1) * (x @ ffn.w_up.weight.T)) @ ffn.w_down.weight.T
+    torch.testing.assert_close(ffn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_vanilla_ffn_is_swiglu(config):
+    ffn = M.SwiGLU(config)
+    x = torch.randn(2, 5, config.d_model)
+    expected = ffn.w_down(F.silu(ffn.w_gate(x)) * ffn.w_up(x))
+    torch.testing.assert_close(ffn(x), expected)
+    assert isinstance(M.PolychromaticLM(small_config(model_type='vanilla')).blocks[0].ffn, M.SwiGLU)
+
+
+def test_routing_deterministic_in_eval_stochastic_in_train(config):
+    torch.manual_seed(0)
+    model = M.PolychromaticLM(config)
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    model.eval()
+    torch.testing.assert_close(model(idx), model(idx), rtol=0, atol=0)
+    model.train()
+    assert (model(idx) - model(idx)).abs().max().item() > 1e-4
+
+
+def test_routing_is_one_choice_per_sequence(config):
+    model = M.PolychromaticLM(config).train()
+    model(torch.randint(0, config.vocab_size, (3, 16)))
+    assert model.blocks[0].ffn.last_logits.shape == (3, 1, config.d_ff, 4)
+
+
+def test_routing_entropy_closed_form(config):
+    model = M.PolychromaticLM(config).eval()
+    preference = torch.tensor([2.0, 0.0, -1.0, 0.5])
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ffn.alpha.copy_(preference.expand(config.d_ff, 4))
+            block.ffn.gate_net[2].weight.zero_()  # f(h) = 0: routing is alpha alone
+            block.ffn.gate_net[2].bias.zero_()
+    model.set_tau(0.5)
+    model(torch.randint(0, config.vocab_size, (2, 8)))
+    weights = [math.exp(a / 0.5) for a in preference.tolist()]
+    p = [w / sum(weights) for w in weights]
+    expected = -sum(q * math.log(q) for q in p)
+    stats = M.routing_entropy(model)
+    assert stats['routing/entropy_layer_00'] == pytest.approx(expected, rel=1e-5)
+    assert stats['routing/entropy_layer_01'] == pytest.approx(expected, rel=1e-5)
+    assert stats['routing/entropy_frac_mean'] == pytest.approx(expected / math.log(4), rel=1e-5)
+
+
+def test_routing_entropy_bounds(config):
+    model = M.PolychromaticLM(config).train()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ffn.alpha.normal_(std=3.0)
+    model(torch.randint(0, config.vocab_size, (2, 8)))
+    stats = M.routing_entropy(model)
+    assert set(stats) == {'routing/entropy_layer_00', 'routing/entropy_layer_01',
+                          'routing/entropy_mean', 'routing/entropy_frac_mean'}
+    assert all(0.0 <= v <= math.log(4) + 1e-6 for k, v in stats.items() if 'layer' in k)
+    assert stats['routing/entropy_mean'] < 0.9 * math.log(4)  # random alpha: no longer uniform
+    assert M.routing_entropy(M.PolychromaticLM(small_config(model_type='vanilla'))) == {}
+
+
+def test_cu_seqlens_from_eos():
+    eos = 7
+    tokens = torch.tensor([[1, 2, eos, 3, 4, 5, eos, 6],
+                           [eos, 1, 2, 3, 4, 5, 6, eos]])
+    cu_seqlens, max_seqlen = M.cu_seqlens_from_eos(tokens, eos_id=eos)
+    assert cu_seqlens.dtype == torch.int32
+    assert cu_seqlens.tolist() == [0, 3, 7, 8, 9, 16]
+    assert max_seqlen == 7
+
+
+def attention_inputs(config, T=24, boundary=10, seed=0):
+    torch.manual_seed(seed)
+    attn = M.GQA(config)
+    rope = M.RoPE(config.head_dim, config.max_seq_len)(T)
+    x = torch.randn(1, T, config.d_model)
+    tokens = torch.ones(1, T, dtype=torch.long)
+    tokens[0, boundary - 1] = 0  # EOS (id 0 here) ends the first document
+    return attn, rope, x, M.cu_seqlens_from_eos(tokens, eos_id=0)
+
+
+def test_attention_does_not_cross_documents(config):
+    attn, rope, x, (cu_seqlens, max_seqlen) = attention_inputs(config)
+    changed = x.clone()
+    changed[:, 10:] = torch.randn_like(changed[:, 10:])
+    out, out_changed = attn(x, rope, cu_seqlens, max_seqlen), attn(changed, rope, cu_seqlens, max_seqlen)
+    torch.testing.assert_close(out[:, :10], out_changed[:, :10], rtol=0, atol=0)
+    assert (out[:, 10:] - out_changed[:, 10:]).abs().max() > 1e-3
+    # without the document mask the second document would see the first
+    assert (attn(x, rope)[:, 10:] - out[:, 10:]).abs().max() > 1e-4
+
+
+def test_masked_attention_equals_each_document_alone(config):
+    attn, rope, x, (cu_seqlens, max_seqlen) = attention_inputs(config)
+    packed = attn(x, rope, cu_seqlens, max_seqlen)
+    first = attn(x[:, :10], (rope[0][:10], rope[1][:10]))
+    second = attn(x[:, 10:], (rope[0][:14], rope[1][:14]))  # alone, it starts at position 0
+    torch.testing.assert_close(packed[:, :10], first, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[:, 10:], second, rtol=1e-5, atol=1e-6)  # RoPE is relative
+
+
+def test_gradient_checkpointing_same_gradients(config):
+    torch.manual_seed(0)
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)
+        model = M.create_model(config, gradient_checkpointing=checkpointed).train()
+        torch.manual_seed(2)  # same Gumbel noise
+        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_longer_than_context_is_a_clear_error(config):
+    model = M.PolychromaticLM(config)
+    with pytest.raises(ValueError, match='longer than max_seq_len=128'):
+        model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_checkpoint_round_trip(tmp_path, config):
+    torch.manual_seed(0)
+    model = M.create_model(config)
+    model.update_tau(300, 1000)
+    optimizer = torch.optim.AdamW(model.parameters())
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    path = str(tmp_path / 'portable_42.pt')
+    M.save_checkpoint(path, model, step=42, optimizer=optimizer)
+    loaded, step, tau = M.load_checkpoint(path)
+    assert (step, tau) == (42, pytest.approx(0.73))
+    assert loaded.tau == pytest.approx(0.73) and not loaded.training
+    torch.testing.assert_close(loaded(idx), model.eval()(idx), rtol=0, atol=0)
+    state = torch.load(path, weights_only=True)
+    assert set(state) == {'model_state_dict', 'optimizer_state_dict', 'scheduler_state_dict', 'step', 'tau',
+                          'model_config'}
+    assert not any(p.name.endswith('.tmp') for p in tmp_path.iterdir())
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path, config):
+    with pytest.raises(SystemExit, match='not found'):
+        M.load_checkpoint(str(tmp_path / 'missing.pt'))
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(b'not a checkpoint at all')
+    with pytest.raises(SystemExit, match='not a readable checkpoint'):
+        M.load_checkpoint(str(garbage))
+    foreign = tmp_path / 'foreign.pt'
+    torch.save({'weights': torch.zeros(3)}, foreign)
+    with pytest.raises(SystemExit, match='not a PolychromaticLM portable checkpoint'):
+        M.load_checkpoint(str(foreign))
+    vanilla = str(tmp_path / 'vanilla.pt')
+    M.save_checkpoint(vanilla, M.create_model(small_config(model_type='vanilla')), step=1)
+    with pytest.raises(SystemExit, match="different model than configured.*model_type.*'polyglu', 'vanilla'"):
+        M.load_checkpoint(vanilla, config=config)
+    truncated = tmp_path / 'truncated.pt'
+    good = str(tmp_path / 'good.pt')
+    M.save_checkpoint(good, M.create_model(config), step=1)
+    truncated.write_bytes(open(good, 'rb').read()[:2000])
+    with pytest.raises(SystemExit, match='not a readable checkpoint'):
+        M.load_checkpoint(str(truncated))
+    tampered = torch.load(good, weights_only=True)
+    tampered['model_state_dict']['blocks.0.ffn.alpha'] = torch.zeros(64, 4)
+    torch.save(tampered, tmp_path / 'tampered.pt')
+    with pytest.raises(SystemExit, match=r'wrong shape.*blocks\.0\.ffn\.alpha: checkpoint \(64, 4\) vs model \(128, 4\)'):
+        M.load_checkpoint(str(tmp_path / 'tampered.pt'))
+
+
+def test_flops_per_token_full_model():
+    config = M.ModelConfig()
+    assert M.flops_per_token(config) == 6 * 597_153_888 + 6 * 28 * 1024 * 4096
+    assert round(M.flops_per_token(config) / 1e9, 1) == 4.3  # SPEC/issue figure at context 4,096
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not M.flash_available(), reason='needs CUDA and flash-attn')
+def test_flash_attention_equals_sdpa_masked_path():
+    config = small_config(d_model=256, n_heads=4, n_kv_heads=2)
+    torch.manual_seed(0)
+    attn = M.GQA(config).cuda().to(torch.bfloat16)
+    T = 96
+    rope = tuple(t.cuda() for t in M.RoPE(config.head_dim, config.max_seq_len)(T))
+    x = torch.randn(2, T, config.d_model, device='cuda', dtype=torch.bfloat16)
+    tokens = torch.ones(2, T, dtype=torch.long, device='cuda')
+    tokens[0, [20, 50]] = 0
+    tokens[1, 70] = 0
+    cu_seqlens, max_seqlen = M.cu_seqlens_from_eos(tokens, eos_id=0)
+    masked, unmasked = attn(x, rope, cu_seqlens, max_seqlen), attn(x, rope)
+    M.enable_flash_attention(attn)
+    torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(attn(x, rope), unmasked, rtol=2e-2, atol=2e-2)
