@@ -1,0 +1,484 @@
+"""
+Tokenize the pre-training sources into uint32 chunks, and the SFT conversations into tokens + loss mask.
+
+    python prepare.py --source=math                       # the hub (HF_TOKEN in the environment or .env)
+    python prepare.py --source=math --input='dl/*.parquet' # local jsonl/parquet files of the same schema
+    python prepare.py --source=sft --sft_sources=nemotron,metamath
+    python prepare.py --verify=data/tokenized/math         # check every chunk against its manifest
+    python prepare.py --benchmark=True --input=...         # tokens/s, 1 process vs all, vs the tokenizer
+
+Output: {output_base}/{source}/chunk_00000.bin ... (uint32, every document followed by EOS 151,643, each chunk
+ends on a document boundary) and manifest.json. SFT chunks also have chunk_00000.mask.bin (uint8, 1 exactly on
+assistant tokens and their closing <|im_end|>), and each conversation ends with EOS so that sft.py finds the
+boundaries the same way pre-training does. Chunks and the manifest are written under a temporary name and
+renamed; the manifest records how far each dataset was read, so a killed run restarted with the same
+arguments continues where it stopped and ends byte-identical to an uninterrupted one, whatever num_proc is.
+"""
+import collections
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from model import EOS_ID, ModelConfig
+from utils import HUB_TOKENIZER, get_tokenizer, load_dotenv
+
+# -----------------------------------------------------------------------------
+# config
+source = 'all'                 # math | stem | code | sft | all (= math, stem, code, sft)
+output_base = 'data/tokenized'
+input = ''                     # local jsonl/parquet path or glob read instead of the hub (same schema)
+tokenizer = HUB_TOKENIZER      # hub id, local tokenizer.json or folder, or 'packaged' (offline Qwen3 copy)
+chunk_tokens = 100_000_000     # tokens per chunk file (chunks end on a document boundary)
+max_tokens = -1                # token budget of the source; -1 = the spec's (7B math, 2.5B STEM, 0.5B code)
+num_proc = os.cpu_count() or 1 # tokenizer worker processes; the output does not depend on it
+batch_docs = 512               # documents per tokenizer call
+max_bad_fraction = 0.01        # malformed rows are skipped and counted; more than this fraction stops the run
+sft_sources = 'nemotron'       # comma list of nemotron, metamath, numina
+sft_split = 'low'              # Nemotron-Math-v2 split: low | medium | high_part00..02 (low: shortest traces)
+verify = ''                    # a prepared folder to check against its manifest, then exit
+benchmark = False              # measure tokenization throughput on --input, then exit
+# -----------------------------------------------------------------------------
+
+# The exact datasets of SPEC.md. Text fields and configs from each dataset card: Nemotron-CC-Math-v1 has configs
+# '3', '4plus', '4plus_MIND' (we use 4plus); Nemotron-CC-v2 and -v2.1 are split into quality configs, of which we
+# read 'High-Quality' (organic web text, the STEM-prose half the mixture wants; the synthetic/QA configs are
+# rephrasings); all three pre-training corpora keep the document in 'text'. STEM's budget is split evenly.
+SOURCES = {
+    'math': [dict(id='nvidia/Nemotron-CC-Math-v1', config='4plus', split='train', field='text', share=1.0)],
+    'stem': [dict(id='nvidia/Nemotron-CC-v2', config='High-Quality', split='train', field='text', share=0.5),
+             dict(id='nvidia/Nemotron-CC-v2.1', config='High-Quality', split='train', field='text', share=0.5)],
+    'code': [dict(id='nvidia/Nemotron-CC-Code-v1', config=None, split='train', field='text', share=1.0)],
+}
+DEFAULT_MAX_TOKENS = {'math': 7_000_000_000, 'stem': 2_500_000_000, 'code': 500_000_000, 'sft': 10**12}
+SFT_DATASETS = {  # conversations: Nemotron-Math-v2 and NuminaMath-CoT carry 'messages'; MetaMathQA query/response
+    'nemotron': dict(id='nvidia/Nemotron-Math-v2', config=None, field='messages'),
+    'metamath': dict(id='meta-math/MetaMathQA', config=None, split='train', field='query'),
+    'numina': dict(id='AI-MO/NuminaMath-CoT', config=None, split='train', field='messages'),
+}
+GATED = ('nvidia/Nemotron-CC-Math-v1', 'nvidia/Nemotron-CC-v2', 'nvidia/Nemotron-CC-v2.1', 'nvidia/Nemotron-CC-Code-v1')
+MANIFEST_FORMAT = 'polychromatic-tokens-v1'
+IM_START, IM_END = 151_644, 151_645
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+# -----------------------------------------------------------------------------
+# rows: the hub (streaming) or local jsonl/parquet files, as an iterator of dicts
+
+def local_files(pattern):
+    files = sorted(glob.glob(pattern)) if any(c in pattern for c in '*?[') else [pattern]
+    if not files or not all(os.path.isfile(f) for f in files):
+        fail(f"input {pattern} matches no file; give a jsonl/parquet path or a quoted glob")
+    for f in files:
+        if not f.endswith(('.jsonl', '.json', '.parquet')):
+            fail(f"input {f} is neither .jsonl nor .parquet")
+        if os.path.getsize(f) == 0:
+            fail(f"input {f} is empty")
+    return files
+
+
+def local_rows(files):
+    """Rows of local files in order; a line that is not JSON becomes None (counted as bad, not fatal)."""
+    for path in files:
+        if path.endswith('.parquet'):
+            import pyarrow.parquet as pq
+            try:
+                parquet = pq.ParquetFile(path)
+            except Exception as e:
+                fail(f"cannot read {path} as parquet ({type(e).__name__}: {e})")
+            for batch in parquet.iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+        else:
+            with open(path, encoding='utf-8', errors='replace') as f:
+                for line in f:
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError:
+                            yield None
+
+
+def hub_rows(dataset):
+    load_dotenv()
+    token = os.environ.get('HF_TOKEN')
+    if dataset['id'] in GATED and not token:
+        fail(f"HF_TOKEN is not set and {dataset['id']} is gated: accept its terms on the Hugging Face page, "
+             "then put HF_TOKEN=hf_... in the environment or in .env (or use --input= with local files)")
+    from datasets import load_dataset
+    try:
+        stream = load_dataset(dataset['id'], dataset['config'], split=dataset['split'], streaming=True,
+                              token=token)
+    except Exception as e:
+        fail(f"cannot open {dataset['id']} ({type(e).__name__}: {str(e)[:200]}); check HF_TOKEN, the network "
+             "and that its terms are accepted")
+    return iter(stream)
+
+
+def skip(rows, n):
+    for _ in range(n):
+        next(rows, None)
+    return rows
+
+# -----------------------------------------------------------------------------
+# tokenization in worker processes; results come back in submission order, so the output never depends on num_proc
+
+worker_tokenizer = None
+
+
+def init_worker(tokenizer_name):
+    global worker_tokenizer
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # parallelism comes from processes, one core each
+    worker_tokenizer = get_tokenizer(tokenizer_name)
+
+
+def row_text(row, field):
+    text = row.get(field) if isinstance(row, dict) else None
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def tokenize_documents(job):
+    """(rows, field) -> (tokens, lengths): one EOS after every document; lengths[i] = -1 for a bad row."""
+    rows, field = job
+    texts = [row_text(row, field) for row in rows]
+    encoded = worker_tokenizer.encode_batch([t for t in texts if t is not None], add_special_tokens=False)
+    encoded = iter(encoded)
+    pieces, lengths = [], []
+    for text in texts:
+        if text is None:
+            lengths.append(-1)
+            continue
+        ids = next(encoded).ids
+        pieces.append(np.array(ids + [EOS_ID], dtype=np.uint32))
+        lengths.append(len(ids) + 1)
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
+    return tokens, np.array(lengths, dtype=np.int64), None
+
+
+def conversation(row, field):
+    """A list of (role, content) turns from the SFT schemas, or None if the row is malformed."""
+    if not isinstance(row, dict):
+        return None
+    if field == 'query':  # MetaMathQA
+        query, response = row.get('query'), row.get('response')
+        turns = [('user', query), ('assistant', response)]
+    else:
+        messages = row.get('messages')
+        if not isinstance(messages, list):
+            return None
+        turns = [(m.get('role'), m.get('content')) for m in messages if isinstance(m, dict)]
+    if not turns or not all(isinstance(r, str) and isinstance(c, str) for r, c in turns):
+        return None
+    if not any(role == 'assistant' for role, _ in turns):
+        return None
+    return turns
+
+
+def tokenize_conversations(job):
+    """ChatML: <|im_start|>role\\ncontent<|im_end|>\\n per turn, EOS after the conversation. Loss mask 1 on the
+    assistant content and its <|im_end|>; 0 on headers, other roles, the newline after <|im_end|> and EOS."""
+    rows, field = job
+    newline = worker_tokenizer.encode('\n', add_special_tokens=False).ids
+    token_pieces, mask_pieces, lengths = [], [], []
+    for row in rows:
+        turns = conversation(row, field)
+        if turns is None:
+            lengths.append(-1)
+            continue
+        ids, mask = [], []
+        for role, content in turns:
+            header = [IM_START] + worker_tokenizer.encode(f'{role}\n', add_special_tokens=False).ids
+            body = worker_tokenizer.encode(content, add_special_tokens=False).ids + [IM_END]
+            ids += header + body + newline
+            mask += [0] * len(header) + [int(role == 'assistant')] * len(body) + [0] * len(newline)
+        ids.append(EOS_ID)
+        mask.append(0)
+        token_pieces.append(np.array(ids, dtype=np.uint32))
+        mask_pieces.append(np.array(mask, dtype=np.uint8))
+        lengths.append(len(ids))
+    if not token_pieces:
+        return np.zeros(0, np.uint32), np.array(lengths, dtype=np.int64), np.zeros(0, np.uint8)
+    return np.concatenate(token_pieces), np.array(lengths, dtype=np.int64), np.concatenate(mask_pieces)
+
+
+def ordered_map(pool, fn, jobs, ahead):
+    """pool.imap with back-pressure: imap would read the whole (hub) stream into its queue at once."""
+    if pool is None:
+        yield from map(fn, jobs)
+        return
+    queue = collections.deque()
+    for job in jobs:
+        queue.append(pool.apply_async(fn, (job,)))
+        if len(queue) >= ahead:
+            yield queue.popleft().get()
+    while queue:
+        yield queue.popleft().get()
+
+
+def batches(rows, field, size):
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch, field
+            batch = []
+    if batch:
+        yield batch, field
+
+# -----------------------------------------------------------------------------
+# chunks and manifest
+
+def sha256(array):
+    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast('B')).hexdigest()
+
+
+def atomic_write(path, data):
+    tmp = f"{path}.tmp"
+    with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_manifest(folder, manifest):
+    atomic_write(os.path.join(folder, 'manifest.json'), json.dumps(manifest, indent=1).encode())
+
+
+def write_chunk(folder, index, tokens, mask=None):
+    entry = {'file': f'chunk_{index:05d}.bin', 'tokens': int(tokens.size),
+             'documents': int(np.count_nonzero(tokens == EOS_ID)), 'sha256': sha256(tokens)}
+    atomic_write(os.path.join(folder, entry['file']), tokens.tobytes())
+    if mask is not None:
+        entry['mask_file'] = f'chunk_{index:05d}.mask.bin'
+        entry['mask_sha256'] = sha256(mask)
+        atomic_write(os.path.join(folder, entry['mask_file']), mask.tobytes())
+    return entry
+
+
+def plan(name):
+    """The datasets a source reads, each with its token budget: [(dataset, budget)]."""
+    budget = max_tokens if max_tokens > 0 else DEFAULT_MAX_TOKENS[name]
+    if name == 'sft':
+        datasets = []
+        for key in sft_sources.split(','):
+            if key not in SFT_DATASETS:
+                fail(f"unknown sft source '{key}'; choose from {', '.join(SFT_DATASETS)}")
+            datasets.append(dict(SFT_DATASETS[key], split=SFT_DATASETS[key].get('split', sft_split),
+                                 share=1.0 / len(sft_sources.split(','))))
+    else:
+        datasets = SOURCES[name]
+    if input:
+        field = datasets[0]['field']
+        return [(dict(id='local', input=local_files(input), field=field), budget)]
+    return [(d, int(budget * d['share'])) for d in datasets]
+
+
+def prepare_source(name):
+    """Tokenize one source into {output_base}/{name}/, resuming from its manifest if one is there."""
+    folder = os.path.join(output_base, name)
+    os.makedirs(folder, exist_ok=True)
+    for leftover in glob.glob(os.path.join(folder, '*.tmp')):
+        os.remove(leftover)  # a half-written chunk or manifest of a killed run
+    streams = plan(name)
+    identity = {
+        'format': MANIFEST_FORMAT, 'source': name, 'tokenizer': tokenizer, 'eos_id': EOS_ID, 'dtype': 'uint32',
+        'chunk_tokens': chunk_tokens, 'max_tokens': sum(budget for _, budget in streams),
+        'datasets': [{k: v for k, v in d.items() if k != 'share'} for d, _ in streams],
+    }
+    path = os.path.join(folder, 'manifest.json')
+    if os.path.isfile(path):
+        with open(path) as f:
+            manifest = json.load(f)
+        old = {k: manifest.get(k) for k in identity}
+        if old != identity:
+            changed = [k for k in identity if old[k] != identity[k]]
+            fail(f"{folder} holds a preparation with different {', '.join(changed)}; use another "
+                 "output_base or delete the folder")
+        if manifest['complete']:
+            print(f"{name}: already complete in {folder} ({manifest['total_tokens']:,} tokens), nothing to do")
+            return manifest
+        print(f"{name}: resuming after {len(manifest['chunks'])} chunks ({manifest['total_tokens']:,} tokens)")
+    else:
+        manifest = dict(identity, vocab_size=None, chunks=[], total_tokens=0, total_documents=0,
+                        bad_rows=0, complete=False,
+                        streams=[{'rows_read': 0, 'tokens': 0, 'done': False} for _ in streams])
+    vocab_tokenizer = get_tokenizer(tokenizer)  # checks vocabulary size and special ids before any work
+    manifest['vocab_size'] = vocab_tokenizer.get_vocab_size(with_added_tokens=True)
+    is_sft = name == 'sft'
+    work = tokenize_conversations if is_sft else tokenize_documents
+
+    # what the last complete chunk recorded; everything after it is re-read
+    state = [dict(s) for s in manifest['streams']]
+    bad_rows = manifest['bad_rows']
+    pending_tokens, pending_masks, pending_size = [], [], 0
+    progress = tqdm(total=identity['max_tokens'], initial=manifest['total_tokens'], unit='tok', unit_scale=True,
+                    desc=name, smoothing=0.05)
+
+    def flush():
+        nonlocal pending_tokens, pending_masks, pending_size
+        tokens = np.concatenate(pending_tokens)
+        mask = np.concatenate(pending_masks) if is_sft else None
+        manifest['chunks'].append(write_chunk(folder, len(manifest['chunks']), tokens, mask))
+        manifest['total_tokens'] += int(tokens.size)
+        manifest['total_documents'] += manifest['chunks'][-1]['documents']
+        manifest['streams'] = [dict(s) for s in state]
+        manifest['bad_rows'] = bad_rows
+        save_manifest(folder, manifest)
+        pending_tokens, pending_masks, pending_size = [], [], 0
+
+    context = multiprocessing.get_context('fork')
+    pool = context.Pool(num_proc, initializer=init_worker, initargs=(tokenizer,)) if num_proc > 1 else None
+    if pool is None:
+        init_worker(tokenizer)
+    try:
+        for stream_index, (dataset, budget) in enumerate(streams):
+            stream = state[stream_index]
+            if stream['done']:
+                continue
+            rows = local_rows(dataset['input']) if dataset['id'] == 'local' else hub_rows(dataset)
+            rows = skip(rows, stream['rows_read'])
+            jobs = batches(rows, dataset['field'], batch_docs)
+            results = ordered_map(pool, work, jobs, ahead=2 * num_proc)
+            for tokens, lengths, mask in results:
+                offset = 0
+                for length in lengths.tolist():
+                    if length < 0:
+                        stream['rows_read'] += 1
+                        bad_rows += 1
+                        continue
+                    if pending_size and pending_size + length > chunk_tokens:
+                        flush()  # the snapshot it saves must not count this row yet: it is not in the chunk
+                    pending_tokens.append(tokens[offset:offset + length])
+                    if is_sft:
+                        pending_masks.append(mask[offset:offset + length])
+                    offset += length
+                    pending_size += length
+                    stream['tokens'] += length
+                    stream['rows_read'] += 1
+                    progress.update(length)
+                    if stream['tokens'] >= budget:
+                        break
+                read = sum(s['rows_read'] for s in state)
+                if read >= 1000 and bad_rows > max_bad_fraction * read:
+                    fail(f"{bad_rows:,} of {read:,} rows of {dataset['id']} are malformed (no usable "
+                         f"'{dataset['field']}'), above max_bad_fraction={max_bad_fraction}: wrong files or schema?")
+                if stream['tokens'] >= budget:
+                    break
+            stream['done'] = True
+        if pending_size:
+            flush()
+        if not manifest['chunks']:
+            fail(f"{name}: no usable document in the input (every row lacked '{streams[0][0]['field']}')")
+        manifest['streams'] = [dict(s) for s in state]
+        manifest['bad_rows'] = bad_rows
+        manifest['complete'] = True
+        save_manifest(folder, manifest)
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+    print(f"{name}: {manifest['total_tokens']:,} tokens, {manifest['total_documents']:,} documents in "
+          f"{len(manifest['chunks'])} chunks, {manifest['bad_rows']:,} malformed rows skipped -> {folder}")
+    return manifest
+
+# -----------------------------------------------------------------------------
+# verification
+
+def verify_folder(folder):
+    """Check every chunk against the manifest; returns the manifest, or ends with one line naming the problem."""
+    path = os.path.join(folder, 'manifest.json')
+    if not os.path.isfile(path):
+        fail(f"{folder} has no manifest.json: not a prepared folder (run prepare.py for it first)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError:
+        fail(f"{path} is not valid JSON; re-run prepare.py with the same arguments to rewrite it")
+    if manifest.get('format') != MANIFEST_FORMAT or manifest.get('eos_id') != EOS_ID:
+        fail(f"{path} is a foreign manifest (format {manifest.get('format')!r}, eos {manifest.get('eos_id')}), "
+             f"expected {MANIFEST_FORMAT} with EOS {EOS_ID}")
+    vocab_size = manifest.get('vocab_size') or ModelConfig.vocab_size
+    for chunk in manifest['chunks']:
+        file = os.path.join(folder, chunk['file'])
+        if not os.path.isfile(file):
+            fail(f"{file} is listed in the manifest but missing; re-run prepare.py to rewrite it")
+        size = os.path.getsize(file)
+        if size != 4 * chunk['tokens']:
+            fail(f"{file} has {size:,} bytes, the manifest says {4 * chunk['tokens']:,} (truncated or foreign "
+                 "chunk); delete it and re-run prepare.py with the same arguments")
+        tokens = np.fromfile(file, dtype=np.uint32)
+        if sha256(tokens) != chunk['sha256']:
+            fail(f"{file} fails its checksum (corrupted or foreign chunk); delete it and re-run prepare.py")
+        if tokens.size and int(tokens.max()) >= vocab_size:
+            fail(f"{file} holds token id {int(tokens.max())} >= vocab size {vocab_size}")
+        if tokens.size == 0 or tokens[-1] != EOS_ID or np.count_nonzero(tokens == EOS_ID) != chunk['documents']:
+            fail(f"{file} does not end its {chunk['documents']} documents with EOS {EOS_ID}")
+        if 'mask_file' in chunk:
+            mask_file = os.path.join(folder, chunk['mask_file'])
+            if not os.path.isfile(mask_file) or os.path.getsize(mask_file) != chunk['tokens']:
+                fail(f"{mask_file} is missing or has the wrong size; re-run prepare.py")
+            if sha256(np.fromfile(mask_file, dtype=np.uint8)) != chunk['mask_sha256']:
+                fail(f"{mask_file} fails its checksum; delete it and re-run prepare.py")
+    if sum(c['tokens'] for c in manifest['chunks']) != manifest['total_tokens']:
+        fail(f"{path}: total_tokens does not equal the sum of its chunks")
+    return manifest
+
+# -----------------------------------------------------------------------------
+# benchmark
+
+def run_benchmark():
+    """tokens/s of the tokenizer's own single-core encode_batch (the ceiling) and of prepare_source with 1 and
+    all processes, on the same local files; projects hours for the spec's 10B tokens on a 16-core pod."""
+    global output_base, num_proc, max_tokens
+    if not input:
+        fail("benchmark needs --input= local jsonl/parquet files")
+    files = local_files(input)
+    texts = [t for t in (row_text(r, 'text') for r in local_rows(files)) if t]
+    init_worker(tokenizer)
+    start = time.perf_counter()
+    n = sum(len(e.ids) + 1 for e in worker_tokenizer.encode_batch(texts, add_special_tokens=False))
+    ceiling = n / (time.perf_counter() - start)
+    cores = os.cpu_count() or 1
+    rates = {}
+    for procs in sorted({1, cores}):
+        with tempfile.TemporaryDirectory() as tmp:
+            output_base, num_proc, max_tokens = tmp, procs, 10**12
+            start = time.perf_counter()
+            manifest = prepare_source('math')
+            rates[procs] = manifest['total_tokens'] / (time.perf_counter() - start)
+    print(f"\nbenchmark on {n:,} tokens ({len(texts):,} documents), {cores} cores:")
+    print(f"  tokenizer encode_batch, 1 core (ceiling): {ceiling:,.0f} tokens/s")
+    for procs, rate in rates.items():
+        print(f"  prepare.py num_proc={procs}: {rate:,.0f} tokens/s ({rate / procs / ceiling:.0%} of the ceiling "
+              "per process)")
+    per_process = rates[cores] / cores
+    print(f"  projected for 10B tokens on a 16-core pod: {1e10 / (per_process * 16) / 3600:.1f} hours")
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals())
+    if verify:
+        manifest = verify_folder(verify)
+        print(f"{verify}: OK, {len(manifest['chunks'])} chunks, {manifest['total_tokens']:,} tokens, "
+              f"{manifest['total_documents']:,} documents, complete={manifest['complete']}")
+        sys.exit(0)
+    if benchmark:
+        run_benchmark()
+        sys.exit(0)
+    names = ['math', 'stem', 'code', 'sft'] if source == 'all' else [source]
+    for name in names:
+        if name not in DEFAULT_MAX_TOKENS:
+            fail(f"unknown source '{name}'; choose from math, stem, code, sft, all")
+        if input and len(names) > 1:
+            fail("--input= reads one source's files: give --source=math|stem|code|sft with it")
+        prepare_source(name)
