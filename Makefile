@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
+DEMO := data/demo
+DEMO_PREPARE := --output_base=$(DEMO)/tokenized --tokenizer=packaged
+
 .PHONY: setup demo test clean
 
 $(VENV)/.installed: requirements.txt
@@ -12,6 +15,13 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# prepare -> train on the embedded sample; each stage reuses what an earlier run finished
+demo: setup
+	@test -f $(DEMO)/raw/sft.jsonl || $(PY) prepare.py --sample=$(DEMO)/raw
+	@for source in math stem code sft; do \
+		$(PY) prepare.py --source=$$source --input=$(DEMO)/raw/$$source.jsonl $(DEMO_PREPARE) || exit 1; done
+	$(PY) train.py config/tiny.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -280,12 +280,15 @@ def cu_seqlens_from_eos(tokens, eos_id=EOS_ID):
 def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
     """The same contract as sdpa_attention, on flash-attn 2 (bf16/fp16 on CUDA only). GQA is native."""
     from flash_attn import flash_attn_func, flash_attn_varlen_func
+    out_dtype = v.dtype
+    if q.dtype not in (torch.float16, torch.bfloat16):  # autocast leaves the QK-normed q/k in float32
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     if cu_seqlens is None:
-        return flash_attn_func(q, k, v, causal=True)
+        return flash_attn_func(q, k, v, causal=True).to(out_dtype)
     B, T, H, D = q.shape
     out = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
                                  cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
-    return out.view(B, T, H, D)
+    return out.view(B, T, H, D).to(out_dtype)
 
 
 def flash_available():
@@ -314,6 +317,35 @@ def enable_gradient_checkpointing(model):
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
     return model
 
+def chunked_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_index=-100):
+    """Mean next-token loss over the targets that are not ignore_index, computing the head in chunks of
+    chunk_size positions, each checkpointed: the [B*T, vocab] logits (5 GB in fp32 for 16 x 4,096 x 151,669)
+    never exist at once, only one chunk's, in the forward and again in the backward."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+
+    def chunk_loss(h, t):
+        return F.cross_entropy(F.linear(h, head_weight).float(), t, ignore_index=ignore_index, reduction='sum')
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_loss(h, t))
+    return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+class LanguageModelLoss(nn.Module):
+    """The training objective as a module, so an engine (DeepSpeed) can call it: hidden states of the frozen
+    model, then the tied head and cross-entropy in checkpointed chunks. `self.model` is the PolychromaticLM."""
+
+    def __init__(self, model, chunk_size=2048):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, idx, targets, cu_seqlens=None, max_seqlen=None):
+        hidden = self.model.hidden_states(idx, cu_seqlens, max_seqlen)
+        return chunked_cross_entropy(hidden, self.model.embed.weight, targets, self.chunk_size)
+
 # =============================================================================
 # Create, save, load; counts and FLOPs; routing entropy
 # =============================================================================
@@ -337,13 +369,24 @@ def config_from_dict(values):
     return ModelConfig(**values)
 
 
-def save_checkpoint(path, model, step, optimizer=None, scheduler=None, **extra):
-    """Portable checkpoint {model_state_dict, optimizer_state_dict, scheduler_state_dict, step, tau,
+def optimizer_groups(model, weight_decay):
+    """AdamW groups: weight decay on >=2-D parameters except PolyGLU's alpha (decaying it pulls routing back to
+    uniform, the prototype's mistake); 1-D parameters (norms, beta, biases) never decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and not name.endswith('.alpha') else no_decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=None, **extra):
+    """Portable checkpoint {model_state_dict (float32), optimizer_state_dict, scheduler_state_dict, step, tau,
     model_config}, written to a temporary name and renamed: a crash never leaves a half file under `path`."""
     state = {
-        'model_state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        'optimizer_state_dict': optimizer.state_dict() if optimizer is not None else None,
-        'scheduler_state_dict': scheduler.state_dict() if scheduler is not None else None,
+        'model_state_dict': {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
+                             for k, v in model.state_dict().items()},
+        'optimizer_state_dict': optimizer_state,
+        'scheduler_state_dict': scheduler_state,
         'step': int(step),
         'tau': model.tau,
         'model_config': asdict(model.config),

@@ -6,6 +6,7 @@ Tokenize the pre-training sources into uint32 chunks, and the SFT conversations 
     python prepare.py --source=sft --sft_sources=nemotron,metamath
     python prepare.py --verify=data/tokenized/math         # check every chunk against its manifest
     python prepare.py --benchmark=True --input=...         # tokens/s, 1 process vs all, vs the tokenizer
+    python prepare.py --sample=data/demo/raw              # write the embedded offline sample (demo, tests)
 
 Output: {output_base}/{source}/chunk_00000.bin ... (uint32, every document followed by EOS 151,643, each chunk
 ends on a document boundary) and manifest.json. SFT chunks also have chunk_00000.mask.bin (uint8, 1 exactly on
@@ -44,6 +45,7 @@ max_bad_fraction = 0.01        # malformed rows are skipped and counted; more th
 sft_sources = 'nemotron'       # comma list of nemotron, metamath, numina
 sft_split = 'low'              # Nemotron-Math-v2 split: low | medium | high_part00..02 (low: shortest traces)
 verify = ''                    # a prepared folder to check against its manifest, then exit
+sample = ''                    # write the embedded sample (generated jsonl in the real schemas) here, then exit
 benchmark = False              # measure tokenization throughput on --input, then exit
 # -----------------------------------------------------------------------------
 
@@ -433,6 +435,89 @@ def verify_folder(folder):
     return manifest
 
 # -----------------------------------------------------------------------------
+# the embedded sample: a few MB of generated text in the real schemas, so the demo and tests need no hub
+
+NAMES = ('Ada', 'Ben', 'Chen', 'Dara', 'Eli', 'Fatima', 'Goran', 'Hana', 'Ivo', 'Jun', 'Kofi', 'Lena')
+THINGS = ('apples', 'marbles', 'books', 'stamps', 'pencils', 'coins', 'shells', 'cards')
+FACTS = (
+    ('force', 'the product of mass and acceleration', 'newtons'),
+    ('kinetic energy', 'one half of mass times velocity squared', 'joules'),
+    ('power', 'the rate at which work is done', 'watts'),
+    ('pressure', 'force divided by the area it acts on', 'pascals'),
+    ('electric current', 'the rate of flow of charge', 'amperes'),
+    ('density', 'mass per unit volume', 'kilograms per cubic metre'),
+    ('frequency', 'the number of cycles per second', 'hertz'),
+    ('momentum', 'the product of mass and velocity', 'kilogram metres per second'),
+)
+
+
+def word_problem(rng):
+    a, b, c = (int(x) for x in rng.integers(2, 60, size=3))
+    name, other = rng.choice(NAMES, size=2, replace=False)
+    thing = rng.choice(THINGS)
+    kind = int(rng.integers(3))
+    if kind == 0:
+        question = f"{name} has {a} {thing}. {other} gives {name} {b} more. How many {thing} does {name} have now?"
+        steps, answer = f"{name} starts with {a} {thing} and receives {b}, so {a} + {b} = {a + b}.", a + b
+    elif kind == 1:
+        question = f"{name} buys {a} boxes with {b} {thing} in each box. How many {thing} is that in total?"
+        steps, answer = f"There are {a} boxes of {b}, so {a} * {b} = {a * b}.", a * b
+    else:
+        total = a * b + c
+        question = f"{name} shares {total} {thing} among {a} friends equally and keeps the rest. How many does each " \
+                   f"friend get, and how many are left?"
+        steps, answer = f"{total} = {a} * {b} + {c}, so each friend gets {b} and {c} are left.", f"{b} each, {c} left"
+    return question, steps, str(answer)
+
+
+def stem_paragraph(rng):
+    quantity, definition, unit = FACTS[int(rng.integers(len(FACTS)))]
+    mass, speed = int(rng.integers(2, 40)), int(rng.integers(2, 30))
+    return (f"In physics, {quantity} is defined as {definition}. It is measured in {unit}. "
+            f"For example, an object with a mass of {mass} kilograms moving at {speed} metres per second has a "
+            f"momentum of {mass * speed} kilogram metres per second and a kinetic energy of "
+            f"{mass * speed * speed / 2:g} joules. Careful measurement of {quantity} lets engineers predict how "
+            f"machines and structures behave.")
+
+
+def code_snippet(rng):
+    name = rng.choice(('total', 'scale', 'clip', 'mean', 'count'))
+    n = int(rng.integers(2, 9))
+    bodies = {
+        'total': f"    return sum(values) + {n}",
+        'scale': f"    return [v * {n} for v in values]",
+        'clip': f"    return [min(max(v, -{n}), {n}) for v in values]",
+        'mean': "    return sum(values) / max(1, len(values))",
+        'count': f"    return sum(1 for v in values if v > {n})",
+    }
+    return (f"def {name}_{n}(values):\n    \"\"\"{name.capitalize()} a list of numbers ({n}).\"\"\"\n"
+            f"{bodies[name]}\n\n\nprint({name}_{n}([{', '.join(str(int(x)) for x in rng.integers(0, 20, 5))}]))\n")
+
+
+def make_sample(folder, documents=(3000, 1200, 600), conversations=400, seed=0):
+    """Write math.jsonl, stem.jsonl, code.jsonl ({'text': ...}, the Nemotron-CC schema) and sft.jsonl
+    (Nemotron-Math-v2's {'problem', 'messages', 'expected_answer'}) of generated text."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    generators = {
+        'math': lambda: ' '.join(f"Problem: {q}\nSolution: {s} The answer is {a}.\n"
+                                 for q, s, a in (word_problem(rng) for _ in range(int(rng.integers(1, 5))))),
+        'stem': lambda: '\n\n'.join(stem_paragraph(rng) for _ in range(int(rng.integers(1, 4)))),
+        'code': lambda: '\n'.join(code_snippet(rng) for _ in range(int(rng.integers(1, 4)))),
+    }
+    for (name, generate), count in zip(generators.items(), documents):
+        with open(os.path.join(folder, f'{name}.jsonl'), 'w') as f:
+            for i in range(count):
+                f.write(json.dumps({'id': f'{name}-{i}', 'text': generate()}) + '\n')
+    with open(os.path.join(folder, 'sft.jsonl'), 'w') as f:
+        for i in range(conversations):
+            question, steps, answer = word_problem(rng)
+            messages = [{'role': 'user', 'content': question},
+                        {'role': 'assistant', 'content': f"{steps}\nThe answer is \\boxed{{{answer}}}."}]
+            f.write(json.dumps({'problem': question, 'messages': messages, 'expected_answer': answer}) + '\n')
+    return folder
+
+# -----------------------------------------------------------------------------
 # benchmark
 
 def run_benchmark():
@@ -474,6 +559,9 @@ if __name__ == '__main__':
         sys.exit(0)
     if benchmark:
         run_benchmark()
+        sys.exit(0)
+    if sample:
+        print(f"embedded sample -> {make_sample(sample)}")
         sys.exit(0)
     names = ['math', 'stem', 'code', 'sft'] if source == 'all' else [source]
     for name in names:

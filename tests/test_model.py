@@ -216,7 +216,7 @@ def test_checkpoint_round_trip(tmp_path, config):
     optimizer = torch.optim.AdamW(model.parameters())
     idx = torch.randint(0, config.vocab_size, (2, 16))
     path = str(tmp_path / 'portable_42.pt')
-    M.save_checkpoint(path, model, step=42, optimizer=optimizer)
+    M.save_checkpoint(path, model, step=42, optimizer_state=optimizer.state_dict())
     loaded, step, tau = M.load_checkpoint(path)
     assert (step, tau) == (42, pytest.approx(0.73))
     assert loaded.tau == pytest.approx(0.73) and not loaded.training

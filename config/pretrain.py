@@ -1,0 +1,48 @@
+# The full PolychromaticLM pre-training run of SPEC.md on one 80 GB GPU (A100/H100):
+#   deepspeed train.py config/pretrain.py
+# ~10B tokens = 19,531 steps x (16 x 8 x 4,096) tokens. Every value here equals train.py's default and is
+# written out so that this file is the record of the run.
+model_type = 'polyglu'          # 'vanilla' for the SwiGLU baseline (VanillaLM)
+vocab_size = 151_669
+d_model = 1024
+n_layers = 28
+n_heads = 16
+n_kv_heads = 8
+d_ff = 4096
+max_seq_len = 4096
+
+data_dir = 'data/tokenized'
+mixture_baseline = (0.70, 0.25, 0.05)  # math, stem, code for the first 80% of steps
+mixture_anneal = (0.85, 0.10, 0.05)    # ... and for the last 20%
+anneal_start = 0.8
+block_size = 4096
+
+micro_batch_size = 16
+grad_accum_steps = 8
+max_steps = 19_531
+learning_rate = 1e-4
+min_lr = 1e-5
+warmup_steps = 2000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+adam_eps = 1e-8
+grad_clip = 1.0
+tau_start = 1.0
+tau_end = 0.1
+
+backend = 'deepspeed'
+zero_stage = 1
+dtype = 'bfloat16'
+flash_attention = True
+gradient_checkpointing = False
+
+out_dir = 'checkpoints'
+resume = 'auto'
+log_interval = 10
+eval_interval = 500
+checkpoint_interval = 500
+keep_checkpoints = 3
+wandb_log = True
+wandb_project = 'polychromatic'
+wandb_run_name = 'polyglu-600m'

@@ -1,0 +1,230 @@
+import importlib
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+import synthetic
+from conftest import ROOT, small_config
+from configurator import configure
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp('data'))
+    for i, name in enumerate(('math', 'stem', 'code')):
+        synthetic.write_source(folder, name, seed=i)
+    return folder
+
+
+def run_train(args):
+    """train.py in this process, fresh module globals each time."""
+    import train
+    train = importlib.reload(train)
+    configure(vars(train), args)
+    train.main()
+    return train
+
+
+def losses(text):
+    return [float(x) for x in re.findall(r'\| loss (\d+\.\d+) \|', text)]
+
+
+def final_state(out_dir):
+    return torch.load(os.path.join(out_dir, 'portable_final.pt'), weights_only=True)['model_state_dict']
+
+
+def test_tiny_run_learns(data_dir, tmp_path, capsys):
+    run_train(synthetic.train_args(data_dir, str(tmp_path), max_steps=150, log_interval=25, eval_interval=150,
+                                   checkpoint_interval=0))
+    out = capsys.readouterr().out
+    curve = losses(out)
+    assert len(curve) == 6 and curve == sorted(curve, reverse=True)
+    assert curve[-1] < 0.5 * math.log(synthetic.VOCAB)  # ln(512) = 6.24: what an untrained model scores
+    validation = float(re.search(r'validation .*\| loss (\d+\.\d+)', out).group(1))
+    assert validation < 0.5 * math.log(synthetic.VOCAB)
+    state = torch.load(tmp_path / 'portable_final.pt', weights_only=True)
+    assert state['step'] == 150 and state['tau'] == pytest.approx(0.1 + 0.9 / 150)
+
+
+def test_learning_rate_schedule():
+    import train
+    train = importlib.reload(train)
+    lr = lambda step: train.cosine_lr(step, train.learning_rate, train.warmup_steps, train.max_steps,  # noqa: E731
+                                      train.min_lr)
+    assert lr(0) == pytest.approx(1e-4 / 2000)
+    assert lr(1999) == pytest.approx(1e-4)
+    assert lr(2000 + (19_531 - 2000) // 2) == pytest.approx(5.5e-5, rel=1e-3)
+    assert lr(19_531) == pytest.approx(1e-5)
+
+
+def test_weight_decay_groups():
+    model = M.PolychromaticLM(small_config())
+    decay, no_decay = M.optimizer_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay['params']}
+    exempt = {names[id(p)] for p in no_decay['params']}
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+    assert 'blocks.0.ffn.alpha' in exempt and 'blocks.1.ffn.alpha' in exempt
+    assert {'blocks.0.ffn.beta', 'blocks.0.attn_norm.weight', 'blocks.0.ffn.gate_net.0.bias'} <= exempt
+    assert {'embed.weight', 'blocks.0.ffn.w_gate.weight', 'blocks.0.ffn.gate_net.0.weight'} <= decayed
+    assert all(model.get_parameter(n).dim() >= 2 and not n.endswith('alpha') for n in decayed)
+    assert len(decayed) + len(exempt) == len(names)
+
+
+def test_mixture_schedule_and_sampled_shares():
+    import train
+    train = importlib.reload(train)
+    assert train.mixture_probs(0) == (0.70, 0.25, 0.05)
+    assert train.mixture_probs(int(0.79 * 19_531)) == (0.70, 0.25, 0.05)
+    assert train.mixture_probs(int(0.81 * 19_531)) == (0.85, 0.10, 0.05)
+    assert train.mixture_probs(19_531) == (0.85, 0.10, 0.05)
+    train.max_steps, train.grad_accum_steps, train.micro_batch_size = 1000, 4, 16
+    source, _ = train.row_plan(3, rank=0, world_size=1)
+    baseline, anneal = source[:800 * 64], source[800 * 64:]
+    np.testing.assert_allclose(np.bincount(baseline, minlength=3) / baseline.size, [0.70, 0.25, 0.05], atol=0.01)
+    np.testing.assert_allclose(np.bincount(anneal, minlength=3) / anneal.size, [0.85, 0.10, 0.05], atol=0.015)
+
+
+def test_ranks_never_share_a_window(data_dir):
+    import train
+    train = importlib.reload(train)
+    configure(vars(train), synthetic.train_args(data_dir, '/unused', max_steps=20))
+    data = [train.open_source(name) for name in ('math', 'stem', 'code')]
+    seen = []
+    for rank in (0, 1):
+        source, slot = train.row_plan(3, rank, world_size=2)
+        windows = set()
+        for s, k in zip(source, slot):
+            epoch, index = divmod(int(k), data[s]['n_windows'])
+            assert epoch == 0  # 20 steps stay within the first pass over the windows here
+            windows.add((int(s), int(train.np.random.default_rng([train.seed, sum(map(ord, data[s]['name'])), 0])
+                                      .permutation(data[s]['n_windows'])[index])))
+        assert len(windows) == len(source)  # no window twice on one rank
+        seen.append(windows)
+    assert not seen[0] & seen[1]
+    # and a row's tokens are a function of (step, micro-step): the same call twice gives the same batch
+    plan = train.row_plan(3, 0, 1)
+    train.device = 'cpu'
+    x1, y1, cu1, _ = train.get_batch(data, plan, 7, 1)
+    x2, y2, cu2, _ = train.get_batch(data, plan, 7, 1)
+    assert torch.equal(x1, x2) and torch.equal(cu1, cu2) and torch.equal(x1[:, 1:], y1[:, :-1])
+
+
+def test_chunked_loss_equals_full_loss():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 24, 16, requires_grad=True)
+    head = torch.randn(100, 16, requires_grad=True)
+    targets = torch.randint(0, 100, (2, 24))
+    targets[0, :5] = -100  # ignored positions (SFT masks)
+    chunked = M.chunked_cross_entropy(hidden, head, targets, chunk_size=7)
+    full = torch.nn.functional.cross_entropy((hidden @ head.T).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(chunked, full)
+    grads_chunked = torch.autograd.grad(chunked, (hidden, head))
+    grads_full = torch.autograd.grad(full, (hidden, head))
+    for a, b in zip(grads_chunked, grads_full):
+        torch.testing.assert_close(a, b)
+
+
+def test_killed_and_resumed_run_is_exact(data_dir, tmp_path, capsys):
+    whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
+    run_train(synthetic.train_args(data_dir, whole, max_steps=30, log_interval=1))
+    whole_losses = losses(capsys.readouterr().out)
+    run_train(synthetic.train_args(data_dir, parts, max_steps=30, log_interval=1, stop_after_steps=13))
+    first = capsys.readouterr().out
+    assert 'stop_after_steps=13: checkpoint saved at step 13' in first
+    run_train(synthetic.train_args(data_dir, parts, max_steps=30, log_interval=1))
+    second = capsys.readouterr().out
+    assert 'resumed from step 13' in second
+    assert losses(first) + losses(second) == whole_losses  # exact, not approximately
+    for key, value in final_state(whole).items():
+        assert torch.equal(value, final_state(parts)[key]), key
+    assert sorted(os.listdir(parts)) == ['portable_10.pt', 'portable_13.pt', 'portable_20.pt', 'portable_final.pt']
+
+
+def test_nan_guard_skips_then_stops(data_dir, tmp_path, capsys, monkeypatch):
+    import train
+    calls = []
+
+    class Poisoned(M.LanguageModelLoss):
+        def forward(self, *args):
+            calls.append(1)
+            loss = super().forward(*args)
+            step = (len(calls) - 1) // 2  # grad_accum_steps = 2
+            return loss * float('nan') if step == 3 or step >= 12 else loss
+
+    def run(args):
+        module = importlib.reload(train)
+        monkeypatch.setattr(module, 'LanguageModelLoss', Poisoned)
+        configure(vars(module), args)
+        module.main()
+
+    with pytest.raises(SystemExit, match=r'3 non-finite steps in a row at step 14: stopping; the last good checkpoint'):
+        run(synthetic.train_args(data_dir, str(tmp_path), max_steps=30, eval_interval=0, max_bad_steps=3))
+    out = capsys.readouterr().out
+    assert 'step 3: non-finite loss nan or grad norm nan: update skipped (1 in a row, 1 in all)' in out
+    assert 'update skipped (3 in a row, 4 in all)' in out
+    model, step, _ = M.load_checkpoint(str(tmp_path / 'portable_10.pt'))
+    assert step == 10 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bad_data_is_one_clear_line(data_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r'missing data folder .*nowhere/math .*run `python prepare.py --source=math`'):
+        run_train(synthetic.train_args(str(tmp_path / 'nowhere'), str(tmp_path / 'out')))
+    broken = str(tmp_path / 'broken')
+    for i, name in enumerate(('math', 'stem', 'code')):
+        synthetic.write_source(broken, name, seed=i)
+    chunk = os.path.join(broken, 'stem', 'chunk_00001.bin')
+    open(chunk, 'r+b').truncate(1000)
+    with pytest.raises(SystemExit, match=r'chunk_00001\.bin has 1,000 bytes, its manifest says .*truncated or foreign'):
+        run_train(synthetic.train_args(broken, str(tmp_path / 'out')))
+    with pytest.raises(SystemExit, match=r'foreign .*expected prepare.py\'s polychromatic-tokens-v1 with eos 151643'):
+        run_train(synthetic.train_args(data_dir, str(tmp_path / 'out'), eos_id=151643, vocab_size=151669))
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+    args = synthetic.train_args(data_dir, str(tmp_path), max_steps=100_000, log_interval=1, eval_interval=0,
+                                checkpoint_interval=0)
+    process = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith('step 5/'):
+            process.send_signal(signal.SIGTERM)
+            break
+    out = process.communicate(timeout=60)[0]
+    assert process.returncode == 0
+    step = int(re.search(r'signal 15: checkpoint saved at step (\d+)', out).group(1))
+    assert os.path.isfile(tmp_path / f'portable_{step}.pt')
+
+
+@pytest.mark.slow
+def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path):
+    """DeepSpeed on CPU (gloo, one process): ZeRO 1 and 2 give the torch path's losses; its checkpoint resumes
+    exactly. Subprocesses, as deepspeed initialises torch.distributed once per process."""
+    def run(out_dir, **overrides):
+        result = subprocess.run([sys.executable, 'train.py',
+                                 *synthetic.train_args(data_dir, str(tmp_path / out_dir), max_steps=16,
+                                                       log_interval=1, eval_interval=0, **overrides)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, 'MASTER_PORT': str(29_500 + os.getpid() % 1000)})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return result.stdout
+
+    reference = losses(run('torch'))
+    deepspeed_losses = {}
+    for stage in (1, 2):
+        deepspeed_losses[stage] = losses(run(f'zero{stage}', backend='deepspeed', zero_stage=stage))
+        np.testing.assert_allclose(deepspeed_losses[stage], reference, rtol=1e-4)
+    first = run('resumed', backend='deepspeed', stop_after_steps=7)
+    second = run('resumed', backend='deepspeed')
+    assert 'resumed from step 7' in second
+    assert losses(first) + losses(second) == deepspeed_losses[1]  # exact
+    assert os.path.isfile(tmp_path / 'resumed' / 'ds_checkpoint' / 'latest')

@@ -1,0 +1,460 @@
+"""
+Pre-training: mixture data loader, DeepSpeed (or plain PyTorch) loop, exact resume, wandb.
+
+    deepspeed train.py config/pretrain.py                 # one GPU, or --num_gpus=N / a hostfile for more
+    python train.py config/tiny.py                        # CPU, plain PyTorch
+    python train.py config/pretrain.py --max_steps=100    # any global below can be overridden
+
+Data: the uint32 chunks prepare.py writes to {data_dir}/{math,stem,code}/. A training row is a contiguous
+window of block_size + 1 tokens from one source, the source drawn by the mixture schedule (70/25/5 for the
+first 80% of steps, 85/10/5 after). Every source's windows are visited in a seeded permutation, and which row
+gets which window is a pure function of (seed, step, micro-step, rank, world size): a resumed run sees exactly
+the data of an uninterrupted one, and ranks never share a window. The last val_tokens of each source are
+held out and give the validation loss.
+"""
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
+                   flops_per_token, optimizer_groups, routing_entropy, save_checkpoint)
+from utils import cosine_lr
+
+# -----------------------------------------------------------------------------
+# config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
+# I/O
+out_dir = 'checkpoints'
+data_dir = 'data/tokenized'
+resume = 'auto'              # 'auto': continue from the newest complete checkpoint if there is one; '' = fresh
+# model (ModelConfig fields)
+model_type = 'polyglu'       # 'polyglu' | 'vanilla' (the SwiGLU baseline)
+vocab_size = 151_669
+d_model = 1024
+n_layers = 28
+n_heads = 16
+n_kv_heads = 8
+d_ff = 4096
+max_seq_len = 4096
+rope_theta = 10_000.0
+# data
+sources = ('math', 'stem', 'code')
+mixture_baseline = (0.70, 0.25, 0.05)
+mixture_anneal = (0.85, 0.10, 0.05)
+anneal_start = 0.8           # fraction of max_steps after which the annealed mixture is used
+block_size = 4096
+eos_id = EOS_ID
+val_tokens = 2_000_000       # held out at the end of each source
+eval_rows = 64               # validation rows per source
+# optimisation
+micro_batch_size = 16
+grad_accum_steps = 8
+max_steps = 19_531           # ~10B tokens at 512K tokens a step
+learning_rate = 1e-4
+min_lr = 1e-5
+warmup_steps = 2000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+adam_eps = 1e-8
+grad_clip = 1.0
+tau_start = 1.0
+tau_end = 0.1
+# system
+backend = 'deepspeed'        # 'deepspeed' | 'torch' (plain PyTorch: CPU tests, demo, or one GPU)
+zero_stage = 1
+device = 'auto'              # 'auto' = cuda if available, else cpu
+dtype = 'auto'               # 'auto' = bfloat16 on cuda, float32 on cpu
+flash_attention = True       # flash-attn varlen on CUDA when installed; SDPA with the same mask otherwise
+gradient_checkpointing = False
+loss_chunk_size = 2048
+seed = 1337
+peak_flops = 0.0             # device peak for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
+# stability
+max_bad_steps = 10           # non-finite loss/grad steps in a row before the run stops
+spike_factor = 3.0           # a loss above spike_factor x its running mean is logged as a spike
+# logging and checkpoints
+log_interval = 10
+eval_interval = 500
+checkpoint_interval = 500
+keep_checkpoints = 3
+stop_after_steps = 0         # end this session (with a checkpoint) after this many steps; 0 = run to max_steps
+wandb_log = False
+wandb_project = 'polychromatic'
+wandb_run_name = 'pretrain'
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def mixture_probs(step):
+    """Source sampling probabilities at a step: the baseline ratios, then the annealed ones for the last part."""
+    return mixture_anneal if step >= anneal_start * max_steps else mixture_baseline
+
+# -----------------------------------------------------------------------------
+# data
+
+def open_source(name):
+    """Memory-map one prepared source after checking its manifest: one clear line for anything wrong."""
+    import json
+    folder = os.path.join(data_dir, name)
+    path = os.path.join(folder, 'manifest.json')
+    if not os.path.isfile(path):
+        fail(f"missing data folder {folder} (no manifest.json): run `python prepare.py --source={name}` "
+             f"or give {name} weight 0 in the mixture")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get('format') != 'polychromatic-tokens-v1' or manifest.get('eos_id') != eos_id:
+        fail(f"{path} is foreign (format {manifest.get('format')!r}, eos {manifest.get('eos_id')}); expected "
+             f"prepare.py's polychromatic-tokens-v1 with eos {eos_id}")
+    if not manifest.get('complete'):
+        fail(f"{folder} is incomplete: finish `python prepare.py --source={name}` first (it resumes)")
+    if manifest['vocab_size'] > vocab_size:
+        fail(f"{folder} was tokenized with {manifest['vocab_size']:,} tokens, more than vocab_size={vocab_size:,}")
+    chunks = []
+    for entry in manifest['chunks']:
+        file = os.path.join(folder, entry['file'])
+        size = os.path.getsize(file) if os.path.isfile(file) else -1
+        if size != 4 * entry['tokens']:
+            fail(f"{file} has {size:,} bytes, its manifest says {4 * entry['tokens']:,}: truncated or foreign "
+                 f"chunk (check with `python prepare.py --verify={folder}`)")
+        chunks.append(np.memmap(file, dtype=np.uint32, mode='r'))
+    # training windows: block_size + 1 tokens at stride block_size; the last val_tokens of the source (across
+    # its last chunks if need be) are held out, and their windows give the validation loss
+    window, lengths, held = block_size + 1, [c.size for c in chunks], []
+    remaining = val_tokens
+    for c in reversed(range(len(chunks))):
+        take = min(remaining, lengths[c])
+        held.insert(0, (c, lengths[c] - take, lengths[c]))
+        lengths[c], remaining = lengths[c] - take, remaining - take
+        if not remaining:
+            break
+    val = [(c, start) for c, lo, hi in held for start in range(lo, hi - window + 1, block_size)][:eval_rows]
+    windows_per_chunk = np.array([max(0, (n - 1) // block_size) for n in lengths], dtype=np.int64)
+    if not val or not windows_per_chunk.sum():
+        fail(f"{folder} ({sum(c.size for c in chunks):,} tokens) is too small to hold out val_tokens={val_tokens:,} "
+             f"and train on windows of {window} tokens: lower val_tokens or prepare more data")
+    return dict(name=name, chunks=chunks, first_window=np.concatenate([[0], np.cumsum(windows_per_chunk)]),
+                n_windows=int(windows_per_chunk.sum()), val=val)
+
+
+def row_plan(n_sources, rank, world_size):
+    """For every row this rank will train on: (source index, slot). A source's k-th row on this rank takes slot
+    k * world_size + rank of that source's window permutation, so ranks never collide, and the whole plan follows
+    from (seed, rank, world_size): nothing about the data needs to be saved for an exact resume."""
+    rows_per_step = grad_accum_steps * micro_batch_size
+    total = max_steps * rows_per_step
+    uniform = np.random.default_rng([seed, rank, world_size]).random(total)
+    step_of_row = np.arange(total) // rows_per_step
+    source = np.empty(total, dtype=np.int64)
+    for probs, selected in ((mixture_baseline, step_of_row < anneal_start * max_steps),
+                            (mixture_anneal, step_of_row >= anneal_start * max_steps)):
+        cumulative = np.cumsum(probs) / np.sum(probs)
+        source[selected] = np.minimum(np.searchsorted(cumulative, uniform[selected], side='right'), n_sources - 1)
+    slot = np.empty(total, dtype=np.int64)
+    for s in range(n_sources):
+        rows = source == s
+        slot[rows] = np.arange(rows.sum()) * world_size + rank
+    return source, slot
+
+
+permutations = {}
+
+
+def window_tokens(src, slot):
+    """The block_size + 1 tokens of a slot: epoch = slot // n_windows, each epoch a fresh seeded permutation."""
+    epoch, index = divmod(int(slot), src['n_windows'])
+    key = (src['name'], epoch)
+    if key not in permutations:
+        permutations.clear()  # one epoch at a time is enough: slots only grow
+        permutations[key] = np.random.default_rng([seed, sum(map(ord, src['name'])), epoch]).permutation(
+            src['n_windows'])
+    window = int(permutations[key][index])
+    chunk = int(np.searchsorted(src['first_window'], window, side='right')) - 1
+    start = (window - int(src['first_window'][chunk])) * block_size
+    return src['chunks'][chunk][start:start + block_size + 1]
+
+
+def get_batch(data, plan, step, micro_step):
+    source, slot = plan
+    first = (step * grad_accum_steps + micro_step) * micro_batch_size
+    rows = np.stack([window_tokens(data[source[i]], slot[i]) for i in range(first, first + micro_batch_size)])
+    return to_device(rows)
+
+
+def to_device(rows):
+    rows = torch.from_numpy(rows.astype(np.int64))
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    cu_seqlens, max_seqlen = cu_seqlens_from_eos(x, eos_id)
+    return x.to(device), y.to(device), cu_seqlens.to(device), max_seqlen
+
+# -----------------------------------------------------------------------------
+# helpers of the loop
+
+def device_peak_flops():
+    if peak_flops > 0:
+        return peak_flops
+    if device != 'cuda':
+        return 0.0
+    name = torch.cuda.get_device_name()
+    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12), ('A10', 125e12)):
+        if key in name:
+            return flops
+    return 0.0
+
+
+def step_seed(step, rank):
+    # Gumbel noise depends only on (seed, step, rank): a resumed run draws the same noise as an uninterrupted one
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def checkpoint_steps():
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted(int(n[len('portable_'):-3]) for n in names
+                  if n.startswith('portable_') and n.endswith('.pt') and n[len('portable_'):-3].isdigit())
+
+
+def latest_portable():
+    """The newest portable checkpoint this run wrote (portable_final.pt counts as the last), or None."""
+    final = os.path.join(out_dir, 'portable_final.pt')
+    if os.path.isfile(final):
+        return final
+    steps = checkpoint_steps()
+    return os.path.join(out_dir, f'portable_{steps[-1]}.pt') if steps else None
+
+
+def prune_checkpoints():
+    for step in checkpoint_steps()[:-keep_checkpoints]:
+        os.remove(os.path.join(out_dir, f'portable_{step}.pt'))
+    ds_dir = os.path.join(out_dir, 'ds_checkpoint')
+    if os.path.isdir(ds_dir):
+        import shutil
+        tags = sorted((int(t[5:]) for t in os.listdir(ds_dir) if t.startswith('step_') and t[5:].isdigit()))
+        for step in tags[:-keep_checkpoints]:
+            shutil.rmtree(os.path.join(ds_dir, f'step_{step}'), ignore_errors=True)
+
+
+def main():
+    global device, dtype
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    dtype = ('bfloat16' if device == 'cuda' else 'float32') if dtype == 'auto' else dtype
+    if len(sources) != len(mixture_baseline) or len(sources) != len(mixture_anneal):
+        fail(f"sources {sources} and the mixtures {mixture_baseline} / {mixture_anneal} differ in length")
+    use_deepspeed = backend == 'deepspeed'
+    if backend not in ('deepspeed', 'torch'):
+        fail(f"backend must be 'deepspeed' or 'torch', got {backend!r}")
+    if use_deepspeed:
+        for key, value in (('RANK', '0'), ('WORLD_SIZE', '1'), ('LOCAL_RANK', '0'), ('MASTER_ADDR', '127.0.0.1'),
+                           ('MASTER_PORT', '29500')):
+            os.environ.setdefault(key, value)  # `python train.py` without the launcher: one process
+        import deepspeed
+        deepspeed.init_distributed()
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if device == 'cuda':
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    else:
+        rank, world_size = 0, 1
+    master = rank == 0
+    tokens_per_step = micro_batch_size * grad_accum_steps * block_size * world_size
+
+    # data: sources with weight 0 in both mixtures may be absent
+    used = [i for i in range(len(sources)) if mixture_baseline[i] > 0 or mixture_anneal[i] > 0]
+    data = [open_source(sources[i]) if i in used else None for i in range(len(sources))]
+    plan = row_plan(len(sources), rank, world_size)
+
+    # model
+    config = ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                         n_kv_heads=n_kv_heads, d_ff=d_ff, max_seq_len=max_seq_len, rope_theta=rope_theta,
+                         model_type=model_type)
+    if block_size > max_seq_len:
+        fail(f"block_size={block_size} exceeds max_seq_len={max_seq_len}")
+    torch.manual_seed(seed)
+    model = create_model(config, device=device, dtype=torch.float32, flash=flash_attention,
+                         gradient_checkpointing=gradient_checkpointing)
+    objective = LanguageModelLoss(model, loss_chunk_size)
+    base_optimizer = torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=learning_rate,
+                                       betas=(beta1, beta2), eps=adam_eps)
+    if use_deepspeed:
+        ds_config = {'train_micro_batch_size_per_gpu': micro_batch_size,
+                     'gradient_accumulation_steps': grad_accum_steps, 'gradient_clipping': grad_clip,
+                     'zero_optimization': {'stage': zero_stage}, 'bf16': {'enabled': dtype == 'bfloat16'},
+                     'steps_per_print': 10**12}
+        engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=base_optimizer, config=ds_config)
+    else:
+        engine, optimizer = objective, base_optimizer
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if not use_deepspeed and dtype == 'bfloat16'
+                else nullcontext())
+
+    # resume
+    start_step, loss_ema, bad_in_a_row, skipped_steps = 0, None, 0, 0
+    ds_dir = os.path.join(out_dir, 'ds_checkpoint')
+    if resume:
+        if use_deepspeed and os.path.isfile(os.path.join(ds_dir, 'latest')):
+            _, state = engine.load_checkpoint(ds_dir)
+            start_step, loss_ema, skipped_steps = state['step'], state['loss_ema'], state['skipped_updates']
+        elif not use_deepspeed and latest_portable():
+            path = latest_portable()
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            if state['model_config'] != {**state['model_config'], **config.__dict__}:
+                fail(f"{path} was trained with another model config; use another out_dir or resume=''")
+            model.load_state_dict(state['model_state_dict'])
+            optimizer.load_state_dict(state['optimizer_state_dict'])
+            start_step, loss_ema, skipped_steps = state['step'], state['loss_ema'], state['skipped_updates']
+        if start_step and master:
+            print(f"resumed from step {start_step} ({start_step * tokens_per_step:,} tokens)")
+        if start_step >= max_steps:
+            print(f"already trained to max_steps={max_steps}; nothing to do")
+            return
+
+    def save(step, final=False):
+        scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
+                           'warmup_steps': warmup_steps, 'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
+        extra = {'loss_ema': loss_ema, 'skipped_updates': skipped_steps, 'tokens': step * tokens_per_step}
+        if use_deepspeed:
+            engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
+        if master:
+            name = 'portable_final.pt' if final else f'portable_{step}.pt'
+            # DeepSpeed keeps its (ZeRO-partitioned) optimizer state in ds_checkpoint/, the exact-resume format
+            save_checkpoint(os.path.join(out_dir, name), model, step,
+                            optimizer_state=None if use_deepspeed else optimizer.state_dict(),
+                            scheduler_state=scheduler_state, **extra)
+            prune_checkpoints()
+            print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)}")
+
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: stop_signal.append(number))
+
+    wandb_run = None
+    if wandb_log and master:
+        import wandb
+        settings = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
+                    and isinstance(v, (int, float, bool, str, tuple)) and 'token' not in k.lower()}
+        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=settings)
+
+    n_params = count_parameters(config)[0]
+    flops_per_step = flops_per_token(config, block_size, n_params) * tokens_per_step
+    peak = device_peak_flops() * world_size
+    if master:
+        print(f"model {model_type}: {n_params:,} parameters | {tokens_per_step:,} tokens a step "
+              f"({micro_batch_size} x {grad_accum_steps} x {block_size} x {world_size} ranks) | {max_steps:,} steps "
+              f"| backend {backend} | {device} {dtype}")
+
+    def evaluate():
+        engine.eval()
+        losses = {}
+        with torch.no_grad(), autocast:
+            for src in data:
+                if src is None:
+                    continue
+                total = 0.0
+                for first in range(0, len(src['val']), micro_batch_size):
+                    rows = np.stack([src['chunks'][c][o:o + block_size + 1]
+                                     for c, o in src['val'][first:first + micro_batch_size]])
+                    x, y, cu_seqlens, max_seqlen = to_device(rows)
+                    total += engine(x, y, cu_seqlens, max_seqlen).item() * len(rows)
+                losses[f"val/{src['name']}"] = total / len(src['val'])
+        weights = dict(zip(sources, mixture_baseline))
+        losses['val/loss'] = sum(weights[k[4:]] * v for k, v in losses.items()) / sum(
+            weights[k[4:]] for k in losses)
+        engine.train()
+        return losses
+
+    engine.train()
+    timer, run_start, last_logged = time.perf_counter(), time.perf_counter(), start_step
+    for step in range(start_step, max_steps):
+        tau = model.update_tau(step, max_steps, tau_start, tau_end)
+        lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        torch.manual_seed(step_seed(step, rank))
+        micro_losses = []
+        for micro_step in range(grad_accum_steps):
+            x, y, cu_seqlens, max_seqlen = get_batch(data, plan, step, micro_step)
+            if use_deepspeed:
+                loss = engine(x, y, cu_seqlens, max_seqlen)
+                engine.backward(loss)
+                engine.step()  # applies the update only at the accumulation boundary
+            else:
+                with autocast:
+                    loss = engine(x, y, cu_seqlens, max_seqlen)
+                (loss / grad_accum_steps).backward()
+            micro_losses.append(loss.detach().float())
+        loss = torch.stack(micro_losses).mean().item()
+        if use_deepspeed:
+            grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            applied = engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+            applied = math.isfinite(loss) and math.isfinite(grad_norm)
+            if applied:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if not applied:
+            bad_in_a_row, skipped_steps = bad_in_a_row + 1, skipped_steps + 1
+            print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped "
+                  f"({bad_in_a_row} in a row, {skipped_steps} in all)")
+            if bad_in_a_row >= max_bad_steps:
+                fail(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last good checkpoint "
+                     f"in {out_dir} is intact (lower learning_rate or check the data, then resume)")
+            continue
+        bad_in_a_row = 0
+        spike = loss_ema is not None and loss > spike_factor * loss_ema
+        loss_ema = loss if loss_ema is None else 0.99 * loss_ema + 0.01 * loss
+        if spike and master:
+            print(f"step {step}: loss spike {loss:.4f} > {spike_factor} x running mean {loss_ema:.4f}")
+
+        done = step + 1
+        if master and (done % log_interval == 0 or done == max_steps or spike):
+            elapsed, steps_timed = time.perf_counter() - timer, done - last_logged
+            tokens_per_sec = steps_timed * tokens_per_step / elapsed
+            mfu = flops_per_step * steps_timed / elapsed / peak if peak else float('nan')
+            eta = (max_steps - done) * elapsed / steps_timed
+            metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
+                       'train/tokens_per_sec': tokens_per_sec, 'train/mfu': mfu, 'train/skipped_steps': skipped_steps,
+                       'train/tokens': done * tokens_per_step, 'train/loss_spike': float(spike),
+                       **routing_entropy(model)}
+            if device.startswith('cuda'):
+                metrics['train/gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
+            entropy = metrics.get('routing/entropy_frac_mean')
+            print(f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | tau {tau:.3f} | grad {grad_norm:.2f} | "
+                  f"{tokens_per_sec / 1e3:.1f}k tok/s | MFU {'n/a' if not peak else f'{100 * mfu:.1f}%'} | "
+                  + (f"routing H {100 * entropy:.1f}% | " if entropy is not None else '')
+                  + f"{elapsed / steps_timed:.2f}s/step | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
+            if wandb_run:
+                wandb_run.log(metrics, step=done)
+            timer, last_logged = time.perf_counter(), done
+        if eval_interval and (done % eval_interval == 0 or done == max_steps):
+            losses = evaluate()
+            if master:
+                print(f"step {done}: validation " + ' | '.join(f"{k[4:]} {v:.4f}" for k, v in losses.items()))
+                if wandb_run:
+                    wandb_run.log(losses, step=done)
+        session_over = stop_signal or (stop_after_steps and done - start_step >= stop_after_steps)
+        if done < max_steps and (session_over or (checkpoint_interval and done % checkpoint_interval == 0)):
+            save(done)
+            if session_over:
+                reason = f"signal {stop_signal[0]}" if stop_signal else f"stop_after_steps={stop_after_steps}"
+                print(f"{reason}: checkpoint saved at step {done}; resume with the same command")
+                return
+    save(max_steps, final=True)
+    if master:
+        print(f"done: {max_steps} steps in {(time.perf_counter() - run_start) / 60:.1f} min, "
+              f"{skipped_steps} skipped -> {os.path.join(out_dir, 'portable_final.pt')}")
+    if wandb_run:
+        wandb_run.finish()
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals())
+    main()
