@@ -12,19 +12,17 @@ gets which window is a pure function of (seed, step, micro-step, rank, world siz
 the data of an uninterrupted one, and ranks never share a window. The last val_tokens of each source are
 held out and give the validation loss.
 """
-import math
 import os
 import signal
-import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
-                   flops_per_token, optimizer_groups, routing_entropy, save_checkpoint)
-from utils import cosine_lr
+                   flops_per_token, routing_entropy, save_checkpoint)
+from utils import (cosine_lr, init_distributed, latest_checkpoint, make_engine, optimizer_step, peak_flops,
+                   prune_checkpoints, resolve_device)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -74,7 +72,7 @@ flash_attention = True       # flash-attn varlen on CUDA when installed; SDPA wi
 gradient_checkpointing = False
 loss_chunk_size = 2048
 seed = 1337
-peak_flops = 0.0             # device peak for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
+peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
 # stability
 max_bad_steps = 10           # non-finite loss/grad steps in a row before the run stops
 spike_factor = 3.0           # a loss above spike_factor x its running mean is logged as a spike
@@ -198,71 +196,18 @@ def to_device(rows):
 # -----------------------------------------------------------------------------
 # helpers of the loop
 
-def device_peak_flops():
-    if peak_flops > 0:
-        return peak_flops
-    if device != 'cuda':
-        return 0.0
-    name = torch.cuda.get_device_name()
-    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12), ('A10', 125e12)):
-        if key in name:
-            return flops
-    return 0.0
-
-
 def step_seed(step, rank):
     # Gumbel noise depends only on (seed, step, rank): a resumed run draws the same noise as an uninterrupted one
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
-def checkpoint_steps():
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    return sorted(int(n[len('portable_'):-3]) for n in names
-                  if n.startswith('portable_') and n.endswith('.pt') and n[len('portable_'):-3].isdigit())
-
-
-def latest_portable():
-    """The newest portable checkpoint this run wrote (portable_final.pt counts as the last), or None."""
-    final = os.path.join(out_dir, 'portable_final.pt')
-    if os.path.isfile(final):
-        return final
-    steps = checkpoint_steps()
-    return os.path.join(out_dir, f'portable_{steps[-1]}.pt') if steps else None
-
-
-def prune_checkpoints():
-    for step in checkpoint_steps()[:-keep_checkpoints]:
-        os.remove(os.path.join(out_dir, f'portable_{step}.pt'))
-    ds_dir = os.path.join(out_dir, 'ds_checkpoint')
-    if os.path.isdir(ds_dir):
-        import shutil
-        tags = sorted((int(t[5:]) for t in os.listdir(ds_dir) if t.startswith('step_') and t[5:].isdigit()))
-        for step in tags[:-keep_checkpoints]:
-            shutil.rmtree(os.path.join(ds_dir, f'step_{step}'), ignore_errors=True)
-
-
 def main():
     global device, dtype
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-    dtype = ('bfloat16' if device == 'cuda' else 'float32') if dtype == 'auto' else dtype
+    device, dtype = resolve_device(device, dtype)
     if len(sources) != len(mixture_baseline) or len(sources) != len(mixture_anneal):
         fail(f"sources {sources} and the mixtures {mixture_baseline} / {mixture_anneal} differ in length")
-    use_deepspeed = backend == 'deepspeed'
-    if backend not in ('deepspeed', 'torch'):
-        fail(f"backend must be 'deepspeed' or 'torch', got {backend!r}")
-    if use_deepspeed:
-        for key, value in (('RANK', '0'), ('WORLD_SIZE', '1'), ('LOCAL_RANK', '0'), ('MASTER_ADDR', '127.0.0.1'),
-                           ('MASTER_PORT', '29500')):
-            os.environ.setdefault(key, value)  # `python train.py` without the launcher: one process
-        import deepspeed
-        deepspeed.init_distributed()
-        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if device == 'cuda':
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-    else:
-        rank, world_size = 0, 1
-    master = rank == 0
+    rank, world_size, device = init_distributed(backend, device)
+    use_deepspeed, master = backend == 'deepspeed', rank == 0
     tokens_per_step = micro_batch_size * grad_accum_steps * block_size * world_size
 
     # data: sources with weight 0 in both mixtures may be absent
@@ -279,19 +224,9 @@ def main():
     torch.manual_seed(seed)
     model = create_model(config, device=device, dtype=torch.float32, flash=flash_attention,
                          gradient_checkpointing=gradient_checkpointing)
-    objective = LanguageModelLoss(model, loss_chunk_size)
-    base_optimizer = torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=learning_rate,
-                                       betas=(beta1, beta2), eps=adam_eps)
-    if use_deepspeed:
-        ds_config = {'train_micro_batch_size_per_gpu': micro_batch_size,
-                     'gradient_accumulation_steps': grad_accum_steps, 'gradient_clipping': grad_clip,
-                     'zero_optimization': {'stage': zero_stage}, 'bf16': {'enabled': dtype == 'bfloat16'},
-                     'steps_per_print': 10**12}
-        engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=base_optimizer, config=ds_config)
-    else:
-        engine, optimizer = objective, base_optimizer
-    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if not use_deepspeed and dtype == 'bfloat16'
-                else nullcontext())
+    engine, optimizer, autocast = make_engine(
+        LanguageModelLoss(model, loss_chunk_size), model, backend, dtype, zero_stage, micro_batch_size,
+        grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps)
 
     # resume
     start_step, loss_ema, bad_in_a_row, skipped_steps = 0, None, 0, 0
@@ -300,8 +235,8 @@ def main():
         if use_deepspeed and os.path.isfile(os.path.join(ds_dir, 'latest')):
             _, state = engine.load_checkpoint(ds_dir)
             start_step, loss_ema, skipped_steps = state['step'], state['loss_ema'], state['skipped_updates']
-        elif not use_deepspeed and latest_portable():
-            path = latest_portable()
+        elif not use_deepspeed and latest_checkpoint(out_dir, 'portable_'):
+            path = latest_checkpoint(out_dir, 'portable_')
             state = torch.load(path, map_location='cpu', weights_only=True)
             if state['model_config'] != {**state['model_config'], **config.__dict__}:
                 fail(f"{path} was trained with another model config; use another out_dir or resume=''")
@@ -326,7 +261,7 @@ def main():
             save_checkpoint(os.path.join(out_dir, name), model, step,
                             optimizer_state=None if use_deepspeed else optimizer.state_dict(),
                             scheduler_state=scheduler_state, **extra)
-            prune_checkpoints()
+            prune_checkpoints(out_dir, 'portable_', ds_dir, keep_checkpoints)
             print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)}")
 
     stop_signal = []
@@ -342,7 +277,7 @@ def main():
 
     n_params = count_parameters(config)[0]
     flops_per_step = flops_per_token(config, block_size, n_params) * tokens_per_step
-    peak = device_peak_flops() * world_size
+    peak = peak_flops(device, peak_flops_override) * world_size
     if master:
         print(f"model {model_type}: {n_params:,} parameters | {tokens_per_step:,} tokens a step "
               f"({micro_batch_size} x {grad_accum_steps} x {block_size} x {world_size} ranks) | {max_steps:,} steps "
@@ -376,28 +311,9 @@ def main():
         for group in optimizer.param_groups:
             group['lr'] = lr
         torch.manual_seed(step_seed(step, rank))
-        micro_losses = []
-        for micro_step in range(grad_accum_steps):
-            x, y, cu_seqlens, max_seqlen = get_batch(data, plan, step, micro_step)
-            if use_deepspeed:
-                loss = engine(x, y, cu_seqlens, max_seqlen)
-                engine.backward(loss)
-                engine.step()  # applies the update only at the accumulation boundary
-            else:
-                with autocast:
-                    loss = engine(x, y, cu_seqlens, max_seqlen)
-                (loss / grad_accum_steps).backward()
-            micro_losses.append(loss.detach().float())
-        loss = torch.stack(micro_losses).mean().item()
-        if use_deepspeed:
-            grad_norm = float(engine.get_global_grad_norm() or 0.0)
-            applied = engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
-            applied = math.isfinite(loss) and math.isfinite(grad_norm)
-            if applied:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        micro_batches = [get_batch(data, plan, step, micro_step) for micro_step in range(grad_accum_steps)]
+        loss, grad_norm, applied = optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip,
+                                                  autocast)
 
         if not applied:
             bad_in_a_row, skipped_steps = bad_in_a_row + 1, skipped_steps + 1

@@ -68,3 +68,121 @@ def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
         return max_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+# -----------------------------------------------------------------------------
+# what train.py and sft.py share: distributed set-up, the engine, one optimizer step, checkpoint files
+
+def resolve_device(device, dtype):
+    import torch
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    dtype = ('bfloat16' if device.startswith('cuda') else 'float32') if dtype == 'auto' else dtype
+    if dtype not in ('bfloat16', 'float32'):
+        raise SystemExit(f"error: dtype must be 'bfloat16', 'float32' or 'auto', got {dtype!r}")
+    return device, dtype
+
+
+def init_distributed(backend, device):
+    """-> (rank, world_size, device). With DeepSpeed and no launcher, one process of a world of one."""
+    if backend not in ('deepspeed', 'torch'):
+        raise SystemExit(f"error: backend must be 'deepspeed' or 'torch', got {backend!r}")
+    if backend == 'torch':
+        return 0, 1, device
+    for key, value in (('RANK', '0'), ('WORLD_SIZE', '1'), ('LOCAL_RANK', '0'), ('MASTER_ADDR', '127.0.0.1'),
+                       ('MASTER_PORT', '29500')):
+        os.environ.setdefault(key, value)
+    import deepspeed
+    import torch
+    deepspeed.init_distributed()
+    if device == 'cuda':
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, grad_accum_steps, grad_clip,
+                learning_rate, weight_decay, betas, eps):
+    """AdamW (alpha and 1-D parameters exempt from decay) under DeepSpeed ZeRO or plain PyTorch.
+    Returns (engine, optimizer, autocast): call engine(idx, targets, cu_seqlens, max_seqlen) for the loss."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from model import optimizer_groups
+    optimizer = torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
+    if backend == 'torch':
+        autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+        return objective, optimizer, autocast
+    import deepspeed
+    ds_config = {'train_micro_batch_size_per_gpu': micro_batch_size, 'gradient_accumulation_steps': grad_accum_steps,
+                 'gradient_clipping': grad_clip, 'zero_optimization': {'stage': zero_stage},
+                 'bf16': {'enabled': dtype == 'bfloat16'}, 'steps_per_print': 10**12}
+    engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=ds_config)
+    return engine, optimizer, nullcontext()
+
+
+def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, autocast):
+    """Forward/backward over the micro-batches, then one clipped update. -> (mean loss, grad norm, applied).
+    A non-finite loss or gradient norm skips the update (DeepSpeed: its bf16 overflow check skips it)."""
+    import torch
+    losses = []
+    for x, y, cu_seqlens, max_seqlen in micro_batches:
+        if backend == 'deepspeed':
+            loss = engine(x, y, cu_seqlens, max_seqlen)
+            engine.backward(loss)
+            engine.step()  # the update happens at the accumulation boundary only
+        else:
+            with autocast:
+                loss = engine(x, y, cu_seqlens, max_seqlen)
+            (loss / len(micro_batches)).backward()
+        losses.append(loss.detach().float())
+    loss = torch.stack(losses).mean().item()
+    if backend == 'deepspeed':
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        return loss, grad_norm, engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    applied = math.isfinite(loss) and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, applied
+
+
+def peak_flops(device, override=0.0):
+    """Dense bf16 peak FLOP/s of the GPU, for MFU; 0 when unknown (CPU)."""
+    if override > 0:
+        return override
+    if not device.startswith('cuda'):
+        return 0.0
+    import torch
+    name = torch.cuda.get_device_name()
+    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12), ('A10', 125e12)):
+        if key in name:
+            return flops
+    return 0.0
+
+
+def numbered_checkpoints(out_dir, prefix):
+    """Steps of {out_dir}/{prefix}{step}.pt, ascending."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    steps = [n[len(prefix):-3] for n in names if n.startswith(prefix) and n.endswith('.pt')]
+    return sorted(int(s) for s in steps if s.isdigit())
+
+
+def latest_checkpoint(out_dir, prefix):
+    """{prefix}final.pt if the run finished, else the newest numbered one, else None."""
+    final = os.path.join(out_dir, f'{prefix}final.pt')
+    if os.path.isfile(final):
+        return final
+    steps = numbered_checkpoints(out_dir, prefix)
+    return os.path.join(out_dir, f'{prefix}{steps[-1]}.pt') if steps else None
+
+
+def prune_checkpoints(out_dir, prefix, ds_dir, keep):
+    """Keep the newest `keep` numbered portable checkpoints and DeepSpeed tags."""
+    import shutil
+    for step in numbered_checkpoints(out_dir, prefix)[:-keep]:
+        os.remove(os.path.join(out_dir, f'{prefix}{step}.pt'))
+    if os.path.isdir(ds_dir):
+        tags = sorted(int(t[5:]) for t in os.listdir(ds_dir) if t.startswith('step_') and t[5:].isdigit())
+        for step in tags[:-keep]:
+            shutil.rmtree(os.path.join(ds_dir, f'step_{step}'), ignore_errors=True)

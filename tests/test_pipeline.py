@@ -1,0 +1,37 @@
+"""The demo pipeline end to end, smaller: embedded sample -> prepare (real Qwen3 tokenizer) -> train (tiny)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+import model as M
+
+
+def run(*args, cwd):
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_demo_pipeline(tmp_path):
+    for name in ('model.py', 'utils.py', 'configurator.py', 'prepare.py', 'train.py'):
+        os.symlink(os.path.join(ROOT, name), tmp_path / name)
+    os.symlink(os.path.join(ROOT, 'config'), tmp_path / 'config')
+    run('prepare.py', '--sample=data/demo/raw', cwd=tmp_path)
+    for source in ('math', 'stem', 'code', 'sft'):
+        out = run('prepare.py', f'--source={source}', f'--input=data/demo/raw/{source}.jsonl',
+                  '--output_base=data/demo/tokenized', '--tokenizer=packaged', '--num_proc=2', cwd=tmp_path)
+        assert re.search(rf'{source}: [\d,]+ tokens', out)
+    out = run('prepare.py', '--verify=data/demo/tokenized/math', cwd=tmp_path)
+    assert 'OK' in out
+    train = ['train.py', 'config/tiny.py', '--max_steps=60', '--eval_interval=60', '--checkpoint_interval=30']
+    out = run(*train, cwd=tmp_path)
+    losses = [float(x) for x in re.findall(r'\| loss (\d+\.\d+) \|', out)]
+    assert losses[0] > 7.0 and losses[-1] < 6.0  # ln(151,669) = 11.9
+    assert 'already trained to max_steps=60' in run(*train, cwd=tmp_path)  # a re-run reuses the result
+    model, step, tau = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_final.pt'))
+    assert step == 60 and tau == pytest.approx(0.1 + 0.9 / 60) and model.config.d_model == 48
