@@ -306,7 +306,7 @@ def main():
     engine.train()
     timer, run_start, last_logged = time.perf_counter(), time.perf_counter(), start_step
     for step in range(start_step, max_steps):
-        tau = model.update_tau(step, max_steps, tau_start, tau_end)
+        tau = model.update_tau(step, max_steps - 1, tau_start, tau_end)  # the last step trains at tau_end
         lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
         for group in optimizer.param_groups:
             group['lr'] = lr

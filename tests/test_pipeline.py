@@ -1,4 +1,4 @@
-"""The demo pipeline end to end, smaller: embedded sample -> prepare (real Qwen3 tokenizer) -> train (tiny)."""
+"""The demo pipeline end to end, smaller: embedded sample -> prepare (real Qwen3 tokenizer) -> train -> sft."""
 import os
 import re
 import subprocess
@@ -18,7 +18,7 @@ def run(*args, cwd):
 
 @pytest.mark.slow
 def test_demo_pipeline(tmp_path):
-    for name in ('model.py', 'utils.py', 'configurator.py', 'prepare.py', 'train.py'):
+    for name in ('model.py', 'utils.py', 'configurator.py', 'prepare.py', 'train.py', 'sft.py'):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     os.symlink(os.path.join(ROOT, 'config'), tmp_path / 'config')
     run('prepare.py', '--sample=data/demo/raw', cwd=tmp_path)
@@ -34,4 +34,10 @@ def test_demo_pipeline(tmp_path):
     assert losses[0] > 7.0 and losses[-1] < 6.0  # ln(151,669) = 11.9
     assert 'already trained to max_steps=60' in run(*train, cwd=tmp_path)  # a re-run reuses the result
     model, step, tau = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_final.pt'))
-    assert step == 60 and tau == pytest.approx(0.1 + 0.9 / 60) and model.config.d_model == 48
+    assert step == 60 and tau == pytest.approx(0.1) and model.config.d_model == 48
+    out = run('sft.py', 'config/tiny_sft.py', '--init_from=checkpoints/demo/portable_final.pt', '--block_size=64',
+              '--eval_interval=1000', cwd=tmp_path)
+    validation = [float(v) for v in re.findall(r'validation loss (\d+\.\d+) per assistant token', out)]
+    assert len(validation) == 2 and validation[1] < validation[0] - 0.5
+    _, _, tau = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_sft_final.pt'))
+    assert tau == 0.1

@@ -1,0 +1,20 @@
+# SFT of SPEC.md on one 80 GB GPU: Nemotron-Math-v2 in ChatML, loss on assistant tokens only.
+#   python prepare.py --source=sft && deepspeed sft.py config/sft.py
+init_from = 'checkpoints/portable_final.pt'
+model_type = 'polyglu'          # 'vanilla' with the VanillaLM checkpoint for the baseline
+data_dir = 'data/tokenized/sft'
+out_dir = 'checkpoints'
+block_size = 4096
+long_conversations = 'truncate'
+epochs = 2
+micro_batch_size = 2
+grad_accum_steps = 16
+learning_rate = 2e-5            # 100 warm-up steps, then cosine to 2e-6
+min_lr = 2e-6
+warmup_steps = 100
+tau = 0.1
+backend = 'deepspeed'
+zero_stage = 1
+dtype = 'bfloat16'
+wandb_log = True
+wandb_run_name = 'polyglu-600m-sft'

@@ -1,0 +1,306 @@
+"""
+Supervised fine-tuning on math conversations (ChatML), loss on assistant tokens only, tau frozen at 0.1.
+
+    deepspeed sft.py config/sft.py                        # from checkpoints/portable_final.pt
+    python sft.py config/tiny_sft.py                      # CPU demo
+    python sft.py config/sft.py --init_from=checkpoints/vanilla/portable_final.pt --model_type=vanilla
+
+Data: prepare.py --source=sft writes chunks of token ids with a loss mask (1 on assistant content and its
+closing <|im_end|>), every conversation ending with EOS. Conversations are packed whole into rows of block_size
+tokens with document masking (cu_seqlens from EOS, as in pre-training), never padded: padding would move the
+mean-pooled PolyGLU gate. When the next conversation does not fit, the rest of the row holds its beginning, and
+the conversation starts again whole in the next row, so every trained token sees its own conversation from the
+start. The packing of each epoch follows from (seed, epoch): resume is exact. The last val_fraction of the
+conversations is held out for the validation loss (per assistant token).
+"""
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+
+from model import EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, load_checkpoint, routing_entropy, save_checkpoint
+from utils import (cosine_lr, init_distributed, latest_checkpoint, make_engine, optimizer_step, prune_checkpoints,
+                   resolve_device)
+
+# -----------------------------------------------------------------------------
+# config (SPEC.md's SFT section; config/sft.py spells out the run)
+init_from = 'checkpoints/portable_final.pt'
+model_type = 'polyglu'       # what init_from must be: 'polyglu' or 'vanilla' (the baseline fine-tunes the same way)
+data_dir = 'data/tokenized/sft'
+out_dir = 'checkpoints'
+resume = 'auto'              # 'auto': continue from the newest SFT checkpoint in out_dir; '' = start from init_from
+block_size = 4096
+long_conversations = 'truncate'  # 'truncate' (cut the end of the assistant turn) | 'skip' a conversation > block_size
+val_fraction = 0.01          # held-out conversations (the last ones)
+epochs = 2
+micro_batch_size = 2
+grad_accum_steps = 16
+learning_rate = 2e-5         # linear warm-up, then cosine to min_lr over all epochs
+min_lr = 2e-6
+warmup_steps = 100
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+adam_eps = 1e-8
+grad_clip = 1.0
+tau = 0.1                    # frozen for the whole run (pre-training ends at 0.1)
+backend = 'deepspeed'        # 'deepspeed' | 'torch'
+zero_stage = 1
+device = 'auto'
+dtype = 'auto'
+flash_attention = True
+gradient_checkpointing = False
+loss_chunk_size = 2048
+seed = 1337
+log_interval = 10
+eval_interval = 200
+checkpoint_interval = 500
+keep_checkpoints = 2
+stop_after_steps = 0         # end this session (with a checkpoint) after this many steps; 0 = run to the end
+wandb_log = False
+wandb_project = 'polychromatic'
+wandb_run_name = 'sft'
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def load_conversations():
+    """All SFT chunks as one token array and one mask array, with each conversation's (start, length)."""
+    path = os.path.join(data_dir, 'manifest.json')
+    if not os.path.isfile(path):
+        fail(f"missing SFT data {data_dir} (no manifest.json): run `python prepare.py --source=sft`")
+    with open(path) as f:
+        manifest = json.load(f)
+    if not manifest.get('complete') or not all('mask_file' in c for c in manifest['chunks']):
+        fail(f"{data_dir} is not a complete SFT preparation (tokens + loss masks): run "
+             "`python prepare.py --source=sft` (it resumes)")
+    tokens, masks = [], []
+    for entry in manifest['chunks']:
+        file, mask_file = (os.path.join(data_dir, entry[k]) for k in ('file', 'mask_file'))
+        if not os.path.isfile(file) or os.path.getsize(file) != 4 * entry['tokens'] or \
+                not os.path.isfile(mask_file) or os.path.getsize(mask_file) != entry['tokens']:
+            fail(f"{file} or its mask does not match the manifest (truncated or foreign chunk): check with "
+                 f"`python prepare.py --verify={data_dir}`")
+        tokens.append(np.fromfile(file, dtype=np.uint32))
+        masks.append(np.fromfile(mask_file, dtype=np.uint8))
+    tokens, masks = np.concatenate(tokens), np.concatenate(masks)
+    ends = np.flatnonzero(tokens == EOS_ID) + 1
+    starts = np.concatenate([[0], ends[:-1]])
+    return tokens, masks, starts, ends - starts
+
+
+def pack(starts, lengths, order, capacity, keep_partial=False):
+    """Rows of exactly `capacity` tokens from whole conversations in `order` -> list of rows, each a list of
+    (start, length) spans. A conversation that does not fit fills the rest of the row with its beginning and
+    starts whole in the next row. The last, partial row is dropped (training) or kept shorter (validation)."""
+    rows, row, used = [], [], 0
+    for i in order:
+        start, length = int(starts[i]), int(lengths[i])
+        if used + length > capacity:
+            row.append((start, capacity - used))
+            rows.append(row)
+            row, used = [], 0
+        row.append((start, length))
+        used += length
+        if used == capacity:
+            rows.append(row)
+            row, used = [], 0
+    if row and keep_partial:
+        rows.append(row)
+    return rows
+
+
+def row_arrays(tokens, masks, row):
+    ids = np.concatenate([tokens[s:s + n] for s, n in row]).astype(np.int64)
+    mask = np.concatenate([masks[s:s + n] for s, n in row])
+    return ids, mask
+
+
+def to_device(batch):
+    """rows of (ids, mask) -> x, targets (-100 where the target is not an assistant token), cu_seqlens."""
+    ids = torch.from_numpy(np.stack([ids for ids, _ in batch]))
+    mask = torch.from_numpy(np.stack([mask for _, mask in batch]).astype(bool))
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].clone()
+    y[~mask[:, 1:]] = -100
+    cu_seqlens, max_seqlen = cu_seqlens_from_eos(x)
+    return x.to(device), y.to(device), cu_seqlens.to(device), max_seqlen
+
+
+def main():
+    global device, dtype
+    device, dtype = resolve_device(device, dtype)
+    if long_conversations not in ('truncate', 'skip'):
+        fail(f"long_conversations must be 'truncate' or 'skip', got {long_conversations!r}")
+    rank, world_size, device = init_distributed(backend, device)
+    master = rank == 0
+
+    # data: conversations, the held-out slice, the packing of every epoch
+    tokens, masks, starts, lengths = load_conversations()
+    capacity = block_size + 1  # x and y are the row shifted by one
+    too_long = lengths > capacity
+    if long_conversations == 'truncate':
+        lengths = np.minimum(lengths, capacity)  # keeps the beginning: the end of the assistant turn is cut
+        keep = np.ones(len(starts), dtype=bool)
+    else:
+        keep = ~too_long
+    n_val = max(1, int(round(val_fraction * len(starts))))
+    train_ids = np.flatnonzero(keep[:-n_val])
+    val_ids = np.flatnonzero(keep[-n_val:]) + len(starts) - n_val
+    rows = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(train_ids)
+        rows += pack(starts, lengths, order, capacity)
+    val_rows = pack(starts, lengths, val_ids, capacity, keep_partial=True)
+    rows_per_step = micro_batch_size * grad_accum_steps * world_size
+    max_steps = len(rows) // rows_per_step
+    if max_steps == 0:
+        fail(f"{len(rows)} packed rows are fewer than one step's {rows_per_step}: lower micro_batch_size or "
+             "grad_accum_steps, or prepare more conversations")
+    assistant_tokens = int(sum(masks[s:s + n].sum() for s, n in zip(starts[train_ids], lengths[train_ids])))
+
+    # model: the pre-trained checkpoint, tau frozen
+    model, pretrain_step, pretrain_tau = load_checkpoint(init_from)
+    if model.config.model_type != model_type:
+        fail(f"{init_from} is a {model.config.model_type} model but model_type={model_type!r}: fix model_type or "
+             "pick the matching checkpoint")
+    if block_size > model.config.max_seq_len:
+        fail(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    model.to(device).train()
+    if flash_attention and device.startswith('cuda'):
+        from model import enable_flash_attention, flash_available
+        if flash_available():
+            enable_flash_attention(model)
+    if gradient_checkpointing:
+        from model import enable_gradient_checkpointing
+        enable_gradient_checkpointing(model)
+    model.set_tau(tau)
+    engine, optimizer, autocast = make_engine(
+        LanguageModelLoss(model, loss_chunk_size), model, backend, dtype, zero_stage, micro_batch_size,
+        grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps)
+
+    start_step, ds_dir = 0, os.path.join(out_dir, 'ds_checkpoint_sft')
+    if resume:
+        if backend == 'deepspeed' and os.path.isfile(os.path.join(ds_dir, 'latest')):
+            _, state = engine.load_checkpoint(ds_dir)
+            start_step = state['step']
+        elif backend == 'torch' and latest_checkpoint(out_dir, 'portable_sft_'):
+            state = torch.load(latest_checkpoint(out_dir, 'portable_sft_'), map_location='cpu', weights_only=True)
+            model.load_state_dict(state['model_state_dict'])
+            optimizer.load_state_dict(state['optimizer_state_dict'])
+            start_step = state['step']
+        if start_step >= max_steps:
+            print(f"already fine-tuned to {max_steps} steps; nothing to do")
+            return
+        if start_step and master:
+            print(f"resumed from SFT step {start_step}")
+    if master:
+        print(f"SFT from {init_from} (pre-training step {pretrain_step}, tau {pretrain_tau}) | "
+              f"{len(train_ids):,} conversations ({assistant_tokens:,} assistant tokens), {len(val_ids):,} held out | "
+              f"{int(too_long.sum()):,} longer than {capacity} tokens ({long_conversations}) | {epochs} epochs = "
+              f"{max_steps:,} steps of {rows_per_step * block_size:,} tokens | {backend} {device} {dtype}")
+
+    def save(step, final=False):
+        scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
+                           'warmup_steps': warmup_steps, 'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
+        if backend == 'deepspeed':
+            engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
+        if master:
+            name = 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'
+            save_checkpoint(os.path.join(out_dir, name), model, step,
+                            optimizer_state=optimizer.state_dict() if backend == 'torch' else None,
+                            scheduler_state=scheduler_state, init_from=init_from)
+            prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
+            print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)}")
+
+    def evaluate():
+        """Validation loss per assistant token over the held-out conversations."""
+        engine.eval()
+        total, count = 0.0, 0
+        full, partial = val_rows[:-1], val_rows[-1:]  # only the last row may be shorter; it runs alone
+        batches = [full[i:i + micro_batch_size] for i in range(0, len(full), micro_batch_size)] + [partial]
+        with torch.no_grad(), autocast:
+            for batch in batches:
+                x, y, cu_seqlens, max_seqlen = to_device([row_arrays(tokens, masks, r) for r in batch])
+                n = int((y != -100).sum())
+                if n:
+                    total += engine(x, y, cu_seqlens, max_seqlen).item() * n
+                    count += n
+        engine.train()
+        return total / max(1, count)
+
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: stop_signal.append(number))
+    wandb_run = None
+    if wandb_log and master:
+        import wandb
+        settings = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
+                    and isinstance(v, (int, float, bool, str, tuple)) and 'token' not in k.lower()}
+        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=settings)
+
+    if not start_step and eval_interval:
+        val_loss = evaluate()
+        if master:
+            print(f"step 0: validation loss {val_loss:.4f} per assistant token")
+    engine.train()
+    timer, last_logged, bad_in_a_row = time.perf_counter(), start_step, 0
+    for step in range(start_step, max_steps):
+        if any(getattr(b.ffn, 'tau', tau) != tau for b in model.blocks):
+            fail(f"tau moved away from {tau} during SFT")  # frozen, and checked: nothing may anneal it here
+        lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+        micro_batches = []
+        for micro_step in range(grad_accum_steps):
+            first = ((step * grad_accum_steps + micro_step) * world_size + rank) * micro_batch_size
+            micro_batches.append(to_device([row_arrays(tokens, masks, r)
+                                            for r in rows[first:first + micro_batch_size]]))
+        loss, grad_norm, applied = optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip,
+                                                  autocast)
+        bad_in_a_row = 0 if applied else bad_in_a_row + 1
+        if not applied:
+            print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped")
+            if bad_in_a_row >= 10:
+                fail(f"10 non-finite steps in a row at step {step}: stopping; the last checkpoint is intact")
+        done = step + 1
+        if master and (done % log_interval == 0 or done == max_steps):
+            elapsed, steps_timed = time.perf_counter() - timer, done - last_logged
+            tokens_per_sec = steps_timed * rows_per_step * block_size / elapsed
+            metrics = {'sft/loss': loss, 'sft/lr': lr, 'sft/grad_norm': grad_norm,
+                       'sft/tokens_per_sec': tokens_per_sec, **routing_entropy(model)}
+            eta = (max_steps - done) * elapsed / steps_timed
+            print(f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | tau {model.tau} | "
+                  f"grad {grad_norm:.2f} | {tokens_per_sec / 1e3:.1f}k tok/s | {elapsed / steps_timed:.2f}s/step | "
+                  f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
+            if wandb_run:
+                wandb_run.log(metrics, step=done)
+            timer, last_logged = time.perf_counter(), done
+        if eval_interval and (done % eval_interval == 0 or done == max_steps):
+            val_loss = evaluate()
+            if master:
+                print(f"step {done}: validation loss {val_loss:.4f} per assistant token")
+                if wandb_run:
+                    wandb_run.log({'sft/val_loss': val_loss}, step=done)
+        session_over = stop_signal or (stop_after_steps and done - start_step >= stop_after_steps)
+        if done < max_steps and (session_over or (checkpoint_interval and done % checkpoint_interval == 0)):
+            save(done)
+            if session_over:
+                reason = f"signal {stop_signal[0]}" if stop_signal else f"stop_after_steps={stop_after_steps}"
+                print(f"{reason}: checkpoint saved at step {done}; resume with the same command")
+                return
+    save(max_steps, final=True)
+    if wandb_run:
+        wandb_run.finish()
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals())
+    main()

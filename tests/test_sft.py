@@ -1,0 +1,153 @@
+import importlib
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+import prepare
+from configurator import configure
+
+TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
+
+
+@pytest.fixture(scope='module')
+def sft_data(tmp_path_factory):
+    """The embedded sample's conversations (Nemotron-Math-v2 schema) prepared with the real Qwen3 tokenizer."""
+    root = tmp_path_factory.mktemp('sft')
+    raw = prepare.make_sample(str(root / 'raw'), documents=(1, 1, 1), conversations=120)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in dict(input=os.path.join(raw, 'sft.jsonl'), output_base=str(root / 'tokenized'),
+                               tokenizer='packaged', num_proc=1, chunk_tokens=10**8, max_tokens=-1,
+                               sft_sources='nemotron').items():
+            patch.setattr(prepare, key, value)
+        prepare.prepare_source('sft')
+    return str(root / 'tokenized' / 'sft')
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+    """A tiny 'pre-trained' checkpoint (initialised weights, tau at its end value) in the portable format."""
+    folder = tmp_path_factory.mktemp('pretrained')
+    paths = {}
+    for model_type in ('polyglu', 'vanilla'):
+        torch.manual_seed(0)
+        model = M.create_model(M.ModelConfig(model_type=model_type, **TINY))
+        model.set_tau(0.1)
+        paths[model_type] = str(folder / f'{model_type}.pt')
+        M.save_checkpoint(paths[model_type], model, step=1000)
+    return paths
+
+
+def sft_args(data_dir, init_from, out_dir, **overrides):
+    settings = dict(init_from=init_from, data_dir=data_dir, out_dir=out_dir, block_size=64, val_fraction=0.1,
+                    epochs=1, micro_batch_size=2, grad_accum_steps=2, learning_rate=3e-3, min_lr=3e-4,
+                    warmup_steps=2, loss_chunk_size=32, backend='torch', device='cpu', dtype='float32',
+                    log_interval=1, eval_interval=0, checkpoint_interval=0, wandb_log=False)
+    settings.update(overrides)
+    return [f'--{k}={v}' for k, v in settings.items()]
+
+
+def run_sft(args):
+    import sft
+    sft = importlib.reload(sft)
+    configure(vars(sft), args)
+    sft.main()
+    return sft
+
+
+def training_loss(sft_module, checkpoint, n_rows=8):
+    """Mean assistant-token loss of a checkpoint on the first rows it was fine-tuned on."""
+    tokens, masks, starts, lengths = sft_module.load_conversations()
+    order = np.random.default_rng([sft_module.seed, 0]).permutation(np.arange(len(starts) - 12))
+    rows = sft_module.pack(starts, np.minimum(lengths, 65), order, 65)[:n_rows]
+    model, _, _ = M.load_checkpoint(checkpoint)
+    x, y, cu_seqlens, max_seqlen = sft_module.to_device([sft_module.row_arrays(tokens, masks, r) for r in rows])
+    with torch.no_grad():
+        return M.LanguageModelLoss(model)(x, y, cu_seqlens, max_seqlen).item()
+
+
+def test_sft_lowers_assistant_loss_with_tau_frozen(sft_data, pretrained, tmp_path, capsys):
+    sft = run_sft(sft_args(sft_data, pretrained['polyglu'], str(tmp_path), eval_interval=100))
+    out = capsys.readouterr().out
+    before, after = training_loss(sft, pretrained['polyglu']), training_loss(sft, str(tmp_path / 'portable_sft_final.pt'))
+    assert after < before - 1.0
+    validation = [float(v) for v in re.findall(r'validation loss (\d+\.\d+) per assistant token', out)]
+    assert len(validation) == 2 and validation[1] < validation[0]
+    assert set(re.findall(r'\| tau (\S+) \|', out)) == {'0.1'}
+    _, _, tau = M.load_checkpoint(str(tmp_path / 'portable_sft_final.pt'))
+    assert tau == 0.1
+
+
+def test_tau_is_asserted_not_just_set(sft_data, pretrained, tmp_path, monkeypatch):
+    import sft
+    sft = importlib.reload(sft)
+    real_step = sft.optimizer_step
+
+    def annealing_step(engine, optimizer, model, *args):
+        model.update_tau(5, 10)  # something anneals tau behind SFT's back
+        return real_step(engine, optimizer, model, *args)
+
+    monkeypatch.setattr(sft, 'optimizer_step', annealing_step)
+    configure(vars(sft), sft_args(sft_data, pretrained['polyglu'], str(tmp_path)))
+    with pytest.raises(SystemExit, match='tau moved away from 0.1 during SFT'):
+        sft.main()
+
+
+def test_no_gradient_at_masked_positions(sft_data):
+    import sft
+    sft = importlib.reload(sft)
+    sft.data_dir, sft.device = sft_data, 'cpu'
+    tokens, masks, starts, lengths = sft.load_conversations()
+    rows = sft.pack(starts, np.minimum(lengths, 65), np.arange(6), 65)[:2]
+    x, y, cu_seqlens, max_seqlen = sft.to_device([sft.row_arrays(tokens, masks, r) for r in rows])
+    assert (y != -100).any() and (y == -100).any()
+    model = M.create_model(M.ModelConfig(**TINY))
+    hidden = model.hidden_states(x, cu_seqlens, max_seqlen).detach().requires_grad_()
+    logits = torch.nn.functional.linear(hidden, model.embed.weight)
+    logits.retain_grad()
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100).backward()
+    masked = y == -100
+    assert logits.grad[masked].abs().max().item() == 0.0
+    assert (logits.grad[~masked].abs().sum(-1) > 0).all()
+    # the chunked loss used by sft.py gives the same zero gradients on the hidden states
+    hidden.grad = None
+    M.chunked_cross_entropy(hidden, model.embed.weight, y, chunk_size=16).backward()
+    assert hidden.grad[masked].abs().max().item() == 0.0 and (hidden.grad[~masked].abs().sum(-1) > 0).all()
+
+
+def test_packing_keeps_every_row_full_and_conversations_whole():
+    import sft
+    starts, lengths = np.array([0, 10, 30, 35, 60]), np.array([10, 20, 5, 25, 8])
+    rows = sft.pack(starts, lengths, np.arange(5), capacity=32)
+    assert rows == [[(0, 10), (10, 20), (30, 2)], [(30, 5), (35, 25), (60, 2)]]  # each row 32, no padding
+    assert sft.pack(starts, lengths, np.arange(5), 32, keep_partial=True)[-1] == [(60, 8)]
+
+
+def test_resumed_sft_is_exact(sft_data, pretrained, tmp_path, capsys):
+    whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
+    run_sft(sft_args(sft_data, pretrained['polyglu'], whole))
+    losses = lambda text: re.findall(r'\| loss (\d+\.\d+) \|', text)  # noqa: E731
+    whole_losses = losses(capsys.readouterr().out)
+    run_sft(sft_args(sft_data, pretrained['polyglu'], parts, stop_after_steps=4))
+    first = capsys.readouterr().out
+    run_sft(sft_args(sft_data, pretrained['polyglu'], parts))
+    second = capsys.readouterr().out
+    assert 'resumed from SFT step 4' in second
+    assert losses(first) + losses(second) == whole_losses
+    a = torch.load(os.path.join(whole, 'portable_sft_final.pt'), weights_only=True)['model_state_dict']
+    b = torch.load(os.path.join(parts, 'portable_sft_final.pt'), weights_only=True)['model_state_dict']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wrong_starting_checkpoint(sft_data, pretrained, tmp_path):
+    with pytest.raises(SystemExit, match='checkpoint .*missing.pt not found'):
+        run_sft(sft_args(sft_data, str(tmp_path / 'missing.pt'), str(tmp_path)))
+    with pytest.raises(SystemExit, match=r"vanilla\.pt is a vanilla model but model_type='polyglu'"):
+        run_sft(sft_args(sft_data, pretrained['vanilla'], str(tmp_path)))
+    run_sft(sft_args(sft_data, pretrained['vanilla'], str(tmp_path / 'baseline'), model_type='vanilla'))
+    assert os.path.isfile(tmp_path / 'baseline' / 'portable_sft_final.pt')
+    with pytest.raises(SystemExit, match='missing SFT data'):
+        run_sft(sft_args(str(tmp_path / 'nothing'), pretrained['polyglu'], str(tmp_path)))
