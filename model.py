@@ -310,6 +310,29 @@ def enable_flash_attention(model):
     return model
 
 
+def segment_mean(x, cu_seqlens=None):
+    """PolyGLU pooling per packed segment: every token gets the mean of its own segment ([B, T, C] -> [B, T, C]),
+    so a request packed with others is routed exactly as if it ran alone (cu_seqlens index the flattened B*T
+    tokens, as for attention). Without cu_seqlens it is the frozen whole-row mean."""
+    if cu_seqlens is None:
+        return sequence_mean(x)
+    B, T, C = x.shape
+    flat = x.reshape(B * T, C).float()
+    segment = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(B * T, device=x.device), right=True)
+    sums = torch.zeros(len(cu_seqlens) - 1, C, device=x.device).index_add_(0, segment, flat)
+    means = sums / (cu_seqlens[1:] - cu_seqlens[:-1]).to(sums.dtype)[:, None]
+    return means[segment].view(B, T, C).to(x.dtype)
+
+
+def enable_segment_pooling(model):
+    """For evaluation, generation and analysis: route each cu_seqlens segment on its own mean (a wrapper of the
+    frozen pooling, never an edit of PolyGLU). Training keeps the frozen whole-row mean."""
+    for m in model.modules():
+        if isinstance(m, PolyGLU):
+            m.pool = segment_mean
+    return model
+
+
 def enable_gradient_checkpointing(model):
     """Recompute each block's activations in the backward pass: memory for ~30% more compute. Wraps each
     block's forward in place so the parameter names stay the frozen ones."""

@@ -21,8 +21,8 @@ import torch
 
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
                    flops_per_token, routing_entropy, save_checkpoint)
-from utils import (cosine_lr, init_distributed, latest_checkpoint, make_engine, optimizer_step, peak_flops,
-                   prune_checkpoints, resolve_device)
+from utils import (cosine_lr, held_out_split, init_distributed, latest_checkpoint, make_engine, open_chunks,
+                   optimizer_step, peak_flops, prune_checkpoints, resolve_device)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -100,40 +100,12 @@ def mixture_probs(step):
 # data
 
 def open_source(name):
-    """Memory-map one prepared source after checking its manifest: one clear line for anything wrong."""
-    import json
+    """One prepared source: its chunks memory-mapped, the training windows, and the held-out validation rows."""
     folder = os.path.join(data_dir, name)
-    path = os.path.join(folder, 'manifest.json')
-    if not os.path.isfile(path):
-        fail(f"missing data folder {folder} (no manifest.json): run `python prepare.py --source={name}` "
-             f"or give {name} weight 0 in the mixture")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get('format') != 'polychromatic-tokens-v1' or manifest.get('eos_id') != eos_id:
-        fail(f"{path} is foreign (format {manifest.get('format')!r}, eos {manifest.get('eos_id')}); expected "
-             f"prepare.py's polychromatic-tokens-v1 with eos {eos_id}")
-    if not manifest.get('complete'):
-        fail(f"{folder} is incomplete: finish `python prepare.py --source={name}` first (it resumes)")
-    if manifest['vocab_size'] > vocab_size:
-        fail(f"{folder} was tokenized with {manifest['vocab_size']:,} tokens, more than vocab_size={vocab_size:,}")
-    chunks = []
-    for entry in manifest['chunks']:
-        file = os.path.join(folder, entry['file'])
-        size = os.path.getsize(file) if os.path.isfile(file) else -1
-        if size != 4 * entry['tokens']:
-            fail(f"{file} has {size:,} bytes, its manifest says {4 * entry['tokens']:,}: truncated or foreign "
-                 f"chunk (check with `python prepare.py --verify={folder}`)")
-        chunks.append(np.memmap(file, dtype=np.uint32, mode='r'))
-    # training windows: block_size + 1 tokens at stride block_size; the last val_tokens of the source (across
-    # its last chunks if need be) are held out, and their windows give the validation loss
-    window, lengths, held = block_size + 1, [c.size for c in chunks], []
-    remaining = val_tokens
-    for c in reversed(range(len(chunks))):
-        take = min(remaining, lengths[c])
-        held.insert(0, (c, lengths[c] - take, lengths[c]))
-        lengths[c], remaining = lengths[c] - take, remaining - take
-        if not remaining:
-            break
+    chunks = open_chunks(folder, eos_id, vocab_size,
+                         missing_hint=f"run `python prepare.py --source={name}` or give {name} weight 0 in the mixture")
+    window = block_size + 1
+    lengths, held = held_out_split([c.size for c in chunks], val_tokens)
     val = [(c, start) for c, lo, hi in held for start in range(lo, hi - window + 1, block_size)][:eval_rows]
     windows_per_chunk = np.array([max(0, (n - 1) // block_size) for n in lengths], dtype=np.int64)
     if not val or not windows_per_chunk.sum():
@@ -252,7 +224,8 @@ def main():
     def save(step, final=False):
         scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
                            'warmup_steps': warmup_steps, 'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
-        extra = {'loss_ema': loss_ema, 'skipped_updates': skipped_steps, 'tokens': step * tokens_per_step}
+        extra = {'loss_ema': loss_ema, 'skipped_updates': skipped_steps, 'tokens': step * tokens_per_step,
+                 'data_dir': data_dir, 'val_tokens': val_tokens}  # eval.py's perplexity reads the same held-out slice
         if use_deepspeed:
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
         if master:

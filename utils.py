@@ -70,6 +70,51 @@ def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 # -----------------------------------------------------------------------------
+# tokenized data (train.py, eval.py)
+
+def open_chunks(folder, eos_id, vocab_size, missing_hint='run prepare.py for it'):
+    """Memory-mapped uint32 chunks of a prepare.py folder, after cheap manifest checks (format, EOS, complete,
+    vocabulary, every file's size): one clear line for anything wrong. `prepare.py --verify` checks checksums."""
+    import json
+
+    import numpy as np
+    path = os.path.join(folder, 'manifest.json')
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: missing data folder {folder} (no manifest.json): {missing_hint}")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get('format') != 'polychromatic-tokens-v1' or manifest.get('eos_id') != eos_id:
+        raise SystemExit(f"error: {path} is foreign (format {manifest.get('format')!r}, eos {manifest.get('eos_id')}); "
+                         f"expected prepare.py's polychromatic-tokens-v1 with eos {eos_id}")
+    if not manifest.get('complete'):
+        raise SystemExit(f"error: {folder} is incomplete: finish its prepare.py run first (it resumes)")
+    if manifest['vocab_size'] > vocab_size:
+        raise SystemExit(f"error: {folder} was tokenized with {manifest['vocab_size']:,} tokens, more than "
+                         f"vocab_size={vocab_size:,}")
+    chunks = []
+    for entry in manifest['chunks']:
+        file = os.path.join(folder, entry['file'])
+        size = os.path.getsize(file) if os.path.isfile(file) else -1
+        if size != 4 * entry['tokens']:
+            raise SystemExit(f"error: {file} has {size:,} bytes, its manifest says {4 * entry['tokens']:,}: truncated "
+                             f"or foreign chunk (check with `python prepare.py --verify={folder}`)")
+        chunks.append(np.memmap(file, dtype=np.uint32, mode='r'))
+    return chunks
+
+
+def held_out_split(lengths, val_tokens):
+    """Hold out the last val_tokens of a source, across its last chunks if need be. -> (trainable length of each
+    chunk, [(chunk, start, end)] held-out regions in order). train.py never trains on them; eval.py scores them."""
+    lengths, held, remaining = list(lengths), [], val_tokens
+    for c in reversed(range(len(lengths))):
+        take = min(remaining, lengths[c])
+        held.insert(0, (c, lengths[c] - take, lengths[c]))
+        lengths[c], remaining = lengths[c] - take, remaining - take
+        if not remaining:
+            break
+    return lengths, held
+
+# -----------------------------------------------------------------------------
 # what train.py and sft.py share: distributed set-up, the engine, one optimizer step, checkpoint files
 
 def resolve_device(device, dtype):
