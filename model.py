@@ -324,6 +324,22 @@ def segment_mean(x, cu_seqlens=None):
     return means[segment].view(B, T, C).to(x.dtype)
 
 
+def packed_hidden_states(model, idx, cu_seqlens, max_seqlen):
+    """hidden_states of one row [1, T] of packed segments, each segment at RoPE positions 0.. as if it ran alone
+    (so the row may be longer than max_seq_len). With enable_segment_pooling, every segment's attention and gate
+    see only itself: the packed forward computes what separate forwards would."""
+    if idx.shape[0] != 1 or max_seqlen > model.config.max_seq_len:
+        raise ValueError(f"one packed row of segments <= max_seq_len={model.config.max_seq_len} expected")
+    flat = torch.arange(idx.shape[1], device=idx.device)
+    segment = torch.searchsorted(cu_seqlens[1:].long(), flat, right=True)
+    positions = flat - cu_seqlens[:-1].long()[segment]
+    rope = (model.rope.cos[positions], model.rope.sin[positions])
+    x = model.embed(idx)
+    for block in model.blocks:
+        x = block(x, rope, cu_seqlens, max_seqlen)
+    return model.norm(x)
+
+
 def enable_segment_pooling(model):
     """For evaluation, generation and analysis: route each cu_seqlens segment on its own mean (a wrapper of the
     frozen pooling, never an edit of PolyGLU). Training keeps the frozen whole-row mean."""

@@ -1,0 +1,442 @@
+"""
+Evaluation: lm-evaluation-harness tasks through our own LM wrapper, held-out perplexity, and text samples.
+
+    python eval.py --checkpoint=checkpoints/portable_final.pt --tasks=gsm8k,minerva_math500,mmlu_stem \
+                   --output=results/pretrain_eval.json [--limit=10]
+    python eval.py --checkpoint=... --tasks= --perplexity=True          # held-out perplexity only
+    python eval.py --checkpoint=... --prompt="Problem: 2+2=?"            # a quick sample, then exit
+
+Exact under the frozen design. The PolyGLU gate mean-pools the whole sequence, so a padded or batched
+forward would change a request's score. Here every request is scored as if it ran alone: requests are
+packed, unpadded, into long rows, and cu_seqlens give each one its own attention block and (through
+model.enable_segment_pooling) its own gate mean. Batch composition cannot move a score: only float rounding
+differs. Generation is exact too: a new token changes the gate mean and so every position's FFN output in
+every layer, so no key/value can be reused. Each step runs a full forward of every unfinished sequence, packed
+together, and finished sequences drop out. `generation='cached'` trades exactness for speed: it reuses
+keys/values and refreshes them with a full forward when any layer's routing moves more than
+`refresh_threshold`, and `compare_exact=N` prints how far it strays from exact generation on N requests.
+"""
+import difflib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import (EOS_ID, PolyGLU, RoPE, enable_flash_attention, enable_segment_pooling, flash_available,
+                   load_checkpoint, packed_hidden_states)
+from utils import HUB_TOKENIZER, get_tokenizer, held_out_split, open_chunks, resolve_device
+
+# -----------------------------------------------------------------------------
+# config
+checkpoint = 'checkpoints/portable_final.pt'
+tasks = 'gsm8k,minerva_math500,mmlu_stem'  # harness task names, comma separated ('' = none)
+num_fewshot = -1             # -1: each task's own default (GSM8K 5-shot, Minerva MATH 4-shot, MMLU 5-shot)
+limit = 0                    # examples per task, 0 = all
+include_path = ''            # a folder of your own task YAMLs
+output = 'results/eval.json'
+tokenizer = HUB_TOKENIZER    # or a local tokenizer.json / folder, or 'packaged'
+batch_tokens = 16_384        # tokens packed into one forward (no padding; the scores do not depend on it)
+max_gen_toks = 256           # default cap of generated tokens when a task does not set one
+generation = 'exact'         # 'exact' | 'cached' (approximate, faster)
+refresh_threshold = 0.05     # cached: full refresh when a routing weight moves more than this
+compare_exact = 0            # cached: also generate N requests exactly and print the agreement
+perplexity = True            # held-out perplexity per source, when the data is there
+data_dir = ''                # '' = the data_dir stored in the checkpoint (train.py's), else data/tokenized
+sources = ('math', 'stem', 'code')
+val_tokens = -1              # -1 = the held-out size stored in the checkpoint (train.py's val_tokens)
+perplexity_tokens = 500_000  # at most this many held-out tokens scored per source
+prompt = ''                  # generate from this prompt, print, and exit
+max_new_tokens = 200
+temperature = 0.0            # 0 = greedy
+top_k = 50
+seed = 1337
+device = 'auto'
+dtype = 'auto'
+flash_attention = True
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+# -----------------------------------------------------------------------------
+# packed, exact forward passes
+
+def packs(lengths, budget):
+    """Greedy packing of request indices, longest first, into groups of at most `budget` tokens (a longer request
+    gets a group of its own). Sorting by length makes the groups full and the order deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, group, used = [], [], 0
+    for i in order:
+        if group and used + lengths[i] > budget:
+            groups.append(group)
+            group, used = [], 0
+        group.append(i)
+        used += lengths[i]
+    if group:
+        groups.append(group)
+    return groups
+
+
+def forward_packed(model, sequences):
+    """Final hidden states of several token sequences packed into one row, each as if alone.
+    -> (hidden [total, d_model], offsets where each sequence starts)."""
+    lengths = [len(s) for s in sequences]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    idx = torch.tensor(np.concatenate(sequences), dtype=torch.long, device=model.embed.weight.device)[None]
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=idx.device)
+    return packed_hidden_states(model, idx, cu_seqlens, max(lengths))[0], offsets
+
+
+def log_probs_at(model, hidden, positions, chunk=1024):
+    """Log-softmax over the vocabulary at the given rows of hidden, in chunks (never all logits at once)."""
+    out = [F.linear(hidden[positions[i:i + chunk]], model.embed.weight).float().log_softmax(-1)
+           for i in range(0, len(positions), chunk)]
+    return torch.cat(out) if out else hidden.new_zeros(0, model.config.vocab_size)
+
+
+@torch.no_grad()
+def score(model, requests, budget, desc='loglikelihood'):
+    """requests: [(context ids, continuation ids)] -> [(sum log p(continuation | context), is greedy)].
+    The input is the last max_seq_len + 1 tokens of context + continuation, minus the last token."""
+    max_len = model.config.max_seq_len
+    inputs, spans = [], []
+    for context, continuation in requests:
+        continuation = list(continuation) or [EOS_ID]  # the harness never sends an empty one; keep the math defined
+        whole = (list(context) + continuation)[-(max_len + 1):]
+        inputs.append(whole[:-1])
+        spans.append((len(whole) - 1 - len(continuation), whole[-len(continuation):]))
+    results = [None] * len(requests)
+    for group in tqdm(packs([len(s) for s in inputs], budget), desc=desc, disable=len(requests) < 50):
+        hidden, offsets = forward_packed(model, [inputs[i] for i in group])
+        positions = torch.cat([torch.arange(offsets[k] + spans[i][0], offsets[k + 1], device=hidden.device)
+                               for k, i in enumerate(group)])
+        log_probs = log_probs_at(model, hidden, positions)
+        first = 0
+        for i in group:
+            targets = torch.tensor(spans[i][1], device=hidden.device)
+            rows = log_probs[first:first + len(targets)]
+            first += len(targets)
+            results[i] = (rows.gather(1, targets[:, None]).sum().item(), bool((rows.argmax(-1) == targets).all()))
+    return results
+
+
+def stop_index(text, until):
+    positions = [text.find(s) for s in until if s and s in text]
+    return min(positions) if positions else -1
+
+
+@torch.no_grad()
+def generate_exact(model, tok, prompts, budget, desc='generate'):
+    """prompts: [(context ids, until strings, max new tokens)] -> generated texts, cut at the first stop string.
+    Greedy; every step is a full forward of each unfinished sequence alone (packed together)."""
+    max_len = model.config.max_seq_len
+    sequences = [list(ids)[-max_len:] for ids, _, _ in prompts]
+    generated = [[] for _ in prompts]
+    active = [i for i, (_, _, n) in enumerate(prompts) if n > 0]
+    progress = tqdm(total=sum(n for _, _, n in prompts), desc=desc, unit='tok', disable=len(prompts) < 8)
+    while active:
+        finished = set()
+        for group in packs([len(sequences[i]) for i in active], budget):
+            group = [active[k] for k in group]
+            hidden, offsets = forward_packed(model, [sequences[i] for i in group])
+            last = torch.as_tensor(offsets[1:] - 1, device=hidden.device)
+            next_tokens = F.linear(hidden[last], model.embed.weight).float().argmax(-1).tolist()
+            for i, token in zip(group, next_tokens):
+                generated[i].append(token)
+                sequences[i] = (sequences[i] + [token])[-max_len:]
+                text = tok.decode(generated[i], skip_special_tokens=False)
+                if len(generated[i]) >= prompts[i][2] or stop_index(text, prompts[i][1]) >= 0 or token == EOS_ID:
+                    finished.add(i)
+                    progress.update(prompts[i][2] - len(generated[i]))  # the budget it did not need
+            progress.update(len(group))
+        active = [i for i in active if i not in finished]
+    progress.close()
+    return [cut(tok.decode(g, skip_special_tokens=False), until) for g, (_, until, _) in zip(generated, prompts)]
+
+
+def cut(text, until):
+    index = stop_index(text, until)
+    text = text if index < 0 else text[:index]
+    return text.replace('<|endoftext|>', '')
+
+# -----------------------------------------------------------------------------
+# the cached approximation
+
+def routing(ffn):
+    """The routing weights [d_ff, K] of a PolyGLU's last forward (one sequence); None for SwiGLU."""
+    return torch.softmax(ffn.last_logits.float() / ffn.tau, -1)[0, -1] if isinstance(ffn, PolyGLU) else None
+
+
+@torch.no_grad()
+def full_pass(model, ids):
+    """A full forward of one sequence that records, per layer, the keys/values and the FFN input sum (the state
+    an incremental step continues from) and the routing weights, through the frozen modules' attend/pool hooks."""
+    n_layers = len(model.blocks)
+    state = {'k': [None] * n_layers, 'v': [None] * n_layers, 'sum': [None] * n_layers, 'n': len(ids)}
+    originals = [(block.attn.attend, getattr(block.ffn, 'pool', None)) for block in model.blocks]
+
+    def recording_attend(layer, attend):
+        def hook(q, k, v, cu_seqlens, max_seqlen):
+            state['k'][layer], state['v'][layer] = k, v
+            return attend(q, k, v, cu_seqlens, max_seqlen)
+        return hook
+
+    def recording_pool(layer, pool):
+        def hook(x, cu_seqlens):
+            state['sum'][layer] = x.float().sum(1)
+            return pool(x, cu_seqlens)
+        return hook
+
+    for layer, (block, (attend, pool)) in enumerate(zip(model.blocks, originals)):
+        block.attn.attend = recording_attend(layer, attend)
+        if pool is not None:
+            block.ffn.pool = recording_pool(layer, pool)
+    try:
+        hidden = model.hidden_states(torch.tensor([ids], device=model.embed.weight.device))
+    finally:
+        for block, (attend, pool) in zip(model.blocks, originals):
+            block.attn.attend = attend
+            if pool is not None:
+                block.ffn.pool = pool
+    state['routing'] = [routing(block.ffn) for block in model.blocks]
+    return hidden[0, -1], state
+
+
+@torch.no_grad()
+def cached_step(model, token, state):
+    """One new token through every layer with the cached keys/values (stale: computed under the routing of the
+    last refresh) and the running gate mean. -> (final hidden of the token, max routing change since refresh)."""
+    position = state['n']
+    cos, sin = (t[position:position + 1] for t in model.rope(position + 1))
+    x = model.embed(torch.tensor([[token]], device=model.embed.weight.device))
+    drift = 0.0
+    for layer, block in enumerate(model.blocks):
+        attn, h = block.attn, block.attn_norm(x)
+        q = RoPE.rotate(attn.q_norm(attn.q_proj(h).view(1, 1, attn.n_heads, attn.head_dim)), cos, sin)
+        k = RoPE.rotate(attn.k_norm(attn.k_proj(h).view(1, 1, attn.n_kv_heads, attn.head_dim)), cos, sin)
+        v = attn.v_proj(h).view(1, 1, attn.n_kv_heads, attn.head_dim)
+        state['k'][layer] = torch.cat([state['k'][layer], k], 1)
+        state['v'][layer] = torch.cat([state['v'][layer], v], 1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), state['k'][layer].transpose(1, 2),
+                                             state['v'][layer].transpose(1, 2), enable_gqa=True)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
+        h = block.ffn_norm(x)
+        if not isinstance(block.ffn, PolyGLU):
+            x = x + block.ffn(h)
+            continue
+        state['sum'][layer] = state['sum'][layer] + h.float().sum(1)
+        mean = (state['sum'][layer] / (position + 1)).to(h.dtype)[:, None]
+        pool, block.ffn.pool = block.ffn.pool, (lambda _x, _cu: mean)
+        try:
+            x = x + block.ffn(h)
+        finally:
+            block.ffn.pool = pool
+        drift = max(drift, (routing(block.ffn) - state['routing'][layer]).abs().max().item())
+    state['n'] += 1
+    return model.norm(x)[0, -1], drift
+
+
+@torch.no_grad()
+def generate_cached(model, tok, prompts, desc='generate (cached)'):
+    """Greedy generation with a key/value cache, one request at a time, refreshed when routing drifts."""
+    outputs, refreshes, steps = [], 0, 0
+    for ids, until, n in tqdm(prompts, desc=desc, disable=len(prompts) < 8):
+        ids = list(ids)[-model.config.max_seq_len:]
+        hidden, state = full_pass(model, ids)
+        generated = []
+        while len(generated) < n:
+            token = int(F.linear(hidden, model.embed.weight).argmax())
+            generated.append(token)
+            ids.append(token)
+            if token == EOS_ID or stop_index(tok.decode(generated, skip_special_tokens=False), until) >= 0 or \
+                    len(generated) >= n or len(ids) >= model.config.max_seq_len:
+                break
+            hidden, drift = cached_step(model, token, state)
+            steps += 1
+            if drift > refresh_threshold:
+                hidden, state = full_pass(model, ids)
+                refreshes += 1
+        outputs.append(cut(tok.decode(generated, skip_special_tokens=False), until))
+    print(f"cached generation: {refreshes} refreshes in {steps} cached steps (threshold {refresh_threshold})")
+    return outputs
+
+# -----------------------------------------------------------------------------
+# the harness wrapper
+
+def make_lm(model, tok):
+    from lm_eval.api.model import LM
+
+    class PolychromaticEvalLM(LM):
+        """lm-evaluation-harness LM around the project's own model (no Hugging Face model classes)."""
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            pairs = []
+            for request in requests:
+                context, continuation = request.args
+                context_ids = tok.encode(context, add_special_tokens=False).ids if context else [EOS_ID]
+                pairs.append((context_ids, tok.encode(continuation, add_special_tokens=False).ids))
+            return score(model, pairs, batch_tokens)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+            pieces, owner = [], []
+            for n, request in enumerate(requests):
+                ids = tok.encode(request.args[0], add_special_tokens=False).ids
+                for window in get_rolling_token_windows(token_list=ids, prefix_token=EOS_ID,
+                                                        max_seq_len=model.config.max_seq_len, context_len=1):
+                    pieces.append(make_disjoint_window(window))
+                    owner.append(n)
+            totals = [0.0] * len(requests)
+            for n, (log_prob, _) in zip(owner, score(model, pieces, batch_tokens, 'loglikelihood_rolling')):
+                totals[n] += log_prob
+            return totals
+
+        def generate_until(self, requests, disable_tqdm=False):
+            prompts = []
+            for request in requests:
+                context, kwargs = request.args
+                until = kwargs.get('until', [])
+                until = [until] if isinstance(until, str) else list(until)
+                prompts.append((tok.encode(context, add_special_tokens=False).ids, until,
+                                int(kwargs.get('max_gen_toks', max_gen_toks))))
+            if generation == 'exact':
+                return generate_exact(model, tok, prompts, batch_tokens)
+            outputs = generate_cached(model, tok, prompts)
+            if compare_exact:
+                start = time.perf_counter()
+                exact = generate_exact(model, tok, prompts[:compare_exact], batch_tokens, 'generate (exact check)')
+                agreement = [a == b for a, b in zip(outputs, exact)]
+                same_tokens = [sum(x == y for x, y in zip(tok.encode(a).ids, tok.encode(b).ids)) /
+                               max(1, len(tok.encode(b).ids)) for a, b in zip(outputs, exact)]
+                print(f"cached vs exact on {len(exact)} requests: {100 * np.mean(agreement):.1f}% identical outputs, "
+                      f"{100 * np.mean(same_tokens):.1f}% of tokens agree position by position "
+                      f"(exact took {time.perf_counter() - start:.1f}s)")
+            return outputs
+
+    return PolychromaticEvalLM()
+
+
+def run_tasks(lm, task_names):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    manager = TaskManager(include_path=include_path or None)
+    known = set(manager.all_tasks)
+    for name in task_names:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=3)
+            fail(f"unknown task '{name}'" + (f"; did you mean {', '.join(near)}?" if near else
+                                               "; `lm-eval ls tasks` lists them, include_path= adds your own"))
+    return lm_eval.simple_evaluate(model=lm, tasks=task_names, num_fewshot=None if num_fewshot < 0 else num_fewshot,
+                                   limit=limit or None, task_manager=manager, log_samples=False,
+                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                   fewshot_random_seed=seed)
+
+# -----------------------------------------------------------------------------
+# held-out perplexity
+
+@torch.no_grad()
+def held_out_perplexity(model, folder, held_tokens, max_tokens, context):
+    """Token-level loss and perplexity over the held-out end of a source, in non-overlapping windows of
+    `context` + 1 tokens, each scored alone (rows of one window, no padding)."""
+    chunks = open_chunks(folder, EOS_ID, model.config.vocab_size)
+    _, held = held_out_split([c.size for c in chunks], held_tokens)
+    windows = [(c, start) for c, lo, hi in held for start in range(lo, hi - context, context)]
+    windows = windows[:max(1, max_tokens // context)]
+    total, count = 0.0, 0
+    for c, start in tqdm(windows, desc=os.path.basename(folder), disable=len(windows) < 20):
+        ids = torch.from_numpy(chunks[c][start:start + context + 1].astype(np.int64)).to(model.embed.weight.device)
+        hidden = model.hidden_states(ids[None, :-1])[0]
+        log_probs = log_probs_at(model, hidden, torch.arange(context, device=ids.device))
+        total -= log_probs.gather(1, ids[1:, None]).sum().item()
+        count += context
+    loss = total / max(1, count)
+    return {'loss': loss, 'perplexity': math.exp(loss), 'tokens': count}
+
+# -----------------------------------------------------------------------------
+
+def sample_text(model, tok):
+    """Greedy (temperature 0) or top-k sampling from `prompt`, exact (full forward every step)."""
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    generator = torch.Generator(device='cpu').manual_seed(seed)
+    for _ in range(max_new_tokens):
+        hidden = model.hidden_states(torch.tensor([ids[-model.config.max_seq_len:]],
+                                                  device=model.embed.weight.device))
+        logits = F.linear(hidden[0, -1], model.embed.weight).float().cpu()
+        if temperature <= 0:
+            token = int(logits.argmax())
+        else:
+            values, indices = torch.topk(logits / temperature, top_k)
+            token = int(indices[torch.multinomial(torch.softmax(values, -1), 1, generator=generator)])
+        ids.append(token)
+        if token == EOS_ID:
+            break
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+def main():
+    global device, dtype
+    device, dtype = resolve_device(device, dtype)
+    if generation not in ('exact', 'cached'):
+        fail(f"generation must be 'exact' or 'cached', got {generation!r}")
+    task_names = [t.strip() for t in tasks.split(',') if t.strip()]
+    if (task_names or perplexity) and not prompt:
+        folder = os.path.dirname(os.path.abspath(output))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, '.write_test'), 'w'):
+                pass
+            os.remove(os.path.join(folder, '.write_test'))
+        except OSError as e:
+            fail(f"cannot write results to {output} ({e.strerror}); choose another --output")
+    model, step, tau = load_checkpoint(checkpoint)
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    model = model.to(device=device, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
+    if flash_attention and device.startswith('cuda') and flash_available():
+        enable_flash_attention(model)
+    enable_segment_pooling(model)
+    tok = get_tokenizer(tokenizer, model.config.vocab_size)
+    print(f"{checkpoint}: {model.config.model_type}, step {step}, tau {tau} | {device} {dtype}")
+    if prompt:
+        print(sample_text(model, tok))
+        return
+
+    start = time.perf_counter()
+    report = {'checkpoint': checkpoint, 'step': step, 'tau': tau, 'model_config': state['model_config'],
+              'config': {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
+                         and isinstance(v, (int, float, bool, str, tuple))}}
+    if task_names:
+        results = run_tasks(make_lm(model, tok), task_names)
+        from lm_eval.utils import make_table
+        print(make_table(results))
+        report['results'] = results['results']
+        report['n-shot'] = results.get('n-shot')
+        report['versions'] = results.get('versions')
+    if perplexity:
+        base = data_dir or state.get('data_dir') or 'data/tokenized'
+        held_tokens = val_tokens if val_tokens > 0 else state.get('val_tokens') or 2_000_000
+        report['perplexity'] = {}
+        for name in sources:
+            folder = os.path.join(base, name)
+            if os.path.isfile(os.path.join(folder, 'manifest.json')):
+                report['perplexity'][name] = held_out_perplexity(model, folder, held_tokens, perplexity_tokens,
+                                                                  min(model.config.max_seq_len, 4096))
+        for name, values in report['perplexity'].items():
+            print(f"held-out {name}: loss {values['loss']:.4f}, perplexity {values['perplexity']:.2f} "
+                  f"({values['tokens']:,} tokens)")
+    report['wall_time_s'] = time.perf_counter() - start
+    with open(f'{output}.tmp', 'w') as f:
+        json.dump(report, f, indent=1, default=str)
+    os.replace(f'{output}.tmp', output)
+    print(f"wall time {report['wall_time_s']:.1f}s -> {output}")
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals())
+    main()
