@@ -5,6 +5,7 @@ Evaluation: lm-evaluation-harness tasks through our own LM wrapper, held-out per
                    --output=results/pretrain_eval.json [--limit=10]
     python eval.py --checkpoint=... --tasks= --perplexity=True          # held-out perplexity only
     python eval.py --checkpoint=... --prompt="Problem: 2+2=?"            # a quick sample, then exit
+    python eval.py --checkpoint=... --benchmark=True                     # time exact generation, project GSM8K
 
 Exact under the frozen design. The PolyGLU gate mean-pools the whole sequence, so a padded or batched
 forward would change a request's score. Here every request is scored as if it ran alone: requests are
@@ -51,6 +52,9 @@ sources = ('math', 'stem', 'code')
 val_tokens = -1              # -1 = the held-out size stored in the checkpoint (train.py's val_tokens)
 perplexity_tokens = 500_000  # at most this many held-out tokens scored per source
 prompt = ''                  # generate from this prompt, print, and exit
+benchmark = False            # time exact generation on GSM8K-shaped requests and project the full GSM8K run
+benchmark_requests = 16      # benchmark: how many synthetic requests (random tokens, no early stop)
+benchmark_prompt_tokens = 850  # a 5-shot GSM8K prompt is about this long with the Qwen3 tokenizer
 max_new_tokens = 200
 temperature = 0.0            # 0 = greedy
 top_k = 50
@@ -379,13 +383,55 @@ def sample_text(model, tok):
     return tok.decode(ids, skip_special_tokens=False)
 
 
+def generation_flops(model, prompt_tokens, new_tokens):
+    """Forward FLOPs of exact generation of one request: step t runs all prompt + t tokens through the blocks
+    (2 x non-embedding parameters each, plus causal attention 2 * n_layers * d * length) and the head once."""
+    from model import count_parameters
+    config = model.config
+    block_params = count_parameters(config)[0] - config.vocab_size * config.d_model  # the lookup is no matmul
+    lengths = prompt_tokens + np.arange(new_tokens)
+    attention = 2 * config.n_layers * config.n_heads * config.head_dim * lengths ** 2
+    return float(np.sum(2 * block_params * lengths + attention + 2 * config.d_model * config.vocab_size))
+
+
+def run_benchmark(model):
+    """Exact generation of benchmark_requests synthetic requests of GSM8K's shape, measured; then the full
+    GSM8K test set (1,319 problems, 5-shot) projected from the measured FLOP rate, worst case (every answer runs to
+    max_gen_toks). For the 600M model on a GPU, run this with its checkpoint there."""
+    rng = np.random.default_rng(seed)
+    vocab = min(model.config.vocab_size, 150_000)
+    prompts = [(rng.integers(0, vocab, benchmark_prompt_tokens).tolist(), [], max_gen_toks)
+               for _ in range(benchmark_requests)]
+
+    class Silent:  # no stop strings: decoding text is not what is measured
+        @staticmethod
+        def decode(ids, skip_special_tokens=False):
+            return ''
+
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    generate_exact(model, Silent, prompts, batch_tokens, 'benchmark')
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    flops = benchmark_requests * generation_flops(model, benchmark_prompt_tokens, max_gen_toks)
+    gsm8k = 1319 * generation_flops(model, benchmark_prompt_tokens, max_gen_toks)
+    print(f"exact generation, {benchmark_requests} requests x ({benchmark_prompt_tokens} prompt + {max_gen_toks} new "
+          f"tokens), batch_tokens={batch_tokens}: {seconds:.1f}s, {benchmark_requests * max_gen_toks / seconds:.1f} "
+          f"new tokens/s, {flops / seconds / 1e12:.3f} TFLOP/s achieved")
+    print(f"full GSM8K (1,319 x {max_gen_toks} new tokens, worst case) for this model on this device: "
+          f"{gsm8k / (flops / seconds) / 3600:.2f} hours (projected from the measured rate)")
+    return seconds
+
+
 def main():
     global device, dtype
     device, dtype = resolve_device(device, dtype)
     if generation not in ('exact', 'cached'):
         fail(f"generation must be 'exact' or 'cached', got {generation!r}")
     task_names = [t.strip() for t in tasks.split(',') if t.strip()]
-    if (task_names or perplexity) and not prompt:
+    if (task_names or perplexity) and not prompt and not benchmark:
         folder = os.path.dirname(os.path.abspath(output))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -405,6 +451,9 @@ def main():
     if prompt:
         print(sample_text(model, tok))
         return
+    if benchmark:
+        run_benchmark(model)
+        return
 
     start = time.perf_counter()
     report = {'checkpoint': checkpoint, 'step': step, 'tau': tau, 'model_config': state['model_config'],
@@ -423,9 +472,11 @@ def main():
         report['perplexity'] = {}
         for name in sources:
             folder = os.path.join(base, name)
-            if os.path.isfile(os.path.join(folder, 'manifest.json')):
-                report['perplexity'][name] = held_out_perplexity(model, folder, held_tokens, perplexity_tokens,
-                                                                  min(model.config.max_seq_len, 4096))
+            if not os.path.isfile(os.path.join(folder, 'manifest.json')):
+                print(f"held-out {name}: no prepared data in {folder}, skipped (set data_dir=)")
+                continue
+            report['perplexity'][name] = held_out_perplexity(model, folder, held_tokens, perplexity_tokens,
+                                                              min(model.config.max_seq_len, 4096))
         for name, values in report['perplexity'].items():
             print(f"held-out {name}: loss {values['loss']:.4f}, perplexity {values['perplexity']:.2f} "
                   f"({values['tokens']:,} tokens)")

@@ -157,7 +157,7 @@ class PolyGLU(nn.Module):
         self.gate_net = nn.Sequential(nn.Linear(config.d_model, config.gate_hidden), nn.ReLU(),
                                       nn.Linear(config.gate_hidden, K))
         self.tau = 1.0
-        self.pool = sequence_mean   # a per-segment wrapper for packed evaluation may replace it
+        self.pool = sequence_mean   # a hook: eval.py's cached generation swaps in a running mean
         self.last_logits = None     # routing logits of the last forward, detached, for entropy logging
 
     def routing_logits(self, pooled):
@@ -310,18 +310,20 @@ def enable_flash_attention(model):
     return model
 
 
-def segment_mean(x, cu_seqlens=None):
-    """PolyGLU pooling per packed segment: every token gets the mean of its own segment ([B, T, C] -> [B, T, C]),
-    so a request packed with others is routed exactly as if it ran alone (cu_seqlens index the flattened B*T
-    tokens, as for attention). Without cu_seqlens it is the frozen whole-row mean."""
+def segment_forward(frozen_forward, ffn, x, cu_seqlens=None):
+    """PolyGLU over a packed row, one segment at a time: each segment is routed on its own mean, exactly as if
+    it ran alone, and no [tokens, d_ff, K] routing tensor is ever built. last_logits holds every segment's
+    routing logits, [segments, 1, d_ff, K]. Without cu_seqlens it is the frozen forward."""
     if cu_seqlens is None:
-        return sequence_mean(x)
+        return frozen_forward(x)
     B, T, C = x.shape
-    flat = x.reshape(B * T, C).float()
-    segment = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(B * T, device=x.device), right=True)
-    sums = torch.zeros(len(cu_seqlens) - 1, C, device=x.device).index_add_(0, segment, flat)
-    means = sums / (cu_seqlens[1:] - cu_seqlens[:-1]).to(sums.dtype)[:, None]
-    return means[segment].view(B, T, C).to(x.dtype)
+    flat, bounds = x.reshape(1, B * T, C), cu_seqlens.tolist()
+    outputs, logits = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        outputs.append(frozen_forward(flat[:, start:end]))
+        logits.append(ffn.last_logits)
+    ffn.last_logits = torch.cat(logits)
+    return torch.cat(outputs, dim=1).view(B, T, C)
 
 
 def packed_hidden_states(model, idx, cu_seqlens, max_seqlen):
@@ -341,11 +343,11 @@ def packed_hidden_states(model, idx, cu_seqlens, max_seqlen):
 
 
 def enable_segment_pooling(model):
-    """For evaluation, generation and analysis: route each cu_seqlens segment on its own mean (a wrapper of the
-    frozen pooling, never an edit of PolyGLU). Training keeps the frozen whole-row mean."""
+    """For evaluation, generation and analysis: route each cu_seqlens segment on its own mean (a wrapper around
+    the frozen forward, never an edit of PolyGLU). Training keeps the frozen whole-row mean."""
     for m in model.modules():
-        if isinstance(m, PolyGLU):
-            m.pool = segment_mean
+        if isinstance(m, PolyGLU) and not isinstance(m.forward, partial):
+            m.forward = partial(segment_forward, m.forward, m)
     return model
 
 

@@ -515,7 +515,36 @@ def make_sample(folder, documents=(3000, 1200, 600), conversations=400, seed=0):
             messages = [{'role': 'user', 'content': question},
                         {'role': 'assistant', 'content': f"{steps}\nThe answer is \\boxed{{{answer}}}."}]
             f.write(json.dumps({'problem': question, 'messages': messages, 'expected_answer': answer}) + '\n')
+    write_demo_tasks(os.path.join(folder, 'tasks'), rng)
     return folder
+
+
+def write_demo_tasks(folder, rng, n=40):
+    """Two lm-evaluation-harness tasks on fresh word problems, for eval.py --include_path: demo_arith_mc
+    (multiple choice: the right total against two near misses) and demo_arith_gen (generate until newline)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'arith.jsonl'), 'w') as f:
+        for _ in range(n):
+            a, b = (int(x) for x in rng.integers(2, 60, size=2))
+            name, other = rng.choice(NAMES, size=2, replace=False)
+            thing = rng.choice(THINGS)
+            question = f"{name} has {a} {thing}. {other} gives {name} {b} more. How many {thing} does {name} have now?"
+            setup = f"{name} starts with {a} {thing} and receives {b}, so {a} + {b} ="
+            f.write(json.dumps({'question': question, 'setup': setup, 'answer': str(a + b),
+                                'choices': [str(a + b), str(a + b + 1), str(abs(a - b))]}) + '\n')
+    data = os.path.abspath(os.path.join(folder, 'arith.jsonl'))  # the harness resolves paths against the cwd
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    with open(os.path.join(folder, 'demo_arith_mc.yaml'), 'w') as f:
+        f.write("task: demo_arith_mc\n" + common + "output_type: multiple_choice\n"
+                "doc_to_text: \"Problem: {{question}}\\nSolution: {{setup}}\"\n"
+                "doc_to_choice: \"{{choices}}\"\ndoc_to_target: 0\nmetric_list:\n  - metric: acc\n")
+    with open(os.path.join(folder, 'demo_arith_gen.yaml'), 'w') as f:
+        f.write("task: demo_arith_gen\n" + common + "output_type: generate_until\n"
+                "doc_to_text: \"Problem: {{question}}\\nSolution:\"\n"
+                "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n"
+                "  max_gen_toks: 48\nfilter_list:\n  - name: answer\n    filter:\n"
+                "      - function: regex\n        regex_pattern: \"The answer is (\\\\d+)\"\n"
+                "      - function: take_first\nmetric_list:\n  - metric: exact_match\n")
 
 # -----------------------------------------------------------------------------
 # benchmark
