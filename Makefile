@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed
 
-# prepare -> train -> sft -> eval on the embedded sample; each stage reuses what an earlier run finished
+# prepare -> train -> sft -> eval -> analyze on the embedded sample; each stage reuses what an earlier run finished
 demo: setup
 	@test -f $(DEMO)/raw/sft.jsonl || $(PY) prepare.py --sample=$(DEMO)/raw
 	@for source in math stem code sft; do \
@@ -24,6 +24,7 @@ demo: setup
 	$(PY) train.py config/tiny.py
 	$(PY) sft.py config/tiny_sft.py
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) eval.py config/tiny_eval.py
+	$(PY) analyze.py config/tiny_analyze.py
 
 test: setup
 	$(PY) -m pytest -q

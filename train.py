@@ -12,6 +12,7 @@ gets which window is a pure function of (seed, step, micro-step, rank, world siz
 the data of an uninterrupted one, and ranks never share a window. The last val_tokens of each source are
 held out and give the validation loss.
 """
+import json
 import os
 import signal
 import time
@@ -180,6 +181,8 @@ def main():
         fail(f"sources {sources} and the mixtures {mixture_baseline} / {mixture_anneal} differ in length")
     rank, world_size, device = init_distributed(backend, device)
     use_deepspeed, master = backend == 'deepspeed', rank == 0
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
     tokens_per_step = micro_batch_size * grad_accum_steps * block_size * world_size
 
     # data: sources with weight 0 in both mixtures may be absent
@@ -306,7 +309,7 @@ def main():
         if master and (done % log_interval == 0 or done == max_steps or spike):
             elapsed, steps_timed = time.perf_counter() - timer, done - last_logged
             tokens_per_sec = steps_timed * tokens_per_step / elapsed
-            mfu = flops_per_step * steps_timed / elapsed / peak if peak else float('nan')
+            mfu = flops_per_step * steps_timed / elapsed / peak if peak else None
             eta = (max_steps - done) * elapsed / steps_timed
             metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
                        'train/tokens_per_sec': tokens_per_sec, 'train/mfu': mfu, 'train/skipped_steps': skipped_steps,
@@ -321,11 +324,15 @@ def main():
                   + f"{elapsed / steps_timed:.2f}s/step | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
             if wandb_run:
                 wandb_run.log(metrics, step=done)
+            with open(os.path.join(out_dir, 'train_log.jsonl'), 'a') as f:  # analyze.py --compare reads it
+                f.write(json.dumps({'step': done, **metrics}) + '\n')
             timer, last_logged = time.perf_counter(), done
         if eval_interval and (done % eval_interval == 0 or done == max_steps):
             losses = evaluate()
             if master:
                 print(f"step {done}: validation " + ' | '.join(f"{k[4:]} {v:.4f}" for k, v in losses.items()))
+                with open(os.path.join(out_dir, 'train_log.jsonl'), 'a') as f:
+                    f.write(json.dumps({'step': done, 'train/tokens': done * tokens_per_step, **losses}) + '\n')
                 if wandb_run:
                     wandb_run.log(losses, step=done)
         session_over = stop_signal or (stop_after_steps and done - start_step >= stop_after_steps)

@@ -22,7 +22,8 @@ def counting_documents(n_tokens, seed):
     return docs
 
 
-def write_source(data_dir, name, n_tokens=60_000, chunk_tokens=20_000, seed=0):
+def write_source(data_dir, name, n_tokens=60_000, chunk_tokens=20_000, seed=0, manifest_eos=EOS):
+    """manifest_eos: eval.py and analyze.py check for the real EOS id; the tokens still fit the tiny vocabulary."""
     folder = os.path.join(data_dir, name)
     os.makedirs(folder, exist_ok=True)
     chunks, pending = [], []
@@ -37,7 +38,7 @@ def write_source(data_dir, name, n_tokens=60_000, chunk_tokens=20_000, seed=0):
         entry = prepare.write_chunk(folder, i, tokens)
         entry['documents'] = int(np.count_nonzero(tokens == EOS))
         entries.append(entry)
-    manifest = {'format': prepare.MANIFEST_FORMAT, 'source': name, 'tokenizer': 'synthetic', 'eos_id': EOS,
+    manifest = {'format': prepare.MANIFEST_FORMAT, 'source': name, 'tokenizer': 'synthetic', 'eos_id': manifest_eos,
                 'dtype': 'uint32', 'vocab_size': VOCAB, 'chunks': entries,
                 'total_tokens': int(sum(c.size for c in chunks)), 'complete': True}
     prepare.save_manifest(folder, manifest)

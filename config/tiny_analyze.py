@@ -1,0 +1,9 @@
+# Figures of the tiny demo model (CPU, about half a minute):  python analyze.py config/tiny_analyze.py
+checkpoint = 'checkpoints/demo/portable_final.pt'
+output = 'figures/demo'
+data_dir = 'data/demo/tokenized'
+seq_len = 128
+max_tokens = 20_000
+batch_tokens = 2048            # on CPU the SDPA document mask is tokens^2 booleans: keep the packs small
+compare = ''
+device = 'cpu'

@@ -1,0 +1,117 @@
+import importlib
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+import synthetic
+from configurator import configure
+from conftest import small_config
+
+FIGURES = {'causality_audit.png', 'domain_routing.png', 'gate_contribution.png', 'neuron_map_layer_00.png',
+           'neuron_map_layer_01.png', 'neurotransmitter_map_dynamic.png', 'neurotransmitter_map_static.png',
+           'routing_entropy.png', 'summary.json'}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp('data'))
+    for i, name in enumerate(('math', 'code')):
+        synthetic.write_source(folder, name, n_tokens=6000, chunk_tokens=10_000, seed=i, manifest_eos=M.EOS_ID)
+    return folder
+
+
+def checkpoint(tmp_path, name, alpha=None, gate=True, strong_gate=False, **overrides):
+    torch.manual_seed(0)
+    model = M.create_model(small_config(**overrides))
+    model.set_tau(0.5)
+    with torch.no_grad():
+        for layer, block in enumerate(model.blocks):
+            if strong_gate:  # as after training: the gate moves routing with the text
+                block.ffn.gate_net[0].weight.normal_(std=1.0)
+                block.ffn.gate_net[2].weight.normal_(std=1.0)
+            if alpha is not None:
+                block.ffn.alpha.copy_(torch.as_tensor(alpha[layer]).expand_as(block.ffn.alpha))
+            if not gate:  # f(h) = 0: routing is alpha alone, on any text
+                block.ffn.gate_net[2].weight.zero_()
+                block.ffn.gate_net[2].bias.zero_()
+    path = str(tmp_path / f'{name}.pt')
+    M.save_checkpoint(path, model, step=5, val_tokens=1000)
+    return path
+
+
+def run_analyze(args):
+    import analyze
+    analyze = importlib.reload(analyze)
+    configure(vars(analyze), args)
+    analyze.main()
+    return json.load(open(os.path.join(analyze.output, 'summary.json')))
+
+
+def args(path, data_dir, output, **overrides):
+    settings = dict(checkpoint=path, data_dir=data_dir, output=output, seq_len=32, max_tokens=640, batch_tokens=256,
+                    audit_sequences=3, device='cpu')
+    settings.update(overrides)
+    return [f'--{k}={v}' for k, v in settings.items()]
+
+
+def test_entropy_and_maps_recover_a_hand_set_alpha(tmp_path, data_dir):
+    preference = [[6.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 6.0]]  # layer 0 prefers ReLU, layer 1 GELU
+    path = checkpoint(tmp_path, 'set', alpha=preference, gate=False)
+    summary = run_analyze(args(path, data_dir, str(tmp_path / 'figures')))
+    layers = summary['per_layer']
+    for layer, logits in enumerate(preference):
+        p = torch.softmax(torch.tensor(logits) / 0.5, -1)
+        closed_form = -(p * p.log()).sum().item()
+        assert layers['static_entropy_mean'][layer] == pytest.approx(closed_form, rel=1e-4)
+        assert layers['dynamic_entropy_mean'][layer] == pytest.approx(closed_form, rel=1e-4)  # the gate is off
+        assert layers['kl_dynamic_vs_static'][layer] == pytest.approx(0.0, abs=1e-6)
+        expected_shares = [1.0 if k == int(np.argmax(logits)) else 0.0 for k in range(4)]
+        assert layers['static_shares'][layer] == expected_shares
+        assert layers['dynamic_shares'][layer] == expected_shares
+    assert layers['collapsed_fraction_static'] == [1.0, 1.0]  # entropy 0.0003 nats < 0.1
+    assert set(os.listdir(tmp_path / 'figures')) == FIGURES
+    assert all(os.path.getsize(tmp_path / 'figures' / f) > 1000 for f in FIGURES)
+    assert {'checkpoint', 'step', 'tau', 'model_type', 'activations', 'max_entropy_nats', 'causality_audit',
+            'per_layer', 'collapse_threshold', 'routing_entropy_mean_fraction'} <= set(summary)
+    assert set(layers['domain_mean_routing']) == {'math', 'code'} and 'math|code' in layers['domain_total_variation']
+
+
+def test_causality_audit_zero_for_vanilla_not_for_polyglu(tmp_path, data_dir):
+    vanilla = run_analyze(args(checkpoint(tmp_path, 'vanilla', model_type='vanilla'), data_dir, str(tmp_path / 'v')))
+    audit = vanilla['causality_audit']
+    assert audit['mean_kl'] == 0.0 and audit['max_abs_delta_log_p'] == 0.0
+    assert audit['relative_change_per_layer'] == [0.0, 0.0]
+    assert sorted(os.listdir(tmp_path / 'v')) == ['causality_audit.png', 'summary.json']  # no routing to map
+    polyglu = run_analyze(args(checkpoint(tmp_path, 'poly', strong_gate=True), data_dir, str(tmp_path / 'p')))
+    audit = polyglu['causality_audit']
+    assert audit['mean_kl'] > 0 and audit['max_abs_delta_log_p'] > 0
+    assert all(change > 0 for change in audit['relative_change_per_layer'])
+
+
+def test_loss_comparison_at_equal_tokens(tmp_path, data_dir):
+    for name, offset in (('poly', 0.0), ('vanilla', 0.25)):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / 'train_log.jsonl', 'w') as f:
+            for step in range(1, 11):
+                f.write(json.dumps({'step': step, 'train/tokens': 1000 * step, 'train/loss': 5 - 0.1 * step + offset})
+                        + '\n')
+            f.write(json.dumps({'step': 10, 'train/tokens': 10_000, 'val/loss': 4.0}) + '\n')  # not a train point
+    summary = run_analyze(args(checkpoint(tmp_path, 'c'), data_dir, str(tmp_path / 'f'),
+                               compare=f"{tmp_path / 'poly'},{tmp_path / 'vanilla'}"))
+    assert summary['comparison']['loss_difference_at_end'] == pytest.approx(-0.25)
+    assert summary['comparison']['mean_loss_difference_last_10pct'] == pytest.approx(-0.25)
+    assert os.path.getsize(tmp_path / 'f' / 'loss_comparison.png') > 1000
+
+
+def test_bad_input(tmp_path, data_dir):
+    with pytest.raises(SystemExit, match='checkpoint .*missing.pt not found'):
+        run_analyze(args(str(tmp_path / 'missing.pt'), data_dir, str(tmp_path / 'f')))
+    with pytest.raises(SystemExit, match='no text to analyse'):
+        run_analyze(args(checkpoint(tmp_path, 'c'), str(tmp_path / 'empty'), str(tmp_path / 'f')))
+    with pytest.raises(SystemExit, match='no training log at'):
+        run_analyze(args(checkpoint(tmp_path, 'c'), data_dir, str(tmp_path / 'f'), compare=f'{tmp_path},{tmp_path}'))
