@@ -146,7 +146,11 @@ def test_killed_and_resumed_run_is_exact(data_dir, tmp_path, capsys):
     assert losses(first) + losses(second) == whole_losses  # exact, not approximately
     for key, value in final_state(whole).items():
         assert torch.equal(value, final_state(parts)[key]), key
-    assert sorted(os.listdir(parts)) == ['portable_10.pt', 'portable_13.pt', 'portable_20.pt', 'portable_final.pt']
+    assert sorted(os.listdir(parts)) == ['portable_10.pt', 'portable_13.pt', 'portable_20.pt', 'portable_final.pt',
+                                         'train_log.jsonl']
+    import json
+    logged = [json.loads(line) for line in open(os.path.join(parts, 'train_log.jsonl'))]
+    assert [e['train/loss'] for e in logged if 'train/loss' in e] == whole_losses
 
 
 def test_nan_guard_skips_then_stops(data_dir, tmp_path, capsys, monkeypatch):
