@@ -150,7 +150,7 @@ def test_killed_and_resumed_run_is_exact(data_dir, tmp_path, capsys):
                                          'train_log.jsonl']
     import json
     logged = [json.loads(line) for line in open(os.path.join(parts, 'train_log.jsonl'))]
-    assert [e['train/loss'] for e in logged if 'train/loss' in e] == whole_losses
+    assert [round(e['train/loss'], 4) for e in logged if 'train/loss' in e] == whole_losses
 
 
 def test_nan_guard_skips_then_stops(data_dir, tmp_path, capsys, monkeypatch):
