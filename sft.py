@@ -15,15 +15,14 @@ conversations is held out for the validation loss (per assistant token).
 """
 import json
 import os
-import signal
 import time
 
 import numpy as np
 import torch
 
 from model import EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, load_checkpoint, routing_entropy, save_checkpoint
-from utils import (cosine_lr, init_distributed, latest_checkpoint, make_engine, optimizer_step, prune_checkpoints,
-                   resolve_device)
+from utils import (catch_stop_signals, cosine_lr, init_distributed, init_wandb, latest_checkpoint, make_engine,
+                   optimizer_step, prune_checkpoints, resolve_device, step_seed)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -234,15 +233,8 @@ def main():
         engine.train()
         return total / max(1, count)
 
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, frame: stop_signal.append(number))
-    wandb_run = None
-    if wandb_log and master:
-        import wandb
-        settings = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
-                    and isinstance(v, (int, float, bool, str, tuple)) and 'token' not in k.lower()}
-        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=settings)
+    stop_signal = catch_stop_signals()
+    wandb_run = init_wandb(wandb_log and master, wandb_project, wandb_run_name, globals())
 
     if not start_step and eval_interval:
         val_loss = evaluate()
@@ -256,7 +248,7 @@ def main():
         lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+        torch.manual_seed(step_seed(seed, step, rank))
         micro_batches = []
         for micro_step in range(grad_accum_steps):
             first = ((step * grad_accum_steps + micro_step) * world_size + rank) * micro_batch_size

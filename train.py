@@ -14,7 +14,6 @@ held out and give the validation loss.
 """
 import json
 import os
-import signal
 import time
 
 import numpy as np
@@ -22,8 +21,8 @@ import torch
 
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
                    flops_per_token, routing_entropy, save_checkpoint)
-from utils import (cosine_lr, held_out_split, init_distributed, latest_checkpoint, make_engine, open_chunks,
-                   optimizer_step, peak_flops, prune_checkpoints, resolve_device)
+from utils import (catch_stop_signals, cosine_lr, held_out_split, init_distributed, init_wandb, latest_checkpoint,
+                   make_engine, open_chunks, optimizer_step, peak_flops, prune_checkpoints, resolve_device, step_seed)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -169,11 +168,6 @@ def to_device(rows):
 # -----------------------------------------------------------------------------
 # helpers of the loop
 
-def step_seed(step, rank):
-    # Gumbel noise depends only on (seed, step, rank): a resumed run draws the same noise as an uninterrupted one
-    return (seed * 1_000_003 + step) * 1_009 + rank
-
-
 def main():
     global device, dtype
     device, dtype = resolve_device(device, dtype)
@@ -240,16 +234,9 @@ def main():
             prune_checkpoints(out_dir, 'portable_', ds_dir, keep_checkpoints)
             print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)}")
 
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, frame: stop_signal.append(number))
+    stop_signal = catch_stop_signals()
 
-    wandb_run = None
-    if wandb_log and master:
-        import wandb
-        settings = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
-                    and isinstance(v, (int, float, bool, str, tuple)) and 'token' not in k.lower()}
-        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=settings)
+    wandb_run = init_wandb(wandb_log and master, wandb_project, wandb_run_name, globals())
 
     n_params = count_parameters(config)[0]
     flops_per_step = flops_per_token(config, block_size, n_params) * tokens_per_step
@@ -286,7 +273,7 @@ def main():
         lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        torch.manual_seed(step_seed(step, rank))
+        torch.manual_seed(step_seed(seed, step, rank))
         micro_batches = [get_batch(data, plan, step, micro_step) for micro_step in range(grad_accum_steps)]
         loss, grad_norm, applied = optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip,
                                                   autocast)

@@ -192,6 +192,32 @@ def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, 
     return loss, grad_norm, applied
 
 
+def step_seed(seed, step, rank):
+    """The RNG seed of a training step (Gumbel noise): a function of (seed, step, rank) only, so a resumed run draws
+    the noise an uninterrupted one would."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def catch_stop_signals():
+    """SIGTERM/SIGINT (a pre-empted pod) only append to the returned list; the loop then saves and exits."""
+    import signal
+    received = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: received.append(number))
+    return received
+
+
+def init_wandb(enabled, project, name, namespace):
+    """A wandb run (WANDB_MODE=offline works) whose config is the stage's plain settings, or None. Nothing named
+    like a token is logged: HF_TOKEN lives in the environment, never in the config."""
+    if not enabled:
+        return None
+    import wandb
+    settings = {k: v for k, v in namespace.items() if not k.startswith('_') and k.islower()
+                and isinstance(v, (int, float, bool, str, tuple)) and 'token' not in k.lower()}
+    return wandb.init(project=project, name=name, config=settings)
+
+
 def peak_flops(device, override=0.0):
     """Dense bf16 peak FLOP/s of the GPU, for MFU; 0 when unknown (CPU)."""
     if override > 0:

@@ -1,4 +1,6 @@
-"""The demo pipeline end to end, smaller: embedded sample -> prepare (real Qwen3 tokenizer) -> train -> sft."""
+"""The demo pipeline end to end, smaller: embedded sample -> prepare (real Qwen3 tokenizer) -> train -> sft ->
+eval (the harness on the sample's local tasks, held-out perplexity) -> analyze."""
+import json
 import os
 import re
 import subprocess
@@ -11,14 +13,16 @@ import model as M
 
 
 def run(*args, cwd):
-    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
 @pytest.mark.slow
 def test_demo_pipeline(tmp_path):
-    for name in ('model.py', 'utils.py', 'configurator.py', 'prepare.py', 'train.py', 'sft.py'):
+    for name in ('model.py', 'utils.py', 'configurator.py', 'prepare.py', 'train.py', 'sft.py', 'eval.py',
+                 'analyze.py'):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     os.symlink(os.path.join(ROOT, 'config'), tmp_path / 'config')
     run('prepare.py', '--sample=data/demo/raw', cwd=tmp_path)
@@ -41,3 +45,13 @@ def test_demo_pipeline(tmp_path):
     assert len(validation) == 2 and validation[1] < validation[0] - 0.5
     _, _, tau = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_sft_final.pt'))
     assert tau == 0.1
+    run('eval.py', 'config/tiny_eval.py', '--checkpoint=checkpoints/demo/portable_sft_final.pt', '--limit=8',
+        '--perplexity_tokens=1000', cwd=tmp_path)
+    report = json.load(open(tmp_path / 'results/demo/eval.json'))
+    assert set(report['results']) == {'demo_arith_mc', 'demo_arith_gen'}
+    assert set(report['perplexity']) == {'math', 'stem', 'code'} and report['perplexity']['math']['perplexity'] < 100
+    out = run('analyze.py', 'config/tiny_analyze.py', '--max_tokens=2000', '--compare=checkpoints/demo,checkpoints/demo',
+              cwd=tmp_path)
+    summary = json.load(open(tmp_path / 'figures/demo/summary.json'))
+    assert summary['comparison']['loss_difference_at_end'] == 0.0 and summary['causality_audit']['mean_kl'] > 0
+    assert len([f for f in os.listdir(tmp_path / 'figures/demo') if f.endswith('.png')]) == 9
