@@ -231,8 +231,9 @@ def main():
         if len(paths) != 2:
             fail("compare= takes two training logs (or their out_dir folders), comma separated")
         summary['comparison'] = compare_runs(paths, output)
-        print(f"loss difference at equal tokens (first - second): {summary['comparison']['loss_difference_at_end']:+.4f} "
-              f"at the end, {summary['comparison']['mean_loss_difference_last_10pct']:+.4f} over the last 10%")
+        comparison = summary['comparison']
+        print(f"loss difference at equal tokens (first - second): {comparison['loss_difference_at_end']:+.4f} "
+              f"at the end, {comparison['mean_loss_difference_last_10pct']:+.4f} over the last 10%")
     model, step, tau = load_checkpoint(checkpoint)
     state = torch.load(checkpoint, map_location='cpu', weights_only=True)
     model = enable_segment_pooling(model.to(device).eval())

@@ -17,18 +17,19 @@ import time
 import numpy as np
 import torch
 
-from model import EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos, flops_per_token
+from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
+                   flops_per_token)
 from utils import peak_flops, resolve_device
 
 # -----------------------------------------------------------------------------
 # config
 model_types = ('polyglu', 'vanilla')
-vocab_size = 151_669
-d_model = 1024
-n_layers = 28
-n_heads = 16
-n_kv_heads = 8
-d_ff = 4096
+vocab_size = ModelConfig.vocab_size  # the full model of SPEC.md unless a config file shrinks it
+d_model = ModelConfig.d_model
+n_layers = ModelConfig.n_layers
+n_heads = ModelConfig.n_heads
+n_kv_heads = ModelConfig.n_kv_heads
+d_ff = ModelConfig.d_ff
 block_size = 4096
 micro_batch_size = 16
 steps = 10

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from model import EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, load_checkpoint, routing_entropy, save_checkpoint
-from utils import (catch_stop_signals, cosine_lr, init_distributed, init_wandb, latest_checkpoint, make_engine,
-                   optimizer_step, prune_checkpoints, resolve_device, step_seed)
+from utils import (catch_stop_signals, cosine_lr, end_of_session, init_distributed, init_wandb, latest_checkpoint,
+                   make_engine, optimizer_step, prune_checkpoints, resolve_device, step_seed)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -280,12 +280,11 @@ def main():
                 print(f"step {done}: validation loss {val_loss:.4f} per assistant token")
                 if wandb_run:
                     wandb_run.log({'sft/val_loss': val_loss}, step=done)
-        session_over = stop_signal or (stop_after_steps and done - start_step >= stop_after_steps)
-        if done < max_steps and (session_over or (checkpoint_interval and done % checkpoint_interval == 0)):
+        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step)
+        if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
             save(done)
-            if session_over:
-                reason = f"signal {stop_signal[0]}" if stop_signal else f"stop_after_steps={stop_after_steps}"
-                print(f"{reason}: checkpoint saved at step {done}; resume with the same command")
+            if stop_reason:
+                print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
                 return
     save(max_steps, final=True)
     if wandb_run:

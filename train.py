@@ -21,8 +21,9 @@ import torch
 
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
                    flops_per_token, routing_entropy, save_checkpoint)
-from utils import (catch_stop_signals, cosine_lr, held_out_split, init_distributed, init_wandb, latest_checkpoint,
-                   make_engine, open_chunks, optimizer_step, peak_flops, prune_checkpoints, resolve_device, step_seed)
+from utils import (catch_stop_signals, cosine_lr, end_of_session, held_out_split, init_distributed, init_wandb,
+                   latest_checkpoint, make_engine, open_chunks, optimizer_step, peak_flops, prune_checkpoints,
+                   resolve_device, step_seed)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -308,7 +309,8 @@ def main():
             print(f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | tau {tau:.3f} | grad {grad_norm:.2f} | "
                   f"{tokens_per_sec / 1e3:.1f}k tok/s | MFU {'n/a' if not peak else f'{100 * mfu:.1f}%'} | "
                   + (f"routing H {100 * entropy:.1f}% | " if entropy is not None else '')
-                  + f"{elapsed / steps_timed:.2f}s/step | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
+                  + f"{elapsed / steps_timed:.2f}s/step | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m",
+                  flush=True)
             if wandb_run:
                 wandb_run.log(metrics, step=done)
             with open(os.path.join(out_dir, 'train_log.jsonl'), 'a') as f:  # analyze.py --compare reads it
@@ -322,12 +324,11 @@ def main():
                     f.write(json.dumps({'step': done, 'train/tokens': done * tokens_per_step, **losses}) + '\n')
                 if wandb_run:
                     wandb_run.log(losses, step=done)
-        session_over = stop_signal or (stop_after_steps and done - start_step >= stop_after_steps)
-        if done < max_steps and (session_over or (checkpoint_interval and done % checkpoint_interval == 0)):
+        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step)
+        if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
             save(done)
-            if session_over:
-                reason = f"signal {stop_signal[0]}" if stop_signal else f"stop_after_steps={stop_after_steps}"
-                print(f"{reason}: checkpoint saved at step {done}; resume with the same command")
+            if stop_reason:
+                print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
                 return
     save(max_steps, final=True)
     if master:

@@ -207,6 +207,15 @@ def catch_stop_signals():
     return received
 
 
+def end_of_session(stop_signal, stop_after_steps, steps_this_session):
+    """Why this session should stop now with a checkpoint (a signal, or stop_after_steps reached), or None."""
+    if stop_signal:
+        return f"signal {stop_signal[0]}"
+    if stop_after_steps and steps_this_session >= stop_after_steps:
+        return f"stop_after_steps={stop_after_steps}"
+    return None
+
+
 def init_wandb(enabled, project, name, namespace):
     """A wandb run (WANDB_MODE=offline works) whose config is the stage's plain settings, or None. Nothing named
     like a token is logged: HF_TOKEN lives in the environment, never in the config."""
