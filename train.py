@@ -167,7 +167,7 @@ def to_device(rows):
     return x.to(device), y.to(device), cu_seqlens.to(device), max_seqlen
 
 # -----------------------------------------------------------------------------
-# helpers of the loop
+# the run
 
 def main():
     global device, dtype
@@ -203,16 +203,23 @@ def main():
     ds_dir = os.path.join(out_dir, 'ds_checkpoint')
     if resume:
         if use_deepspeed and os.path.isfile(os.path.join(ds_dir, 'latest')):
-            _, state = engine.load_checkpoint(ds_dir)
-            start_step, loss_ema, skipped_steps = state['step'], state['loss_ema'], state['skipped_updates']
+            try:
+                _, state = engine.load_checkpoint(ds_dir)
+            except RuntimeError as e:  # a state dict of another shape
+                fail(f"{ds_dir} does not fit this model ({str(e).splitlines()[0][:160]}); use another out_dir or "
+                     "resume=''")
+            start_step, loss_ema, skipped_steps = state['step'], state.get('loss_ema'), state.get('skipped_updates', 0)
         elif not use_deepspeed and latest_checkpoint(out_dir, 'portable_'):
             path = latest_checkpoint(out_dir, 'portable_')
             state = torch.load(path, map_location='cpu', weights_only=True)
             if state['model_config'] != {**state['model_config'], **config.__dict__}:
                 fail(f"{path} was trained with another model config; use another out_dir or resume=''")
+            if state['optimizer_state_dict'] is None:
+                fail(f"{path} was written by a DeepSpeed run (its optimizer state is in ds_checkpoint/): resume "
+                     "with backend='deepspeed', or start fresh with resume=''")
             model.load_state_dict(state['model_state_dict'])
             optimizer.load_state_dict(state['optimizer_state_dict'])
-            start_step, loss_ema, skipped_steps = state['step'], state['loss_ema'], state['skipped_updates']
+            start_step, loss_ema, skipped_steps = state['step'], state.get('loss_ema'), state.get('skipped_updates', 0)
         if start_step and master:
             print(f"resumed from step {start_step} ({start_step * tokens_per_step:,} tokens)")
         if start_step >= max_steps:

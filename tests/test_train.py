@@ -249,3 +249,9 @@ def test_wandb_offline_logs_metrics_and_no_secret(data_dir, tmp_path):
     run = contents(tmp_path / 'wandb' / runs[0])
     assert b'routing/entropy_layer_00' in run and b'train/grad_norm' in run and b'max_bad_steps' in run  # config too
     assert b'hf_canary_do_not_log' not in contents(tmp_path) + result.stdout.encode() + result.stderr.encode()
+
+
+def test_resume_with_another_model_is_one_line(data_dir, tmp_path):
+    run_train(synthetic.train_args(data_dir, str(tmp_path), max_steps=10, stop_after_steps=3, eval_interval=0))
+    with pytest.raises(SystemExit, match=r"portable_3\.pt was trained with another model config; use another out_dir"):
+        run_train(synthetic.train_args(data_dir, str(tmp_path), max_steps=10, d_model=48))
