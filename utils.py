@@ -224,7 +224,11 @@ def init_wandb(enabled, project, name, namespace):
     import wandb
     settings = {k: v for k, v in namespace.items() if not k.startswith('_') and k.islower()
                 and isinstance(v, (int, float, bool, str, tuple)) and 'token' not in k.lower()}
-    return wandb.init(project=project, name=name, config=settings)
+    try:
+        return wandb.init(project=project, name=name, config=settings)
+    except Exception as e:  # no login on a fresh pod: fail before the first step, in one line
+        raise SystemExit(f"error: wandb could not start ({type(e).__name__}: {str(e).splitlines()[0][:160]}): run "
+                         "`wandb login`, or set WANDB_MODE=offline, or pass --wandb_log=False")
 
 
 def peak_flops(device, override=0.0):

@@ -255,3 +255,14 @@ def test_resume_with_another_model_is_one_line(data_dir, tmp_path):
     run_train(synthetic.train_args(data_dir, str(tmp_path), max_steps=10, stop_after_steps=3, eval_interval=0))
     with pytest.raises(SystemExit, match=r"portable_3\.pt was trained with another model config; use another out_dir"):
         run_train(synthetic.train_args(data_dir, str(tmp_path), max_steps=10, d_model=48))
+
+
+def test_wandb_without_login_is_one_line(data_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('WANDB_')}
+    env['HOME'] = str(tmp_path)  # no ~/.netrc: not logged in
+    result = subprocess.run([sys.executable, 'train.py', *synthetic.train_args(data_dir, str(tmp_path / 'out'),
+                             wandb_log=True)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith('error: wandb could not start')
+    assert 'Traceback' not in result.stderr
