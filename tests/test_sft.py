@@ -151,3 +151,23 @@ def test_wrong_starting_checkpoint(sft_data, pretrained, tmp_path):
     assert os.path.isfile(tmp_path / 'baseline' / 'portable_sft_final.pt')
     with pytest.raises(SystemExit, match='missing SFT data'):
         run_sft(sft_args(str(tmp_path / 'nothing'), pretrained['polyglu'], str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_deepspeed_sft_matches_torch(sft_data, pretrained, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def run(backend):
+        result = subprocess.run([sys.executable, 'sft.py', *sft_args(sft_data, pretrained['polyglu'],
+                                 str(tmp_path / backend), backend=backend)], cwd=ROOT, capture_output=True, text=True,
+                                timeout=600, env={**os.environ, 'MASTER_PORT': str(28_500 + os.getpid() % 1000)})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return [float(x) for x in re.findall(r'\| loss (\d+\.\d+) \|', result.stdout)]
+
+    torch_losses, deepspeed_losses = run('torch'), run('deepspeed')
+    assert len(torch_losses) > 5
+    np.testing.assert_allclose(deepspeed_losses, torch_losses, rtol=1e-4)
+    assert os.path.isfile(tmp_path / 'deepspeed' / 'portable_sft_final.pt')
