@@ -77,7 +77,7 @@ def test_entropy_and_maps_recover_a_hand_set_alpha(tmp_path, data_dir):
     assert set(os.listdir(tmp_path / 'figures')) == FIGURES
     assert all(os.path.getsize(tmp_path / 'figures' / f) > 1000 for f in FIGURES)
     assert {'checkpoint', 'step', 'tau', 'model_type', 'activations', 'max_entropy_nats', 'causality_audit',
-            'per_layer', 'collapse_threshold', 'routing_entropy_mean_fraction'} <= set(summary)
+            'per_layer', 'collapse_threshold', 'routing_entropy_mean_fraction', 'gumbel_noise_effect'} <= set(summary)
     assert set(layers['domain_mean_routing']) == {'math', 'code'} and 'math|code' in layers['domain_total_variation']
 
 
@@ -115,3 +115,11 @@ def test_bad_input(tmp_path, data_dir):
         run_analyze(args(checkpoint(tmp_path, 'c'), str(tmp_path / 'empty'), str(tmp_path / 'f')))
     with pytest.raises(SystemExit, match='no training log at'):
         run_analyze(args(checkpoint(tmp_path, 'c'), data_dir, str(tmp_path / 'f'), compare=f'{tmp_path},{tmp_path}'))
+
+
+def test_gumbel_noise_effect_small_when_routing_is_sharp(tmp_path, data_dir):
+    sharp = run_analyze(args(checkpoint(tmp_path, 'sharp', alpha=[[8.0, 0, 0, 0]] * 2, gate=False), data_dir,
+                             str(tmp_path / 's')))
+    uniform = run_analyze(args(checkpoint(tmp_path, 'uniform', strong_gate=True), data_dir, str(tmp_path / 'u')))
+    assert sharp['gumbel_noise_effect']['mean_kl'] < 0.1 * uniform['gumbel_noise_effect']['mean_kl']  # measured: 46x
+    assert uniform['gumbel_noise_effect']['mean_kl'] > 0 and 0 <= uniform['gumbel_noise_effect']['top1_agreement'] <= 1
