@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (ACTIVATION_NAMES, EOS_ID, PolyGLU, enable_segment_pooling, load_checkpoint,
-                   packed_hidden_states)
+from model import (ACTIVATION_NAMES, EOS_ID, PolyGLU, enable_flash_attention, enable_segment_pooling, flash_available,
+                   load_checkpoint, packed_hidden_states)
 from utils import HUB_TOKENIZER, get_tokenizer, held_out_split, open_chunks, resolve_device
 
 matplotlib.use('Agg')
@@ -258,7 +258,10 @@ def main():
               f"at the end, {comparison['mean_loss_difference_last_10pct']:+.4f} over the last 10%")
     model, step, tau = load_checkpoint(checkpoint)
     state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    model = enable_segment_pooling(model.to(device).eval())
+    model = model.to(device).eval()
+    if device.startswith('cuda') and flash_available():
+        enable_flash_attention(model)
+    enable_segment_pooling(model)
     polyglu = isinstance(model.blocks[0].ffn, PolyGLU)
     summary.update({'checkpoint': checkpoint, 'step': step, 'tau': tau, 'model_type': model.config.model_type,
                     'activations': list(ACTIVATION_NAMES), 'max_entropy_nats': math.log(len(ACTIVATION_NAMES))})

@@ -291,6 +291,15 @@ def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
     return out.view(B, T, H, D).to(out_dtype)
 
 
+def segment_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    """The same contract as sdpa_attention for one packed row, one causal SDPA call per segment: no [T, T] mask
+    (which costs T^2 bytes: 268 MB at 16K tokens). For packed evaluation where flash-attn is absent."""
+    if cu_seqlens is None or q.shape[0] != 1:
+        return sdpa_attention(q, k, v, cu_seqlens, max_seqlen)
+    bounds = cu_seqlens.tolist()
+    return torch.cat([sdpa_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
+
+
 def flash_available():
     if not torch.cuda.is_available():
         return False
@@ -344,10 +353,13 @@ def packed_hidden_states(model, idx, cu_seqlens, max_seqlen):
 
 def enable_segment_pooling(model):
     """For evaluation, generation and analysis: route each cu_seqlens segment on its own mean (a wrapper around
-    the frozen forward, never an edit of PolyGLU). Training keeps the frozen whole-row mean."""
+    the frozen forward, never an edit of PolyGLU), and, unless flash-attn serves it, attend per segment instead of
+    through a [T, T] mask. Training keeps the frozen whole-row mean."""
     for m in model.modules():
         if isinstance(m, PolyGLU) and not isinstance(m.forward, partial):
             m.forward = partial(segment_forward, m.forward, m)
+        if isinstance(m, GQA) and m.attend is sdpa_attention:
+            m.attend = segment_attention
     return model
 
 

@@ -4,6 +4,6 @@ output = 'figures/demo'
 data_dir = 'data/demo/tokenized'
 seq_len = 128
 max_tokens = 20_000
-batch_tokens = 2048            # on CPU the SDPA document mask is tokens^2 booleans: keep the packs small
+batch_tokens = 8192
 compare = ''
 device = 'cpu'

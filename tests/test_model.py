@@ -278,3 +278,10 @@ def test_flash_attention_equals_sdpa_masked_path():
     M.enable_flash_attention(attn)
     torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(attn(x, rope), unmasked, rtol=2e-2, atol=2e-2)
+
+
+def test_segment_attention_equals_the_masked_path(config):
+    attn, rope, x, (cu_seqlens, max_seqlen) = attention_inputs(config)
+    masked = attn(x, rope, cu_seqlens, max_seqlen)
+    attn.attend = M.segment_attention
+    torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=1e-5, atol=1e-6)
