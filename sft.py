@@ -20,7 +20,8 @@ import time
 import numpy as np
 import torch
 
-from model import EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, load_checkpoint, routing_entropy, save_checkpoint
+from model import (EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, enable_flash_attention,
+                   enable_gradient_checkpointing, flash_available, load_checkpoint, routing_entropy, save_checkpoint)
 from utils import (catch_stop_signals, cosine_lr, end_of_session, init_distributed, init_wandb, latest_checkpoint,
                    make_engine, optimizer_step, prune_checkpoints, resolve_device, step_seed)
 
@@ -70,7 +71,9 @@ def fail(message):
 
 
 def load_conversations():
-    """All SFT chunks as one token array and one mask array, with each conversation's (start, length)."""
+    """The SFT chunks, memory-mapped, as (tokens, masks, starts, lengths): tokens and masks are (chunks, offsets)
+    stores read with `piece`, and each conversation is the span [start, start + length) of the global stream.
+    A conversation never crosses a chunk (prepare.py ends chunks on conversation boundaries)."""
     path = os.path.join(data_dir, 'manifest.json')
     if not os.path.isfile(path):
         fail(f"missing SFT data {data_dir} (no manifest.json): run `python prepare.py --source=sft`")
@@ -79,19 +82,29 @@ def load_conversations():
     if not manifest.get('complete') or not all('mask_file' in c for c in manifest['chunks']):
         fail(f"{data_dir} is not a complete SFT preparation (tokens + loss masks): run "
              "`python prepare.py --source=sft` (it resumes)")
-    tokens, masks = [], []
-    for entry in manifest['chunks']:
+    tokens, masks, starts = [], [], []
+    offsets = np.concatenate([[0], np.cumsum([entry['tokens'] for entry in manifest['chunks']])])
+    for entry, offset in zip(manifest['chunks'], offsets):
         file, mask_file = (os.path.join(data_dir, entry[k]) for k in ('file', 'mask_file'))
         if not os.path.isfile(file) or os.path.getsize(file) != 4 * entry['tokens'] or \
                 not os.path.isfile(mask_file) or os.path.getsize(mask_file) != entry['tokens']:
             fail(f"{file} or its mask does not match the manifest (truncated or foreign chunk): check with "
                  f"`python prepare.py --verify={data_dir}`")
-        tokens.append(np.fromfile(file, dtype=np.uint32))
-        masks.append(np.fromfile(mask_file, dtype=np.uint8))
-    tokens, masks = np.concatenate(tokens), np.concatenate(masks)
-    ends = np.flatnonzero(tokens == EOS_ID) + 1
-    starts = np.concatenate([[0], ends[:-1]])
-    return tokens, masks, starts, ends - starts
+        tokens.append(np.memmap(file, dtype=np.uint32, mode='r'))
+        masks.append(np.memmap(mask_file, dtype=np.uint8, mode='r'))
+        ends = np.flatnonzero(tokens[-1] == EOS_ID) + 1
+        starts.append(offset + np.concatenate([[0], ends[:-1]]))
+    starts = np.concatenate(starts)
+    lengths = np.diff(np.append(starts, offsets[-1]))
+    return (tokens, offsets), (masks, offsets), starts, lengths
+
+
+def piece(store, start, n):
+    """n values of a (chunks, offsets) store from global position start, within one chunk."""
+    arrays, offsets = store
+    chunk = int(np.searchsorted(offsets, start, side='right')) - 1
+    local = int(start - offsets[chunk])
+    return arrays[chunk][local:local + n]
 
 
 def pack(starts, lengths, order, capacity, keep_partial=False):
@@ -116,8 +129,8 @@ def pack(starts, lengths, order, capacity, keep_partial=False):
 
 
 def row_arrays(tokens, masks, row):
-    ids = np.concatenate([tokens[s:s + n] for s, n in row]).astype(np.int64)
-    mask = np.concatenate([masks[s:s + n] for s, n in row])
+    ids = np.concatenate([piece(tokens, s, n) for s, n in row]).astype(np.int64)
+    mask = np.concatenate([piece(masks, s, n) for s, n in row])
     return ids, mask
 
 
@@ -161,7 +174,7 @@ def main():
     if max_steps == 0:
         fail(f"{len(rows)} packed rows are fewer than one step's {rows_per_step}: lower micro_batch_size or "
              "grad_accum_steps, or prepare more conversations")
-    assistant_tokens = int(sum(masks[s:s + n].sum() for s, n in zip(starts[train_ids], lengths[train_ids])))
+    assistant_tokens = int(sum(piece(masks, s, n).sum() for s, n in zip(starts[train_ids], lengths[train_ids])))
 
     # model: the pre-trained checkpoint, tau frozen
     model, pretrain_step, pretrain_tau = load_checkpoint(init_from)
@@ -171,12 +184,9 @@ def main():
     if block_size > model.config.max_seq_len:
         fail(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
     model.to(device).train()
-    if flash_attention and device.startswith('cuda'):
-        from model import enable_flash_attention, flash_available
-        if flash_available():
-            enable_flash_attention(model)
+    if flash_attention and device.startswith('cuda') and flash_available():
+        enable_flash_attention(model)
     if gradient_checkpointing:
-        from model import enable_gradient_checkpointing
         enable_gradient_checkpointing(model)
     model.set_tau(tau)
     engine, optimizer, autocast = make_engine(

@@ -171,3 +171,22 @@ def test_deepspeed_sft_matches_torch(sft_data, pretrained, tmp_path):
     assert len(torch_losses) > 5
     np.testing.assert_allclose(deepspeed_losses, torch_losses, rtol=1e-4)
     assert os.path.isfile(tmp_path / 'deepspeed' / 'portable_sft_final.pt')
+
+
+def test_conversations_across_several_chunks(tmp_path):
+    raw = prepare.make_sample(str(tmp_path / 'raw'), documents=(1, 1, 1), conversations=60)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in dict(input=os.path.join(raw, 'sft.jsonl'), output_base=str(tmp_path / 'tokenized'),
+                               tokenizer='packaged', num_proc=1, chunk_tokens=1000, max_tokens=-1,
+                               sft_sources='nemotron').items():
+            patch.setattr(prepare, key, value)
+        manifest = prepare.prepare_source('sft')
+    import sft
+    sft = importlib.reload(sft)
+    sft.data_dir = str(tmp_path / 'tokenized' / 'sft')
+    tokens, masks, starts, lengths = sft.load_conversations()
+    assert len(manifest['chunks']) > 3 and len(starts) == 60 and lengths.sum() == manifest['total_tokens']
+    for start, length in zip(starts, lengths):
+        ids = sft.piece(tokens, start, length)
+        assert ids[0] == prepare.IM_START and ids[-1] == M.EOS_ID and (ids == M.EOS_ID).sum() == 1
+        assert sft.piece(masks, start, length).sum() > 0  # every conversation has assistant tokens
