@@ -94,15 +94,10 @@ def domain_windows(name, path, model, held_tokens):
 @torch.no_grad()
 def measure_routing(model, windows):
     """Routing probabilities per window, layer and neuron: [windows, layers, d_ff, K] (float32, on the CPU)."""
-    device_ = model.embed.weight.device
     per_forward = max(1, batch_tokens // (len(windows[0]) - 1))
     routing = []
     for first in tqdm(range(0, len(windows), per_forward), desc='routing', leave=False):
-        group = [w[:-1] for w in windows[first:first + per_forward]]
-        lengths = [len(w) for w in group]
-        cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device_)
-        idx = torch.tensor(np.concatenate(group), device=device_)[None]
-        packed_hidden_states(model, idx, cu_seqlens, max(lengths))
+        packed_hidden_states(model, [w[:-1] for w in windows[first:first + per_forward]])
         layers = [torch.softmax(b.ffn.last_logits.float() / b.ffn.tau, -1)[:, 0] for b in model.blocks]
         routing.append(torch.stack(layers, 1).cpu())
     return torch.cat(routing)
@@ -257,7 +252,8 @@ def main():
         print(f"loss difference at equal tokens (first - second): {comparison['loss_difference_at_end']:+.4f} "
               f"at the end, {comparison['mean_loss_difference_last_10pct']:+.4f} over the last 10%")
     model, step, tau = load_checkpoint(checkpoint)
-    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    # the metadata only (data_dir, val_tokens, model_config): mmap reads none of the weights a second time
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True)
     model = model.to(device).eval()
     if device.startswith('cuda') and flash_available():
         enable_flash_attention(model)

@@ -87,16 +87,6 @@ def packs(lengths, budget):
     return groups
 
 
-def forward_packed(model, sequences):
-    """Final hidden states of several token sequences packed into one row, each as if alone.
-    -> (hidden [total, d_model], offsets where each sequence starts)."""
-    lengths = [len(s) for s in sequences]
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    idx = torch.tensor(np.concatenate(sequences), dtype=torch.long, device=model.embed.weight.device)[None]
-    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=idx.device)
-    return packed_hidden_states(model, idx, cu_seqlens, max(lengths))[0], offsets
-
-
 def log_probs_at(model, hidden, positions, chunk=1024):
     """Log-softmax over the vocabulary at the given rows of hidden, in chunks (never all logits at once)."""
     out = [F.linear(hidden[positions[i:i + chunk]], model.embed.weight).float().log_softmax(-1)
@@ -117,7 +107,7 @@ def score(model, requests, budget, desc='loglikelihood'):
         spans.append((len(whole) - 1 - len(continuation), whole[-len(continuation):]))
     results = [None] * len(requests)
     for group in tqdm(packs([len(s) for s in inputs], budget), desc=desc, disable=len(requests) < 50):
-        hidden, offsets = forward_packed(model, [inputs[i] for i in group])
+        hidden, offsets = packed_hidden_states(model, [inputs[i] for i in group])
         positions = torch.cat([torch.arange(offsets[k] + spans[i][0], offsets[k + 1], device=hidden.device)
                                for k, i in enumerate(group)])
         log_probs = log_probs_at(model, hidden, positions)
@@ -148,7 +138,7 @@ def generate_exact(model, tok, prompts, budget, desc='generate'):
         finished = set()
         for group in packs([len(sequences[i]) for i in active], budget):
             group = [active[k] for k in group]
-            hidden, offsets = forward_packed(model, [sequences[i] for i in group])
+            hidden, offsets = packed_hidden_states(model, [sequences[i] for i in group])
             last = torch.as_tensor(offsets[1:] - 1, device=hidden.device)
             next_tokens = F.linear(hidden[last], model.embed.weight).float().argmax(-1).tolist()
             for i, token in zip(group, next_tokens):
@@ -442,7 +432,8 @@ def main():
         except OSError as e:
             fail(f"cannot write results to {output} ({e.strerror}); choose another --output")
     model, step, tau = load_checkpoint(checkpoint)
-    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    # the metadata only (data_dir, val_tokens, model_config): mmap reads none of the weights a second time
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True)
     model = model.to(device=device, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
     if flash_attention and device.startswith('cuda') and flash_available():
         enable_flash_attention(model)

@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -335,20 +336,25 @@ def segment_forward(frozen_forward, ffn, x, cu_seqlens=None):
     return torch.cat(outputs, dim=1).view(B, T, C)
 
 
-def packed_hidden_states(model, idx, cu_seqlens, max_seqlen):
-    """hidden_states of one row [1, T] of packed segments, each segment at RoPE positions 0.. as if it ran alone
-    (so the row may be longer than max_seq_len). With enable_segment_pooling, every segment's attention and gate
-    see only itself: the packed forward computes what separate forwards would."""
-    if idx.shape[0] != 1 or max_seqlen > model.config.max_seq_len:
-        raise ValueError(f"one packed row of segments <= max_seq_len={model.config.max_seq_len} expected")
-    flat = torch.arange(idx.shape[1], device=idx.device)
-    segment = torch.searchsorted(cu_seqlens[1:].long(), flat, right=True)
-    positions = flat - cu_seqlens[:-1].long()[segment]
+def packed_hidden_states(model, sequences):
+    """Final hidden states of several token sequences packed into one row [1, T], each at RoPE positions 0.. as if
+    it ran alone (so the row may be longer than max_seq_len). With enable_segment_pooling every sequence's
+    attention and gate see only itself: the packed forward computes what separate forwards would.
+    -> (hidden [T, d_model], offsets: where each sequence starts, and T at the end)."""
+    lengths = [len(s) for s in sequences]
+    if max(lengths) > model.config.max_seq_len:
+        raise ValueError(f"a packed sequence of {max(lengths)} tokens exceeds max_seq_len={model.config.max_seq_len}")
+    device = model.embed.weight.device
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    idx = torch.tensor(np.concatenate(sequences), dtype=torch.long, device=device)[None]
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
+    flat = torch.arange(idx.shape[1], device=device)
+    positions = flat - cu_seqlens[:-1].long()[torch.searchsorted(cu_seqlens[1:].long(), flat, right=True)]
     rope = (model.rope.cos[positions], model.rope.sin[positions])
     x = model.embed(idx)
     for block in model.blocks:
-        x = block(x, rope, cu_seqlens, max_seqlen)
-    return model.norm(x)
+        x = block(x, rope, cu_seqlens, max(lengths))
+    return model.norm(x)[0], offsets
 
 
 def enable_segment_pooling(model):
