@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from model import (EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, enable_flash_attention,
-                   enable_gradient_checkpointing, flash_available, load_checkpoint, routing_entropy, save_checkpoint)
+from model import (EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, load_checkpoint, routing_entropy, save_checkpoint,
+                   wrap_model)
 from utils import (catch_stop_signals, cosine_lr, end_of_session, init_distributed, init_wandb, latest_checkpoint,
                    make_engine, optimizer_step, prune_checkpoints, resolve_device, step_seed)
 
@@ -53,6 +53,8 @@ device = 'auto'
 dtype = 'auto'
 flash_attention = True
 gradient_checkpointing = False
+checkpoint_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
+fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
 loss_chunk_size = 2048
 seed = 1337
 log_interval = 10
@@ -183,11 +185,7 @@ def main():
              "pick the matching checkpoint")
     if block_size > model.config.max_seq_len:
         fail(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    model.to(device).train()
-    if flash_attention and device.startswith('cuda') and flash_available():
-        enable_flash_attention(model)
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    wrap_model(model.to(device).train(), flash_attention, gradient_checkpointing, fused, checkpoint_blocks)
     model.set_tau(tau)
     engine, optimizer, autocast = make_engine(
         LanguageModelLoss(model, loss_chunk_size), model, backend, dtype, zero_stage, micro_batch_size,

@@ -71,6 +71,8 @@ device = 'auto'              # 'auto' = cuda if available, else cpu
 dtype = 'auto'               # 'auto' = bfloat16 on cuda, float32 on cpu
 flash_attention = True       # flash-attn varlen on CUDA when installed; SDPA with the same mask otherwise
 gradient_checkpointing = False
+checkpoint_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
+fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
 loss_chunk_size = 2048
 seed = 1337
 peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
@@ -192,8 +194,8 @@ def main():
     if block_size > max_seq_len:
         fail(f"block_size={block_size} exceeds max_seq_len={max_seq_len}")
     torch.manual_seed(seed)
-    model = create_model(config, device=device, dtype=torch.float32, flash=flash_attention,
-                         gradient_checkpointing=gradient_checkpointing)
+    model = create_model(config, device=device, dtype=torch.float32, flash=flash_attention, fused=fused,
+                         gradient_checkpointing=gradient_checkpointing, checkpoint_blocks=checkpoint_blocks)
     engine, optimizer, autocast = make_engine(
         LanguageModelLoss(model, loss_chunk_size), model, backend, dtype, zero_stage, micro_batch_size,
         grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps)

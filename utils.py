@@ -157,6 +157,9 @@ def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, 
     if backend == 'torch':
         autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
         return objective, optimizer, autocast
+    if zero_stage not in (0, 1, 2):
+        raise SystemExit(f"error: zero_stage must be 0, 1 or 2, got {zero_stage}: ZeRO-3 partitions the weights, and "
+                         "the tied head and the fused kernels read whole weights")
     import deepspeed
     ds_config = {'train_micro_batch_size_per_gpu': micro_batch_size, 'gradient_accumulation_steps': grad_accum_steps,
                  'gradient_clipping': grad_clip, 'zero_optimization': {'stage': zero_stage},

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -194,13 +195,19 @@ def test_gradient_checkpointing_same_gradients(config):
     torch.manual_seed(0)
     idx = torch.randint(0, config.vocab_size, (2, 16))
     grads = []
-    for checkpointed in (False, True):
+    for checkpointed, blocks in ((False, -1), (True, -1), (True, 1)):
         torch.manual_seed(1)
-        model = M.create_model(config, gradient_checkpointing=checkpointed).train()
+        model = M.create_model(config, gradient_checkpointing=checkpointed, checkpoint_blocks=blocks).train()
+        wrapped = [isinstance(block.forward, functools.partial) for block in model.blocks]
+        assert wrapped == {(False, -1): [False, False], (True, -1): [True, True], (True, 1): [True, False]}[
+            checkpointed, blocks]
         torch.manual_seed(2)  # same Gumbel noise
         F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], grads[2])
+    with pytest.raises(SystemExit, match='checkpoint_blocks must be -1 .all. or 0..2, got 3'):
+        M.create_model(config, gradient_checkpointing=True, checkpoint_blocks=3)
 
 
 def test_longer_than_context_is_a_clear_error(config):

@@ -45,3 +45,10 @@ def test_cosine_lr():
     assert lr(2000) == pytest.approx(1e-4)
     assert lr(2000 + (19_531 - 2000) // 2) == pytest.approx(5e-5, rel=1e-3)
     assert lr(19_531) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_zero3_is_a_clear_error():
+    import torch
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(SystemExit, match='zero_stage must be 0, 1 or 2, got 3: ZeRO-3 partitions the weights'):
+        utils.make_engine(model, model, 'deepspeed', 'float32', 3, 1, 1, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8)
