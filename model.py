@@ -414,7 +414,11 @@ compiled_functions = {}
 
 
 def compiled(function):
+    # static shapes, the fastest kernels: each shape, dtype and grad mode compiles once (a training run sees ~10: the
+    # norms over d_model and over head_dim, train and eval). Past the recompile limit (default 8) a call silently runs
+    # eager, float32 copies and all, so the limit is raised.
     if function not in compiled_functions:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         compiled_functions[function] = torch.compile(function, dynamic=False)
     return compiled_functions[function]
 

@@ -1,7 +1,7 @@
 # The full PolychromaticLM pre-training run of SPEC.md on one 80 GB GPU (A100/H100):
 #   deepspeed train.py config/pretrain.py
-# ~10B tokens = 19,531 steps x (16 x 8 x 4,096) tokens. Every value here equals train.py's default and is
-# written out so that this file is the record of the run.
+# ~10B tokens = 19,531 steps x (16 x 8 x 4,096) tokens. Every value here but the memory settings at the end equals
+# train.py's default and is written out so that this file is the record of the run.
 model_type = 'polyglu'          # 'vanilla' for the SwiGLU baseline (VanillaLM)
 vocab_size = 151_669
 d_model = 1024
@@ -35,11 +35,15 @@ backend = 'deepspeed'
 zero_stage = 1
 dtype = 'bfloat16'
 flash_attention = True
-# Block checkpointing on by default, by arithmetic rather than measurement (no GPU yet). A micro-batch of
-# 16 x 4,096 tokens makes every [tokens, d_ff] bf16 tensor 512 MiB, and an unfused PolyGLU layer keeps about six of
-# them for its backward (SwiGLU about four), plus attention and norms: ~5 GB a layer, ~150 GB for 28 layers. With
-# checkpointing only each block's 128 MiB input is kept. bench.py on the GPU says whether --fused=True fits without it.
+# Memory and speed (train.py's defaults are off, for CPU): chosen from what a block keeps for its backward, measured
+# with `python bench.py --memory_only=True [--fused=True]` (device-independent, bf16): 109.5 KiB a token unfused, so
+# 206 GB of activations at 16 x 4,096 x 28 blocks; 33.5 KiB with the compiled kernels, 63 GB. Neither fits an 80 GB
+# card beside ~12 GB of weights, gradients and AdamW state, so some blocks recompute their activations (~1/3 more
+# compute each). With the fused kernels, recomputing 8 of the 28 blocks keeps the activations under 50 GB (unfused it
+# takes 23). Not yet checked against a GPU's peak memory: out of memory at the first step means raise checkpoint_blocks.
+fused = True
 gradient_checkpointing = True
+checkpoint_blocks = 8
 
 out_dir = 'checkpoints'
 resume = 'auto'

@@ -91,3 +91,18 @@ def test_fused_kernels_equal_frozen_forward_cuda_bf16(model_type):
         results[name] = torch.cat([out.float().flatten(), *(p.grad.float().flatten() for p in model.parameters())])
     error = {name: (r - results['fp32']).norm() / results['fp32'].norm() for name, r in results.items()}
     assert error['fused'] <= 1.1 * error['eager'] and error['autocast'] < 2e-2, error
+
+
+@pytest.mark.slow
+def test_pretrain_config_recomputes_the_fewest_blocks_that_fit():
+    """config/pretrain.py's memory settings follow from the measured bytes a full-size block keeps."""
+    import bench
+    import train
+    train, bench = importlib.reload(train), importlib.reload(bench)
+    configure(vars(train), ['config/pretrain.py'])
+    configure(vars(bench), ['--memory_only=True', f'--fused={train.fused}', '--device=cpu'])
+    assert train.gradient_checkpointing and (bench.micro_batch_size, bench.block_size) == (16, 4096)
+    kib = {model_type: r['saved_kib_per_token'] for model_type, r in bench.main().items()}
+    for model_type in kib:  # the VanillaLM baseline runs with the same config
+        assert bench.activation_gb(kib[model_type], train.checkpoint_blocks) <= bench.activation_budget_gb
+    assert bench.activation_gb(kib['polyglu'], train.checkpoint_blocks - 1) > bench.activation_budget_gb
