@@ -301,6 +301,57 @@ def segment_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
     return torch.cat([sdpa_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
 
 
+document_bias_cache = []  # [(cu_seqlens, bias)]: the last batch's bias, shared by all its layers
+
+
+def document_bias(cu_seqlens, B, T, dtype, device):
+    """The block-diagonal causal mask of sdpa_attention as an additive bias [B, 1, T, T] (0 or -inf), built once per
+    batch: every layer (and a checkpointed block's recompute) gets the same tensor, so the backward keeps one copy
+    (0.5 GB at 16 x 4,096 in bf16), not one per layer."""
+    if document_bias_cache and document_bias_cache[0][0] is cu_seqlens and document_bias_cache[0][1].dtype == dtype:
+        return document_bias_cache[0][1]
+    positions = torch.arange(B * T, device=device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True).view(B, T)
+    allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    bias = torch.zeros(B, 1, T, T, dtype=dtype, device=device).masked_fill_(~allowed[:, None], float('-inf'))
+    document_bias_cache[:] = [(cu_seqlens, bias)]
+    return bias
+
+
+def efficient_sdpa_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    """sdpa_attention's math for CUDA without flash-attn. With a mask and grouped KV heads, SDPA falls back to its math
+    kernel, which materialises the [B, H, T, T] scores (17 GB a layer in float32 at 16 x 4,096). Repeating the KV
+    heads (what enable_gqa means) and passing the document mask as one shared additive bias keeps it on the
+    memory-efficient (or cuDNN) kernel. On CUDA those backends are pinned: a shape they refuse fails at once."""
+    if cu_seqlens is None:
+        return sdpa_attention(q, k, v)  # causal GQA without a mask runs on SDPA's flash kernel
+    if q.is_cuda and torch.is_autocast_enabled('cuda'):  # QK-norm leaves q and k in float32 under autocast
+        q, k, v = (t.to(torch.get_autocast_dtype('cuda')) for t in (q, k, v))
+    B, T, H, _ = q.shape
+    k, v = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (k, v))
+    bias = document_bias(cu_seqlens, B, T, q.dtype, q.device)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    try:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+    except RuntimeError as e:
+        if 'No available kernel' not in str(e):
+            raise
+        raise SystemExit(f"error: no memory-efficient attention kernel for q {tuple(q.shape)} {q.dtype} "
+                         f"({str(e).splitlines()[0][:120]}); install flash-attn (requirements-gpu.txt)")
+
+
+def enable_efficient_attention(model):
+    """Route every GQA through efficient_sdpa_attention (CUDA without flash-attn)."""
+    for m in model.modules():
+        if isinstance(m, GQA):
+            m.attend = efficient_sdpa_attention
+    return model
+
+
 def flash_available():
     if not torch.cuda.is_available():
         return False
@@ -528,12 +579,16 @@ def create_model(config, device='cpu', dtype=torch.float32, flash=False, gradien
 
 
 def wrap_model(model, flash=False, gradient_checkpointing=False, fused=False, checkpoint_blocks=-1):
-    """Apply the optional wrappers to a built model. flash=True without CUDA or flash-attn keeps the SDPA path,
-    which computes the same masked attention; checkpoint_blocks: how many blocks recompute (-1: all)."""
+    """Apply the optional wrappers to a built model. On CUDA attention runs on flash-attn (flash=True, installed) or
+    else on SDPA's memory-efficient kernel; on CPU on the frozen SDPA path. All compute the same masked attention.
+    checkpoint_blocks: how many blocks recompute (-1: all)."""
     if not -1 <= checkpoint_blocks <= len(model.blocks):
         raise SystemExit(f"error: checkpoint_blocks must be -1 (all) or 0..{len(model.blocks)}, got {checkpoint_blocks}")
-    if flash and flash_available() and model.embed.weight.is_cuda:
-        enable_flash_attention(model)
+    if model.embed.weight.is_cuda:
+        if flash and flash_available():
+            enable_flash_attention(model)
+        else:
+            enable_efficient_attention(model)
     if fused:
         enable_fused_kernels(model)
     if gradient_checkpointing:

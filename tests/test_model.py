@@ -292,3 +292,44 @@ def test_segment_attention_equals_the_masked_path(config):
     masked = attn(x, rope, cu_seqlens, max_seqlen)
     attn.attend = M.segment_attention
     torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_efficient_attention_equals_the_masked_path():
+    config = small_config(d_model=64, n_heads=4, n_kv_heads=2)
+    torch.manual_seed(0)
+    attn = M.GQA(config)
+    T = 40
+    rope = M.RoPE(config.head_dim, config.max_seq_len)(T)
+    x = torch.randn(2, T, config.d_model, requires_grad=True)
+    tokens = torch.ones(2, T, dtype=torch.long)
+    tokens[0, [9, 25]] = 0
+    tokens[1, 30] = 0
+    cu_seqlens, max_seqlen = M.cu_seqlens_from_eos(tokens, eos_id=0)
+    results = []
+    for kernel in (M.sdpa_attention, M.efficient_sdpa_attention):
+        attn.attend = kernel
+        out = attn(x, rope, cu_seqlens, max_seqlen)
+        grad, = torch.autograd.grad(out.square().sum(), x)
+        results.append((out, grad))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+    # one bias per batch, whatever the number of layers calling
+    bias = M.document_bias(cu_seqlens, 2, T, torch.float32, 'cpu')
+    assert bias is M.document_bias(cu_seqlens, 2, T, torch.float32, 'cpu') and bias.shape == (2, 1, T, T)
+    assert bias[0, 0, 12, 9] == float('-inf') and bias[0, 0, 12, 10] == 0 and bias[1, 0, 5, 6] == float('-inf')
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_efficient_attention_on_cuda_equals_sdpa_masked_path():
+    config = small_config(d_model=256, n_heads=4, n_kv_heads=2)
+    torch.manual_seed(0)
+    attn = M.GQA(config).cuda().to(torch.bfloat16)
+    T = 96
+    rope = tuple(t.cuda() for t in M.RoPE(config.head_dim, config.max_seq_len)(T))
+    x = torch.randn(2, T, config.d_model, device='cuda', dtype=torch.bfloat16)
+    tokens = torch.ones(2, T, dtype=torch.long, device='cuda')
+    tokens[0, [20, 50]] = 0
+    cu_seqlens, max_seqlen = M.cu_seqlens_from_eos(tokens, eos_id=0)
+    masked = attn(x, rope, cu_seqlens, max_seqlen)
+    attn.attend = M.efficient_sdpa_attention  # pinned to the memory-efficient/cuDNN kernels: raises if they refuse
+    torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=2e-2, atol=2e-2)
