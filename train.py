@@ -251,10 +251,12 @@ def main():
     n_params = count_parameters(config)[0]
     flops_per_step = flops_per_token(config, block_size, n_params) * tokens_per_step
     peak = peak_flops(device, peak_flops_override) * world_size
-    if master:
+    recomputed = (checkpoint_blocks if checkpoint_blocks >= 0 else n_layers) if gradient_checkpointing else 0
+    if master:  # which attention kernel runs: a missing flash-attn shows here, not as a slow run
         print(f"model {model_type}: {n_params:,} parameters | {tokens_per_step:,} tokens a step "
               f"({micro_batch_size} x {grad_accum_steps} x {block_size} x {world_size} ranks) | {max_steps:,} steps "
-              f"| backend {backend} | {device} {dtype}")
+              f"| backend {backend} | {device} {dtype} | attention {model.blocks[0].attn.attend.__name__} | fused "
+              f"{fused} | {recomputed} of {n_layers} blocks recomputed")
 
     def evaluate():
         engine.eval()
