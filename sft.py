@@ -210,7 +210,8 @@ def main():
         print(f"SFT from {init_from} (pre-training step {pretrain_step}, tau {pretrain_tau}) | "
               f"{len(train_ids):,} conversations ({assistant_tokens:,} assistant tokens), {len(val_ids):,} held out | "
               f"{int(too_long.sum()):,} longer than {capacity} tokens ({long_conversations}) | {epochs} epochs = "
-              f"{max_steps:,} steps of {rows_per_step * block_size:,} tokens | {backend} {device} {dtype}")
+              f"{max_steps:,} steps of {rows_per_step * block_size:,} tokens | {backend} {device} {dtype} | attention "
+              f"{model.blocks[0].attn.attend.__name__}")
 
     def save(step, final=False):
         scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
