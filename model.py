@@ -435,16 +435,17 @@ def polyglu_mix(gate, up, g):
 def polyglu_mix_backward(gate, up, g, grad_h):
     """The backward of h = polyglu_mix(gate, up, g), recomputing h on the way (for W_down's gradient) instead of
     keeping it from the forward. Derivatives in float32: relu' = [x > 0], tanh' = 1 - tanh^2,
-    silu' = s (1 + x (1 - s)) with s = sigmoid(x), gelu' = Phi(x) + x phi(x). -> (h, grad_gate, grad_up, grad_g)."""
+    silu' = s (1 + x (1 - s)) with s = sigmoid(x), gelu' = Phi(x) + x phi(x). The K activations are stacked so that
+    grad_g is one reduction over the tokens (4 compiled kernels on CPU instead of 7). -> (h, grad_gate, grad_up,
+    grad_g)."""
     x, u, dh, w = gate.float(), up.float(), grad_h.float(), g.float()
     tanh, sigmoid = torch.tanh(x), torch.sigmoid(x)
     cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
     pdf = torch.exp(-0.5 * x * x) * 0.3989422804014327
-    acts = (F.relu(x), tanh, x * sigmoid, x * cdf)
-    mix = w[..., 0] * acts[0] + w[..., 1] * acts[1] + w[..., 2] * acts[2] + w[..., 3] * acts[3]
-    slope = (w[..., 0] * (x > 0) + w[..., 1] * (1.0 - tanh * tanh) + w[..., 2] * sigmoid * (1.0 + x * (1.0 - sigmoid))
-             + w[..., 3] * (cdf + x * pdf))
-    grad_g = torch.stack([(dh * u * a).sum_to_size(w.shape[:-1]) for a in acts], dim=-1)
+    acts = torch.stack((F.relu(x), tanh, x * sigmoid, x * cdf), dim=-1)
+    slopes = torch.stack(((x > 0).float(), 1.0 - tanh * tanh, sigmoid * (1.0 + x * (1.0 - sigmoid)), cdf + x * pdf), -1)
+    mix, slope = (w * acts).sum(-1), (w * slopes).sum(-1)
+    grad_g = ((dh * u)[..., None] * acts).sum_to_size(w.shape)
     return ((mix * u).to(grad_h.dtype), (dh * u * slope).to(gate.dtype), (dh * mix).to(up.dtype),
             grad_g.to(g.dtype))
 

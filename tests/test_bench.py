@@ -106,3 +106,18 @@ def test_pretrain_config_recomputes_the_fewest_blocks_that_fit():
     for model_type in kib:  # the VanillaLM baseline runs with the same config
         assert bench.activation_gb(kib[model_type], train.checkpoint_blocks) <= bench.activation_budget_gb
     assert bench.activation_gb(kib['polyglu'], train.checkpoint_blocks - 1) > bench.activation_budget_gb
+
+
+@pytest.mark.slow
+def test_fused_mix_is_one_kernel_forward():
+    """The fused forward is one compiled kernel: activations, routed mix and product with the up projection (on CPU's
+    inductor here; the backward, with its reduction over tokens for the routing gradient, is a few)."""
+    from torch._inductor import metrics
+    gate, up, grad_h = torch.randn(3, 2, 64, 256, dtype=torch.bfloat16)
+    g = torch.softmax(torch.randn(2, 1, 256, 4), -1).bfloat16()
+    counts = {}
+    for function, args in ((M.polyglu_mix, (gate, up, g)), (M.polyglu_mix_backward, (gate, up, g, grad_h))):
+        metrics.reset()
+        torch.compile(function, dynamic=False)(*args)
+        counts[function.__name__] = metrics.generated_kernel_count
+    assert counts == {'polyglu_mix': 1, 'polyglu_mix_backward': 4}
