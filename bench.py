@@ -192,6 +192,15 @@ def print_timings(results):
         ratio = results['polyglu']['step_s'] / results['vanilla']['step_s']
         print(f"step-time ratio PolyGLU / VanillaLM: {ratio:.3f}  (budget: {token_budget:.2e} tokens at "
               f"${usd_per_hour}/h; memory is {'peak allocated' if device.startswith('cuda') else 'process peak RSS'})")
+    peak = peak_flops(device, peak_flops_override)
+    if peak and 'polyglu' in results:
+        # the performance targets: 3x the prototype's 11,800 tokens/s on an A100, scaled by this device's peak
+        r, wanted = results['polyglu'], 3 * 11_800 * peak / 312e12
+        checks = [f"PolyGLU tokens/s {r['tokens_per_s']:,.0f} >= {wanted:,.0f}: {r['tokens_per_s'] >= wanted}",
+                  f"MFU {100 * r['mfu']:.1f}% >= 50%: {r['mfu'] >= 0.5}"]
+        if len(results) == 2:
+            checks.append(f"ratio {ratio:.3f} <= 1.10: {ratio <= 1.10}")
+        print('targets: ' + '; '.join(checks))
 
 
 if __name__ == '__main__':

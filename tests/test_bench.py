@@ -24,7 +24,17 @@ def test_bench_smoke(capsys):
     for r in results.values():
         assert r['step_s'] > 0 and r['tokens_per_s'] == pytest.approx(2 * 128 / r['step_s']) and r['mfu'] is None
     assert 'step-time ratio PolyGLU / VanillaLM' in out
-    assert 'KiB a token a block for its backward' in out
+    assert 'KiB a token a block for its backward' in out and 'targets' not in out  # no peak FLOP/s on CPU
+
+
+def test_bench_checks_the_targets_against_a_peak(capsys):
+    results = load_bench('--peak_flops_override=312e12', '--model_types=("polyglu",)').main()
+    out = capsys.readouterr().out
+    polyglu = results['polyglu']
+    config = M.ModelConfig(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256)
+    assert polyglu['mfu'] == pytest.approx(M.flops_per_token(config, 128) * polyglu['tokens_per_s'] / 312e12)
+    met = polyglu['tokens_per_s'] >= 35_400  # 3 x 11,800 on an A100's peak
+    assert f"tokens/s {polyglu['tokens_per_s']:,.0f} >= 35,400: {met}" in out and 'ratio' not in out
 
 
 @pytest.mark.slow
