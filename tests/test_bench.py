@@ -1,11 +1,14 @@
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import model as M
 from configurator import configure
-from conftest import small_config
+from conftest import ROOT, small_config
 
 
 def load_bench(*overrides):
@@ -36,6 +39,18 @@ def test_bench_checks_the_targets_against_a_peak(capsys):
     met = polyglu['tokens_per_s'] >= 35_400  # 3 x 11,800 on an A100's peak
     assert f"tokens/s {polyglu['tokens_per_s']:,.0f} >= 35,400: {met}" in out and 'ratio' not in out
 
+
+
+@pytest.mark.slow
+def test_bench_through_deepspeed_with_the_pretrain_settings():
+    """README's card check (DeepSpeed, fused kernels, partial checkpointing) on CPU; a subprocess, as DeepSpeed
+    initialises torch.distributed once per process."""
+    result = subprocess.run([sys.executable, 'bench.py', 'config/bench_tiny.py', '--backend=deepspeed', '--fused=True',
+                             '--gradient_checkpointing=True', '--checkpoint_blocks=1'], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, 'MASTER_PORT': str(28_500 + os.getpid() % 1000)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert '(cpu, float32, deepspeed)' in result.stdout
+    assert 'step-time ratio PolyGLU / VanillaLM' in result.stdout and 'checkpointing=True (1 blocks)' in result.stdout
 
 @pytest.mark.slow
 def test_fused_kernels_keep_less_for_the_backward(capsys):
