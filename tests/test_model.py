@@ -268,19 +268,23 @@ def test_flops_per_token_full_model():
     assert round(M.flops_per_token(config) / 1e9, 1) == 4.3  # SPEC/issue figure at context 4,096
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not M.flash_available(), reason='needs CUDA and flash-attn')
-def test_flash_attention_equals_sdpa_masked_path():
+def cuda_attention_inputs(T=96):
+    """A bf16 GQA on CUDA, its input and a batch of two rows with three and two documents."""
     config = small_config(d_model=256, n_heads=4, n_kv_heads=2)
     torch.manual_seed(0)
     attn = M.GQA(config).cuda().to(torch.bfloat16)
-    T = 96
     rope = tuple(t.cuda() for t in M.RoPE(config.head_dim, config.max_seq_len)(T))
     x = torch.randn(2, T, config.d_model, device='cuda', dtype=torch.bfloat16)
     tokens = torch.ones(2, T, dtype=torch.long, device='cuda')
     tokens[0, [20, 50]] = 0
     tokens[1, 70] = 0
-    cu_seqlens, max_seqlen = M.cu_seqlens_from_eos(tokens, eos_id=0)
+    return attn, rope, x, M.cu_seqlens_from_eos(tokens, eos_id=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not M.flash_available(), reason='needs CUDA and flash-attn')
+def test_flash_attention_equals_sdpa_masked_path():
+    attn, rope, x, (cu_seqlens, max_seqlen) = cuda_attention_inputs()
     masked, unmasked = attn(x, rope, cu_seqlens, max_seqlen), attn(x, rope)
     M.enable_flash_attention(attn)
     torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=2e-2, atol=2e-2)
@@ -321,15 +325,7 @@ def test_efficient_attention_equals_the_masked_path():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_efficient_attention_on_cuda_equals_sdpa_masked_path():
-    config = small_config(d_model=256, n_heads=4, n_kv_heads=2)
-    torch.manual_seed(0)
-    attn = M.GQA(config).cuda().to(torch.bfloat16)
-    T = 96
-    rope = tuple(t.cuda() for t in M.RoPE(config.head_dim, config.max_seq_len)(T))
-    x = torch.randn(2, T, config.d_model, device='cuda', dtype=torch.bfloat16)
-    tokens = torch.ones(2, T, dtype=torch.long, device='cuda')
-    tokens[0, [20, 50]] = 0
-    cu_seqlens, max_seqlen = M.cu_seqlens_from_eos(tokens, eos_id=0)
+    attn, rope, x, (cu_seqlens, max_seqlen) = cuda_attention_inputs()
     masked = attn(x, rope, cu_seqlens, max_seqlen)
     attn.attend = M.efficient_sdpa_attention  # pinned to the memory-efficient/cuDNN kernels: raises if they refuse
     torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=2e-2, atol=2e-2)
