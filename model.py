@@ -477,9 +477,9 @@ def compiled(function):
 
 class FusedGLUDown(torch.autograd.Function):
     """W_down(mix(gate, g) * up) that keeps gate, up and g for the backward but not the [tokens, d_ff] product
-    (8 KiB a token a layer in bf16): the backward recomputes it inside its one compiled elementwise kernel, which
-    also yields the gradients of gate, up and g. Elementwise forward and backward are one torch.compile kernel
-    each; the matmuls are the usual ones. mix is polyglu_mix or swiglu_mix (g None)."""
+    (8 KiB a token a layer in bf16): the backward recomputes it inside its compiled elementwise function, which
+    also yields the gradients of gate, up and g. Forward and backward elementwise work are one compiled function
+    each (1 and 4 kernels on CPU); the matmuls are the usual ones. mix is polyglu_mix or swiglu_mix (g None)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type='cuda')
@@ -504,7 +504,7 @@ def fused_norm_forward(norm, x):
 
 def fused_polyglu_forward(ffn, x, cu_seqlens=None):
     """PolyGLU.forward with the four activations, their routed mix and the product with the up projection as one
-    compiled kernel forward and one backward (FusedGLUDown). The routing (and its Gumbel noise) runs as in the frozen
+    compiled function forward and one backward (FusedGLUDown). The routing (and its Gumbel noise) runs as in the frozen
     forward, uncompiled, so the same seed draws the same noise."""
     logits = ffn.routing_logits(ffn.pool(x, cu_seqlens))
     ffn.last_logits = logits.detach()
