@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
                    flops_per_token)
@@ -118,12 +119,16 @@ def measure(model_type):
         step(i)
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
+    graphs = counters['stats']['unique_graphs']
     synchronize()
     start = time.perf_counter()
     for i in range(steps):
         step(i)
     synchronize()
     seconds = (time.perf_counter() - start) / steps
+    if counters['stats']['unique_graphs'] > graphs:  # a compile inside the timed steps would recur in training
+        print(f"warning: {model_type} compiled {counters['stats']['unique_graphs'] - graphs} graphs during the timed "
+              "steps: too few warmup steps, or a shape or guard that changes from step to step")
     if profile and model_type == 'polyglu':
         from torch.profiler import ProfilerActivity, profile as profiler
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith('cuda') else [])
