@@ -142,6 +142,8 @@ def measure(model_type):
     peak = peak_flops(device, peak_flops_override)
     memory = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith('cuda')
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    if backend == 'deepspeed':
+        engine.destroy()  # its hooks would otherwise keep this model and its optimizer state alive beside the next
     del engine, optimizer, model
     gc.collect()
     if device.startswith('cuda'):

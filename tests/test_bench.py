@@ -53,6 +53,31 @@ def test_bench_through_deepspeed_with_the_pretrain_settings():
     assert 'step-time ratio PolyGLU / VanillaLM' in result.stdout and 'checkpointing=True (1 blocks)' in result.stdout
     assert 'warning' not in result.stdout  # nothing compiles again once warmed up
 
+
+@pytest.mark.slow
+def test_bench_frees_each_deepspeed_model_before_the_next():
+    """DeepSpeed's hooks keep an engine's model alive after `del`; at full size that would be ~12 GB of weights and
+    AdamW state beside the second model. A subprocess, for DeepSpeed's one torch.distributed per process."""
+    code = """
+import gc, weakref
+import bench, model
+from configurator import configure
+configure(vars(bench), ['config/bench_tiny.py', '--backend=deepspeed'])
+bench.device, bench.dtype = bench.resolve_device(bench.device, bench.dtype)
+bench.init_distributed('deepspeed', 'cpu')
+built = []
+bench.create_model = lambda *a, **k: built.append(model.create_model(*a, **k)) or built[-1]
+bench.measure('polyglu')
+alive = weakref.ref(built.pop(0))
+built.clear()
+gc.collect()
+print('freed' if alive() is None else 'alive')
+"""
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, 'MASTER_PORT': str(27_500 + os.getpid() % 1000)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.strip().endswith('freed')
+
 @pytest.mark.slow
 def test_fused_kernels_keep_less_for_the_backward(capsys):
     unfused = load_bench('--memory_only=True').main()
