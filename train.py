@@ -138,18 +138,16 @@ def row_plan(n_sources, rank, world_size):
     return source, slot
 
 
-permutations = {}
+permutations = {}  # source name -> (epoch, its window permutation): one epoch per source, as its slots only grow
 
 
 def window_tokens(src, slot):
     """The block_size + 1 tokens of a slot: epoch = slot // n_windows, each epoch a fresh seeded permutation."""
     epoch, index = divmod(int(slot), src['n_windows'])
-    key = (src['name'], epoch)
-    if key not in permutations:
-        permutations.clear()  # one epoch at a time is enough: slots only grow
-        permutations[key] = np.random.default_rng([seed, sum(map(ord, src['name'])), epoch]).permutation(
-            src['n_windows'])
-    window = int(permutations[key][index])
+    if permutations.get(src['name'], (None,))[0] != epoch:
+        rng = np.random.default_rng([seed, sum(map(ord, src['name'])), epoch])
+        permutations[src['name']] = (epoch, rng.permutation(src['n_windows']))
+    window = int(permutations[src['name']][1][index])
     chunk = int(np.searchsorted(src['first_window'], window, side='right')) - 1
     start = (window - int(src['first_window'][chunk])) * block_size
     return src['chunks'][chunk][start:start + block_size + 1]
