@@ -344,14 +344,6 @@ def efficient_sdpa_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
                          f"({str(e).splitlines()[0][:120]}); install flash-attn (requirements-gpu.txt)")
 
 
-def enable_efficient_attention(model):
-    """Route every GQA through efficient_sdpa_attention (CUDA without flash-attn)."""
-    for m in model.modules():
-        if isinstance(m, GQA):
-            m.attend = efficient_sdpa_attention
-    return model
-
-
 def flash_available():
     if not torch.cuda.is_available():
         return False
@@ -362,12 +354,12 @@ def flash_available():
     return True
 
 
-def enable_flash_attention(model):
-    """Route every GQA of the model through flash-attn; the frozen GQA is untouched (its `attend` kernel is
-    swapped per instance)."""
+def enable_flash_attention(model, kernel=flash_attention):
+    """Route every GQA of the model through flash-attn (or another kernel of the same contract, such as
+    efficient_sdpa_attention); the frozen GQA is untouched (its `attend` kernel is swapped per instance)."""
     for m in model.modules():
         if isinstance(m, GQA):
-            m.attend = flash_attention
+            m.attend = kernel
     return model
 
 
@@ -586,10 +578,7 @@ def wrap_model(model, flash=False, gradient_checkpointing=False, fused=False, ch
     if not -1 <= checkpoint_blocks <= len(model.blocks):
         raise SystemExit(f"error: checkpoint_blocks must be -1 (all) or 0..{len(model.blocks)}, got {checkpoint_blocks}")
     if model.embed.weight.is_cuda:
-        if flash and flash_available():
-            enable_flash_attention(model)
-        else:
-            enable_efficient_attention(model)
+        enable_flash_attention(model, flash_attention if flash and flash_available() else efficient_sdpa_attention)
     if fused:
         enable_fused_kernels(model)
     if gradient_checkpointing:
