@@ -98,7 +98,7 @@ def measure_routing(model, windows):
     routing = []
     for first in tqdm(range(0, len(windows), per_forward), desc='routing', leave=False):
         packed_hidden_states(model, [w[:-1] for w in windows[first:first + per_forward]])
-        layers = [torch.softmax(b.ffn.last_logits.float() / b.ffn.tau, -1)[:, 0] for b in model.blocks]
+        layers = [torch.softmax(b.ffn.last_logits.float() / b.ffn.tau, -1)[:, 0] for b in model.model_core]
         routing.append(torch.stack(layers, 1).cpu())
     return torch.cat(routing)
 
@@ -111,10 +111,10 @@ def causality_audit(model, windows):
     the relative change of the residual stream; at the output, mean KL and max |delta log p| of the next token.
     A causal model (VanillaLM) shows exactly zero; PolyGLU's whole-sequence gate does not."""
     rng = np.random.default_rng(seed)
-    device_ = model.embed.weight.device
+    device_ = model.embeddings.weight.device
     captured = []
-    hooks = [b.register_forward_hook(lambda module, args, out: captured.append(out)) for b in model.blocks]
-    layer_change, kls, max_delta = np.zeros(len(model.blocks)), [], 0.0
+    hooks = [b.register_forward_hook(lambda module, args, out: captured.append(out)) for b in model.model_core]
+    layer_change, kls, max_delta = np.zeros(len(model.model_core)), [], 0.0
     try:
         for window in windows[:audit_sequences]:
             ids = torch.tensor(window[:-1], device=device_)[None]
@@ -124,7 +124,7 @@ def causality_audit(model, windows):
             captured.clear()
             logits = model(ids)[0, :t + 1].double().log_softmax(-1)  # float64: tiny KLs stay >= 0
             logits_changed = model(changed)[0, :t + 1].double().log_softmax(-1)
-            original, moved = captured[:len(model.blocks)], captured[len(model.blocks):]
+            original, moved = captured[:len(model.model_core)], captured[len(model.model_core):]
             for layer, (a, b) in enumerate(zip(original, moved)):
                 layer_change[layer] += ((a[0, :t + 1] - b[0, :t + 1]).norm() / a[0, :t + 1].norm()).item()
             kls.append(F.kl_div(logits_changed, logits, log_target=True, reduction='none').sum(-1).mean().item())
@@ -143,12 +143,12 @@ def gumbel_noise_effect(model, windows):
     """What sampling Gumbel noise at evaluation would change (the author's prototype did; ours is deterministic):
     mean KL between the next-token distributions with and without noise, and how often the top token agrees."""
     torch.manual_seed(seed)
-    device_ = model.embed.weight.device
+    device_ = model.embeddings.weight.device
     kls, agree, total = [], 0, 0
     for window in windows[:audit_sequences]:
         ids = torch.tensor(window[:-1], device=device_)[None]
         clean = model(ids)[0].double().log_softmax(-1)
-        for block in model.blocks:
+        for block in model.model_core:
             block.ffn.train()  # PolyGLU samples Gumbel noise in training mode; nothing else depends on the mode
         try:
             noisy = model(ids)[0].double().log_softmax(-1)
@@ -251,14 +251,13 @@ def main():
         comparison = summary['comparison']
         print(f"loss difference at equal tokens (first - second): {comparison['loss_difference_at_end']:+.4f} "
               f"at the end, {comparison['mean_loss_difference_last_10pct']:+.4f} over the last 10%")
-    model, step, tau = load_checkpoint(checkpoint)
-    # the metadata only (data_dir, val_tokens, model_config): mmap reads none of the weights a second time
-    state = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True)
+    model, state = load_checkpoint(checkpoint)
+    step, tau = state['step'], state['tau']
     model = model.to(device).eval()
     if device.startswith('cuda') and flash_available():
         enable_flash_attention(model)
     enable_segment_pooling(model)
-    polyglu = isinstance(model.blocks[0].ffn, PolyGLU)
+    polyglu = isinstance(model.model_core[0].ffn, PolyGLU)
     summary.update({'checkpoint': checkpoint, 'step': step, 'tau': tau, 'model_type': model.config.model_type,
                     'activations': list(ACTIVATION_NAMES), 'max_entropy_nats': math.log(len(ACTIVATION_NAMES))})
     base = data_dir or state.get('data_dir') or 'data/tokenized'
@@ -287,9 +286,9 @@ def main():
         noise = summary['gumbel_noise_effect']
         print(f"Gumbel noise at evaluation (tau {model.tau}) would move predictions by mean KL {noise['mean_kl']:.3e}; "
               f"top-1 agreement {100 * noise['top1_agreement']:.1f}%")
-        n_layers, K = len(model.blocks), len(ACTIVATION_NAMES)
-        alpha = torch.stack([b.ffn.alpha.detach().float().cpu() for b in model.blocks])  # [L, d_ff, K]
-        beta = torch.stack([b.ffn.beta.detach().float().cpu() for b in model.blocks])    # [L, K]
+        n_layers, K = len(model.model_core), len(ACTIVATION_NAMES)
+        alpha = torch.stack([b.ffn.alpha.detach().float().cpu() for b in model.model_core])  # [L, d_ff, K]
+        beta = torch.stack([b.ffn.beta.detach().float().cpu() for b in model.model_core])    # [L, K]
         static = torch.softmax(alpha / model.tau, -1)
         routing = {name: measure_routing(model, w) for name, w in windows.items()}        # [N, L, d_ff, K]
         dynamic = torch.cat(list(routing.values()))
@@ -327,6 +326,7 @@ def main():
             for i, a in enumerate(names) for b in names[i + 1:]}
         summary['per_layer'] = per_layer
         summary['collapse_threshold'] = collapse_threshold
+        summary['routing_entropy_mean_nats'] = float(dynamic_entropy.mean())  # the model card's 0.0004 nats
         summary['routing_entropy_mean_fraction'] = float(dynamic_entropy.mean() / math.log(K))
 
         x = np.arange(n_layers)
@@ -363,7 +363,8 @@ def main():
         axes[-1].legend()
         fig.suptitle('Routing by domain')
         save(fig, output, 'domain_routing.png')
-        print(f"routing entropy on text: {100 * summary['routing_entropy_mean_fraction']:.1f}% of ln 4 on average; "
+        print(f"routing entropy on text: {summary['routing_entropy_mean_nats']:.2e} nats on average "
+              f"({100 * summary['routing_entropy_mean_fraction']:.3f}% of ln 4); "
               f"collapsed neurons (< {collapse_threshold} nats): "
               f"{100 * np.mean(per_layer['collapsed_fraction_dynamic']):.1f}%")
     with open(os.path.join(output, 'summary.json.tmp'), 'w') as f:

@@ -96,7 +96,7 @@ def saved_kib_per_token(model_type, tokens=256):
 
     x = torch.randn(1, tokens, d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        block_model.blocks[0](x, block_model.rope(tokens))
+        block_model.model_core[0](x, block_model.rope(tokens))
     return sum(saved.values()) / tokens / 1024
 
 

@@ -89,7 +89,7 @@ def packs(lengths, budget):
 
 def log_probs_at(model, hidden, positions, chunk=1024):
     """Log-softmax over the vocabulary at the given rows of hidden, in chunks (never all logits at once)."""
-    out = [F.linear(hidden[positions[i:i + chunk]], model.embed.weight).float().log_softmax(-1)
+    out = [F.linear(hidden[positions[i:i + chunk]], model.embeddings.weight).float().log_softmax(-1)
            for i in range(0, len(positions), chunk)]
     return torch.cat(out) if out else hidden.new_zeros(0, model.config.vocab_size)
 
@@ -140,7 +140,7 @@ def generate_exact(model, tok, prompts, budget, desc='generate'):
             group = [active[k] for k in group]
             hidden, offsets = packed_hidden_states(model, [sequences[i] for i in group])
             last = torch.as_tensor(offsets[1:] - 1, device=hidden.device)
-            next_tokens = F.linear(hidden[last], model.embed.weight).float().argmax(-1).tolist()
+            next_tokens = F.linear(hidden[last], model.embeddings.weight).float().argmax(-1).tolist()
             for i, token in zip(group, next_tokens):
                 generated[i].append(token)
                 sequences[i] = (sequences[i] + [token])[-max_len:]
@@ -171,9 +171,9 @@ def routing(ffn):
 def full_pass(model, ids):
     """A full forward of one sequence that records, per layer, the keys/values and the FFN input sum (the state
     an incremental step continues from) and the routing weights, through the frozen modules' attend/pool hooks."""
-    n_layers = len(model.blocks)
+    n_layers = len(model.model_core)
     state = {'k': [None] * n_layers, 'v': [None] * n_layers, 'sum': [None] * n_layers, 'n': len(ids)}
-    originals = [(block.attn.attend, getattr(block.ffn, 'pool', None)) for block in model.blocks]
+    originals = [(block.gqa.attend, getattr(block.ffn, 'pool', None)) for block in model.model_core]
 
     def recording_attend(layer, attend):
         def hook(q, k, v, cu_seqlens, max_seqlen):
@@ -187,18 +187,18 @@ def full_pass(model, ids):
             return pool(x, cu_seqlens)
         return hook
 
-    for layer, (block, (attend, pool)) in enumerate(zip(model.blocks, originals)):
-        block.attn.attend = recording_attend(layer, attend)
+    for layer, (block, (attend, pool)) in enumerate(zip(model.model_core, originals)):
+        block.gqa.attend = recording_attend(layer, attend)
         if pool is not None:
             block.ffn.pool = recording_pool(layer, pool)
     try:
-        hidden = model.hidden_states(torch.tensor([ids], device=model.embed.weight.device))
+        hidden = model.hidden_states(torch.tensor([ids], device=model.embeddings.weight.device))
     finally:
-        for block, (attend, pool) in zip(model.blocks, originals):
-            block.attn.attend = attend
+        for block, (attend, pool) in zip(model.model_core, originals):
+            block.gqa.attend = attend
             if pool is not None:
                 block.ffn.pool = pool
-    state['routing'] = [routing(block.ffn) for block in model.blocks]
+    state['routing'] = [routing(block.ffn) for block in model.model_core]
     return hidden[0, -1], state
 
 
@@ -208,19 +208,19 @@ def cached_step(model, token, state):
     last refresh) and the running gate mean. -> (final hidden of the token, max routing change since refresh)."""
     position = state['n']
     cos, sin = (t[position:position + 1] for t in model.rope(position + 1))
-    x = model.embed(torch.tensor([[token]], device=model.embed.weight.device))
+    x = model.embeddings(torch.tensor([[token]], device=model.embeddings.weight.device))
     drift = 0.0
-    for layer, block in enumerate(model.blocks):
-        attn, h = block.attn, block.attn_norm(x)
-        q = RoPE.rotate(attn.q_norm(attn.q_proj(h).view(1, 1, attn.n_heads, attn.head_dim)), cos, sin)
-        k = RoPE.rotate(attn.k_norm(attn.k_proj(h).view(1, 1, attn.n_kv_heads, attn.head_dim)), cos, sin)
-        v = attn.v_proj(h).view(1, 1, attn.n_kv_heads, attn.head_dim)
+    for layer, block in enumerate(model.model_core):
+        attn, h = block.gqa, block.rmsnorm_1(x)
+        q = RoPE.rotate(attn.rmsnorm_q(attn.W_q(h).view(1, 1, attn.n_heads, attn.head_dim)), cos, sin)
+        k = RoPE.rotate(attn.rmsnorm_k(attn.W_k(h).view(1, 1, attn.n_kv_heads, attn.head_dim)), cos, sin)
+        v = attn.W_v(h).view(1, 1, attn.n_kv_heads, attn.head_dim)
         state['k'][layer] = torch.cat([state['k'][layer], k], 1)
         state['v'][layer] = torch.cat([state['v'][layer], v], 1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), state['k'][layer].transpose(1, 2),
                                              state['v'][layer].transpose(1, 2), enable_gqa=True)
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
-        h = block.ffn_norm(x)
+        x = x + attn.W_o(out.transpose(1, 2).reshape(1, 1, -1))
+        h = block.rmsnorm_2(x)
         if not isinstance(block.ffn, PolyGLU):
             x = x + block.ffn(h)
             continue
@@ -233,7 +233,7 @@ def cached_step(model, token, state):
             block.ffn.pool = pool
         drift = max(drift, (routing(block.ffn) - state['routing'][layer]).abs().max().item())
     state['n'] += 1
-    return model.norm(x)[0, -1], drift
+    return model.rmsnorm(x)[0, -1], drift
 
 
 @torch.no_grad()
@@ -245,7 +245,7 @@ def generate_cached(model, tok, prompts, desc='generate (cached)'):
         hidden, state = full_pass(model, ids)
         generated = []
         while len(generated) < n:
-            token = int(F.linear(hidden, model.embed.weight).argmax())
+            token = int(F.linear(hidden, model.embeddings.weight).argmax())
             generated.append(token)
             ids.append(token)
             if token == EOS_ID or stop_index(tok.decode(generated, skip_special_tokens=False), until) >= 0 or \
@@ -345,7 +345,7 @@ def held_out_perplexity(model, folder, held_tokens, max_tokens, context):
     windows = windows[:max(1, max_tokens // context)]
     total, count = 0.0, 0
     for c, start in tqdm(windows, desc=os.path.basename(folder), disable=len(windows) < 20):
-        ids = torch.from_numpy(chunks[c][start:start + context + 1].astype(np.int64)).to(model.embed.weight.device)
+        ids = torch.from_numpy(chunks[c][start:start + context + 1].astype(np.int64)).to(model.embeddings.weight.device)
         hidden = model.hidden_states(ids[None, :-1])[0]
         log_probs = log_probs_at(model, hidden, torch.arange(context, device=ids.device))
         total -= log_probs.gather(1, ids[1:, None]).sum().item()
@@ -361,8 +361,8 @@ def sample_text(model, tok):
     generator = torch.Generator(device='cpu').manual_seed(seed)
     for _ in range(max_new_tokens):
         hidden = model.hidden_states(torch.tensor([ids[-model.config.max_seq_len:]],
-                                                  device=model.embed.weight.device))
-        logits = F.linear(hidden[0, -1], model.embed.weight).float().cpu()
+                                                  device=model.embeddings.weight.device))
+        logits = F.linear(hidden[0, -1], model.embeddings.weight).float().cpu()
         if temperature <= 0:
             token = int(logits.argmax())
         else:
@@ -431,15 +431,14 @@ def main():
             os.remove(os.path.join(folder, '.write_test'))
         except OSError as e:
             fail(f"cannot write results to {output} ({e.strerror}); choose another --output")
-    model, step, tau = load_checkpoint(checkpoint)
-    # the metadata only (data_dir, val_tokens, model_config): mmap reads none of the weights a second time
-    state = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True)
+    model, state = load_checkpoint(checkpoint)
+    step, tau = state['step'], state['tau']
     model = model.to(device=device, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
     if flash_attention and device.startswith('cuda') and flash_available():
         enable_flash_attention(model)
     enable_segment_pooling(model)
     tok = get_tokenizer(tokenizer, model.config.vocab_size)
-    print(f"{checkpoint}: {model.config.model_type}, step {step}, tau {tau} | {device} {dtype}")
+    print(f"{checkpoint} ({state['format']}): {model.config.model_type}, step {step}, tau {tau} | {device} {dtype}")
     if prompt:
         print(sample_text(model, tok))
         return
@@ -448,7 +447,8 @@ def main():
         return
 
     start = time.perf_counter()
-    report = {'checkpoint': checkpoint, 'step': step, 'tau': tau, 'model_config': state['model_config'],
+    report = {'checkpoint': checkpoint, 'file': state['file'], 'format': state['format'], 'step': step, 'tau': tau,
+              'model_config': state['model_config'],
               'config': {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
                          and isinstance(v, (int, float, bool, str, tuple))}}
     if task_names:

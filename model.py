@@ -11,6 +11,7 @@ Reading order:
 """
 import math
 import os
+import pickle
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 
@@ -61,37 +62,37 @@ class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.gama = nn.Parameter(torch.ones(dim))  # (sic) the author's name, which the published checkpoints use
 
     def forward(self, x):
         # normalise in float32: bf16 sums of squares over 1024 features lose too much precision
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return normed.type_as(x) * self.gama
 
 
 class RoPE(nn.Module):
-    """Rotary positions (rotate-half convention, as Qwen3). No parameters; cos/sin are non-persistent."""
+    """Rotary positions (rotate-half convention, as Qwen3). No parameters. The tables `cosines` and `sins`
+    [max_seq_len, head_dim / 2] are persistent buffers because the author's checkpoints hold them."""
 
     def __init__(self, head_dim, max_seq_len, theta=10_000.0):
         super().__init__()
         self.max_seq_len = max_seq_len
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)  # [max_seq_len, head_dim]
-        self.register_buffer('cos', angles.cos(), persistent=False)
-        self.register_buffer('sin', angles.sin(), persistent=False)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [max_seq_len, head_dim/2]
+        self.register_buffer('cosines', angles.cos())
+        self.register_buffer('sins', angles.sin())
 
     def forward(self, seq_len):
         if seq_len > self.max_seq_len:
             raise ValueError(f"sequence of {seq_len} tokens is longer than max_seq_len={self.max_seq_len}")
-        return self.cos[:seq_len], self.sin[:seq_len]
+        return self.cosines[:seq_len], self.sins[:seq_len]
 
     @staticmethod
     def rotate(x, cos, sin):
-        # x: [B, T, H, D]; cos, sin: [T, D]
+        # x: [B, T, H, D]; cos, sin: [T, D/2]. The first half of the features pairs with the second.
         cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def sdpa_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
@@ -118,22 +119,22 @@ class GQA(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.W_q = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.W_k = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.W_v = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.W_o = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        self.rmsnorm_q = RMSNorm(self.head_dim, config.norm_eps)
+        self.rmsnorm_k = RMSNorm(self.head_dim, config.norm_eps)
         self.attend = sdpa_attention
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
         B, T, _ = x.shape
         cos, sin = rope
-        q = RoPE.rotate(self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)), cos, sin)
-        k = RoPE.rotate(self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = RoPE.rotate(self.rmsnorm_q(self.W_q(x).view(B, T, self.n_heads, self.head_dim)), cos, sin)
+        k = RoPE.rotate(self.rmsnorm_k(self.W_k(x).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin)
+        v = self.W_v(x).view(B, T, self.n_kv_heads, self.head_dim)
         out = self.attend(q, k, v, cu_seqlens, max_seqlen)
-        return self.o_proj(out.reshape(B, T, -1))
+        return self.W_o(out.reshape(B, T, -1))
 
 
 def sequence_mean(x, cu_seqlens=None):
@@ -150,9 +151,9 @@ class PolyGLU(nn.Module):
     def __init__(self, config):
         super().__init__()
         K = config.n_activations
-        self.w_gate = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.w_up = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.w_down = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.W_gate = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.W_up = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.W_down = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.alpha = nn.Parameter(torch.zeros(config.d_ff, K))  # static preference; zeros = uniform routing
         self.beta = nn.Parameter(torch.ones(K))
         self.gate_net = nn.Sequential(nn.Linear(config.d_model, config.gate_hidden), nn.ReLU(),
@@ -174,9 +175,9 @@ class PolyGLU(nn.Module):
         logits = self.routing_logits(self.pool(x, cu_seqlens))  # [B, 1, d_ff, K] (or [B, T, d_ff, K])
         self.last_logits = logits.detach()
         g = self.routing_weights(logits).to(x.dtype)
-        gate = self.w_gate(x)
+        gate = self.W_gate(x)
         mixed = sum(g[..., k] * act(gate) for k, act in enumerate(ACTIVATIONS))
-        return self.w_down(mixed * self.w_up(x))
+        return self.W_down(mixed * self.W_up(x))
 
 
 class SwiGLU(nn.Module):
@@ -184,25 +185,33 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.w_gate = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.w_up = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.w_down = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.W_gate = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.W_up = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.W_down = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x, cu_seqlens=None):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.W_down(F.silu(self.W_gate(x)) * self.W_up(x))
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = GQA(config)
-        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.ffn = PolyGLU(config) if config.model_type == 'polyglu' else SwiGLU(config)
+        self.rmsnorm_1 = RMSNorm(config.d_model, config.norm_eps)
+        self.gqa = GQA(config)
+        self.rmsnorm_2 = RMSNorm(config.d_model, config.norm_eps)
+        if config.model_type == 'polyglu':
+            self.polyglu = PolyGLU(config)
+        else:
+            self.swiglu = SwiGLU(config)
+
+    @property
+    def ffn(self):
+        """The feed-forward module, PolyGLU or (VanillaLM) SwiGLU."""
+        return self._modules.get('polyglu') or self._modules['swiglu']
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen)
-        return x + self.ffn(self.ffn_norm(x), cu_seqlens)
+        x = x + self.gqa(self.rmsnorm_1(x), rope, cu_seqlens, max_seqlen)
+        return x + self.ffn(self.rmsnorm_2(x), cu_seqlens)
 
 
 class PolychromaticLM(nn.Module):
@@ -212,15 +221,18 @@ class PolychromaticLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.model_core = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.rmsnorm = RMSNorm(config.d_model, config.norm_eps)
         self.rope = RoPE(config.head_dim, config.max_seq_len, config.rope_theta)
         self.apply(self._init_weights)
         # residual-branch outputs: scaled so the residual stream's variance does not grow with depth
-        for block in self.blocks:
-            for proj in (block.attn.o_proj, block.ffn.w_down):
+        for block in self.model_core:
+            for proj in (block.gqa.W_o, block.ffn.W_down):
                 proj.weight.data.mul_(1.0 / math.sqrt(2 * config.n_layers))
+        # tied after the init, so the shared matrix is drawn once; the state dict holds it under both names
+        self.output_head = nn.Linear(config.d_model, config.vocab_size, bias=False, device='meta')
+        self.output_head.weight = self.embeddings.weight
 
     @staticmethod
     def _init_weights(module):
@@ -234,14 +246,14 @@ class PolychromaticLM(nn.Module):
     def hidden_states(self, idx, cu_seqlens=None, max_seqlen=None):
         """Final normalised hidden states [B, T, d_model]; the head is applied by forward or, in chunks,
         by the training loss (the full [B*T, vocab] logits need not exist)."""
-        x = self.embed(idx)
+        x = self.embeddings(idx)
         rope = self.rope(idx.shape[1])
-        for block in self.blocks:
+        for block in self.model_core:
             x = block(x, rope, cu_seqlens, max_seqlen)
-        return self.norm(x)
+        return self.rmsnorm(x)
 
     def forward(self, idx, cu_seqlens=None, max_seqlen=None):
-        return F.linear(self.hidden_states(idx, cu_seqlens, max_seqlen), self.embed.weight)
+        return self.output_head(self.hidden_states(idx, cu_seqlens, max_seqlen))
 
     @property
     def tau(self):
@@ -387,17 +399,17 @@ def packed_hidden_states(model, sequences):
     lengths = [len(s) for s in sequences]
     if max(lengths) > model.config.max_seq_len:
         raise ValueError(f"a packed sequence of {max(lengths)} tokens exceeds max_seq_len={model.config.max_seq_len}")
-    device = model.embed.weight.device
+    device = model.embeddings.weight.device
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     idx = torch.tensor(np.concatenate(sequences), dtype=torch.long, device=device)[None]
     cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
     flat = torch.arange(idx.shape[1], device=device)
     positions = flat - cu_seqlens[:-1].long()[torch.searchsorted(cu_seqlens[1:].long(), flat, right=True)]
-    rope = (model.rope.cos[positions], model.rope.sin[positions])
-    x = model.embed(idx)
-    for block in model.blocks:
+    rope = (model.rope.cosines[positions], model.rope.sins[positions])
+    x = model.embeddings(idx)
+    for block in model.model_core:
         x = block(x, rope, cu_seqlens, max(lengths))
-    return model.norm(x)[0], offsets
+    return model.rmsnorm(x)[0], offsets
 
 
 def enable_segment_pooling(model):
@@ -491,7 +503,7 @@ class FusedGLUDown(torch.autograd.Function):
 
 
 def fused_norm_forward(norm, x):
-    return compiled(rms_norm)(x, norm.weight, norm.eps)
+    return compiled(rms_norm)(x, norm.gama, norm.eps)
 
 
 def fused_polyglu_forward(ffn, x, cu_seqlens=None):
@@ -501,11 +513,11 @@ def fused_polyglu_forward(ffn, x, cu_seqlens=None):
     logits = ffn.routing_logits(ffn.pool(x, cu_seqlens))
     ffn.last_logits = logits.detach()
     g = ffn.routing_weights(logits).to(x.dtype)
-    return FusedGLUDown.apply(ffn.w_gate(x), ffn.w_up(x), g, ffn.w_down.weight, polyglu_mix, polyglu_mix_backward)
+    return FusedGLUDown.apply(ffn.W_gate(x), ffn.W_up(x), g, ffn.W_down.weight, polyglu_mix, polyglu_mix_backward)
 
 
 def fused_swiglu_forward(ffn, x, cu_seqlens=None):
-    return FusedGLUDown.apply(ffn.w_gate(x), ffn.w_up(x), None, ffn.w_down.weight, swiglu_mix, swiglu_mix_backward)
+    return FusedGLUDown.apply(ffn.W_gate(x), ffn.W_up(x), None, ffn.W_down.weight, swiglu_mix, swiglu_mix_backward)
 
 
 def enable_fused_kernels(model):
@@ -527,7 +539,7 @@ def enable_gradient_checkpointing(model, blocks=-1):
     """Recompute the activations of the first `blocks` blocks (-1: all) in the backward pass: each keeps only its
     input (2 KiB a token) for ~1/3 more compute of its own. Wraps each block's forward in place so the parameter
     names stay the frozen ones."""
-    for block in model.blocks[:len(model.blocks) if blocks < 0 else blocks]:
+    for block in model.model_core[:len(model.model_core) if blocks < 0 else blocks]:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
     return model
 
@@ -558,7 +570,7 @@ class LanguageModelLoss(nn.Module):
 
     def forward(self, idx, targets, cu_seqlens=None, max_seqlen=None):
         hidden = self.model.hidden_states(idx, cu_seqlens, max_seqlen)
-        return chunked_cross_entropy(hidden, self.model.embed.weight, targets, self.chunk_size)
+        return chunked_cross_entropy(hidden, self.model.embeddings.weight, targets, self.chunk_size)
 
 # =============================================================================
 # Create, save, load; counts and FLOPs; routing entropy
@@ -575,9 +587,9 @@ def wrap_model(model, flash=False, gradient_checkpointing=False, fused=False, ch
     """Apply the optional wrappers to a built model. On CUDA attention runs on flash-attn (flash=True, installed) or
     else on SDPA's memory-efficient kernel; on CPU on the frozen SDPA path. All compute the same masked attention.
     checkpoint_blocks: how many blocks recompute (-1: all)."""
-    if not -1 <= checkpoint_blocks <= len(model.blocks):
-        raise SystemExit(f"error: checkpoint_blocks must be -1 (all) or 0..{len(model.blocks)}, got {checkpoint_blocks}")
-    if model.embed.weight.is_cuda:
+    if not -1 <= checkpoint_blocks <= len(model.model_core):
+        raise SystemExit(f"error: checkpoint_blocks must be -1 (all) or 0..{len(model.model_core)}, got {checkpoint_blocks}")
+    if model.embeddings.weight.is_cuda:
         enable_flash_attention(model, flash_attention if flash and flash_available() else efficient_sdpa_attention)
     if fused:
         enable_fused_kernels(model)
@@ -606,10 +618,13 @@ def optimizer_groups(model, weight_decay):
 
 def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=None, **extra):
     """Portable checkpoint {model_state_dict (float32), optimizer_state_dict, scheduler_state_dict, step, tau,
-    model_config}, written to a temporary name and renamed: a crash never leaves a half file under `path`."""
+    model_config}, written to a temporary name and renamed: a crash never leaves a half file under `path`. The state
+    dict has the author's keys, the tied head stored once (torch.save keeps the sharing)."""
+    weights = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
+               for k, v in model.state_dict().items() if k != 'output_head.weight'}
+    weights['output_head.weight'] = weights['embeddings.weight']
     state = {
-        'model_state_dict': {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
-                             for k, v in model.state_dict().items()},
+        'model_state_dict': weights,
         'optimizer_state_dict': optimizer_state,
         'scheduler_state_dict': scheduler_state,
         'step': int(step),
@@ -623,39 +638,198 @@ def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=Non
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device='cpu', config=None):
-    """Load a portable checkpoint -> (model in eval mode, step, tau). Built without flash attention so it
-    loads on any machine. `config`, if given, is what the caller expects: a different architecture is one
-    clear error line instead of a state-dict traceback."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} not found (train.py writes checkpoints/portable_*.pt)")
+HUB_PREFIX = 'hf:'  # --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B
+
+
+def pick_checkpoint_file(names, where):
+    """The checkpoint among a folder's or hub repo's files: a .safetensors if there is one, else the .pt (the newest
+    portable_*.pt of a run folder: portable_final.pt, else the highest step)."""
+    safetensors = sorted(n for n in names if n.endswith('.safetensors'))
+    if safetensors:
+        return 'model.safetensors' if 'model.safetensors' in safetensors else safetensors[0]
+    pts = [n for n in names if n.endswith('.pt')]
+    if not pts:
+        raise SystemExit(f"error: no .safetensors or .pt checkpoint in {where}")
+    step = lambda n: (n.endswith('_final.pt'), int(''.join(c for c in n if c.isdigit()) or -1))  # noqa: E731
+    return max(pts, key=step)
+
+
+def hub_checkpoint(repo_id):
+    """Download a hub repo's checkpoint file into the Hugging Face cache (HF_TOKEN from the environment or .env;
+    HF_HUB_OFFLINE=1 uses the cache only) -> its local path."""
+    from huggingface_hub import hf_hub_download, is_offline_mode, list_repo_files, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from utils import load_dotenv
+    load_dotenv()
+    token = os.environ.get('HF_TOKEN')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        if is_offline_mode():
+            names = os.listdir(snapshot_download(repo_id, token=token, local_files_only=True))
+        else:
+            names = list_repo_files(repo_id, token=token)
+        return hf_hub_download(repo_id, pick_checkpoint_file(names, f'{HUB_PREFIX}{repo_id}'), token=token)
+    except LocalEntryNotFoundError:
+        raise SystemExit(f"error: {HUB_PREFIX}{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                         "download it once online, or pass a local path")
+    except RepositoryNotFoundError:
+        raise SystemExit(f"error: no hub model {repo_id!r} (or it is gated: put HF_TOKEN in the environment or .env)")
+    except (OSError, ValueError) as e:  # no network, a bad id, an HTTP error
+        raise SystemExit(f"error: could not fetch {HUB_PREFIX}{repo_id} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]})")
+
+
+def checkpoint_file(spec):
+    """A checkpoint path, a folder holding one, or hf:owner/name -> the local file to read."""
+    if spec.startswith(HUB_PREFIX):
+        return hub_checkpoint(spec[len(HUB_PREFIX):])
+    if os.path.isdir(spec):
+        return os.path.join(spec, pick_checkpoint_file(os.listdir(spec), spec))
+    if not os.path.isfile(spec):
+        raise SystemExit(f"error: checkpoint {spec} not found (train.py writes checkpoints/portable_*.pt; a hub id "
+                         f"reads {HUB_PREFIX}owner/name)")
+    return spec
+
+
+class NotRun:
+    """Stands in for a class that a checkpoint's pickle names and weights_only refuses (the author's optimizer entry
+    holds DeepSpeed objects). It keeps the arguments and state it is given; no code of the named class is imported or
+    run."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def torch_load_weights_only(path):
+    """torch.load(weights_only=True, mmap=True: the optimizer tensors are never read). When the pickle names classes
+    that weights_only refuses, each is replaced by NotRun, never imported: the model weights load, nothing runs."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True), []
+    except pickle.UnpicklingError:
+        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        with torch.serialization.safe_globals([(NotRun, name) for name in foreign]):
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True), foreign
+
+
+def read_checkpoint(path):
+    """The weights and metadata of any checkpoint file we read -> (state dict, info). Formats:
+    the project's portable .pt {model_state_dict, model_config, step, tau, ...}; the author's portable .pt
+    {model: bf16 state dict, optimizer, scheduler, step, tau}; a .safetensors state dict (the tied head possibly
+    stored once). Nothing pickled is executed."""
+    info = {'file': path}
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, framework='pt') as f:
+                weights = {k: f.get_tensor(k) for k in f.keys()}
+                metadata = f.metadata() or {}
+            info.update(format='safetensors', **{k: float(v) if k == 'tau' else int(v)
+                                                 for k, v in metadata.items() if k in ('step', 'tau')})
+            return weights, info
+        state, foreign = torch_load_weights_only(path)
     except Exception as e:
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
-    if not isinstance(state, dict) or 'model_state_dict' not in state or 'model_config' not in state:
-        raise SystemExit(f"error: {path} is not a PolychromaticLM portable checkpoint "
-                         "(expected keys model_state_dict, model_config, step, tau)")
-    saved_config = config_from_dict(state['model_config'])
+    if isinstance(state, dict) and isinstance(state.get('model_state_dict'), dict):
+        info['format'] = 'portable'
+        weights = state['model_state_dict']
+    elif isinstance(state, dict) and isinstance(state.get('model'), dict):
+        info['format'] = 'author portable'
+        weights = state['model']
+    else:
+        raise SystemExit(f"error: {path} is not a PolychromaticLM checkpoint (expected a portable .pt with "
+                         "model_state_dict or model, or a .safetensors state dict)")
+    if foreign:
+        print(f"{path}: read the weights; its pickle names {len(foreign)} classes that were not run "
+              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
+    info.update({k: v for k, v in state.items() if k not in ('model', 'model_state_dict', 'optimizer',
+                                                              'optimizer_state_dict', 'scheduler', 'scheduler_state_dict')})
+    return weights, info
+
+
+def infer_config(weights, path):
+    """The ModelConfig a state dict of the author's names implies: vocab and d_model from the embedding, layers from
+    model_core.{i}, head_dim from the QK-norm width, heads from W_q/W_k, d_ff from W_gate, max_seq_len from the RoPE
+    table when present. rope_theta and norm_eps cannot be read off shapes: SPEC.md's values."""
+    def shape(key):
+        if key not in weights:
+            raise SystemExit(f"error: {path} has no tensor {key!r}: not a PolychromaticLM state dict "
+                             f"(its first keys: {list(weights)[:4]})")
+        return tuple(weights[key].shape)
+    vocab_size, d_model = shape('embeddings.weight')
+    n_layers = 1 + max((int(k.split('.')[1]) for k in weights if k.startswith('model_core.')), default=-1)
+    head_dim, = shape('model_core.0.gqa.rmsnorm_q.gama')
+    ffn = 'polyglu' if 'model_core.0.polyglu.alpha' in weights else 'swiglu'
+    values = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                  n_heads=shape('model_core.0.gqa.W_q.weight')[0] // head_dim,
+                  n_kv_heads=shape('model_core.0.gqa.W_k.weight')[0] // head_dim,
+                  d_ff=shape(f'model_core.0.{ffn}.W_gate.weight')[0],
+                  model_type='polyglu' if ffn == 'polyglu' else 'vanilla')
+    if ffn == 'polyglu':
+        values.update(n_activations=shape('model_core.0.polyglu.alpha')[1],
+                      gate_hidden=shape('model_core.0.polyglu.gate_net.0.weight')[0])
+    if 'rope.cosines' in weights:
+        values['max_seq_len'] = shape('rope.cosines')[0]
+    if d_model != values['n_heads'] * head_dim:
+        raise SystemExit(f"error: {path}: W_q has {values['n_heads'] * head_dim} rows for d_model {d_model} and "
+                         f"head_dim {head_dim}; not this architecture")
+    return ModelConfig(**values)
+
+
+def load_checkpoint(path, device='cpu', config=None):
+    """Load any checkpoint read_checkpoint reads (a path, a folder, or hf:owner/name) -> (model in eval mode, info
+    {file, format, step, tau, and the file's other metadata}). Built without flash attention so it loads on any
+    machine. A file without a config gets one inferred from its shapes; `config`, if given, is what the caller
+    expects: a different architecture is one clear error line instead of a state-dict traceback."""
+    path = checkpoint_file(path)
+    weights, info = read_checkpoint(path)
+    prefix = next((p for p in ('_orig_mod.', 'module.') if all(k.startswith(p) for k in weights)), '')
+    weights = {k[len(prefix):]: v for k, v in weights.items()}  # saved from a compiled or wrapped module
+    saved_config = config_from_dict(info['model_config']) if 'model_config' in info else infer_config(weights, path)
     if config is not None and asdict(config) != asdict(saved_config):
         diffs = {k: (v, getattr(saved_config, k)) for k, v in asdict(config).items()
                  if getattr(saved_config, k) != v}
         raise SystemExit(f"error: {path} holds a different model than configured; "
                          f"(configured, checkpoint): {diffs}. Fix the config or pick the right checkpoint")
     model = PolychromaticLM(saved_config)
+    # the tied head: a file may store it once, under either name
+    if 'output_head.weight' not in weights and 'embeddings.weight' in weights:
+        weights['output_head.weight'] = weights['embeddings.weight']
+    if 'embeddings.weight' not in weights and 'output_head.weight' in weights:
+        weights['embeddings.weight'] = weights['output_head.weight']
+    for name in ('cosines', 'sins'):  # tables computed here in float32; a file's (bf16) copy must agree with them
+        table = weights.get(f'rope.{name}')
+        ours = getattr(model.rope, name)
+        if table is not None and table.shape == ours.shape and (table.float() - ours).abs().max() > 1e-2:
+            raise SystemExit(f"error: {path}'s RoPE table rope.{name} differs from theta={saved_config.rope_theta} by "
+                             f"{(table.float() - ours).abs().max():.3f}: another rope_theta or rotation convention")
+        if table is None or table.shape == ours.shape:
+            weights[f'rope.{name}'] = ours
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state['model_state_dict'].items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
     if expected != found:
         missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
         wrong = [f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in expected
                  if k in found and found[k] != expected[k]]
         raise SystemExit(f"error: {path} does not match its model config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}")
-    model.load_state_dict(state['model_state_dict'])
-    tau = state.get('tau')
-    if tau is not None:
-        model.set_tau(tau)
-    return model.to(device).eval(), state.get('step', 0), tau
+    if not torch.equal(weights['embeddings.weight'], weights['output_head.weight']):
+        raise SystemExit(f"error: {path} has an output head that differs from its embedding; this model ties them")
+    model.load_state_dict(weights)
+    info.setdefault('step', 0)
+    if saved_config.model_type == 'polyglu':
+        if info.get('tau') is None:
+            print(f"{path} records no tau; using 0.1, the end of the pre-training anneal")
+            info['tau'] = 0.1
+        model.set_tau(info['tau'])
+    else:
+        info['tau'] = None
+    info['model_config'] = asdict(saved_config)
+    return model.to(device).eval(), info
 
 
 def count_parameters(config):
@@ -683,7 +857,7 @@ def routing_entropy(model):
     neurons. A flat dict ready for wandb; empty for VanillaLM or before the first forward."""
     stats = {}
     entropies = []
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(model.model_core):
         ffn = block.ffn
         if not isinstance(ffn, PolyGLU) or ffn.last_logits is None:
             continue

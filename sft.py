@@ -179,7 +179,8 @@ def main():
     assistant_tokens = int(sum(piece(masks, s, n).sum() for s, n in zip(starts[train_ids], lengths[train_ids])))
 
     # model: the pre-trained checkpoint, tau frozen
-    model, pretrain_step, pretrain_tau = load_checkpoint(init_from)
+    model, pretrained = load_checkpoint(init_from)
+    pretrain_step, pretrain_tau = pretrained['step'], pretrained['tau']
     if model.config.model_type != model_type:
         fail(f"{init_from} is a {model.config.model_type} model but model_type={model_type!r}: fix model_type or "
              "pick the matching checkpoint")
@@ -211,7 +212,7 @@ def main():
               f"{len(train_ids):,} conversations ({assistant_tokens:,} assistant tokens), {len(val_ids):,} held out | "
               f"{int(too_long.sum()):,} longer than {capacity} tokens ({long_conversations}) | {epochs} epochs = "
               f"{max_steps:,} steps of {rows_per_step * block_size:,} tokens | {backend} {device} {dtype} | attention "
-              f"{model.blocks[0].attn.attend.__name__}")
+              f"{model.model_core[0].gqa.attend.__name__}")
 
     def save(step, final=False):
         scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
@@ -252,7 +253,7 @@ def main():
     engine.train()
     timer, last_logged, bad_in_a_row = time.perf_counter(), start_step, 0
     for step in range(start_step, max_steps):
-        if any(getattr(b.ffn, 'tau', tau) != tau for b in model.blocks):
+        if any(getattr(b.ffn, 'tau', tau) != tau for b in model.model_core):
             fail(f"tau moved away from {tau} during SFT")  # frozen, and checked: nothing may anneal it here
         lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
         for group in optimizer.param_groups:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
-                   flops_per_token, routing_entropy, save_checkpoint)
+                   flops_per_token, load_checkpoint, routing_entropy, save_checkpoint)
 from utils import (catch_stop_signals, cosine_lr, end_of_session, held_out_split, init_distributed, init_wandb,
                    latest_checkpoint, make_engine, open_chunks, optimizer_step, peak_flops, prune_checkpoints,
                    resolve_device, step_seed)
@@ -31,6 +31,7 @@ from utils import (catch_stop_signals, cosine_lr, end_of_session, held_out_split
 out_dir = 'checkpoints'
 data_dir = 'data/tokenized'
 resume = 'auto'              # 'auto': continue from the newest complete checkpoint if there is one; '' = fresh
+init_from = ''               # start from these weights (a path, a folder or hf:owner/name) with a fresh optimizer and schedule
 # model (ModelConfig fields)
 model_type = 'polyglu'       # 'polyglu' | 'vanilla' (the SwiGLU baseline)
 vocab_size = 151_669
@@ -194,14 +195,24 @@ def main():
     torch.manual_seed(seed)
     model = create_model(config, device=device, dtype=torch.float32, flash=flash_attention, fused=fused,
                          gradient_checkpointing=gradient_checkpointing, checkpoint_blocks=checkpoint_blocks)
+    ds_dir = os.path.join(out_dir, 'ds_checkpoint')
+    resuming = resume and (os.path.isfile(os.path.join(ds_dir, 'latest')) if use_deepspeed
+                           else latest_checkpoint(out_dir, 'portable_'))
+    if init_from and not resuming:  # before the engine: DeepSpeed copies the weights into its fp32 master copy
+        source, source_info = load_checkpoint(init_from, config=config)
+        model.load_state_dict(source.state_dict())
+        del source
+        if master:
+            print(f"init_from {init_from} ({source_info['format']}, step {source_info['step']}, tau "
+                  f"{source_info['tau']}): its weights only; a fresh optimizer, the learning-rate schedule from step 0 "
+                  f"and tau from tau_start={tau_start} (--tau_start={tau_end} keeps an annealed model's tau)")
     engine, optimizer, autocast = make_engine(
         LanguageModelLoss(model, loss_chunk_size), model, backend, dtype, zero_stage, micro_batch_size,
         grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps)
 
     # resume
     start_step, loss_ema, bad_in_a_row, skipped_steps = 0, None, 0, 0
-    ds_dir = os.path.join(out_dir, 'ds_checkpoint')
-    if resume:
+    if resuming:
         if use_deepspeed and os.path.isfile(os.path.join(ds_dir, 'latest')):
             try:
                 _, state = engine.load_checkpoint(ds_dir)
@@ -230,7 +241,8 @@ def main():
         scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
                            'warmup_steps': warmup_steps, 'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
         extra = {'loss_ema': loss_ema, 'skipped_updates': skipped_steps, 'tokens': step * tokens_per_step,
-                 'data_dir': data_dir, 'val_tokens': val_tokens}  # eval.py's perplexity reads the same held-out slice
+                 'data_dir': data_dir, 'val_tokens': val_tokens,  # eval.py's perplexity reads the same held-out slice
+                 'init_from': init_from}
         if use_deepspeed:
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
         if master:
@@ -253,7 +265,7 @@ def main():
     if master:  # which attention kernel runs: a missing flash-attn shows here, not as a slow run
         print(f"model {model_type}: {n_params:,} parameters | {tokens_per_step:,} tokens a step "
               f"({micro_batch_size} x {grad_accum_steps} x {block_size} x {world_size} ranks) | {max_steps:,} steps "
-              f"| backend {backend} | {device} {dtype} | attention {model.blocks[0].attn.attend.__name__} | fused "
+              f"| backend {backend} | {device} {dtype} | attention {model.model_core[0].gqa.attend.__name__} | fused "
               f"{fused} | {recomputed} of {n_layers} blocks recomputed")
 
     def evaluate():

@@ -54,3 +54,60 @@ def train_args(data_dir, out_dir, **overrides):
                     eval_interval=10, checkpoint_interval=10, wandb_log=False)
     settings.update(overrides)
     return [f'--{k}={v}' for k, v in settings.items()]
+
+
+def author_weights(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, seq_length=128, vocab=512, seed=0):
+    """A state dict spelled out from the author's frozen names and shapes (SPEC.md), not from model.py: random bf16
+    weights, routing strong enough that a misplaced alpha or gate would change the logits, and the RoPE tables the
+    author's RoPE keeps ([seq_length, head_dim / 2], theta 10,000)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    hd = d_model // n_heads
+    normal = lambda *shape, std=0.02: torch.randn(*shape, generator=g) * std  # noqa: E731
+    weights = {'embeddings.weight': normal(vocab, d_model, std=0.5), 'rmsnorm.gama': 1 + normal(d_model, std=0.1)}
+    for i in range(n_layers):
+        p = f'model_core.{i}.'
+        weights.update({
+            p + 'rmsnorm_1.gama': 1 + normal(d_model, std=0.1), p + 'rmsnorm_2.gama': 1 + normal(d_model, std=0.1),
+            p + 'gqa.W_q.weight': normal(n_heads * hd, d_model, std=0.2),
+            p + 'gqa.W_k.weight': normal(n_kv_heads * hd, d_model, std=0.2),
+            p + 'gqa.W_v.weight': normal(n_kv_heads * hd, d_model, std=0.2),
+            p + 'gqa.W_o.weight': normal(d_model, n_heads * hd, std=0.2),
+            p + 'gqa.rmsnorm_q.gama': 1 + normal(hd, std=0.1), p + 'gqa.rmsnorm_k.gama': 1 + normal(hd, std=0.1),
+            p + 'polyglu.W_gate.weight': normal(d_ff, d_model, std=0.2),
+            p + 'polyglu.W_up.weight': normal(d_ff, d_model, std=0.2),
+            p + 'polyglu.W_down.weight': normal(d_model, d_ff, std=0.2),
+            p + 'polyglu.alpha': normal(d_ff, 4, std=0.2), p + 'polyglu.beta': 1 + normal(4, std=0.1),
+            p + 'polyglu.gate_net.0.weight': normal(32, d_model, std=1.0), p + 'polyglu.gate_net.0.bias': normal(32),
+            p + 'polyglu.gate_net.2.weight': normal(4, 32, std=0.05), p + 'polyglu.gate_net.2.bias': normal(4),
+        })
+    weights['output_head.weight'] = weights['embeddings.weight']
+    inv_freq = 1.0 / 10_000.0 ** (torch.arange(0, hd, 2).float() / hd)
+    angles = torch.outer(torch.arange(seq_length).float(), inv_freq)
+    weights.update({'rope.cosines': angles.cos(), 'rope.sins': angles.sin()})
+    return {k: v.to(torch.bfloat16) for k, v in weights.items()}
+
+
+def write_author_files(folder, weights, step=19_531, tau=0.1):
+    """The author's two release formats: the trainer's portable .pt (weights, DeepSpeed's ZeRO optimizer state with
+    the DeepSpeed objects its state_dict holds, a scheduler, step, tau) and a .safetensors of the weights with the tied
+    head stored once. -> {'pt': path, 'safetensors': path}."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    flat = torch.cat([v.float().flatten() for k, v in weights.items() if not k.startswith(('rope.', 'output_head'))])
+    optimizer = {'loss_scaler': LossScaler(1.0), 'dynamic_loss_scale': False, 'overflow': False, 'clip_grad': 1.0,
+                 'base_optimizer_state': {'state': {0: {'step': torch.tensor(step), 'exp_avg': torch.zeros_like(flat),
+                                                        'exp_avg_sq': torch.zeros_like(flat)}},
+                                          'param_groups': [{'lr': 1e-5, 'betas': (0.9, 0.95), 'params': [0]}]},
+                 'single_partition_of_fp32_groups': [flat], 'zero_stage': ZeroStageEnum.optimizer_states,
+                 'group_paddings': [0], 'partition_count': [1], 'ds_version': '0.19.8',
+                 'param_slice_mappings': [{'embeddings.weight': fragment_address(numel=10, start=0)}]}
+    paths = {'pt': os.path.join(folder, 'author_final.pt'), 'safetensors': os.path.join(folder, 'model.safetensors')}
+    torch.save({'model': weights, 'optimizer': optimizer, 'scheduler': {'last_epoch': step, '_step_count': step + 1},
+                'step': step, 'tau': tau}, paths['pt'])
+    save_file({k: v.contiguous() for k, v in weights.items() if k != 'output_head.weight'}, paths['safetensors'])
+    return paths

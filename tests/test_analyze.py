@@ -30,7 +30,7 @@ def checkpoint(tmp_path, name, alpha=None, gate=True, strong_gate=False, **overr
     model = M.create_model(small_config(**overrides))
     model.set_tau(0.5)
     with torch.no_grad():
-        for layer, block in enumerate(model.blocks):
+        for layer, block in enumerate(model.model_core):
             if strong_gate:  # as after training: the gate moves routing with the text
                 block.ffn.gate_net[0].weight.normal_(std=1.0)
                 block.ffn.gate_net[2].weight.normal_(std=1.0)
@@ -77,7 +77,8 @@ def test_entropy_and_maps_recover_a_hand_set_alpha(tmp_path, data_dir):
     assert set(os.listdir(tmp_path / 'figures')) == FIGURES
     assert all(os.path.getsize(tmp_path / 'figures' / f) > 1000 for f in FIGURES)
     assert {'checkpoint', 'step', 'tau', 'model_type', 'activations', 'max_entropy_nats', 'causality_audit',
-            'per_layer', 'collapse_threshold', 'routing_entropy_mean_fraction', 'gumbel_noise_effect'} <= set(summary)
+            'per_layer', 'collapse_threshold', 'routing_entropy_mean_fraction', 'routing_entropy_mean_nats',
+            'gumbel_noise_effect'} <= set(summary)
     assert set(layers['domain_mean_routing']) == {'math', 'code'} and 'math|code' in layers['domain_total_variation']
 
 
@@ -123,3 +124,15 @@ def test_gumbel_noise_effect_small_when_routing_is_sharp(tmp_path, data_dir):
     uniform = run_analyze(args(checkpoint(tmp_path, 'uniform', strong_gate=True), data_dir, str(tmp_path / 'u')))
     assert sharp['gumbel_noise_effect']['mean_kl'] < 0.1 * uniform['gumbel_noise_effect']['mean_kl']  # measured: 46x
     assert uniform['gumbel_noise_effect']['mean_kl'] > 0 and 0 <= uniform['gumbel_noise_effect']['top1_agreement'] <= 1
+
+
+@pytest.mark.parametrize('kind', ['pt', 'safetensors'])
+def test_analyze_runs_on_the_author_formats(kind, tmp_path, data_dir):
+    weights = synthetic.author_weights()
+    path = synthetic.write_author_files(str(tmp_path / 'author'), weights)[kind]
+    summary = run_analyze(args(path, data_dir, str(tmp_path / 'figures')))
+    assert summary['tau'] == 0.1 and set(os.listdir(tmp_path / 'figures')) == FIGURES
+    for layer in range(2):  # the static maps are the author's alpha at tau 0.1
+        p = torch.softmax(weights[f'model_core.{layer}.polyglu.alpha'].float() / 0.1, -1)
+        entropy = -(p * p.log()).sum(-1).mean().item()
+        assert summary['per_layer']['static_entropy_mean'][layer] == pytest.approx(entropy, rel=1e-4)

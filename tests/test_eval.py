@@ -21,7 +21,7 @@ def tiny():
     torch.manual_seed(0)
     model = M.create_model(small_config(max_seq_len=64)).eval()
     with torch.no_grad():
-        for block in model.blocks:  # routing that depends strongly on the gate, so pooling mistakes would show
+        for block in model.model_core:  # routing that depends strongly on the gate, so pooling mistakes would show
             block.ffn.alpha.normal_(std=2.0)
             block.ffn.gate_net[0].weight.normal_(std=1.0)
             block.ffn.gate_net[2].weight.normal_(std=1.0)
@@ -199,7 +199,7 @@ def test_harness_runs_local_tasks(harness_setup, tmp_path, monkeypatch, capsys):
     assert 0.0 <= report['results']['poly_gen']['exact_match,none'] <= 1.0
     assert '|poly_mc' in capsys.readouterr().out  # the summary table
     # the harness's accuracy is what our own scores give: argmax over the choices' log-likelihoods
-    model, _, _ = M.load_checkpoint(checkpoint)
+    model, _ = M.load_checkpoint(checkpoint)
     M.enable_segment_pooling(model)
     tok = module.get_tokenizer('packaged')
     correct = 0
@@ -223,3 +223,27 @@ def test_bad_input_is_one_clear_line(harness_setup, tmp_path, monkeypatch):
     blocker.write_text('')
     with pytest.raises(SystemExit, match='cannot write results to .*file/r.json'):
         run_eval([f'--checkpoint={checkpoint}', f'--output={blocker}/r.json'])
+
+
+@pytest.fixture(scope='module')
+def author_files(tmp_path_factory):
+    weights = synthetic.author_weights(vocab=M.ModelConfig.vocab_size, n_layers=1, seq_length=256)
+    return synthetic.write_author_files(str(tmp_path_factory.mktemp('author')), weights)
+
+
+@pytest.mark.parametrize('kind', ['pt', 'safetensors'])
+def test_eval_runs_on_the_author_formats(kind, author_files, harness_setup, tmp_path, monkeypatch):
+    folder, _ = harness_setup
+    data = str(tmp_path / 'data')
+    synthetic.write_source(data, 'math', n_tokens=3000, chunk_tokens=10_000, manifest_eos=M.EOS_ID)
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    output = str(tmp_path / 'eval.json')
+    run_eval([f'--checkpoint={author_files[kind]}', '--tasks=poly_mc', f'--include_path={folder}', f'--output={output}',
+              '--tokenizer=packaged', f'--data_dir={data}', '--val_tokens=1000', '--perplexity_tokens=1000',
+              '--device=cpu'])
+    report = json.load(open(output))
+    assert report['format'] == {'pt': 'author portable', 'safetensors': 'safetensors'}[kind]
+    assert 0.0 <= report['results']['poly_mc']['acc,none'] <= 1.0
+    model, _ = M.load_checkpoint(author_files[kind])
+    expected = E.held_out_perplexity(M.enable_segment_pooling(model), os.path.join(data, 'math'), 1000, 1000, 256)
+    assert report['perplexity']['math']['loss'] == pytest.approx(expected['loss'], rel=1e-6)

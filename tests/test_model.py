@@ -18,53 +18,72 @@ def test_full_size_parameter_counts():
 
 
 def test_frozen_parameter_names_and_shapes():
+    """The author's state-dict keys (SPEC.md), which the published checkpoints use, key for key."""
     with torch.device('meta'):
         model = M.PolychromaticLM(M.ModelConfig())
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    layer0 = {name[len('blocks.0.'):]: shape for name, shape in shapes.items() if name.startswith('blocks.0.')}
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    layer0 = {name[len('model_core.0.'):]: shape for name, shape in shapes.items() if name.startswith('model_core.0.')}
     assert layer0 == {
-        'attn_norm.weight': (1024,),
-        'attn.q_proj.weight': (1024, 1024),
-        'attn.k_proj.weight': (512, 1024),
-        'attn.v_proj.weight': (512, 1024),
-        'attn.o_proj.weight': (1024, 1024),
-        'attn.q_norm.weight': (64,),
-        'attn.k_norm.weight': (64,),
-        'ffn_norm.weight': (1024,),
-        'ffn.alpha': (4096, 4),
-        'ffn.beta': (4,),
-        'ffn.w_gate.weight': (4096, 1024),
-        'ffn.w_up.weight': (4096, 1024),
-        'ffn.w_down.weight': (1024, 4096),
-        'ffn.gate_net.0.weight': (32, 1024),
-        'ffn.gate_net.0.bias': (32,),
-        'ffn.gate_net.2.weight': (4, 32),
-        'ffn.gate_net.2.bias': (4,),
+        'rmsnorm_1.gama': (1024,),
+        'gqa.W_q.weight': (1024, 1024),
+        'gqa.W_k.weight': (512, 1024),
+        'gqa.W_v.weight': (512, 1024),
+        'gqa.W_o.weight': (1024, 1024),
+        'gqa.rmsnorm_q.gama': (64,),
+        'gqa.rmsnorm_k.gama': (64,),
+        'rmsnorm_2.gama': (1024,),
+        'polyglu.alpha': (4096, 4),
+        'polyglu.beta': (4,),
+        'polyglu.W_gate.weight': (4096, 1024),
+        'polyglu.W_up.weight': (4096, 1024),
+        'polyglu.W_down.weight': (1024, 4096),
+        'polyglu.gate_net.0.weight': (32, 1024),
+        'polyglu.gate_net.0.bias': (32,),
+        'polyglu.gate_net.2.weight': (4, 32),
+        'polyglu.gate_net.2.bias': (4,),
     }
     for i in range(28):
-        assert {n[len(f'blocks.{i}.'):]: s for n, s in shapes.items() if n.startswith(f'blocks.{i}.')} == layer0
-    others = {n: s for n, s in shapes.items() if not n.startswith('blocks.')}
-    assert others == {'embed.weight': (151_669, 1024), 'norm.weight': (1024,)}  # head tied to embed
-    assert len(shapes) == 2 + 17 * 28
-    assert list(model.state_dict()) == list(shapes)  # no buffers (RoPE tables, tau) in checkpoints
+        assert {n[len(f'model_core.{i}.'):]: s for n, s in shapes.items() if n.startswith(f'model_core.{i}.')} == layer0
+    others = {n: s for n, s in shapes.items() if not n.startswith('model_core.')}
+    assert others == {'embeddings.weight': (151_669, 1024), 'rmsnorm.gama': (1024,), 'output_head.weight': (151_669, 1024),
+                      'rope.cosines': (4096, 32), 'rope.sins': (4096, 32)}
+    assert model.output_head.weight is model.embeddings.weight  # tied: one parameter, two keys
+    assert len(list(model.parameters())) == 2 + 17 * 28
+    with torch.device('meta'):
+        vanilla = M.PolychromaticLM(M.ModelConfig(model_type='vanilla'))
+    assert {n for n in vanilla.state_dict() if n.startswith('model_core.0.')} == {
+        f'model_core.0.{n}' for n in layer0 if not n.startswith('polyglu.')} | {
+        f'model_core.0.swiglu.{m}.weight' for m in ('W_gate', 'W_up', 'W_down')}
+
+
+def test_rope_tables_rotate_pairs_of_halves():
+    rope = M.RoPE(head_dim=4, max_seq_len=8, theta=100.0)
+    cos, sin = rope(3)
+    assert cos.shape == (3, 2)
+    assert cos[2].tolist() == pytest.approx([math.cos(2.0), math.cos(2.0 / 10)])
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
+    out = M.RoPE.rotate(x, cos, sin)[0, 2, 0]
+    # feature i pairs with feature i + 2, rotated by position 2 times its frequency
+    c0, s0, c1, s1 = math.cos(2.0), math.sin(2.0), math.cos(0.2), math.sin(0.2)
+    assert out.tolist() == pytest.approx([1 * c0 - 3 * s0, 2 * c1 - 4 * s1, 3 * c0 + 1 * s0, 4 * c1 + 2 * s1])
 
 
 def test_initialisation_statistics():
     torch.manual_seed(0)
     config = small_config(d_model=256, d_ff=1024, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4096)
     model = M.PolychromaticLM(config)
-    block = model.blocks[1]
+    block = model.model_core[1]
     residual_std = 0.02 / math.sqrt(2 * 4)
-    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.02)
-    assert block.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.02)
-    assert block.ffn.w_gate.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert model.embeddings.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert block.gqa.W_q.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert block.ffn.W_gate.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert block.ffn.gate_net[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
-    assert block.attn.o_proj.weight.std().item() == pytest.approx(residual_std, rel=0.02)
-    assert block.ffn.w_down.weight.std().item() == pytest.approx(residual_std, rel=0.02)
+    assert block.gqa.W_o.weight.std().item() == pytest.approx(residual_std, rel=0.02)
+    assert block.ffn.W_down.weight.std().item() == pytest.approx(residual_std, rel=0.02)
     assert block.ffn.gate_net[0].bias.abs().max().item() == 0.0
     assert block.ffn.alpha.abs().max().item() == 0.0
     assert block.ffn.beta.tolist() == [1.0, 1.0, 1.0, 1.0]
-    assert block.attn_norm.weight.tolist() == [1.0] * 256
+    assert block.rmsnorm_1.gama.tolist() == [1.0] * 256
     assert model.tau == 1.0
 
 
@@ -74,7 +93,7 @@ def test_tau_schedule():
     assert model.update_tau(500, 1000) == pytest.approx(0.55)
     assert model.update_tau(1000, 1000) == pytest.approx(0.1)
     assert model.update_tau(1500, 1000) == pytest.approx(0.1)  # clamped
-    assert all(b.ffn.tau == pytest.approx(0.1) for b in model.blocks)
+    assert all(b.ffn.tau == pytest.approx(0.1) for b in model.model_core)
     assert model.tau == pytest.approx(0.1)
 
 
@@ -88,18 +107,18 @@ def test_polyglu_forward_is_the_spec_formula(config):
     x = torch.randn(3, 10, config.d_model)
     f = ffn.gate_net(x.mean(dim=1))                                    # [B, K]
     g = torch.softmax((ffn.alpha + ffn.beta * f[:, None, :]) / 0.3, -1)  # [B, d_ff, K]
-    h = x @ ffn.w_gate.weight.T
+    h = x @ ffn.W_gate.weight.T
     activations = torch.stack([F.relu(h), torch.tanh(h), F.silu(h), F.gelu(h)], dim=-1)
-    expected = ((activations * g[:, None]).sum(-1) * (x @ ffn.w_up.weight.T)) @ ffn.w_down.weight.T
+    expected = ((activations * g[:, None]).sum(-1) * (x @ ffn.W_up.weight.T)) @ ffn.W_down.weight.T
     torch.testing.assert_close(ffn(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_vanilla_ffn_is_swiglu(config):
     ffn = M.SwiGLU(config)
     x = torch.randn(2, 5, config.d_model)
-    expected = ffn.w_down(F.silu(ffn.w_gate(x)) * ffn.w_up(x))
+    expected = ffn.W_down(F.silu(ffn.W_gate(x)) * ffn.W_up(x))
     torch.testing.assert_close(ffn(x), expected)
-    assert isinstance(M.PolychromaticLM(small_config(model_type='vanilla')).blocks[0].ffn, M.SwiGLU)
+    assert isinstance(M.PolychromaticLM(small_config(model_type="vanilla")).model_core[0].ffn, M.SwiGLU)
 
 
 def test_routing_deterministic_in_eval_stochastic_in_train(config):
@@ -115,14 +134,14 @@ def test_routing_deterministic_in_eval_stochastic_in_train(config):
 def test_routing_is_one_choice_per_sequence(config):
     model = M.PolychromaticLM(config).train()
     model(torch.randint(0, config.vocab_size, (3, 16)))
-    assert model.blocks[0].ffn.last_logits.shape == (3, 1, config.d_ff, 4)
+    assert model.model_core[0].ffn.last_logits.shape == (3, 1, config.d_ff, 4)
 
 
 def test_routing_entropy_closed_form(config):
     model = M.PolychromaticLM(config).eval()
     preference = torch.tensor([2.0, 0.0, -1.0, 0.5])
     with torch.no_grad():
-        for block in model.blocks:
+        for block in model.model_core:
             block.ffn.alpha.copy_(preference.expand(config.d_ff, 4))
             block.ffn.gate_net[2].weight.zero_()  # f(h) = 0: routing is alpha alone
             block.ffn.gate_net[2].bias.zero_()
@@ -140,7 +159,7 @@ def test_routing_entropy_closed_form(config):
 def test_routing_entropy_bounds(config):
     model = M.PolychromaticLM(config).train()
     with torch.no_grad():
-        for block in model.blocks:
+        for block in model.model_core:
             block.ffn.alpha.normal_(std=3.0)
     model(torch.randint(0, config.vocab_size, (2, 8)))
     stats = M.routing_entropy(model)
@@ -198,7 +217,7 @@ def test_gradient_checkpointing_same_gradients(config):
     for checkpointed, blocks in ((False, -1), (True, -1), (True, 1)):
         torch.manual_seed(1)
         model = M.create_model(config, gradient_checkpointing=checkpointed, checkpoint_blocks=blocks).train()
-        wrapped = [isinstance(block.forward, functools.partial) for block in model.blocks]
+        wrapped = [isinstance(block.forward, functools.partial) for block in model.model_core]
         assert wrapped == {(False, -1): [False, False], (True, -1): [True, True], (True, 1): [True, False]}[
             checkpointed, blocks]
         torch.manual_seed(2)  # same Gumbel noise
@@ -224,8 +243,8 @@ def test_checkpoint_round_trip(tmp_path, config):
     idx = torch.randint(0, config.vocab_size, (2, 16))
     path = str(tmp_path / 'portable_42.pt')
     M.save_checkpoint(path, model, step=42, optimizer_state=optimizer.state_dict())
-    loaded, step, tau = M.load_checkpoint(path)
-    assert (step, tau) == (42, pytest.approx(0.73))
+    loaded, info = M.load_checkpoint(path)
+    assert (info['step'], info['tau']) == (42, pytest.approx(0.73))
     assert loaded.tau == pytest.approx(0.73) and not loaded.training
     torch.testing.assert_close(loaded(idx), model.eval()(idx), rtol=0, atol=0)
     state = torch.load(path, weights_only=True)
@@ -243,7 +262,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, config):
         M.load_checkpoint(str(garbage))
     foreign = tmp_path / 'foreign.pt'
     torch.save({'weights': torch.zeros(3)}, foreign)
-    with pytest.raises(SystemExit, match='not a PolychromaticLM portable checkpoint'):
+    with pytest.raises(SystemExit, match='not a PolychromaticLM checkpoint'):
         M.load_checkpoint(str(foreign))
     vanilla = str(tmp_path / 'vanilla.pt')
     M.save_checkpoint(vanilla, M.create_model(small_config(model_type='vanilla')), step=1)
@@ -256,9 +275,9 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, config):
     with pytest.raises(SystemExit, match='not a readable checkpoint'):
         M.load_checkpoint(str(truncated))
     tampered = torch.load(good, weights_only=True)
-    tampered['model_state_dict']['blocks.0.ffn.alpha'] = torch.zeros(64, 4)
+    tampered['model_state_dict']['model_core.0.polyglu.alpha'] = torch.zeros(64, 4)
     torch.save(tampered, tmp_path / 'tampered.pt')
-    with pytest.raises(SystemExit, match=r'wrong shape.*blocks\.0\.ffn\.alpha: checkpoint \(64, 4\) vs model \(128, 4\)'):
+    with pytest.raises(SystemExit, match=r'wrong shape.*model_core\.0\.polyglu\.alpha: checkpoint \(64, 4\) vs model \(128, 4\)'):
         M.load_checkpoint(str(tmp_path / 'tampered.pt'))
 
 

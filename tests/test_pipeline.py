@@ -37,13 +37,14 @@ def test_demo_pipeline(tmp_path):
     losses = [float(x) for x in re.findall(r'\| loss (\d+\.\d+) \|', out)]
     assert losses[0] > 7.0 and losses[-1] < 6.0  # ln(151,669) = 11.9
     assert 'already trained to max_steps=60' in run(*train, cwd=tmp_path)  # a re-run reuses the result
-    model, step, tau = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_final.pt'))
+    model, info = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_final.pt'))
+    step, tau = info['step'], info['tau']
     assert step == 60 and tau == pytest.approx(0.1) and model.config.d_model == 48
     out = run('sft.py', 'config/tiny_sft.py', '--init_from=checkpoints/demo/portable_final.pt', '--block_size=64',
               '--eval_interval=1000', cwd=tmp_path)
     validation = [float(v) for v in re.findall(r'validation loss (\d+\.\d+) per assistant token', out)]
     assert len(validation) == 2 and validation[1] < validation[0] - 0.5
-    _, _, tau = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_sft_final.pt'))
+    tau = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_sft_final.pt'))[1]['tau']
     assert tau == 0.1
     run('eval.py', 'config/tiny_eval.py', '--checkpoint=checkpoints/demo/portable_sft_final.pt', '--limit=8',
         '--perplexity_tokens=1000', cwd=tmp_path)

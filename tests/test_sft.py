@@ -8,6 +8,7 @@ import torch
 
 import model as M
 import prepare
+import synthetic
 from configurator import configure
 
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
@@ -63,7 +64,7 @@ def training_loss(sft_module, checkpoint, n_rows=8):
     tokens, masks, starts, lengths = sft_module.load_conversations()
     order = np.random.default_rng([sft_module.seed, 0]).permutation(np.arange(len(starts) - 12))
     rows = sft_module.pack(starts, np.minimum(lengths, 65), order, 65)[:n_rows]
-    model, _, _ = M.load_checkpoint(checkpoint)
+    model, _ = M.load_checkpoint(checkpoint)
     x, y, cu_seqlens, max_seqlen = sft_module.to_device([sft_module.row_arrays(tokens, masks, r) for r in rows])
     with torch.no_grad():
         return M.LanguageModelLoss(model)(x, y, cu_seqlens, max_seqlen).item()
@@ -77,7 +78,7 @@ def test_sft_lowers_assistant_loss_with_tau_frozen(sft_data, pretrained, tmp_pat
     validation = [float(v) for v in re.findall(r'validation loss (\d+\.\d+) per assistant token', out)]
     assert len(validation) == 2 and validation[1] < validation[0]
     assert set(re.findall(r'\| tau (\S+) \|', out)) == {'0.1'}
-    _, _, tau = M.load_checkpoint(str(tmp_path / 'portable_sft_final.pt'))
+    tau = M.load_checkpoint(str(tmp_path / 'portable_sft_final.pt'))[1]['tau']
     assert tau == 0.1
 
 
@@ -106,7 +107,7 @@ def test_no_gradient_at_masked_positions(sft_data):
     assert (y != -100).any() and (y == -100).any()
     model = M.create_model(M.ModelConfig(**TINY))
     hidden = model.hidden_states(x, cu_seqlens, max_seqlen).detach().requires_grad_()
-    logits = torch.nn.functional.linear(hidden, model.embed.weight)
+    logits = torch.nn.functional.linear(hidden, model.embeddings.weight)
     logits.retain_grad()
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100).backward()
     masked = y == -100
@@ -114,7 +115,7 @@ def test_no_gradient_at_masked_positions(sft_data):
     assert (logits.grad[~masked].abs().sum(-1) > 0).all()
     # the chunked loss used by sft.py gives the same zero gradients on the hidden states
     hidden.grad = None
-    M.chunked_cross_entropy(hidden, model.embed.weight, y, chunk_size=16).backward()
+    M.chunked_cross_entropy(hidden, model.embeddings.weight, y, chunk_size=16).backward()
     assert hidden.grad[masked].abs().max().item() == 0.0 and (hidden.grad[~masked].abs().sum(-1) > 0).all()
 
 
@@ -190,3 +191,16 @@ def test_conversations_across_several_chunks(tmp_path):
         ids = sft.piece(tokens, start, length)
         assert ids[0] == prepare.IM_START and ids[-1] == M.EOS_ID and (ids == M.EOS_ID).sum() == 1
         assert sft.piece(masks, start, length).sum() > 0  # every conversation has assistant tokens
+
+
+@pytest.mark.parametrize('kind', ['pt', 'safetensors'])
+def test_sft_starts_from_the_author_formats(kind, sft_data, tmp_path, capsys):
+    weights = synthetic.author_weights(vocab=M.ModelConfig.vocab_size, seq_length=TINY['max_seq_len'])
+    path = synthetic.write_author_files(str(tmp_path / 'author'), weights)[kind]
+    run_sft(sft_args(sft_data, path, str(tmp_path / 'sft')))
+    step = {'pt': 19_531, 'safetensors': 0}[kind]
+    assert f'SFT from {path} (pre-training step {step}, tau 0.1)' in capsys.readouterr().out
+    model, info = M.load_checkpoint(str(tmp_path / 'sft' / 'portable_sft_final.pt'))
+    assert info['init_from'] == path and info['tau'] == 0.1
+    moved = (model.embeddings.weight - weights['embeddings.weight'].float()).abs().max().item()
+    assert 0 < moved < 0.1  # fine-tuned from the author's weights, not from a fresh init (std 0.5 apart)

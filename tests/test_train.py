@@ -72,9 +72,9 @@ def test_weight_decay_groups():
     decayed = {names[id(p)] for p in decay['params']}
     exempt = {names[id(p)] for p in no_decay['params']}
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
-    assert 'blocks.0.ffn.alpha' in exempt and 'blocks.1.ffn.alpha' in exempt
-    assert {'blocks.0.ffn.beta', 'blocks.0.attn_norm.weight', 'blocks.0.ffn.gate_net.0.bias'} <= exempt
-    assert {'embed.weight', 'blocks.0.ffn.w_gate.weight', 'blocks.0.ffn.gate_net.0.weight'} <= decayed
+    assert 'model_core.0.polyglu.alpha' in exempt and 'model_core.1.polyglu.alpha' in exempt
+    assert {'model_core.0.polyglu.beta', 'model_core.0.rmsnorm_1.gama', 'model_core.0.polyglu.gate_net.0.bias'} <= exempt
+    assert {'embeddings.weight', 'model_core.0.polyglu.W_gate.weight', 'model_core.0.polyglu.gate_net.0.weight'} <= decayed
     assert all(model.get_parameter(n).dim() >= 2 and not n.endswith('alpha') for n in decayed)
     assert len(decayed) + len(exempt) == len(names)
 
@@ -175,7 +175,8 @@ def test_nan_guard_skips_then_stops(data_dir, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert 'step 3: non-finite loss nan or grad norm nan: update skipped (1 in a row, 1 in all)' in out
     assert 'update skipped (3 in a row, 4 in all)' in out
-    model, step, _ = M.load_checkpoint(str(tmp_path / 'portable_10.pt'))
+    model, info = M.load_checkpoint(str(tmp_path / 'portable_10.pt'))
+    step = info['step']
     assert step == 10 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -270,3 +271,15 @@ def test_wandb_without_login_is_one_line(data_dir, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith('error: wandb could not start')
     assert 'Traceback' not in result.stderr
+
+
+def test_init_from_an_author_file_starts_from_its_weights(data_dir, tmp_path, capsys):
+    weights = synthetic.author_weights(seq_length=64)
+    paths = synthetic.write_author_files(str(tmp_path / 'author'), weights)
+    run_train(synthetic.train_args(data_dir, str(tmp_path / 'run'), init_from=paths['pt'], max_steps=2,
+                                   learning_rate=0.0, min_lr=0.0, log_interval=1, checkpoint_interval=0))
+    assert 'its weights only; a fresh optimizer, the learning-rate schedule from step 0' in capsys.readouterr().out
+    state = final_state(str(tmp_path / 'run'))  # learning rate 0: the weights are still the author's
+    assert all(torch.equal(state[k], v.float()) for k, v in weights.items() if not k.startswith('rope.'))
+    with pytest.raises(SystemExit, match=r"different model than configured.*'d_model': \(48, 32\)"):
+        run_train(synthetic.train_args(data_dir, str(tmp_path / 'other'), init_from=paths['pt'], d_model=48))
