@@ -4,6 +4,7 @@ Supervised fine-tuning on math conversations (ChatML), loss on assistant tokens 
     deepspeed sft.py config/sft.py                        # from checkpoints/portable_final.pt
     python sft.py config/tiny_sft.py                      # CPU demo
     python sft.py config/sft.py --init_from=checkpoints/vanilla/portable_final.pt --model_type=vanilla
+    deepspeed sft.py config/sft.py --init_from=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B   # the published base
 
 Data: prepare.py --source=sft writes chunks of token ids with a loss mask (1 on assistant content and its
 closing <|im_end|>), every conversation ending with EOS. Conversations are packed whole into rows of block_size
@@ -27,7 +28,7 @@ from utils import (catch_stop_signals, cosine_lr, end_of_session, init_distribut
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
-init_from = 'checkpoints/portable_final.pt'
+init_from = 'checkpoints/portable_final.pt'  # a checkpoint, a folder or hf:owner/name (any format load_checkpoint reads)
 model_type = 'polyglu'       # what init_from must be: 'polyglu' or 'vanilla' (the baseline fine-tunes the same way)
 data_dir = 'data/tokenized/sft'
 out_dir = 'checkpoints'

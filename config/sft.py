@@ -1,6 +1,6 @@
 # SFT of SPEC.md on one 80 GB GPU: Nemotron-Math-v2 in ChatML, loss on assistant tokens only.
 #   python prepare.py --source=sft && deepspeed sft.py config/sft.py
-init_from = 'checkpoints/portable_final.pt'
+init_from = 'checkpoints/portable_final.pt'   # or hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B, the published base
 model_type = 'polyglu'          # 'vanilla' with the VanillaLM checkpoint for the baseline
 data_dir = 'data/tokenized/sft'
 out_dir = 'checkpoints'
