@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model import EOS_ID, ModelConfig
-from utils import HUB_TOKENIZER, get_tokenizer, load_dotenv
+from utils import HUB_TOKENIZER, get_tokenizer, load_dotenv, plan_budgets
 
 # -----------------------------------------------------------------------------
 # config
@@ -38,12 +38,16 @@ output_base = 'data/tokenized'
 input = ''                     # local jsonl/parquet path or glob read instead of the hub (same schema)
 tokenizer = HUB_TOKENIZER      # hub id, local tokenizer.json or folder, or 'packaged' (offline Qwen3 copy)
 chunk_tokens = 100_000_000     # tokens per chunk file (chunks end on a document boundary)
-max_tokens = -1                # token budget of the source; -1 = the spec's (7B math, 2.5B STEM, 0.5B code)
+max_tokens = -1                # token budget of the source; -1 = what the pre-training plan uses (utils.plan_budgets)
 num_proc = os.cpu_count() or 1 # tokenizer worker processes; the output does not depend on it
 batch_docs = 512               # documents per tokenizer call
 max_bad_fraction = 0.01        # malformed rows are skipped and counted; more than this fraction stops the run
 sft_sources = 'nemotron'       # comma list of nemotron, metamath, numina
-sft_split = 'low'              # Nemotron-Math-v2 split: low | medium | high_part00..02 (low: shortest traces)
+sft_split = 'low'              # Nemotron-Math-v2 split: low | medium | high_part00..02 (low: shortest traces, README)
+sft_reasoning = False          # render reasoning_content between <think> and </think> before the answer (in the loss)
+sft_traces_per_problem = 1     # traces kept per problem (0 = all): one is the seed's scale, ~347K conversations
+sft_max_examples = -1          # stop after this many conversations; -1 = no limit
+code_config = ''               # Nemotron-CC-Code-v1's config name, if the hub asks for one ('' = none)
 verify = ''                    # a prepared folder to check against its manifest, then exit
 sample = ''                    # write the embedded sample (generated jsonl in the real schemas) here, then exit
 benchmark = False              # measure tokenization throughput on --input, then exit
@@ -59,7 +63,7 @@ SOURCES = {
              dict(id='nvidia/Nemotron-CC-v2.1', config='High-Quality', split='train', field='text', share=0.5)],
     'code': [dict(id='nvidia/Nemotron-CC-Code-v1', config=None, split='train', field='text', share=1.0)],
 }
-DEFAULT_MAX_TOKENS = {'math': 7_000_000_000, 'stem': 2_500_000_000, 'code': 500_000_000, 'sft': 10**12}
+DEFAULT_MAX_TOKENS = {**plan_budgets(), 'sft': 10**12}  # SFT: every conversation the per-problem cap keeps
 SFT_DATASETS = {  # conversations: Nemotron-Math-v2 and NuminaMath-CoT carry 'messages'; MetaMathQA query/response
     'nemotron': dict(id='nvidia/Nemotron-Math-v2', config=None, field='messages'),
     'metamath': dict(id='meta-math/MetaMathQA', config=None, split='train', field='query'),
@@ -68,6 +72,8 @@ SFT_DATASETS = {  # conversations: Nemotron-Math-v2 and NuminaMath-CoT carry 'me
 GATED = ('nvidia/Nemotron-CC-Math-v1', 'nvidia/Nemotron-CC-v2', 'nvidia/Nemotron-CC-v2.1', 'nvidia/Nemotron-CC-Code-v1')
 MANIFEST_FORMAT = 'polychromatic-tokens-v1'
 IM_START, IM_END = 151_644, 151_645
+THINK_START, THINK_END = 151_667, 151_668  # Qwen3's <think> and </think>
+SKIP_REASONS = ('malformed', 'tool', 'extra_trace')  # why an SFT row is not a conversation; -1, -2, -3 as lengths
 
 
 def fail(message):
@@ -116,11 +122,15 @@ def hub_rows(dataset):
         fail(f"HF_TOKEN is not set and {dataset['id']} is gated: accept its terms on the Hugging Face page, "
              "then put HF_TOKEN=hf_... in the environment or in .env (or use --input= with local files)")
     from datasets import load_dataset
+    config = code_config or None if dataset['id'] == 'nvidia/Nemotron-CC-Code-v1' else dataset['config']
     try:
-        stream = load_dataset(dataset['id'], dataset['config'], split=dataset['split'], streaming=True,
-                              token=token)
+        stream = load_dataset(dataset['id'], config, split=dataset['split'], streaming=True, token=token)
     except Exception as e:
-        fail(f"cannot open {dataset['id']} ({type(e).__name__}: {str(e)[:200]}); check HF_TOKEN, the network "
+        message = str(e).splitlines()[0][:200] if str(e) else ''
+        if 'config name is missing' in message.lower() and dataset['id'] == 'nvidia/Nemotron-CC-Code-v1':
+            fail(f"{dataset['id']} wants a config name ({message}): pass --code_config=NAME (one of those it lists; "
+                 "other loaders use 'data')")
+        fail(f"cannot open {dataset['id']} ({type(e).__name__}: {message}); check HF_TOKEN, the network "
              "and that its terms are accepted")
     return iter(stream)
 
@@ -138,8 +148,12 @@ worker_tokenizer = None
 
 def init_worker(tokenizer_name):
     global worker_tokenizer
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker must die on pool.terminate, whatever its parent set
     os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # parallelism comes from processes, one core each
     worker_tokenizer = get_tokenizer(tokenizer_name)
+    # '<|endoftext|>' written in a document is text: only the pipeline inserts EOS and ChatML ids
+    worker_tokenizer.encode_special_tokens = True
 
 
 def row_text(row, field):
@@ -162,43 +176,65 @@ def tokenize_documents(job):
         pieces.append(np.array(ids + [EOS_ID], dtype=np.uint32))
         lengths.append(len(ids) + 1)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
-    return tokens, np.array(lengths, dtype=np.int64), None
+    return tokens, np.array(lengths, dtype=np.int64), None, None
 
 
 def conversation(row, field):
-    """A list of (role, content) turns from the SFT schemas, or None if the row is malformed."""
+    """-> (turns, problem) with turns [(role, content, reasoning)], or (None, reason) for a row that is no
+    conversation: 'tool' for Nemotron-Math-v2's tool-integrated rows (a tools list, tool calls, tool turns: skipped, as
+    the author's SFT did), 'malformed' for anything without a user turn and an assistant target. Content may be None
+    or empty where the schema allows it (tool-call turns, an empty system prompt); reasoning_content is None on user
+    turns. The problem (its statement, or else the first user turn) groups the traces of one problem."""
     if not isinstance(row, dict):
-        return None
+        return None, 'malformed'
     if field == 'query':  # MetaMathQA
-        query, response = row.get('query'), row.get('response')
-        turns = [('user', query), ('assistant', response)]
+        raw = [{'role': 'user', 'content': row.get('query')}, {'role': 'assistant', 'content': row.get('response')}]
     else:
-        messages = row.get('messages')
-        if not isinstance(messages, list):
-            return None
-        turns = [(m.get('role'), m.get('content')) for m in messages if isinstance(m, dict)]
-    if not turns or not all(isinstance(r, str) and isinstance(c, str) for r, c in turns):
-        return None
-    if not any(role == 'assistant' for role, _ in turns):
-        return None
-    return turns
+        raw = row.get('messages')
+        if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+            return None, 'malformed'
+    if row.get('tools') or any(m.get('role') == 'tool' or m.get('tool_calls') for m in raw):
+        return None, 'tool'
+    turns = []
+    for m in raw:
+        role, content, reasoning = m.get('role'), m.get('content'), m.get('reasoning_content')
+        if role not in ('system', 'user', 'assistant') or not isinstance(content, (str, type(None))):
+            return None, 'malformed'
+        reasoning = reasoning if role == 'assistant' and isinstance(reasoning, str) and reasoning.strip() else None
+        if content or reasoning:
+            turns.append((role, content or '', reasoning))
+    targets = [c.strip() or (sft_reasoning and t) for r, c, t in turns if r == 'assistant']
+    if not any(r == 'user' and c.strip() for r, c, _ in turns) or not targets or not all(targets):
+        return None, 'malformed'
+    problem = row.get('problem') if isinstance(row.get('problem'), str) else next(c for r, c, _ in turns if r == 'user')
+    return turns, problem
+
+
+def problem_id(problem):
+    return int.from_bytes(hashlib.blake2b(problem.strip().encode(), digest_size=8).digest(), 'little')
 
 
 def tokenize_conversations(job):
-    """ChatML: <|im_start|>role\\ncontent<|im_end|>\\n per turn, EOS after the conversation. Loss mask 1 on the
-    assistant content and its <|im_end|>; 0 on headers, other roles, the newline after <|im_end|> and EOS."""
+    """ChatML: <|im_start|>role\ncontent<|im_end|>\n per turn, EOS after the conversation; with sft_reasoning, an
+    assistant turn is <think>\nreasoning\n</think>\n\ncontent (Qwen3's layout). Loss mask 1 on the assistant body
+    (reasoning included) and its <|im_end|>; 0 on headers, other roles, the newline after <|im_end|> and EOS.
+    -> (tokens, lengths: -1 - SKIP_REASONS index for a skipped row, mask, problem ids)."""
     rows, field = job
-    newline = worker_tokenizer.encode('\n', add_special_tokens=False).ids
-    token_pieces, mask_pieces, lengths = [], [], []
+    encode = lambda text: worker_tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    newline = encode('\n')
+    token_pieces, mask_pieces, lengths, problems = [], [], [], []
     for row in rows:
-        turns = conversation(row, field)
+        turns, problem = conversation(row, field)
         if turns is None:
-            lengths.append(-1)
+            lengths.append(-1 - SKIP_REASONS.index(problem))
+            problems.append(0)
             continue
         ids, mask = [], []
-        for role, content in turns:
-            header = [IM_START] + worker_tokenizer.encode(f'{role}\n', add_special_tokens=False).ids
-            body = worker_tokenizer.encode(content, add_special_tokens=False).ids + [IM_END]
+        for role, content, reasoning in turns:
+            header = [IM_START] + encode(f'{role}\n')
+            think = [THINK_START] + encode(f'\n{reasoning}\n') + [THINK_END] + encode('\n\n') \
+                if role == 'assistant' and sft_reasoning and reasoning else []
+            body = think + encode(content) + [IM_END]
             ids += header + body + newline
             mask += [0] * len(header) + [int(role == 'assistant')] * len(body) + [0] * len(newline)
         ids.append(EOS_ID)
@@ -206,9 +242,11 @@ def tokenize_conversations(job):
         token_pieces.append(np.array(ids, dtype=np.uint32))
         mask_pieces.append(np.array(mask, dtype=np.uint8))
         lengths.append(len(ids))
+        problems.append(problem_id(problem))
+    problems = np.array(problems, dtype=np.uint64)
     if not token_pieces:
-        return np.zeros(0, np.uint32), np.array(lengths, dtype=np.int64), np.zeros(0, np.uint8)
-    return np.concatenate(token_pieces), np.array(lengths, dtype=np.int64), np.concatenate(mask_pieces)
+        return np.zeros(0, np.uint32), np.array(lengths, dtype=np.int64), np.zeros(0, np.uint8), problems
+    return np.concatenate(token_pieces), np.array(lengths, dtype=np.int64), np.concatenate(mask_pieces), problems
 
 
 def ordered_map(pool, fn, jobs, ahead):
@@ -255,7 +293,8 @@ def save_manifest(folder, manifest):
     atomic_write(os.path.join(folder, 'manifest.json'), json.dumps(manifest, indent=1).encode())
 
 
-def write_chunk(folder, index, tokens, mask=None):
+def write_chunk(folder, index, tokens, mask=None, problems=None):
+    """A chunk's tokens; for SFT also its loss mask and the problem id (uint64) of each conversation in it."""
     entry = {'file': f'chunk_{index:05d}.bin', 'tokens': int(tokens.size),
              'documents': int(np.count_nonzero(tokens == EOS_ID)), 'sha256': sha256(tokens)}
     atomic_write(os.path.join(folder, entry['file']), tokens.tobytes())
@@ -263,6 +302,9 @@ def write_chunk(folder, index, tokens, mask=None):
         entry['mask_file'] = f'chunk_{index:05d}.mask.bin'
         entry['mask_sha256'] = sha256(mask)
         atomic_write(os.path.join(folder, entry['mask_file']), mask.tobytes())
+    if problems is not None:
+        entry['problems_file'] = f'chunk_{index:05d}.problems.bin'
+        atomic_write(os.path.join(folder, entry['problems_file']), problems.astype(np.uint64).tobytes())
     return entry
 
 
@@ -295,7 +337,11 @@ def prepare_source(name):
         'format': MANIFEST_FORMAT, 'source': name, 'tokenizer': tokenizer, 'eos_id': EOS_ID, 'dtype': 'uint32',
         'chunk_tokens': chunk_tokens, 'max_tokens': sum(budget for _, budget in streams),
         'datasets': [{k: v for k, v in d.items() if k != 'share'} for d, _ in streams],
+        'special_token_text': 'text',  # literal '<|endoftext|>' in a document is text, never the EOS id
     }
+    if name == 'sft':
+        identity.update(sft_reasoning=sft_reasoning, sft_traces_per_problem=sft_traces_per_problem,
+                        sft_max_examples=sft_max_examples)
     path = os.path.join(folder, 'manifest.json')
     if os.path.isfile(path):
         with open(path) as f:
@@ -311,31 +357,42 @@ def prepare_source(name):
         print(f"{name}: resuming after {len(manifest['chunks'])} chunks ({manifest['total_tokens']:,} tokens)")
     else:
         manifest = dict(identity, vocab_size=None, chunks=[], total_tokens=0, total_documents=0,
-                        bad_rows=0, complete=False,
+                        bad_rows=0, skipped={reason: 0 for reason in SKIP_REASONS}, complete=False,
                         streams=[{'rows_read': 0, 'tokens': 0, 'done': False} for _ in streams])
     vocab_tokenizer = get_tokenizer(tokenizer)  # checks vocabulary size and special ids before any work
     manifest['vocab_size'] = vocab_tokenizer.get_vocab_size(with_added_tokens=True)
     is_sft = name == 'sft'
     work = tokenize_conversations if is_sft else tokenize_documents
+    if is_sft and sft_max_examples == 0:
+        fail("sft_max_examples=0 keeps no conversation; -1 means no limit")
 
     # what the last complete chunk recorded; everything after it is re-read
     state = [dict(s) for s in manifest['streams']]
-    bad_rows = manifest['bad_rows']
-    pending_tokens, pending_masks, pending_size = [], [], 0
+    skipped = dict(manifest['skipped'])
+    traces = collections.Counter()  # problem id -> conversations kept, for sft_traces_per_problem
+    for entry in manifest['chunks']:
+        if 'problems_file' in entry:
+            traces.update(np.fromfile(os.path.join(folder, entry['problems_file']), dtype=np.uint64).tolist())
+    pending_tokens, pending_masks, pending_problems, pending_size = [], [], [], 0
     progress = tqdm(total=identity['max_tokens'], initial=manifest['total_tokens'], unit='tok', unit_scale=True,
                     desc=name, smoothing=0.05)
 
     def flush():
-        nonlocal pending_tokens, pending_masks, pending_size
+        nonlocal pending_tokens, pending_masks, pending_problems, pending_size
         tokens = np.concatenate(pending_tokens)
         mask = np.concatenate(pending_masks) if is_sft else None
-        manifest['chunks'].append(write_chunk(folder, len(manifest['chunks']), tokens, mask))
+        problems = np.array(pending_problems, dtype=np.uint64) if is_sft else None
+        manifest['chunks'].append(write_chunk(folder, len(manifest['chunks']), tokens, mask, problems))
         manifest['total_tokens'] += int(tokens.size)
         manifest['total_documents'] += manifest['chunks'][-1]['documents']
         manifest['streams'] = [dict(s) for s in state]
-        manifest['bad_rows'] = bad_rows
+        manifest['skipped'] = dict(skipped)
+        manifest['bad_rows'] = skipped['malformed']
         save_manifest(folder, manifest)
-        pending_tokens, pending_masks, pending_size = [], [], 0
+        pending_tokens, pending_masks, pending_problems, pending_size = [], [], [], 0
+
+    def enough():
+        return is_sft and 0 <= sft_max_examples <= manifest['total_documents'] + len(pending_problems)
 
     context = multiprocessing.get_context('fork')
     pool = context.Pool(num_proc, initializer=init_worker, initargs=(tokenizer,)) if num_proc > 1 else None
@@ -350,47 +407,79 @@ def prepare_source(name):
             rows = skip(rows, stream['rows_read'])
             jobs = batches(rows, dataset['field'], batch_docs)
             results = ordered_map(pool, work, jobs, ahead=2 * num_proc)
-            for tokens, lengths, mask in results:
+            for tokens, lengths, mask, problems in results:
                 offset = 0
-                for length in lengths.tolist():
+                for row, length in enumerate(lengths.tolist()):
+                    if length > 0 and is_sft and sft_traces_per_problem > 0 and \
+                            traces[int(problems[row])] >= sft_traces_per_problem:
+                        offset += length
+                        length = -1 - SKIP_REASONS.index('extra_trace')
                     if length < 0:
                         stream['rows_read'] += 1
-                        bad_rows += 1
+                        skipped[SKIP_REASONS[-1 - length]] += 1
                         continue
                     if pending_size and pending_size + length > chunk_tokens:
                         flush()  # the snapshot it saves must not count this row yet: it is not in the chunk
                     pending_tokens.append(tokens[offset:offset + length])
                     if is_sft:
                         pending_masks.append(mask[offset:offset + length])
+                        pending_problems.append(int(problems[row]))
+                        traces[int(problems[row])] += 1
                     offset += length
                     pending_size += length
                     stream['tokens'] += length
                     stream['rows_read'] += 1
                     progress.update(length)
-                    if stream['tokens'] >= budget:
+                    if stream['tokens'] >= budget or enough():
                         break
                 read = sum(s['rows_read'] for s in state)
-                if read >= 1000 and bad_rows > max_bad_fraction * read:
-                    fail(f"{bad_rows:,} of {read:,} rows of {dataset['id']} are malformed (no usable "
+                if read >= 1000 and skipped['malformed'] > max_bad_fraction * read:
+                    fail(f"{skipped['malformed']:,} of {read:,} rows of {dataset['id']} are malformed (no usable "
                          f"'{dataset['field']}'), above max_bad_fraction={max_bad_fraction}: wrong files or schema?")
-                if stream['tokens'] >= budget:
+                if stream['tokens'] >= budget or enough():
                     break
             stream['done'] = True
+            if enough():
+                break
         if pending_size:
             flush()
         if not manifest['chunks']:
             fail(f"{name}: no usable document in the input (every row lacked '{streams[0][0]['field']}')")
         manifest['streams'] = [dict(s) for s in state]
-        manifest['bad_rows'] = bad_rows
+        manifest['skipped'] = dict(skipped)
+        manifest['bad_rows'] = skipped['malformed']
+        if is_sft:
+            manifest['sft'] = sft_statistics(folder, manifest)
         manifest['complete'] = True
         save_manifest(folder, manifest)
     finally:
         progress.close()
         if pool is not None:
             pool.terminate()
-    print(f"{name}: {manifest['total_tokens']:,} tokens, {manifest['total_documents']:,} documents in "
-          f"{len(manifest['chunks'])} chunks, {manifest['bad_rows']:,} malformed rows skipped -> {folder}")
+    if is_sft:
+        stats = manifest['sft']
+        print(f"{name}: {stats['conversations']:,} conversations of {stats['problems']:,} problems, "
+              f"{manifest['total_tokens']:,} tokens ({stats['assistant_tokens']:,} assistant), "
+              f"{stats['longer_than_4096']:,} longer than 4,096 tokens | skipped: "
+              + ', '.join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in manifest['skipped'].items())
+              + f" -> {folder}")
+    else:
+        print(f"{name}: {manifest['total_tokens']:,} tokens, {manifest['total_documents']:,} documents in "
+              f"{len(manifest['chunks'])} chunks, {manifest['bad_rows']:,} malformed rows skipped -> {folder}")
     return manifest
+
+
+def sft_statistics(folder, manifest):
+    """Conversations, distinct problems, assistant tokens and conversations longer than a 4,096-token row."""
+    problems, assistant_tokens, long = set(), 0, 0
+    for entry in manifest['chunks']:
+        tokens = np.fromfile(os.path.join(folder, entry['file']), dtype=np.uint32)
+        assistant_tokens += int(np.fromfile(os.path.join(folder, entry['mask_file']), dtype=np.uint8).sum())
+        problems.update(np.fromfile(os.path.join(folder, entry['problems_file']), dtype=np.uint64).tolist())
+        ends = np.flatnonzero(tokens == EOS_ID)
+        long += int(np.count_nonzero(np.diff(np.concatenate([[-1], ends])) > 4096))
+    return {'conversations': manifest['total_documents'], 'problems': len(problems),
+            'assistant_tokens': assistant_tokens, 'longer_than_4096': long}
 
 # -----------------------------------------------------------------------------
 # verification
@@ -430,6 +519,10 @@ def verify_folder(folder):
                 fail(f"{mask_file} is missing or has the wrong size; re-run prepare.py")
             if sha256(np.fromfile(mask_file, dtype=np.uint8)) != chunk['mask_sha256']:
                 fail(f"{mask_file} fails its checksum; delete it and re-run prepare.py")
+        if 'problems_file' in chunk:
+            problems_file = os.path.join(folder, chunk['problems_file'])
+            if not os.path.isfile(problems_file) or os.path.getsize(problems_file) != 8 * chunk['documents']:
+                fail(f"{problems_file} is missing or does not list one problem per conversation; re-run prepare.py")
     if sum(c['tokens'] for c in manifest['chunks']) != manifest['total_tokens']:
         fail(f"{path}: total_tokens does not equal the sum of its chunks")
     return manifest
@@ -494,9 +587,41 @@ def code_snippet(rng):
             f"{bodies[name]}\n\n\nprint({name}_{n}([{', '.join(str(int(x)) for x in rng.integers(0, 20, 5))}]))\n")
 
 
+LITERAL_MARKERS = ' (The strings <|endoftext|> and <|im_end|> in this sentence are plain text.)'
+PYTHON_TOOL = {'type': 'function', 'function': {'name': 'python', 'description': 'Run Python code.',
+                                                'parameters': {'type': 'object', 'properties': {'code': {'type': 'string'}},
+                                                               'required': ['code']}}}
+
+
+def message(role, content, reasoning_content=None, tool_calls=None, tool_call_id=None, name=None):
+    """A Nemotron-Math-v2 message: every field present, None where the turn has none."""
+    return {'role': role, 'content': content, 'reasoning_content': reasoning_content, 'tool_calls': tool_calls,
+            'tool_call_id': tool_call_id, 'name': name}
+
+
+def sft_rows(rng, problem_index):
+    """Two traces of one generated problem in Nemotron-Math-v2's schema: one plain (reasoning_content and the final
+    solution in content) and one tool-integrated (a tools list, an assistant tool call with None content, the tool's
+    output, then the answer), as the dataset's with/without-TIR settings produce."""
+    question, steps, answer = word_problem(rng)
+    if problem_index % 25 == 0:
+        question += LITERAL_MARKERS  # the pipeline must keep these as text, not special ids
+    solution = f"{steps}\nThe answer is \\boxed{{{answer}}}."
+    reasoning = f"Let me read the problem carefully. {steps} So the answer is {answer}."
+    system = [message('system', '')] if problem_index % 3 == 0 else []  # an empty system prompt is no turn
+    plain = system + [message('user', question), message('assistant', solution, reasoning)]
+    call = {'id': f'call_{problem_index}', 'type': 'function',
+            'function': {'name': 'python', 'arguments': json.dumps({'code': f'print({steps.split("=")[0]})'})}}
+    tool = [message('user', question), message('assistant', None, 'I will compute it with Python.', [call]),
+            message('tool', answer, tool_call_id=call['id'], name='python'), message('assistant', solution, reasoning)]
+    common = {'problem': question, 'expected_answer': answer, 'data_source': 'sample'}
+    return [dict(common, messages=plain, tools=None), dict(common, messages=tool, tools=[PYTHON_TOOL])]
+
+
 def make_sample(folder, documents=(3000, 1200, 600), conversations=400, seed=0):
-    """Write math.jsonl, stem.jsonl, code.jsonl ({'text': ...}, the Nemotron-CC schema) and sft.jsonl
-    (Nemotron-Math-v2's {'problem', 'messages', 'expected_answer'}) of generated text."""
+    """Write math.jsonl, stem.jsonl, code.jsonl ({'text': ...}, the Nemotron-CC schema; some documents spell out
+    '<|endoftext|>' and '<|im_end|>' as text) and sft.jsonl in Nemotron-Math-v2's full schema: `conversations`
+    problems, each with a plain and a tool-integrated trace."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     generators = {
@@ -508,13 +633,12 @@ def make_sample(folder, documents=(3000, 1200, 600), conversations=400, seed=0):
     for (name, generate), count in zip(generators.items(), documents):
         with open(os.path.join(folder, f'{name}.jsonl'), 'w') as f:
             for i in range(count):
-                f.write(json.dumps({'id': f'{name}-{i}', 'text': generate()}) + '\n')
+                text = generate() + (LITERAL_MARKERS if i % 50 == 0 else '')
+                f.write(json.dumps({'id': f'{name}-{i}', 'text': text}) + '\n')
     with open(os.path.join(folder, 'sft.jsonl'), 'w') as f:
         for i in range(conversations):
-            question, steps, answer = word_problem(rng)
-            messages = [{'role': 'user', 'content': question},
-                        {'role': 'assistant', 'content': f"{steps}\nThe answer is \\boxed{{{answer}}}."}]
-            f.write(json.dumps({'problem': question, 'messages': messages, 'expected_answer': answer}) + '\n')
+            for row in sft_rows(rng, i):
+                f.write(json.dumps(row) + '\n')
     write_demo_tasks(os.path.join(folder, 'tasks'), rng)
     return folder
 

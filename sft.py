@@ -9,10 +9,12 @@ Supervised fine-tuning on math conversations (ChatML), loss on assistant tokens 
 Data: prepare.py --source=sft writes chunks of token ids with a loss mask (1 on assistant content and its
 closing <|im_end|>), every conversation ending with EOS. Conversations are packed whole into rows of block_size
 tokens with document masking (cu_seqlens from EOS, as in pre-training), never padded: padding would move the
-mean-pooled PolyGLU gate. When the next conversation does not fit, the rest of the row holds its beginning, and
-the conversation starts again whole in the next row, so every trained token sees its own conversation from the
-start. The packing of each epoch follows from (seed, epoch): resume is exact. The last val_fraction of the
-conversations is held out for the validation loss (per assistant token).
+mean-pooled PolyGLU gate. When the next conversation does not fit, the rest of the row holds its beginning as
+context only (no loss there), and the conversation starts again whole, and trained, in the next row: every trained
+token sees its own conversation from the start, and no assistant token is trained twice in an epoch. The loss is the
+mean over every assistant token of the step, across micro-batches and ranks. The packing of each epoch follows from
+(seed, epoch): resume is exact. A val_fraction of the problems (all their traces) is held out for the validation
+loss (per assistant token).
 """
 import json
 import os
@@ -21,10 +23,11 @@ import time
 import numpy as np
 import torch
 
-from model import (EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, load_checkpoint, routing_entropy, save_checkpoint,
-                   wrap_model)
-from utils import (catch_stop_signals, cosine_lr, end_of_session, init_distributed, init_wandb, latest_checkpoint,
-                   make_engine, optimizer_step, prune_checkpoints, resolve_device, step_seed)
+from model import (EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, flops_per_token, load_checkpoint, routing_entropy,
+                   save_checkpoint, wrap_model)
+from utils import (A100_PEAK_FLOPS, USD_PER_GPU_HOUR, catch_stop_signals, cosine_lr, end_of_session, init_distributed,
+                   init_wandb, latest_checkpoint, make_engine, optimizer_step, prune_checkpoints, resolve_device,
+                   step_seed)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -35,7 +38,7 @@ out_dir = 'checkpoints'
 resume = 'auto'              # 'auto': continue from the newest SFT checkpoint in out_dir; '' = start from init_from
 block_size = 4096
 long_conversations = 'truncate'  # 'truncate' (cut the end of the assistant turn) | 'skip' a conversation > block_size
-val_fraction = 0.01          # held-out conversations (the last ones)
+val_fraction = 0.01          # held-out share of the problems (every trace of a held-out problem)
 epochs = 2
 micro_batch_size = 2
 grad_accum_steps = 16
@@ -74,9 +77,10 @@ def fail(message):
 
 
 def load_conversations():
-    """The SFT chunks, memory-mapped, as (tokens, masks, starts, lengths): tokens and masks are (chunks, offsets)
-    stores read with `piece`, and each conversation is the span [start, start + length) of the global stream.
-    A conversation never crosses a chunk (prepare.py ends chunks on conversation boundaries)."""
+    """The SFT chunks, memory-mapped, as (tokens, masks, starts, lengths, problems): tokens and masks are (chunks,
+    offsets) stores read with `piece`, each conversation is the span [start, start + length) of the global stream,
+    and problems[i] the id of its problem. A conversation never crosses a chunk (prepare.py ends chunks on
+    conversation boundaries)."""
     path = os.path.join(data_dir, 'manifest.json')
     if not os.path.isfile(path):
         fail(f"missing SFT data {data_dir} (no manifest.json): run `python prepare.py --source=sft`")
@@ -85,7 +89,10 @@ def load_conversations():
     if not manifest.get('complete') or not all('mask_file' in c for c in manifest['chunks']):
         fail(f"{data_dir} is not a complete SFT preparation (tokens + loss masks): run "
              "`python prepare.py --source=sft` (it resumes)")
-    tokens, masks, starts = [], [], []
+    if not all('problems_file' in c for c in manifest['chunks']):
+        fail(f"{data_dir} was prepared without problem ids (an older prepare.py): prepare it again into a new "
+             "output_base")
+    tokens, masks, starts, problems = [], [], [], []
     offsets = np.concatenate([[0], np.cumsum([entry['tokens'] for entry in manifest['chunks']])])
     for entry, offset in zip(manifest['chunks'], offsets):
         file, mask_file = (os.path.join(data_dir, entry[k]) for k in ('file', 'mask_file'))
@@ -97,9 +104,21 @@ def load_conversations():
         masks.append(np.memmap(mask_file, dtype=np.uint8, mode='r'))
         ends = np.flatnonzero(tokens[-1] == EOS_ID) + 1
         starts.append(offset + np.concatenate([[0], ends[:-1]]))
+        problems.append(np.fromfile(os.path.join(data_dir, entry['problems_file']), dtype=np.uint64))
+        if problems[-1].size != ends.size:
+            fail(f"{entry['problems_file']} lists {problems[-1].size} problems for {ends.size} conversations: "
+                 "prepare the SFT data again")
     starts = np.concatenate(starts)
     lengths = np.diff(np.append(starts, offsets[-1]))
-    return (tokens, offsets), (masks, offsets), starts, lengths
+    return (tokens, offsets), (masks, offsets), starts, lengths, np.concatenate(problems)
+
+
+def held_out_problems(problems, fraction):
+    """Every trace of a val_fraction of the problems (at least one), chosen by id (a hash): a problem never has
+    traces on both sides. -> boolean mask over the conversations."""
+    unique = np.unique(problems)
+    chosen = unique[:max(1, int(round(fraction * unique.size)))]
+    return np.isin(problems, chosen)
 
 
 def piece(store, start, n):
@@ -112,16 +131,17 @@ def piece(store, start, n):
 
 def pack(starts, lengths, order, capacity, keep_partial=False):
     """Rows of exactly `capacity` tokens from whole conversations in `order` -> list of rows, each a list of
-    (start, length) spans. A conversation that does not fit fills the rest of the row with its beginning and
-    starts whole in the next row. The last, partial row is dropped (training) or kept shorter (validation)."""
+    (start, length, trained) spans. A conversation that does not fit fills the rest of the row with its beginning,
+    untrained (context for the gate, no loss), and starts whole, and trained, in the next row. The last, partial row
+    is dropped (training) or kept shorter (validation)."""
     rows, row, used = [], [], 0
     for i in order:
         start, length = int(starts[i]), int(lengths[i])
         if used + length > capacity:
-            row.append((start, capacity - used))
+            row.append((start, capacity - used, False))
             rows.append(row)
             row, used = [], 0
-        row.append((start, length))
+        row.append((start, length, True))
         used += length
         if used == capacity:
             rows.append(row)
@@ -132,8 +152,8 @@ def pack(starts, lengths, order, capacity, keep_partial=False):
 
 
 def row_arrays(tokens, masks, row):
-    ids = np.concatenate([piece(tokens, s, n) for s, n in row]).astype(np.int64)
-    mask = np.concatenate([piece(masks, s, n) for s, n in row])
+    ids = np.concatenate([piece(tokens, s, n) for s, n, _ in row]).astype(np.int64)
+    mask = np.concatenate([piece(masks, s, n) * trained for s, n, trained in row])
     return ids, mask
 
 
@@ -156,7 +176,7 @@ def main():
     master = rank == 0
 
     # data: conversations, the held-out slice, the packing of every epoch
-    tokens, masks, starts, lengths = load_conversations()
+    tokens, masks, starts, lengths, problems = load_conversations()
     capacity = block_size + 1  # x and y are the row shifted by one
     too_long = lengths > capacity
     if long_conversations == 'truncate':
@@ -164,9 +184,8 @@ def main():
         keep = np.ones(len(starts), dtype=bool)
     else:
         keep = ~too_long
-    n_val = max(1, int(round(val_fraction * len(starts))))
-    train_ids = np.flatnonzero(keep[:-n_val])
-    val_ids = np.flatnonzero(keep[-n_val:]) + len(starts) - n_val
+    held_out = held_out_problems(problems, val_fraction)
+    train_ids, val_ids = np.flatnonzero(keep & ~held_out), np.flatnonzero(keep & held_out)
     rows = []
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(train_ids)
@@ -214,6 +233,10 @@ def main():
               f"{int(too_long.sum()):,} longer than {capacity} tokens ({long_conversations}) | {epochs} epochs = "
               f"{max_steps:,} steps of {rows_per_step * block_size:,} tokens | {backend} {device} {dtype} | attention "
               f"{model.model_core[0].gqa.attend.__name__}")
+        run_tokens = max_steps * rows_per_step * block_size
+        a100_hours = flops_per_token(model.config, block_size) * run_tokens / (0.4 * A100_PEAK_FLOPS) / 3600
+        print(f"projected cost: {a100_hours:.1f} A100-hours, ${a100_hours * USD_PER_GPU_HOUR:,.0f} at 40% MFU and "
+              f"${USD_PER_GPU_HOUR}/h ({run_tokens:,} tokens, {len(np.unique(problems[train_ids])):,} problems)")
 
     def save(step, final=False):
         scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
@@ -260,13 +283,19 @@ def main():
         for group in optimizer.param_groups:
             group['lr'] = lr
         torch.manual_seed(step_seed(seed, step, rank))
-        micro_batches = []
+        micro_batches, targets = [], []
         for micro_step in range(grad_accum_steps):
             first = ((step * grad_accum_steps + micro_step) * world_size + rank) * micro_batch_size
             micro_batches.append(to_device([row_arrays(tokens, masks, r)
                                             for r in rows[first:first + micro_batch_size]]))
+            targets.append(int((micro_batches[-1][1] != -100).sum()))
+        # the mean per assistant token of the whole step: each micro-batch's mean weighted by its share of the step's
+        # targets (every rank's rows are known here, so no communication)
+        step_rows = rows[step * rows_per_step:(step + 1) * rows_per_step]
+        step_targets = sum(int(row_arrays(tokens, masks, r)[1][1:].sum()) for r in step_rows)
+        weights = [n * grad_accum_steps * world_size / max(1, step_targets) for n in targets]
         loss, grad_norm, applied = optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip,
-                                                  autocast)
+                                                  autocast, weights)
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
         if not applied:
             print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped")

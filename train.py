@@ -51,6 +51,7 @@ block_size = 4096
 eos_id = EOS_ID
 val_tokens = 2_000_000       # held out at the end of each source
 eval_rows = 64               # validation rows per source
+allow_repeats = True         # False: a source that would repeat windows (too little data prepared) stops the run at start
 # optimisation
 micro_batch_size = 16
 grad_accum_steps = 8
@@ -161,6 +162,34 @@ def get_batch(data, plan, step, micro_step):
     return to_device(rows)
 
 
+def check_repeats(data, plan, master):
+    """Before step 0: the windows each source will use against the windows it has. A source that runs out repeats
+    windows (a second epoch of its permutation): a warning, or an error with allow_repeats=False."""
+    source, slot = plan
+    rows_per_step = grad_accum_steps * micro_batch_size
+    lines, repeating = [], []
+    for s, src in enumerate(data):
+        if src is None:
+            continue
+        mine = slot[source == s]
+        used = int(mine.max()) + 1 if mine.size else 0  # slots are k * world_size + rank: all ranks end near here
+        lines.append(f"{src['name']} {used:,} of {src['n_windows']:,} windows ({used / src['n_windows']:.1%})")
+        if used > src['n_windows']:
+            first = int(np.argmax((source == s) & (slot >= src['n_windows']))) // rows_per_step
+            phase = 'the anneal phase' if first >= anneal_start * max_steps else 'the baseline phase'
+            repeating.append(f"{src['name']} repeats {used - src['n_windows']:,} windows "
+                             f"({(used - src['n_windows']) / src['n_windows']:.1%} of its data) from step {first:,}, in "
+                             f"{phase}")
+    if master:
+        print(f"data plan over {max_steps:,} steps: " + ' | '.join(lines))
+    if repeating:
+        message = '; '.join(repeating) + ': prepare more tokens for it (prepare.py --max_tokens=...) or lower its share'
+        if not allow_repeats:
+            fail(f"{message}, or pass --allow_repeats=True")
+        if master:
+            print(f"warning: {message}")
+
+
 def to_device(rows):
     rows = torch.from_numpy(rows.astype(np.int64))
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
@@ -185,6 +214,7 @@ def main():
     used = [i for i in range(len(sources)) if mixture_baseline[i] > 0 or mixture_anneal[i] > 0]
     data = [open_source(sources[i]) if i in used else None for i in range(len(sources))]
     plan = row_plan(len(sources), rank, world_size)
+    check_repeats(data, plan, master)
 
     # model
     config = ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,

@@ -62,6 +62,32 @@ def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
     return tokenizer
 
 
+A100_PEAK_FLOPS = 312e12     # dense bf16: the card SPEC.md budgets for
+USD_PER_GPU_HOUR = 1.64      # SPEC.md's rental price of an 80 GB A100/H100
+
+# SPEC.md's pre-training plan (train.py's defaults): it sizes what prepare.py tokenizes by default
+PLAN = dict(sources=('math', 'stem', 'code'), mixture_baseline=(0.70, 0.25, 0.05), mixture_anneal=(0.85, 0.10, 0.05),
+            anneal_start=0.8, max_steps=19_531, rows_per_step=16 * 8, block_size=4096, val_tokens=2_000_000)
+
+
+def planned_rows(max_steps, rows_per_step, mixture_baseline, mixture_anneal, anneal_start):
+    """Expected training rows of each source: the baseline mixture before step anneal_start * max_steps, the annealed
+    one after (train.py draws each row's source with these probabilities)."""
+    baseline_steps = min(max_steps, math.ceil(anneal_start * max_steps))
+    return [rows_per_step * (baseline_steps * b / sum(mixture_baseline) + (max_steps - baseline_steps) * a / sum(mixture_anneal))
+            for b, a in zip(mixture_baseline, mixture_anneal)]
+
+
+def plan_budgets(margin=0.01):
+    """Tokens to prepare per source so that the plan never repeats a window: its expected rows x block_size, 1% more
+    for the random draw of each row's source (3.6 standard deviations for code, the smallest), plus the held-out
+    slice. At 10.24B tokens: math 7.55B, STEM 2.28B, code 0.52B."""
+    rows = planned_rows(PLAN['max_steps'], PLAN['rows_per_step'], PLAN['mixture_baseline'], PLAN['mixture_anneal'],
+                        PLAN['anneal_start'])
+    return {name: int(math.ceil(n * PLAN['block_size'] * (1 + margin))) + PLAN['val_tokens']
+            for name, n in zip(PLAN['sources'], rows)}
+
+
 def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
     """Linear warm-up from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps."""
     if step < warmup_steps:
@@ -168,22 +194,30 @@ def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, 
     return engine, optimizer, nullcontext()
 
 
-def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, autocast):
-    """Forward/backward over the micro-batches, then one clipped update. -> (mean loss, grad norm, applied).
-    A non-finite loss or gradient norm skips the update (DeepSpeed: its bf16 overflow check skips it)."""
+def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, autocast, weights=None):
+    """Forward/backward over the micro-batches, then one clipped update. -> (loss, grad norm, applied).
+    weights: each micro-batch's mean loss is scaled by its weight (default 1), so that the step's gradient is that of
+    the mean of weight x loss over micro-batches and ranks (sft.py: the mean per assistant token of the step). The
+    returned loss is that mean, over all ranks. A non-finite loss or gradient norm skips the update (DeepSpeed: its
+    bf16 overflow check skips it)."""
     import torch
     losses = []
-    for x, y, cu_seqlens, max_seqlen in micro_batches:
+    weights = weights or [1.0] * len(micro_batches)
+    for (x, y, cu_seqlens, max_seqlen), weight in zip(micro_batches, weights):
         if backend == 'deepspeed':
-            loss = engine(x, y, cu_seqlens, max_seqlen)
+            loss = engine(x, y, cu_seqlens, max_seqlen) * weight
             engine.backward(loss)
             engine.step()  # the update happens at the accumulation boundary only
         else:
             with autocast:
-                loss = engine(x, y, cu_seqlens, max_seqlen)
+                loss = engine(x, y, cu_seqlens, max_seqlen) * weight
             (loss / len(micro_batches)).backward()
         losses.append(loss.detach().float())
-    loss = torch.stack(losses).mean().item()
+    loss = torch.stack(losses).mean()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(loss)
+        loss /= torch.distributed.get_world_size()
+    loss = loss.item()
     if backend == 'deepspeed':
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         return loss, grad_norm, engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)

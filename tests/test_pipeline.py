@@ -29,7 +29,8 @@ def test_demo_pipeline(tmp_path):
     for source in ('math', 'stem', 'code', 'sft'):
         out = run('prepare.py', f'--source={source}', f'--input=data/demo/raw/{source}.jsonl',
                   '--output_base=data/demo/tokenized', '--tokenizer=packaged', '--num_proc=2', cwd=tmp_path)
-        assert re.search(rf'{source}: [\d,]+ tokens', out)
+        assert re.search(rf'{source}: [\d,]+ (tokens|conversations)', out)
+    assert re.search(r'sft: 400 conversations of 400 problems, [\d,]+ tokens .* 0 malformed, 400 tool', out)
     out = run('prepare.py', '--verify=data/demo/tokenized/math', cwd=tmp_path)
     assert 'OK' in out
     train = ['train.py', 'config/tiny.py', '--max_steps=60', '--eval_interval=60', '--checkpoint_interval=30']

@@ -213,3 +213,123 @@ def test_cli_unknown_source():
                             text=True)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: unknown source 'maths'; choose from math, stem, code, sft, all"
+
+
+# -----------------------------------------------------------------------------
+# Nemotron-Math-v2 as it is: reasoning, tool rows, None fields, one trace per problem; special-token text
+
+def sft_prepared(monkeypatch, tmp_path, rows, **overrides):
+    os.makedirs(tmp_path, exist_ok=True)
+    configure(monkeypatch, tmp_path, write_jsonl(tmp_path / 'sft.jsonl', rows), **overrides)
+    manifest = prepare.prepare_source('sft')
+    folder = tmp_path / 'out' / 'sft'
+    tokens = np.concatenate([np.fromfile(folder / c['file'], dtype=np.uint32) for c in manifest['chunks']])
+    mask = np.concatenate([np.fromfile(folder / c['mask_file'], dtype=np.uint8) for c in manifest['chunks']])
+    return manifest, tokens, mask
+
+
+def trained_runs(tokens, mask):
+    runs, current = [], []
+    for token, m in zip(tokens.tolist(), mask.tolist()):
+        if m:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs
+
+
+def test_real_schema_with_tool_rows_prepares_and_counts(monkeypatch, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rows = [row for i in range(1000) for row in prepare.sft_rows(rng, i)]  # 2,000 rows, half tool-integrated
+    assert sum(bool(r['tools']) for r in rows) == 1000 and any(m['content'] is None for r in rows for m in r['messages'])
+    manifest, tokens, mask = sft_prepared(monkeypatch, tmp_path, rows, chunk_tokens=50_000)
+    skipped, stats = manifest['skipped'], manifest['sft']
+    assert skipped['tool'] == 1000 and skipped['malformed'] == 0
+    assert stats['conversations'] + skipped['extra_trace'] == 1000 == manifest['total_documents'] + skipped['extra_trace']
+    assert stats['problems'] == stats['conversations'] and stats['assistant_tokens'] == int(mask.sum())
+    out = capsys.readouterr().out
+    assert f"{stats['conversations']:,} conversations of {stats['problems']:,} problems" in out and '1,000 tool' in out
+    # the default renders the final solution only: no reasoning, no think tokens
+    assert prepare.THINK_START not in tokens and b'Let me read' not in TOKENIZER.decode(tokens.tolist()).encode()
+
+
+def test_reasoning_rendered_between_think_tokens_inside_the_loss(monkeypatch, tmp_path):
+    rng = np.random.default_rng(1)
+    rows = prepare.sft_rows(rng, 1)[:1]
+    _, tokens, mask = sft_prepared(monkeypatch, tmp_path, rows, sft_reasoning=True)
+    message = rows[0]['messages'][-1]
+    runs = [TOKENIZER.decode(r, skip_special_tokens=False) for r in trained_runs(tokens, mask)]
+    assert runs == [f"<think>\n{message['reasoning_content']}\n</think>\n\n{message['content']}<|im_end|>"]
+    assert tokens.tolist().count(prepare.THINK_START) == 1 and tokens.tolist().count(prepare.THINK_END) == 1
+
+
+def test_none_and_empty_fields(monkeypatch, tmp_path):
+    m = prepare.message
+    rows = [{'problem': 'p1', 'messages': [m('system', ''), m('user', 'What is 1+1?'), m('assistant', '2', None)]},
+            {'problem': 'p2', 'messages': [m('system', None), m('user', 'What is 2+2?'), m('assistant', '4')]},
+            {'problem': 'p3', 'messages': [m('user', None), m('assistant', '4')]},                 # no question
+            {'problem': 'p4', 'messages': [m('user', 'Why?'), m('assistant', '')]},                 # no answer
+            {'problem': 'p5', 'messages': [m('user', 'Why?'), m('assistant', '', 'because')]},      # reasoning only
+            {'problem': 'p6', 'messages': [m('user', 'Hi'), m('assistant', 3)]},                    # not a string
+            {'problem': 'p7', 'messages': [m('user', 'x'), m('assistant', None, None, [{'id': 'c'}]),
+                                           m('tool', '1', tool_call_id='c', name='python'), m('assistant', '1')]}]
+    manifest, tokens, mask = sft_prepared(monkeypatch, tmp_path, rows)
+    assert manifest['total_documents'] == 2 and manifest['skipped'] == {'malformed': 4, 'tool': 1, 'extra_trace': 0}
+    assert TOKENIZER.decode(tokens.tolist(), skip_special_tokens=False).startswith('<|im_start|>user\nWhat is 1+1?')
+    manifest, _, _ = sft_prepared(monkeypatch, tmp_path / 'r', rows, sft_reasoning=True)  # p5 now has a target
+    assert manifest['total_documents'] == 3 and manifest['skipped']['malformed'] == 3
+
+
+def test_traces_per_problem_examples_and_budget(monkeypatch, tmp_path):
+    m = prepare.message
+    rows = [{'problem': f'problem {i // 3}', 'messages': [m('user', f'problem {i // 3}'), m('assistant', f'trace {i}')]}
+            for i in range(30)]  # 10 problems, 3 traces each
+    manifest, _, _ = sft_prepared(monkeypatch, tmp_path / 'a', rows)
+    assert (manifest['sft']['conversations'], manifest['sft']['problems']) == (10, 10)
+    assert manifest['skipped']['extra_trace'] == 20
+    manifest, _, _ = sft_prepared(monkeypatch, tmp_path / 'b', rows, sft_traces_per_problem=0)
+    assert (manifest['sft']['conversations'], manifest['sft']['problems']) == (30, 10)
+    manifest, _, _ = sft_prepared(monkeypatch, tmp_path / 'c', rows, sft_traces_per_problem=2, sft_max_examples=7)
+    assert (manifest['sft']['conversations'], manifest['sft']['problems']) == (7, 4)
+    one = manifest['total_tokens'] / 7
+    manifest, _, _ = sft_prepared(monkeypatch, tmp_path / 'd', rows, max_tokens=int(3.5 * one))
+    assert manifest['sft']['conversations'] == 4  # the budget stops after the conversation that reaches it
+
+
+def test_special_token_text_stays_text(monkeypatch, tmp_path):
+    text = 'A tokenizer ends documents with <|endoftext|> and turns with <|im_end|>; here they are only text.'
+    path = write_jsonl(tmp_path / 'math.jsonl', [{'text': f'{text} {i}'} for i in range(200)])
+    configure(monkeypatch, tmp_path, path)
+    manifest = prepare.prepare_source('math')
+    tokens = np.concatenate(read_source(tmp_path / 'out' / 'math')[1]).tolist()
+    assert tokens.count(EOS_ID) == 200 and tokens.count(prepare.IM_END) == 0  # one EOS per document, ours
+    assert TOKENIZER.decode(tokens, skip_special_tokens=False).count('<|endoftext|>') == 400  # 200 text + 200 EOS
+    m = prepare.message
+    rows = [{'problem': f'p{i}', 'messages': [m('user', f'{text} {i}'), m('assistant', f'Noted: <|im_end|> {i}')]}
+            for i in range(20)]
+    _, tokens, mask = sft_prepared(monkeypatch, tmp_path / 'sft', rows)
+    tokens = tokens.tolist()
+    assert tokens.count(EOS_ID) == 20 and tokens.count(prepare.IM_END) == 40 and tokens.count(prepare.IM_START) == 40
+    runs = [TOKENIZER.decode(r, skip_special_tokens=False) for r in trained_runs(np.array(tokens), mask)]
+    assert runs[3] == 'Noted: <|im_end|> 3<|im_end|>'  # the text marker is trained as text, the real one closes
+
+
+def test_code_dataset_config_name(monkeypatch, tmp_path):
+    import datasets
+    calls = []
+
+    def load_dataset(dataset_id, config, **kwargs):
+        calls.append(config)
+        if config is None:
+            raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['data']")
+        return iter([{'text': 'def f():\n    return 1\n'}])
+    monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
+    monkeypatch.setenv('HF_TOKEN', 'hf_test')
+    configure(monkeypatch, tmp_path, '', max_tokens=10)
+    with pytest.raises(SystemExit, match=r"Nemotron-CC-Code-v1 wants a config name \(Config name is missing.\): pass "
+                                         r"--code_config=NAME"):
+        prepare.prepare_source('code')
+    monkeypatch.setattr(prepare, 'code_config', 'data')
+    configure(monkeypatch, tmp_path / 'again', '', max_tokens=10)
+    assert prepare.prepare_source('code')['total_documents'] == 1 and calls == [None, 'data']

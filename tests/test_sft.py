@@ -1,3 +1,4 @@
+import contextlib
 import importlib
 import os
 import re
@@ -61,8 +62,9 @@ def run_sft(args):
 
 def training_loss(sft_module, checkpoint, n_rows=8):
     """Mean assistant-token loss of a checkpoint on the first rows it was fine-tuned on."""
-    tokens, masks, starts, lengths = sft_module.load_conversations()
-    order = np.random.default_rng([sft_module.seed, 0]).permutation(np.arange(len(starts) - 12))
+    tokens, masks, starts, lengths, problems = sft_module.load_conversations()
+    train_ids = np.flatnonzero(~sft_module.held_out_problems(problems, sft_module.val_fraction))
+    order = np.random.default_rng([sft_module.seed, 0]).permutation(train_ids)
     rows = sft_module.pack(starts, np.minimum(lengths, 65), order, 65)[:n_rows]
     model, _ = M.load_checkpoint(checkpoint)
     x, y, cu_seqlens, max_seqlen = sft_module.to_device([sft_module.row_arrays(tokens, masks, r) for r in rows])
@@ -101,7 +103,7 @@ def test_no_gradient_at_masked_positions(sft_data):
     import sft
     sft = importlib.reload(sft)
     sft.data_dir, sft.device = sft_data, 'cpu'
-    tokens, masks, starts, lengths = sft.load_conversations()
+    tokens, masks, starts, lengths, _ = sft.load_conversations()
     rows = sft.pack(starts, np.minimum(lengths, 65), np.arange(6), 65)[:2]
     x, y, cu_seqlens, max_seqlen = sft.to_device([sft.row_arrays(tokens, masks, r) for r in rows])
     assert (y != -100).any() and (y == -100).any()
@@ -123,8 +125,9 @@ def test_packing_keeps_every_row_full_and_conversations_whole():
     import sft
     starts, lengths = np.array([0, 10, 30, 35, 60]), np.array([10, 20, 5, 25, 8])
     rows = sft.pack(starts, lengths, np.arange(5), capacity=32)
-    assert rows == [[(0, 10), (10, 20), (30, 2)], [(30, 5), (35, 25), (60, 2)]]  # each row 32, no padding
-    assert sft.pack(starts, lengths, np.arange(5), 32, keep_partial=True)[-1] == [(60, 8)]
+    # each row 32, no padding; a conversation that does not fit is context (untrained) at the end of a row
+    assert rows == [[(0, 10, True), (10, 20, True), (30, 2, False)], [(30, 5, True), (35, 25, True), (60, 2, False)]]
+    assert sft.pack(starts, lengths, np.arange(5), 32, keep_partial=True)[-1] == [(60, 8, True)]
 
 
 def test_resumed_sft_is_exact(sft_data, pretrained, tmp_path, capsys):
@@ -185,7 +188,7 @@ def test_conversations_across_several_chunks(tmp_path):
     import sft
     sft = importlib.reload(sft)
     sft.data_dir = str(tmp_path / 'tokenized' / 'sft')
-    tokens, masks, starts, lengths = sft.load_conversations()
+    tokens, masks, starts, lengths, _ = sft.load_conversations()
     assert len(manifest['chunks']) > 3 and len(starts) == 60 and lengths.sum() == manifest['total_tokens']
     for start, length in zip(starts, lengths):
         ids = sft.piece(tokens, start, length)
@@ -204,3 +207,60 @@ def test_sft_starts_from_the_author_formats(kind, sft_data, tmp_path, capsys):
     assert info['init_from'] == path and info['tau'] == 0.1
     moved = (model.embeddings.weight - weights['embeddings.weight'].float()).abs().max().item()
     assert 0 < moved < 0.1  # fine-tuned from the author's weights, not from a fresh init (std 0.5 apart)
+
+
+def test_no_assistant_token_trained_twice_in_an_epoch():
+    import sft
+    starts, lengths = np.array([0, 10, 30, 35, 60, 68]), np.array([10, 20, 5, 25, 8, 30])
+    rows = sft.pack(starts, lengths, np.arange(6), capacity=32)
+    trained = {}
+    for row in rows:
+        for start, length, is_trained in row:
+            trained[start] = trained.get(start, 0) + length * is_trained
+    # every conversation of the kept rows is trained exactly once and whole; the cut-off ones only as context
+    assert all(trained[s] in (0, n) for s, n in zip(starts, lengths))
+    assert sum(trained.values()) == sum(n for row in rows for _, n, t in row if t)
+    mask = np.ones(100, np.uint8)
+    ids, row_mask = sft.row_arrays(([np.arange(100)], np.array([0, 100])), ([mask], np.array([0, 100])), rows[0])
+    assert row_mask.tolist() == [1] * 30 + [0] * 2 and ids.tolist() == list(range(30)) + [30, 31]
+
+
+def test_step_loss_is_the_mean_per_assistant_token(sft_data):
+    """Two micro-batches with different numbers of assistant tokens: the step's gradient and loss are those of the mean
+    over all the step's assistant tokens, not a mean of per-micro-batch means."""
+    import sft
+    import utils
+    sft = importlib.reload(sft)
+    sft.data_dir, sft.device = sft_data, 'cpu'
+    tokens, masks, starts, lengths, _ = sft.load_conversations()
+    rows = sft.pack(starts, np.minimum(lengths, 65), np.arange(len(starts)), 65)
+    batches = [sft.to_device([sft.row_arrays(tokens, masks, r)]) for r in rows[:2]]
+    counts = [int((y != -100).sum()) for _, y, _, _ in batches]
+    assert counts[0] != counts[1]
+    torch.manual_seed(0)
+    model = M.create_model(M.ModelConfig(**TINY)).eval()  # no Gumbel noise: every forward the same
+    objective = M.LanguageModelLoss(model)
+    captured = []
+
+    class Capture(torch.optim.SGD):
+        def step(self):
+            captured.append(model.embeddings.weight.grad.clone())
+    loss, _, _ = utils.optimizer_step(objective, Capture(model.parameters(), lr=0.0), model, batches, 'torch', 1e9,
+                                      contextlib.nullcontext(), [n * 2 / sum(counts) for n in counts])
+    # by hand: the sum of every assistant token's loss over the step's count of them
+    total = sum(objective(*b) * n for b, n in zip(batches, counts)) / sum(counts)
+    gradient, = torch.autograd.grad(total, model.embeddings.weight)
+    assert loss == pytest.approx(total.item(), rel=1e-6)
+    torch.testing.assert_close(captured[0], gradient, rtol=1e-5, atol=1e-8)
+    assert loss != pytest.approx(np.mean([objective(*b).item() for b in batches]), rel=1e-3)
+
+
+def test_held_out_by_problem_and_cost_shown(sft_data, pretrained, tmp_path, capsys):
+    import sft
+    problems = np.repeat(np.array([5, 3, 9, 1, 7], dtype=np.uint64), 3)  # 5 problems, 3 traces each
+    held = sft.held_out_problems(problems, 0.4)
+    assert held.sum() == 6 and set(problems[held]).isdisjoint(problems[~held])
+    run_sft(sft_args(sft_data, pretrained['polyglu'], str(tmp_path)))
+    out = capsys.readouterr().out
+    hours, dollars = re.search(r'projected cost: ([\d.]+) A100-hours, \$([\d,]+) at 40% MFU', out).groups()
+    assert float(dollars.replace(',', '')) == pytest.approx(float(hours) * 1.64, abs=1)

@@ -283,3 +283,31 @@ def test_init_from_an_author_file_starts_from_its_weights(data_dir, tmp_path, ca
     assert all(torch.equal(state[k], v.float()) for k, v in weights.items() if not k.startswith('rope.'))
     with pytest.raises(SystemExit, match=r"different model than configured.*'d_model': \(48, 32\)"):
         run_train(synthetic.train_args(data_dir, str(tmp_path / 'other'), init_from=paths['pt'], d_model=48))
+
+
+def test_plan_says_which_source_repeats(tmp_path, capsys):
+    data = str(tmp_path / 'data')
+    synthetic.write_source(data, 'math', n_tokens=6000, seed=0)  # ~180 windows of 32 tokens; 40 steps want ~240
+    for i, name in enumerate(('stem', 'code')):
+        synthetic.write_source(data, name, seed=i + 1)
+    args = synthetic.train_args(data, str(tmp_path / 'run'), max_steps=40, eval_interval=0, checkpoint_interval=0,
+                                val_tokens=256)
+    with pytest.raises(SystemExit, match=r'math repeats [\d,]+ windows \(\d+\.\d% of its data\) from step \d+, in the '
+                                         r'(anneal|baseline) phase.*--allow_repeats=True'):
+        run_train(args + ['--allow_repeats=False'])
+    run_train(args)
+    out = capsys.readouterr().out
+    used, available = (int(x.replace(',', '')) for x in re.search(r'math ([\d,]+) of ([\d,]+) windows', out).groups())
+    assert used > available and 'warning: math repeats' in out and 'stem' not in out.split('warning:')[1]
+    import utils
+    expected = utils.planned_rows(40, 8, (0.70, 0.25, 0.05), (0.85, 0.10, 0.05), 0.8)[0]
+    assert abs(used - expected) < 4 * math.sqrt(expected)  # the draw is random around the plan's expectation
+
+
+def test_prepare_budgets_follow_the_plan():
+    import utils
+    budgets = utils.plan_budgets()
+    tokens = 19_531 * 128 * 4096  # 10.24B
+    # 70/25/5 for 80% of the steps, 85/10/5 after: 0.73, 0.22 and 0.05 of the tokens, plus the 2M held out
+    for name, share in (('math', 0.73), ('stem', 0.22), ('code', 0.05)):
+        assert budgets[name] == pytest.approx(share * tokens * 1.01 + 2_000_000, rel=2e-4)
