@@ -142,6 +142,9 @@ def measure(model_type):
     peak = peak_flops(device, peak_flops_override)
     memory = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith('cuda')
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    # what the caching allocator holds (fragmentation included); the CUDA context and NCCL/cuBLAS workspaces come on
+    # top of it, about 1-2 GB per GPU, so compare this plus that with the card
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.startswith('cuda') else memory
     if backend == 'deepspeed':
         engine.destroy()  # its hooks would otherwise keep this model and its optimizer state alive beside the next
     del engine, optimizer, model
@@ -150,7 +153,7 @@ def measure(model_type):
         torch.cuda.empty_cache()
     return {'params': n_params, 'step_s': seconds, 'tokens_per_s': tokens / seconds,
             'mfu': flops_per_token(config, block_size, n_params) * tokens / seconds / peak if peak else None,
-            'memory_gb': memory, 'saved_kib_per_token': saved_kib_per_token(model_type)}
+            'memory_gb': memory, 'reserved_gb': reserved, 'saved_kib_per_token': saved_kib_per_token(model_type)}
 
 
 def activation_gb(kib_per_token, checkpointed):
@@ -189,16 +192,16 @@ def main():
 
 def print_timings(results):
     print(f"{'model':>8} | {'params':>12} | {'s/step':>8} | {'tokens/s':>10} | {'MFU':>6} | "
-          f"{'memory GB':>9} | {'hours for budget':>16} | {'USD':>8}")
+          f"{'memory GB':>9} | {'reserved GB':>11} | {'hours for budget':>16} | {'USD':>8}")
     for model_type, r in results.items():
         hours = token_budget / r['tokens_per_s'] / 3600
         mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
         print(f"{model_type:>8} | {r['params']:>12,} | {r['step_s']:>8.3f} | {r['tokens_per_s']:>10,.0f} | {mfu:>6} | "
-              f"{r['memory_gb']:>9.1f} | {hours:>16,.1f} | {hours * usd_per_hour:>8,.0f}")
+              f"{r['memory_gb']:>9.1f} | {r['reserved_gb']:>11.1f} | {hours:>16,.1f} | {hours * usd_per_hour:>8,.0f}")
     if len(results) == 2:
         ratio = results['polyglu']['step_s'] / results['vanilla']['step_s']
         print(f"step-time ratio PolyGLU / VanillaLM: {ratio:.3f}  (budget: {token_budget:.2e} tokens at "
-              f"${usd_per_hour}/h; memory is {'peak allocated' if device.startswith('cuda') else 'process peak RSS'})")
+              f"${usd_per_hour}/h; memory is {'peak allocated, reserved by the allocator; add 1-2 GB of CUDA context' if device.startswith('cuda') else 'process peak RSS'})")
     peak = peak_flops(device, peak_flops_override)
     if peak and 'polyglu' in results:
         # the performance targets: 3x the prototype's 11,800 tokens/s on an A100, scaled by this device's peak

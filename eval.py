@@ -28,18 +28,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (EOS_ID, PolyGLU, RoPE, enable_flash_attention, enable_segment_pooling, flash_available,
-                   load_checkpoint, packed_hidden_states)
+from model import (EOS_ID, PolyGLU, RoPE, cu_seqlens_from_eos, enable_flash_attention, enable_segment_pooling,
+                   flash_available, load_checkpoint, packed_hidden_states, whole_row_pooling)
 from utils import HUB_TOKENIZER, get_tokenizer, held_out_split, open_chunks, resolve_device
 
 # -----------------------------------------------------------------------------
 # config
 checkpoint = 'checkpoints/portable_final.pt'
-tasks = 'gsm8k,minerva_math500,mmlu_stem'  # harness task names, comma separated ('' = none)
-num_fewshot = -1             # -1: each task's own default (GSM8K 5-shot, Minerva MATH 4-shot, MMLU 5-shot)
+tasks = 'gsm8k,minerva_math500,mmlu_stem'  # harness task names, comma separated ('' = none; 'paper' = the model card)
+num_fewshot = -1             # -1: TASK_SHOTS, else each task's own default (GSM8K 5-shot, Minerva MATH 4-shot)
 limit = 0                    # examples per task, 0 = all
 include_path = ''            # a folder of your own task YAMLs
 output = 'results/eval.json'
+chat = None                  # ChatML prompts (few-shot as turns, stop at <|im_end|>); None = True for fine-tuned models
+log_samples = False          # write every sample (prompt, generation or loglikelihoods, score) beside the results
+compare_paper = False        # print the scores beside the author's model card (on with tasks='paper')
 tokenizer = HUB_TOKENIZER    # or a local tokenizer.json / folder, or 'packaged'
 batch_tokens = 16_384        # tokens packed into one forward (no padding; the scores do not depend on it)
 max_gen_toks = 256           # default cap of generated tokens when a task does not set one
@@ -68,6 +71,15 @@ flash_attention = True
 def fail(message):
     raise SystemExit(f"error: {message}")
 
+
+TASK_SHOTS = {'mmlu_stem': 5}  # the model card's protocol where the harness's default differs (0.4.13: 0-shot MMLU)
+# The base model card (lm-eval 0.4.11): (task, metric, shots, published). 'acc' where the card names no metric.
+PAPER = [('hellaswag', 'acc_norm', 0, 28.51), ('arc_easy', 'acc', 0, 41.04), ('arc_challenge', 'acc', 0, 22.27),
+         ('piqa', 'acc', 0, 58.87), ('winogrande', 'acc', 0, 52.17), ('boolq', 'acc', 0, 61.13),
+         ('sciq', 'acc', 0, 61.20), ('openbookqa', 'acc', 0, 29.00), ('lambada_openai', 'acc', 0, 15.35),
+         ('mmlu_stem', 'acc', 5, 25.28)]
+PAPER_PERPLEXITY = {'math': 3.56, 'code': 7.08, 'stem': 31.93}
+
 # -----------------------------------------------------------------------------
 # packed, exact forward passes
 
@@ -87,11 +99,19 @@ def packs(lengths, budget):
     return groups
 
 
-def log_probs_at(model, hidden, positions, chunk=1024):
-    """Log-softmax over the vocabulary at the given rows of hidden, in chunks (never all logits at once)."""
-    out = [F.linear(hidden[positions[i:i + chunk]], model.embeddings.weight).float().log_softmax(-1)
-           for i in range(0, len(positions), chunk)]
-    return torch.cat(out) if out else hidden.new_zeros(0, model.config.vocab_size)
+def target_log_probs(model, hidden, positions, targets, chunk=1024):
+    """log p(target) and whether the target is the argmax, at the given rows of hidden. The head runs on `chunk` rows at
+    a time and only the targets' values are kept: memory does not grow with positions x vocabulary (16,384 positions
+    at the full vocabulary would be 9.9 GB of float32 log-probs; a chunk's logits are 0.6 GB)."""
+    log_probs, greedy = [], []
+    for i in range(0, len(positions), chunk):
+        logits = F.linear(hidden[positions[i:i + chunk]], model.embeddings.weight).float()
+        wanted = targets[i:i + chunk]
+        log_probs.append(logits.gather(1, wanted[:, None])[:, 0] - logits.logsumexp(-1))
+        greedy.append(logits.argmax(-1) == wanted)
+    if not log_probs:
+        return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return torch.cat(log_probs), torch.cat(greedy)
 
 
 @torch.no_grad()
@@ -110,13 +130,13 @@ def score(model, requests, budget, desc='loglikelihood'):
         hidden, offsets = packed_hidden_states(model, [inputs[i] for i in group])
         positions = torch.cat([torch.arange(offsets[k] + spans[i][0], offsets[k + 1], device=hidden.device)
                                for k, i in enumerate(group)])
-        log_probs = log_probs_at(model, hidden, positions)
+        targets = torch.tensor([t for i in group for t in spans[i][1]], device=hidden.device)
+        log_probs, greedy = (t.cpu() for t in target_log_probs(model, hidden, positions, targets))
         first = 0
         for i in group:
-            targets = torch.tensor(spans[i][1], device=hidden.device)
-            rows = log_probs[first:first + len(targets)]
-            first += len(targets)
-            results[i] = (rows.gather(1, targets[:, None]).sum().item(), bool((rows.argmax(-1) == targets).all()))
+            n = len(spans[i][1])
+            results[i] = (log_probs[first:first + n].sum().item(), bool(greedy[first:first + n].all()))
+            first += n
     return results
 
 
@@ -263,11 +283,27 @@ def generate_cached(model, tok, prompts, desc='generate (cached)'):
 # -----------------------------------------------------------------------------
 # the harness wrapper
 
-def make_lm(model, tok):
+def chatml(messages, add_generation_prompt=True):
+    """The ChatML that sft.py trains on: <|im_start|>role\\ncontent<|im_end|>\\n per turn, then the assistant's header."""
+    text = ''.join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ('<|im_start|>assistant\n' if add_generation_prompt else '')
+
+
+def make_lm(model, tok, chat=False):
     from lm_eval.api.model import LM
 
     class PolychromaticEvalLM(LM):
-        """lm-evaluation-harness LM around the project's own model (no Hugging Face model classes)."""
+        """lm-evaluation-harness LM around the project's own model (no Hugging Face model classes). With chat, the
+        harness renders prompts through apply_chat_template (few-shot examples as turns) and generation also stops at
+        <|im_end|>, which ends every assistant turn in SFT."""
+
+        tokenizer_name = 'Qwen3-chatml'
+
+        def apply_chat_template(self, chat_history, add_generation_prompt=True):
+            return chatml(chat_history, add_generation_prompt)
+
+        def chat_template(self, chat_template=False):
+            return 'chatml' if chat_template else ''
 
         def loglikelihood(self, requests, disable_tqdm=False):
             pairs = []
@@ -296,7 +332,7 @@ def make_lm(model, tok):
             for request in requests:
                 context, kwargs = request.args
                 until = kwargs.get('until', [])
-                until = [until] if isinstance(until, str) else list(until)
+                until = ([until] if isinstance(until, str) else list(until)) + (['<|im_end|>'] if chat else [])
                 prompts.append((tok.encode(context, add_special_tokens=False).ids, until,
                                 int(kwargs.get('max_gen_toks', max_gen_toks))))
             if generation == 'exact':
@@ -317,7 +353,10 @@ def make_lm(model, tok):
     return PolychromaticEvalLM()
 
 
-def run_tasks(lm, task_names):
+def run_tasks(lm, task_names, chat=False):
+    """The harness on our LM: one simple_evaluate per shot count (TASK_SHOTS, or num_fewshot for all), merged. With
+    chat, prompts go through the LM's chat template with few-shot examples as turns; answers are extracted by each
+    task's own filters either way."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     manager = TaskManager(include_path=include_path or None)
@@ -327,31 +366,94 @@ def run_tasks(lm, task_names):
             near = difflib.get_close_matches(name, known, n=3)
             fail(f"unknown task '{name}'" + (f"; did you mean {', '.join(near)}?" if near else
                                                "; `lm-eval ls tasks` lists them, include_path= adds your own"))
-    return lm_eval.simple_evaluate(model=lm, tasks=task_names, num_fewshot=None if num_fewshot < 0 else num_fewshot,
-                                   limit=limit or None, task_manager=manager, log_samples=False,
-                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                   fewshot_random_seed=seed)
+    by_shots = {}
+    for name in task_names:
+        by_shots.setdefault(num_fewshot if num_fewshot >= 0 else TASK_SHOTS.get(name), []).append(name)
+    merged = {}
+    for shots, names in by_shots.items():
+        results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit or None,
+                                          task_manager=manager, log_samples=log_samples, apply_chat_template=chat,
+                                          fewshot_as_multiturn=chat, random_seed=seed, numpy_random_seed=seed,
+                                          torch_random_seed=seed, fewshot_random_seed=seed)
+        for key, value in results.items():
+            if isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
+def write_samples(samples, output):
+    """Per-sample records in the harness's own format (its sample dicts: doc, arguments, resps, filtered_resps, the
+    metrics), one jsonl per task beside the results -> {task: path}."""
+    from lm_eval.utils import handle_non_serializable
+    folder = os.path.splitext(output)[0] + '_samples'
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for task, records in samples.items():
+        paths[task] = os.path.join(folder, f'{task}.jsonl')
+        with open(paths[task] + '.tmp', 'w') as f:
+            for record in records:
+                f.write(json.dumps(record, default=handle_non_serializable, ensure_ascii=False) + '\n')
+        os.replace(paths[task] + '.tmp', paths[task])
+    return paths
+
+
+def paper_comparison(results, perplexity):
+    """Rows (benchmark, metric, shots, ours, stderr, published, difference, kind) for every figure of the model card;
+    ours None where it was not run."""
+    rows = []
+    for task, metric, shots, published in PAPER:
+        values = results.get('results', {}).get(task, {})
+        ours, stderr = values.get(f'{metric},none'), values.get(f'{metric}_stderr,none')
+        ours, stderr = (None if v is None or v == 'N/A' else 100 * v for v in (ours, stderr))
+        rows.append((task, metric, shots, ours, stderr, published, None if ours is None else ours - published,
+                     'loglikelihood'))
+    for name, published in PAPER_PERPLEXITY.items():
+        ours = perplexity.get(name, {}).get('perplexity')
+        rows.append((f'{name} perplexity', 'ppl', None, ours, None, published,
+                     None if ours is None else ours - published, 'perplexity'))
+    return rows
+
+
+def print_paper_comparison(rows, model_label):
+    print(f"\n{model_label} against the author's model card (PolyChromaticLM-1.0-base-0.6B; lm-eval 0.4.11 there, "
+          "0.4.13 here):")
+    print(f"{'benchmark':<22} {'metric':<9} {'shots':>5} {'ours':>8} {'stderr':>7} {'card':>7} {'diff':>8}  kind")
+    show = lambda v, fmt: format(v, fmt) if v is not None else '-'  # noqa: E731
+    for task, metric, shots, ours, stderr, published, diff, kind in rows:
+        print(f"{task:<22} {metric:<9} {show(shots, 'd'):>5} {show(ours, '.2f'):>8} {show(stderr, '.2f'):>7} "
+              f"{published:>7.2f} {show(diff, '+.2f'):>8}  {kind if ours is not None else 'not run'}")
+    print("Every task score above is loglikelihood-based: PolyGLU's gate mean-pools the whole sequence, so a choice's "
+          "first tokens are scored having seen the rest of it (README, eval.py). Report them as such.")
 
 # -----------------------------------------------------------------------------
 # held-out perplexity
 
 @torch.no_grad()
 def held_out_perplexity(model, folder, held_tokens, max_tokens, context):
-    """Token-level loss and perplexity over the held-out end of a source, in non-overlapping windows of
-    `context` + 1 tokens, each scored alone (rows of one window, no padding)."""
+    """Token-level loss and perplexity over the held-out end of a source, scored as train.py's validation scores it:
+    windows of `context` + 1 tokens from the start of the held-out slice, `context` apart, each row alone with its
+    documents masked from each other in attention (cu_seqlens from EOS) and the frozen whole-row gate mean. On the
+    same windows the loss equals train.py's validation loss."""
     chunks = open_chunks(folder, EOS_ID, model.config.vocab_size)
     _, held = held_out_split([c.size for c in chunks], held_tokens)
     windows = [(c, start) for c, lo, hi in held for start in range(lo, hi - context, context)]
     windows = windows[:max(1, max_tokens // context)]
     total, count = 0.0, 0
-    for c, start in tqdm(windows, desc=os.path.basename(folder), disable=len(windows) < 20):
-        ids = torch.from_numpy(chunks[c][start:start + context + 1].astype(np.int64)).to(model.embeddings.weight.device)
-        hidden = model.hidden_states(ids[None, :-1])[0]
-        log_probs = log_probs_at(model, hidden, torch.arange(context, device=ids.device))
-        total -= log_probs.gather(1, ids[1:, None]).sum().item()
-        count += context
+    device = model.embeddings.weight.device
+    with whole_row_pooling(model):
+        for c, start in tqdm(windows, desc=os.path.basename(folder), disable=len(windows) < 20):
+            ids = torch.from_numpy(chunks[c][start:start + context + 1].astype(np.int64)).to(device)
+            x = ids[None, :-1]
+            cu_seqlens, max_seqlen = cu_seqlens_from_eos(x)
+            hidden = model.hidden_states(x, cu_seqlens, max_seqlen)[0]
+            log_probs, _ = target_log_probs(model, hidden, torch.arange(context, device=device), ids[1:])
+            total -= log_probs.sum().item()
+            count += context
     loss = total / max(1, count)
-    return {'loss': loss, 'perplexity': math.exp(loss), 'tokens': count}
+    return {'loss': loss, 'perplexity': math.exp(loss), 'tokens': count, 'windows': len(windows),
+            'context': context}
 
 # -----------------------------------------------------------------------------
 
@@ -421,7 +523,7 @@ def main():
     device, dtype = resolve_device(device, dtype)
     if generation not in ('exact', 'cached'):
         fail(f"generation must be 'exact' or 'cached', got {generation!r}")
-    task_names = [t.strip() for t in tasks.split(',') if t.strip()]
+    task_names = [task for task, *_ in PAPER] if tasks == 'paper' else [t.strip() for t in tasks.split(',') if t.strip()]
     if (task_names or perplexity) and not prompt and not benchmark:
         folder = os.path.dirname(os.path.abspath(output))
         try:
@@ -447,31 +549,43 @@ def main():
         return
 
     start = time.perf_counter()
+    fine_tuned = state.get('stage') == 'sft' or 'sft' in os.path.basename(state['file']) or 'instruct' in checkpoint.lower()
+    use_chat = fine_tuned if chat is None else bool(chat)
     report = {'checkpoint': checkpoint, 'file': state['file'], 'format': state['format'], 'step': step, 'tau': tau,
-              'model_config': state['model_config'],
+              'model_config': state['model_config'], 'chat': use_chat,
               'config': {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
                          and isinstance(v, (int, float, bool, str, tuple))}}
+    results = {}
     if task_names:
-        results = run_tasks(make_lm(model, tok), task_names)
+        print(f"prompts: {'ChatML (chat=True), few-shot as turns, stopping at <|im_end|>' if use_chat else 'plain'}")
+        results = run_tasks(make_lm(model, tok, use_chat), task_names, use_chat)
         from lm_eval.utils import make_table
         print(make_table(results))
         report['results'] = results['results']
         report['n-shot'] = results.get('n-shot')
         report['versions'] = results.get('versions')
+        if log_samples:
+            report['samples'] = write_samples(results.get('samples', {}), output)
+            print(f"per-sample logs: {', '.join(report['samples'].values())}")
     if perplexity:
         base = data_dir or state.get('data_dir') or 'data/tokenized'
         held_tokens = val_tokens if val_tokens > 0 else state.get('val_tokens') or 2_000_000
+        context = state.get('block_size') or min(model.config.max_seq_len, 4096)  # train.py's validation windows
         report['perplexity'] = {}
         for name in sources:
             folder = os.path.join(base, name)
             if not os.path.isfile(os.path.join(folder, 'manifest.json')):
                 print(f"held-out {name}: no prepared data in {folder}, skipped (set data_dir=)")
                 continue
-            report['perplexity'][name] = held_out_perplexity(model, folder, held_tokens, perplexity_tokens,
-                                                              min(model.config.max_seq_len, 4096))
+            report['perplexity'][name] = held_out_perplexity(model, folder, held_tokens, perplexity_tokens, context)
         for name, values in report['perplexity'].items():
             print(f"held-out {name}: loss {values['loss']:.4f}, perplexity {values['perplexity']:.2f} "
                   f"({values['tokens']:,} tokens)")
+    if compare_paper or tasks == 'paper':
+        rows = paper_comparison(results, report.get('perplexity', {}))
+        report['paper_comparison'] = [dict(zip(('benchmark', 'metric', 'shots', 'ours', 'stderr', 'published',
+                                                'difference', 'kind'), row)) for row in rows]
+        print_paper_comparison(rows, f"{checkpoint} (step {step})")
     report['wall_time_s'] = time.perf_counter() - start
     with open(f'{output}.tmp', 'w') as f:
         json.dump(report, f, indent=1, default=str)

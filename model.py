@@ -12,6 +12,7 @@ Reading order:
 import math
 import os
 import pickle
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 
@@ -309,8 +310,19 @@ def segment_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
     (which costs T^2 bytes: 268 MB at 16K tokens). For packed evaluation where flash-attn is absent."""
     if cu_seqlens is None or q.shape[0] != 1:
         return sdpa_attention(q, k, v, cu_seqlens, max_seqlen)
-    bounds = cu_seqlens.tolist()
+    bounds = segment_bounds(cu_seqlens)
     return torch.cat([sdpa_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
+
+
+segment_bounds_cache = []  # [cu_seqlens, its Python list]: every layer of one forward asks for the same bounds
+
+
+def segment_bounds(cu_seqlens):
+    """cu_seqlens as a list, computed once per forward rather than once per layer (on a GPU each .tolist() waits for
+    the device)."""
+    if not segment_bounds_cache or segment_bounds_cache[0] is not cu_seqlens:
+        segment_bounds_cache[:] = [cu_seqlens, cu_seqlens.tolist()]
+    return segment_bounds_cache[1]
 
 
 document_bias_cache = []  # [(cu_seqlens, bias)]: the last batch's bias, shared by all its layers
@@ -382,7 +394,7 @@ def segment_forward(frozen_forward, ffn, x, cu_seqlens=None):
     if cu_seqlens is None:
         return frozen_forward(x)
     B, T, C = x.shape
-    flat, bounds = x.reshape(1, B * T, C), cu_seqlens.tolist()
+    flat, bounds = x.reshape(1, B * T, C), segment_bounds(cu_seqlens)
     outputs, logits = [], []
     for start, end in zip(bounds[:-1], bounds[1:]):
         outputs.append(frozen_forward(flat[:, start:end]))
@@ -422,6 +434,22 @@ def enable_segment_pooling(model):
         if isinstance(m, GQA) and m.attend is sdpa_attention:
             m.attend = segment_attention
     return model
+
+
+@contextmanager
+def whole_row_pooling(model):
+    """Within: the frozen whole-row gate mean (training's) even where enable_segment_pooling routes per segment, so a
+    held-out window is scored exactly as train.py's validation scores it: document-masked attention, one gate mean
+    per row."""
+    patched = [(m, m.forward) for m in model.modules() if isinstance(m, PolyGLU)
+               and isinstance(m.forward, partial) and m.forward.func is segment_forward]
+    for m, forward in patched:
+        m.forward = forward.args[0]
+    try:
+        yield model
+    finally:
+        for m, forward in patched:
+            m.forward = forward
 
 
 def rms_norm(x, weight, eps):

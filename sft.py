@@ -247,7 +247,7 @@ def main():
             name = 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'
             save_checkpoint(os.path.join(out_dir, name), model, step,
                             optimizer_state=optimizer.state_dict() if backend == 'torch' else None,
-                            scheduler_state=scheduler_state, init_from=init_from)
+                            scheduler_state=scheduler_state, init_from=init_from, stage='sft')
             prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
             print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)}")
 

@@ -271,8 +271,8 @@ def main():
         scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
                            'warmup_steps': warmup_steps, 'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
         extra = {'loss_ema': loss_ema, 'skipped_updates': skipped_steps, 'tokens': step * tokens_per_step,
-                 'data_dir': data_dir, 'val_tokens': val_tokens,  # eval.py's perplexity reads the same held-out slice
-                 'init_from': init_from}
+                 'data_dir': data_dir, 'val_tokens': val_tokens, 'block_size': block_size,  # eval.py's perplexity
+                 'init_from': init_from}                                                  # reads the same windows
         if use_deepspeed:
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
         if master:

@@ -144,7 +144,18 @@ def held_out_split(lengths, val_tokens):
 # what train.py and sft.py share: distributed set-up, the engine, one optimizer step, checkpoint files
 
 def resolve_device(device, dtype):
+    """'auto' -> cuda if it works, else cpu. An explicit 'cuda' (the GPU configs) that cannot start is one line with the
+    reason, never a silent bf16 run on the CPU."""
     import torch
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:  # torch says why (an old driver) only as a warning
+            warnings.simplefilter('always')
+            torch.cuda.is_available()
+            torch.cuda.device_count()
+        why = '; '.join(str(w.message).splitlines()[0] for w in caught) or 'no CUDA device or driver'
+        raise SystemExit(f"error: device={device!r} but CUDA is not available ({why[:200]}): fix the driver/torch build, "
+                         "or run on the CPU with --device=cpu")
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     dtype = ('bfloat16' if device.startswith('cuda') else 'float32') if dtype == 'auto' else dtype
     if dtype not in ('bfloat16', 'float32'):
@@ -157,13 +168,20 @@ def init_distributed(backend, device):
     if backend not in ('deepspeed', 'torch'):
         raise SystemExit(f"error: backend must be 'deepspeed' or 'torch', got {backend!r}")
     if backend == 'torch':
+        if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+            raise SystemExit(f"error: backend='torch' runs one process, but WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+                             "use backend='deepspeed' for several processes")
         return 0, 1, device
     for key, value in (('RANK', '0'), ('WORLD_SIZE', '1'), ('LOCAL_RANK', '0'), ('MASTER_ADDR', '127.0.0.1'),
                        ('MASTER_PORT', '29500')):
         os.environ.setdefault(key, value)
+    from datetime import timedelta
+
     import deepspeed
     import torch
-    deepspeed.init_distributed()
+    # a portable checkpoint of the full model (~11 GB with its optimizer state) is written by rank 0 while the others
+    # wait in a collective: DeepSpeed's 10-minute default could time them out on a slow disk
+    deepspeed.init_distributed(timeout=timedelta(minutes=60))
     if device == 'cuda':
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
@@ -190,6 +208,10 @@ def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, 
     ds_config = {'train_micro_batch_size_per_gpu': micro_batch_size, 'gradient_accumulation_steps': grad_accum_steps,
                  'gradient_clipping': grad_clip, 'zero_optimization': {'stage': zero_stage},
                  'bf16': {'enabled': dtype == 'bfloat16'}, 'steps_per_print': 10**12}
+    if dtype == 'bfloat16':
+        # without it DeepSpeed 0.19.8 sums the micro-batches' gradients in bf16 (the model's dtype); with it, ZeRO-1
+        # runs its BF16_Optimizer, which accumulates in fp32 beside the fp32 master weights
+        ds_config['data_types'] = {'grad_accum_dtype': 'fp32'}
     engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=ds_config)
     return engine, optimizer, nullcontext()
 
@@ -276,7 +298,10 @@ def peak_flops(device, override=0.0):
         return 0.0
     import torch
     name = torch.cuda.get_device_name()
-    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12), ('A10', 125e12)):
+    # dense bf16 peaks from the data sheets; the most specific name first (an 'H100 PCIe' is no SXM H100)
+    for key, flops in (('H200', 989e12), ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12),
+                       ('H800 PCIe', 756e12), ('H800', 989e12), ('A100', A100_PEAK_FLOPS), ('A800', 312e12),
+                       ('L40S', 362e12), ('A10', 125e12)):
         if key in name:
             return flops
     return 0.0

@@ -32,6 +32,7 @@ tau_start = 1.0
 tau_end = 0.1
 
 backend = 'deepspeed'
+device = 'cuda'                # a GPU run: no CUDA is an error at start, never a bf16 run on the CPU
 zero_stage = 1
 dtype = 'bfloat16'
 flash_attention = True

@@ -14,6 +14,7 @@ min_lr = 2e-6
 warmup_steps = 100
 tau = 0.1
 backend = 'deepspeed'
+device = 'cuda'                # a GPU run: no CUDA is an error at start, never a bf16 run on the CPU
 zero_stage = 1
 dtype = 'bfloat16'
 wandb_log = True

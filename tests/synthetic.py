@@ -9,25 +9,27 @@ VOCAB = 512
 EOS = 1
 
 
-def counting_documents(n_tokens, seed):
+def counting_documents(n_tokens, seed, eos=EOS, max_length=200):
     """Documents that count upward from a random start (mod VOCAB): learnable, so losses fall fast."""
     rng = np.random.default_rng(seed)
     docs, total = [], 0
     while total < n_tokens:
-        length = int(rng.integers(20, 200))
+        length = int(rng.integers(min(20, max_length - 1), max_length))
         start = int(rng.integers(2, VOCAB))
         doc = (start + np.arange(length)) % (VOCAB - 2) + 2
-        docs.append(np.append(doc, EOS).astype(np.uint32))
+        docs.append(np.append(doc, eos).astype(np.uint32))
         total += length + 1
     return docs
 
 
-def write_source(data_dir, name, n_tokens=60_000, chunk_tokens=20_000, seed=0, manifest_eos=EOS):
-    """manifest_eos: eval.py and analyze.py check for the real EOS id; the tokens still fit the tiny vocabulary."""
+def write_source(data_dir, name, n_tokens=60_000, chunk_tokens=20_000, seed=0, manifest_eos=EOS, eos=EOS,
+                 max_length=200):
+    """manifest_eos: eval.py and analyze.py check for the real EOS id; the tokens still fit the tiny vocabulary.
+    eos: the id ending each document (the real one, with manifest_eos, for a model of the full vocabulary)."""
     folder = os.path.join(data_dir, name)
     os.makedirs(folder, exist_ok=True)
     chunks, pending = [], []
-    for doc in counting_documents(n_tokens, seed):
+    for doc in counting_documents(n_tokens, seed, eos, max_length):
         if pending and sum(map(len, pending)) + len(doc) > chunk_tokens:
             chunks.append(np.concatenate(pending))
             pending = []
@@ -36,7 +38,7 @@ def write_source(data_dir, name, n_tokens=60_000, chunk_tokens=20_000, seed=0, m
     entries = []
     for i, tokens in enumerate(chunks):
         entry = prepare.write_chunk(folder, i, tokens)
-        entry['documents'] = int(np.count_nonzero(tokens == EOS))
+        entry['documents'] = int(np.count_nonzero(tokens == eos))
         entries.append(entry)
     manifest = {'format': prepare.MANIFEST_FORMAT, 'source': name, 'tokenizer': 'synthetic', 'eos_id': manifest_eos,
                 'dtype': 'uint32', 'vocab_size': VOCAB, 'chunks': entries,

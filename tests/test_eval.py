@@ -111,21 +111,48 @@ def test_vanilla_cached_generation_is_exact(word_tokenizer):
     assert E.generate_cached(vanilla, word_tokenizer, prompts) == E.generate_exact(vanilla, word_tokenizer, prompts, 4096)
 
 
-def test_held_out_perplexity_by_hand(tiny, tmp_path):
-    folder = synthetic.write_source(str(tmp_path), 'math', n_tokens=3000, chunk_tokens=5000, manifest_eos=M.EOS_ID)
+def test_held_out_perplexity_is_document_masked_by_hand(tmp_path):
+    torch.manual_seed(0)
+    model = M.create_model(small_config(vocab_size=M.ModelConfig.vocab_size, max_seq_len=64)).eval()
+    folder = synthetic.write_source(str(tmp_path), 'math', n_tokens=3000, chunk_tokens=5000, manifest_eos=M.EOS_ID,
+                                    eos=M.EOS_ID, max_length=12)  # short documents: several in every window
     manifest = json.load(open(os.path.join(folder, 'manifest.json')))
-    result = E.held_out_perplexity(tiny, folder, held_tokens=700, max_tokens=10_000, context=32)
+    result = E.held_out_perplexity(M.enable_segment_pooling(model), folder, held_tokens=700, max_tokens=10_000, context=32)
     tokens = np.concatenate([np.fromfile(os.path.join(folder, c['file']), dtype=np.uint32) for c in manifest['chunks']])
     held = torch.from_numpy(tokens[-700:].astype(np.int64))
-    losses = []
+    masked, unmasked = [], []
     for start in range(0, 700 - 32, 32):
         window = held[start:start + 33]
-        with torch.no_grad():
-            losses.append(F.cross_entropy(tiny(window[None, :-1])[0], window[1:], reduction='none'))
-    loss = torch.cat(losses).mean().item()
-    assert result['tokens'] == 32 * len(losses)
+        x = window[None, :-1]
+        with torch.no_grad(), M.whole_row_pooling(model):  # the frozen forward: training's gate, masked attention
+            masked.append(F.cross_entropy(model(x, *M.cu_seqlens_from_eos(x))[0], window[1:], reduction='none'))
+            unmasked.append(F.cross_entropy(model(x)[0], window[1:], reduction='none'))
+    loss = torch.cat(masked).mean().item()
+    assert result['tokens'] == 32 * len(masked) and result['windows'] == len(masked)
     assert result['loss'] == pytest.approx(loss, rel=1e-5)
     assert result['perplexity'] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert abs(torch.cat(unmasked).mean().item() - loss) > 1e-4  # masking matters on these windows
+
+
+def test_perplexity_equals_train_validation(tmp_path):
+    import train
+    data = str(tmp_path / 'data')
+    for i, name in enumerate(('math', 'stem', 'code')):
+        synthetic.write_source(data, name, n_tokens=8000, seed=i, manifest_eos=M.EOS_ID, eos=M.EOS_ID, max_length=40)
+    out_dir = str(tmp_path / 'run')
+    module = importlib.reload(train)
+    configure(vars(module), synthetic.train_args(data, out_dir, vocab_size=M.ModelConfig.vocab_size, eos_id=M.EOS_ID,
+                                                 max_steps=4, eval_interval=4, eval_rows=5, val_tokens=800,
+                                                 log_interval=4))
+    module.main()
+    validation = [json.loads(line) for line in open(os.path.join(out_dir, 'train_log.jsonl')) if 'val/math' in line][-1]
+    output = str(tmp_path / 'eval.json')
+    run_eval([f'--checkpoint={out_dir}/portable_final.pt', '--tasks=', f'--output={output}', '--tokenizer=packaged',
+              '--perplexity_tokens=160', '--device=cpu'])  # 5 windows of 32: train.py's eval_rows
+    report = json.load(open(output))['perplexity']
+    for name in ('math', 'stem', 'code'):
+        assert report[name]['windows'] == 5 and report[name]['context'] == 32
+        assert report[name]['loss'] == pytest.approx(validation[f'val/{name}'], rel=1e-5)
 
 
 TASKS = {
@@ -247,3 +274,98 @@ def test_eval_runs_on_the_author_formats(kind, author_files, harness_setup, tmp_
     model, _ = M.load_checkpoint(author_files[kind])
     expected = E.held_out_perplexity(M.enable_segment_pooling(model), os.path.join(data, 'math'), 1000, 1000, 256)
     assert report['perplexity']['math']['loss'] == pytest.approx(expected['loss'], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_scoring_memory_does_not_grow_with_the_vocabulary():
+    """16,384 scored positions in one pack (batch_tokens=16384, as loglikelihood_rolling sends them) at the full vocabulary:
+    keeping every position's log-probs would take 9.9 GB (float32) plus a copy; gathering the targets per chunk keeps
+    the peak near one chunk's logits (0.6 GB). Measured here: 1.2 GiB above the start, the model and inputs included."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = """
+import resource, numpy as np, torch, model as M, eval as E
+torch.manual_seed(0)
+model = M.enable_segment_pooling(M.create_model(M.ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64)))
+requests = [([M.EOS_ID], np.random.default_rng(i).integers(0, 151_669, 4095).tolist()) for i in range(4)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert len(E.packs([4096] * 4, 16_384)) == 1
+E.score(model.eval(), requests, 16_384)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
+"""
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak_gib = float(result.stdout.split()[-1])
+    assert peak_gib < 2.0, f'scoring peaked {peak_gib:.2f} GiB above its start'
+
+
+def eval_module(args):
+    module = importlib.reload(E)
+    configure(vars(module), args)
+    return module
+
+
+def test_chat_format_for_fine_tuned_checkpoints_and_samples(harness_setup, tmp_path, monkeypatch):
+    folder, _ = harness_setup
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    torch.manual_seed(0)
+    checkpoint = str(tmp_path / 'portable_sft_final.pt')
+    M.save_checkpoint(checkpoint, M.create_model(M.ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                                                               max_seq_len=512)), step=3, stage='sft')
+    reports = {}
+    for mode in ('auto', 'plain'):
+        output = str(tmp_path / mode / 'eval.json')
+        module = eval_module([f'--checkpoint={checkpoint}', '--tasks=poly_mc,poly_gen', f'--include_path={folder}',
+                              f'--output={output}', '--tokenizer=packaged', '--perplexity=False', '--device=cpu',
+                              '--limit=3', '--num_fewshot=2', '--log_samples=True']
+                             + (['--chat=False'] if mode == 'plain' else []))
+        stops = []
+        real = module.generate_exact
+        monkeypatch.setattr(module, 'generate_exact', lambda m, tok, prompts, *a: stops.extend(p[1] for p in prompts)
+                            or real(m, tok, prompts, *a))
+        module.main()
+        report = json.load(open(output))
+        samples = {task: [json.loads(line) for line in open(path)] for task, path in report['samples'].items()}
+        reports[mode] = (report, samples, stops)
+    (chat, chat_samples, chat_stops), (plain, plain_samples, plain_stops) = reports['auto'], reports['plain']
+    assert chat['chat'] is True and plain['chat'] is False  # fine-tuned: chat by default, recorded
+    assert chat['n-shot'] == plain['n-shot'] == {'poly_mc': 2, 'poly_gen': 2}
+    for task in ('poly_mc', 'poly_gen'):
+        assert len(chat_samples[task]) == 3 and {'doc', 'arguments', 'resps', 'filtered_resps'} <= set(chat_samples[task][0])
+    context = chat_samples['poly_gen'][0]['arguments'][0][0]
+    assert context.startswith('<|im_start|>user\nQuestion:') and context.endswith('<|im_start|>assistant\n')
+    assert context.count('<|im_start|>user') == 3 and context.count('<|im_start|>assistant') == 3  # 2 shots as turns
+    plain_context = plain_samples['poly_gen'][0]['arguments'][0][0]
+    assert '<|im_start|>' not in plain_context and plain_context.count('Question:') == 3
+    assert all('<|im_end|>' in until for until in chat_stops) and not any('<|im_end|>' in u for u in plain_stops)
+    assert 'acc' in chat_samples['poly_mc'][0] and 'exact_match' in chat_samples['poly_gen'][0]
+
+
+def test_shot_counts_and_the_paper_table(monkeypatch, tmp_path, capsys):
+    import lm_eval
+    calls = []
+
+    def fake_evaluate(model, tasks, num_fewshot, **kwargs):
+        calls.append((tuple(tasks), num_fewshot))
+        return {'results': {t: {'acc,none': 0.25, 'acc_stderr,none': 0.01, 'acc_norm,none': 0.3,
+                                'acc_norm_stderr,none': 0.02} for t in tasks},
+                'n-shot': {t: num_fewshot or 0 for t in tasks}}
+    monkeypatch.setattr(lm_eval, 'simple_evaluate', fake_evaluate)
+    module = eval_module([])
+    results = module.run_tasks(None, ['gsm8k', 'mmlu_stem'])
+    assert calls == [(('gsm8k',), None), (('mmlu_stem',), 5)]  # MMLU-STEM 5-shot, as the model card reports it
+    assert results['n-shot'] == {'gsm8k': 0, 'mmlu_stem': 5}
+    calls.clear()
+    results = module.run_tasks(None, [task for task, *_ in module.PAPER])
+    assert calls == [(('hellaswag', 'arc_easy', 'arc_challenge', 'piqa', 'winogrande', 'boolq', 'sciq', 'openbookqa',
+                       'lambada_openai'), None), (('mmlu_stem',), 5)]  # the harness's 0-shot defaults, MMLU 5-shot
+    rows = module.paper_comparison(results, {'math': {'perplexity': 4.0}})
+    by_name = {row[0]: row for row in rows}
+    assert by_name['hellaswag'][3:7] == (pytest.approx(30.0), pytest.approx(2.0), 28.51, pytest.approx(1.49))
+    assert by_name['mmlu_stem'][2:7] == (5, pytest.approx(25.0), pytest.approx(1.0), 25.28, pytest.approx(-0.28))
+    assert by_name['math perplexity'][3:7] == (4.0, None, 3.56, pytest.approx(0.44))
+    assert by_name['code perplexity'][3] is None
+    module.print_paper_comparison(rows, 'demo')
+    out = capsys.readouterr().out
+    assert 'hellaswag' in out and '+1.49' in out and 'not run' in out and 'loglikelihood-based' in out

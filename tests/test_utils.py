@@ -52,3 +52,47 @@ def test_zero3_is_a_clear_error():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(SystemExit, match='zero_stage must be 0, 1 or 2, got 3: ZeRO-3 partitions the weights'):
         utils.make_engine(model, model, 'deepspeed', 'float32', 3, 1, 1, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8)
+
+
+def test_peak_flops_per_card(monkeypatch):
+    import torch
+    for name, peak in (('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12), ('NVIDIA H100 NVL', 835e12),
+                       ('NVIDIA H800', 989e12), ('NVIDIA H800 PCIe', 756e12), ('NVIDIA A100-SXM4-80GB', 312e12),
+                       ('NVIDIA H200', 989e12), ('Tesla T4', 0.0)):
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a, name=name: name)
+        assert utils.peak_flops('cuda:0') == peak, name
+
+
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='checks the CPU-only failure')
+def test_gpu_config_without_cuda_and_torch_backend_with_ranks(monkeypatch):
+    with pytest.raises(SystemExit, match=r"device='cuda' but CUDA is not available .*--device=cpu"):
+        utils.resolve_device('cuda', 'bfloat16')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit, match="backend='torch' runs one process, but WORLD_SIZE=2"):
+        utils.init_distributed('torch', 'cpu')
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_accumulates_gradients_in_fp32():
+    """DeepSpeed 0.19.8 with bf16 sums micro-batch gradients in bf16 unless data_types.grad_accum_dtype is fp32; with it
+    ZeRO-1 runs BF16_Optimizer, whose gradient buffers are fp32."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = """
+import torch, model as M, utils
+utils.init_distributed('deepspeed', 'cpu')
+torch.manual_seed(0)
+model = M.create_model(M.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16))
+engine, optimizer, autocast = utils.make_engine(M.LanguageModelLoss(model), model, 'deepspeed', 'bfloat16', 1, 2, 2, 1.0,
+                                                1e-3, 0.1, (0.9, 0.95), 1e-8)
+x = torch.randint(0, 64, (2, 16))
+loss, grad_norm, applied = utils.optimizer_step(engine, optimizer, model, [(x, x, None, None)] * 2, 'deepspeed', 1.0, autocast)
+print('RESULT', type(engine.optimizer).__name__, engine.get_data_types(),
+      sorted({str(t.dtype) for t in engine.optimizer.fp32_groups_gradients_flat}), applied)
+"""
+    env = {**os.environ, 'MASTER_PORT': str(29_300 + os.getpid() % 500)}
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith('RESULT'))
+    assert line == "RESULT BF16_Optimizer (torch.bfloat16, torch.float32) ['torch.float32'] True"
