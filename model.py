@@ -644,12 +644,14 @@ def optimizer_groups(model, weight_decay):
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
-def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=None, **extra):
+def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=None, master_weights=None, **extra):
     """Portable checkpoint {model_state_dict (float32), optimizer_state_dict, scheduler_state_dict, step, tau,
     model_config}, written to a temporary name and renamed: a crash never leaves a half file under `path`. The state
-    dict has the author's keys, the tied head stored once (torch.save keeps the sharing)."""
+    dict has the author's keys, the tied head stored once (torch.save keeps the sharing). master_weights: {parameter
+    name: float32 tensor} to store instead of the module's values (DeepSpeed bf16 keeps the fp32 masters apart)."""
     weights = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
                for k, v in model.state_dict().items() if k != 'output_head.weight'}
+    weights.update(master_weights or {})
     weights['output_head.weight'] = weights['embeddings.weight']
     state = {
         'model_state_dict': weights,

@@ -26,8 +26,8 @@ import torch
 from model import (EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, flops_per_token, load_checkpoint, routing_entropy,
                    save_checkpoint, wrap_model)
 from utils import (A100_PEAK_FLOPS, USD_PER_GPU_HOUR, catch_stop_signals, cosine_lr, end_of_session, init_distributed,
-                   init_wandb, latest_checkpoint, make_engine, optimizer_step, prune_checkpoints, resolve_device,
-                   step_seed)
+                   export_training_state, import_training_state, init_wandb, latest_checkpoint, make_engine,
+                   master_weights, micro_batch_seeds, optimizer_step, prune_checkpoints, resolve_device)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -213,15 +213,19 @@ def main():
         grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps)
 
     start_step, ds_dir = 0, os.path.join(out_dir, 'ds_checkpoint_sft')
-    if resume:
-        if backend == 'deepspeed' and os.path.isfile(os.path.join(ds_dir, 'latest')):
-            _, state = engine.load_checkpoint(ds_dir)
-            start_step = state['step']
-        elif backend == 'torch' and latest_checkpoint(out_dir, 'portable_sft_'):
-            state = torch.load(latest_checkpoint(out_dir, 'portable_sft_'), map_location='cpu', weights_only=True)
-            model.load_state_dict(state['model_state_dict'])
-            optimizer.load_state_dict(state['optimizer_state_dict'])
-            start_step = state['step']
+    if resume and latest_checkpoint(out_dir, 'portable_sft_'):  # on any number of ranks with the same global batch
+        path = latest_checkpoint(out_dir, 'portable_sft_')
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        per_parameter = isinstance(state['optimizer_state_dict'], dict) and 'master' in state['optimizer_state_dict']
+        if state['optimizer_state_dict'] is None or per_parameter != (backend == 'deepspeed'):
+            fail(f"{path} holds no optimizer state for backend={backend!r}: resume with the backend that wrote it, or "
+                 "start fresh with resume=''")
+        if state.get('rows_per_step', rows_per_step) != rows_per_step:
+            fail(f"{path} was fine-tuned with {state['rows_per_step']} rows a step, this run has {rows_per_step}: keep "
+                 "micro_batch_size x grad_accum_steps x ranks so the packing and schedule continue")
+        model.load_state_dict(state['model_state_dict'])
+        import_training_state(engine, optimizer, model, backend, state['optimizer_state_dict'])
+        start_step = state['step']
         if start_step >= max_steps:
             print(f"already fine-tuned to {max_steps} steps; nothing to do")
             return
@@ -239,17 +243,21 @@ def main():
               f"${USD_PER_GPU_HOUR}/h ({run_tokens:,} tokens, {len(np.unique(problems[train_ids])):,} problems)")
 
     def save(step, final=False):
+        save_start = time.perf_counter()
         scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
                            'warmup_steps': warmup_steps, 'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
         if backend == 'deepspeed':
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
+        masters = master_weights(model, backend, dtype)  # every rank: collectives under ZeRO
+        optimizer_state = export_training_state(engine, optimizer, model, backend)
         if master:
             name = 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'
-            save_checkpoint(os.path.join(out_dir, name), model, step,
-                            optimizer_state=optimizer.state_dict() if backend == 'torch' else None,
-                            scheduler_state=scheduler_state, init_from=init_from, stage='sft')
+            save_checkpoint(os.path.join(out_dir, name), model, step, master_weights=masters,
+                            optimizer_state=optimizer_state, scheduler_state=scheduler_state, init_from=init_from,
+                            stage='sft', rows_per_step=rows_per_step, world_size=world_size)
             prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
-            print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)}")
+            print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)} "
+                  f"({time.perf_counter() - save_start:.1f}s: a stop signal needs this long before a SIGKILL)")
 
     def evaluate():
         """Validation loss per assistant token over the held-out conversations."""
@@ -258,12 +266,16 @@ def main():
         full, partial = val_rows[:-1], val_rows[-1:]  # only the last row may be shorter; it runs alone
         batches = [full[i:i + micro_batch_size] for i in range(0, len(full), micro_batch_size)] + [partial]
         with torch.no_grad(), autocast:
-            for batch in batches:
+            for batch in batches[rank::world_size]:  # sharded over the ranks, the sums all-reduced
                 x, y, cu_seqlens, max_seqlen = to_device([row_arrays(tokens, masks, r) for r in batch])
                 n = int((y != -100).sum())
                 if n:
                     total += engine(x, y, cu_seqlens, max_seqlen).item() * n
                     count += n
+        if world_size > 1:
+            sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(sums)
+            total, count = sums.tolist()
         engine.train()
         return total / max(1, count)
 
@@ -282,7 +294,6 @@ def main():
         lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        torch.manual_seed(step_seed(seed, step, rank))
         micro_batches, targets = [], []
         for micro_step in range(grad_accum_steps):
             first = ((step * grad_accum_steps + micro_step) * world_size + rank) * micro_batch_size
@@ -295,7 +306,8 @@ def main():
         step_targets = sum(int(row_arrays(tokens, masks, r)[1][1:].sum()) for r in step_rows)
         weights = [n * grad_accum_steps * world_size / max(1, step_targets) for n in targets]
         loss, grad_norm, applied = optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip,
-                                                  autocast, weights)
+                                                  autocast, weights, micro_batch_seeds(seed, step, grad_accum_steps, rank,
+                                                                                       world_size))
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
         if not applied:
             print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped")
@@ -320,7 +332,7 @@ def main():
                 print(f"step {done}: validation loss {val_loss:.4f} per assistant token")
                 if wandb_run:
                     wandb_run.log({'sft/val_loss': val_loss}, step=done)
-        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step)
+        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
         if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
             save(done)
             if stop_reason:

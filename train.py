@@ -22,8 +22,8 @@ import torch
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
                    flops_per_token, load_checkpoint, routing_entropy, save_checkpoint)
 from utils import (catch_stop_signals, cosine_lr, end_of_session, held_out_split, init_distributed, init_wandb,
-                   latest_checkpoint, make_engine, open_chunks, optimizer_step, peak_flops, prune_checkpoints,
-                   resolve_device, step_seed)
+                   export_training_state, import_training_state, latest_checkpoint, make_engine, master_weights,
+                   micro_batch_seeds, open_chunks, optimizer_step, peak_flops, prune_checkpoints, resolve_device)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -97,10 +97,6 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-def mixture_probs(step):
-    """Source sampling probabilities at a step: the baseline ratios, then the annealed ones for the last part."""
-    return mixture_anneal if step >= anneal_start * max_steps else mixture_baseline
-
 # -----------------------------------------------------------------------------
 # data
 
@@ -120,13 +116,15 @@ def open_source(name):
                 n_windows=int(windows_per_chunk.sum()), val=val)
 
 
-def row_plan(n_sources, rank, world_size):
-    """For every row this rank will train on: (source index, slot). A source's k-th row on this rank takes slot
-    k * world_size + rank of that source's window permutation, so ranks never collide, and the whole plan follows
-    from (seed, rank, world_size): nothing about the data needs to be saved for an exact resume."""
-    rows_per_step = grad_accum_steps * micro_batch_size
+def row_plan(n_sources, rows_per_step):
+    """For every row of the run, (source index, slot). Row j of step s is global row s * rows_per_step + j, where
+    rows_per_step is the global batch (micro_batch_size x grad_accum_steps x world_size). Its source is drawn by the
+    step's mixture from a uniform that depends on (seed, global row) only, and a source's k-th row takes slot k of its
+    window permutation. So the same global batch sees the same data on 1, 2 or 8 GPUs (each rank takes its share of every
+    step's rows), and nothing about the data needs saving for an exact resume, on any GPU count with the same global
+    batch."""
     total = max_steps * rows_per_step
-    uniform = np.random.default_rng([seed, rank, world_size]).random(total)
+    uniform = np.random.default_rng(seed).random(total)  # the g-th draw is the same whatever total is
     step_of_row = np.arange(total) // rows_per_step
     source = np.empty(total, dtype=np.int64)
     for probs, selected in ((mixture_baseline, step_of_row < anneal_start * max_steps),
@@ -136,8 +134,16 @@ def row_plan(n_sources, rank, world_size):
     slot = np.empty(total, dtype=np.int64)
     for s in range(n_sources):
         rows = source == s
-        slot[rows] = np.arange(rows.sum()) * world_size + rank
+        slot[rows] = np.arange(rows.sum())
     return source, slot
+
+
+def rank_rows(step, micro_step, rank, world_size):
+    """The global rows one rank trains on in one micro-step: micro-step m of rank r takes the (m * world_size + r)-th
+    block of micro_batch_size rows of the step, so 2 ranks x grad_accum 1 train what 1 rank x grad_accum 2 trains."""
+    rows_per_step = micro_batch_size * grad_accum_steps * world_size
+    first = step * rows_per_step + (micro_step * world_size + rank) * micro_batch_size
+    return range(first, first + micro_batch_size)
 
 
 permutations = {}  # source name -> (epoch, its window permutation): one epoch per source, as its slots only grow
@@ -155,10 +161,9 @@ def window_tokens(src, slot):
     return src['chunks'][chunk][start:start + block_size + 1]
 
 
-def get_batch(data, plan, step, micro_step):
+def get_batch(data, plan, step, micro_step, rank, world_size):
     source, slot = plan
-    first = (step * grad_accum_steps + micro_step) * micro_batch_size
-    rows = np.stack([window_tokens(data[source[i]], slot[i]) for i in range(first, first + micro_batch_size)])
+    rows = np.stack([window_tokens(data[source[i]], slot[i]) for i in rank_rows(step, micro_step, rank, world_size)])
     return to_device(rows)
 
 
@@ -166,13 +171,13 @@ def check_repeats(data, plan, master):
     """Before step 0: the windows each source will use against the windows it has. A source that runs out repeats
     windows (a second epoch of its permutation): a warning, or an error with allow_repeats=False."""
     source, slot = plan
-    rows_per_step = grad_accum_steps * micro_batch_size
+    rows_per_step = len(source) // max_steps
     lines, repeating = [], []
     for s, src in enumerate(data):
         if src is None:
             continue
         mine = slot[source == s]
-        used = int(mine.max()) + 1 if mine.size else 0  # slots are k * world_size + rank: all ranks end near here
+        used = int(mine.max()) + 1 if mine.size else 0
         lines.append(f"{src['name']} {used:,} of {src['n_windows']:,} windows ({used / src['n_windows']:.1%})")
         if used > src['n_windows']:
             first = int(np.argmax((source == s) & (slot >= src['n_windows']))) // rows_per_step
@@ -213,7 +218,7 @@ def main():
     # data: sources with weight 0 in both mixtures may be absent
     used = [i for i in range(len(sources)) if mixture_baseline[i] > 0 or mixture_anneal[i] > 0]
     data = [open_source(sources[i]) if i in used else None for i in range(len(sources))]
-    plan = row_plan(len(sources), rank, world_size)
+    plan = row_plan(len(sources), micro_batch_size * grad_accum_steps * world_size)
     check_repeats(data, plan, master)
 
     # model
@@ -226,8 +231,7 @@ def main():
     model = create_model(config, device=device, dtype=torch.float32, flash=flash_attention, fused=fused,
                          gradient_checkpointing=gradient_checkpointing, checkpoint_blocks=checkpoint_blocks)
     ds_dir = os.path.join(out_dir, 'ds_checkpoint')
-    resuming = resume and (os.path.isfile(os.path.join(ds_dir, 'latest')) if use_deepspeed
-                           else latest_checkpoint(out_dir, 'portable_'))
+    resuming = resume and latest_checkpoint(out_dir, 'portable_')
     if init_from and not resuming:  # before the engine: DeepSpeed copies the weights into its fp32 master copy
         source, source_info = load_checkpoint(init_from, config=config)
         model.load_state_dict(source.state_dict())
@@ -242,25 +246,26 @@ def main():
 
     # resume
     start_step, loss_ema, bad_in_a_row, skipped_steps = 0, None, 0, 0
-    if resuming:
-        if use_deepspeed and os.path.isfile(os.path.join(ds_dir, 'latest')):
-            try:
-                _, state = engine.load_checkpoint(ds_dir)
-            except RuntimeError as e:  # a state dict of another shape
-                fail(f"{ds_dir} does not fit this model ({str(e).splitlines()[0][:160]}); use another out_dir or "
-                     "resume=''")
-            start_step, loss_ema, skipped_steps = state['step'], state.get('loss_ema'), state.get('skipped_updates', 0)
-        elif not use_deepspeed and latest_checkpoint(out_dir, 'portable_'):
-            path = latest_checkpoint(out_dir, 'portable_')
-            state = torch.load(path, map_location='cpu', weights_only=True)
-            if state['model_config'] != {**state['model_config'], **config.__dict__}:
-                fail(f"{path} was trained with another model config; use another out_dir or resume=''")
-            if state['optimizer_state_dict'] is None:
-                fail(f"{path} was written by a DeepSpeed run (its optimizer state is in ds_checkpoint/): resume "
-                     "with backend='deepspeed', or start fresh with resume=''")
-            model.load_state_dict(state['model_state_dict'])
-            optimizer.load_state_dict(state['optimizer_state_dict'])
-            start_step, loss_ema, skipped_steps = state['step'], state.get('loss_ema'), state.get('skipped_updates', 0)
+    if resuming:  # from the newest portable checkpoint, whatever the number of ranks that wrote it
+        path = latest_checkpoint(out_dir, 'portable_')
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        if state['model_config'] != {**state['model_config'], **config.__dict__}:
+            fail(f"{path} was trained with another model config; use another out_dir or resume=''")
+        if state['optimizer_state_dict'] is None:
+            fail(f"{path} holds no optimizer state (written before resumable DeepSpeed checkpoints): resume with "
+                 f"the same number of GPUs from {ds_dir} using an older train.py, or start fresh with resume=''")
+        per_parameter = isinstance(state['optimizer_state_dict'], dict) and 'master' in state['optimizer_state_dict']
+        if per_parameter != use_deepspeed:
+            fail(f"{path} was written by a {'DeepSpeed' if per_parameter else 'torch'} run: resume it with "
+                 f"backend={'deepspeed' if per_parameter else 'torch'}, or start fresh with resume=''")
+        saved_rows = state.get('rows_per_step', micro_batch_size * grad_accum_steps * world_size)
+        if saved_rows != micro_batch_size * grad_accum_steps * world_size:
+            fail(f"{path} was trained with {saved_rows} rows a step, this run has {micro_batch_size} x "
+                 f"{grad_accum_steps} x {world_size} ranks = {micro_batch_size * grad_accum_steps * world_size}: keep "
+                 "the global batch (e.g. --grad_accum_steps) so the data order and schedule continue")
+        model.load_state_dict(state['model_state_dict'])
+        import_training_state(engine, optimizer, model, backend, state['optimizer_state_dict'])
+        start_step, loss_ema, skipped_steps = state['step'], state.get('loss_ema'), state.get('skipped_updates', 0)
         if start_step and master:
             print(f"resumed from step {start_step} ({start_step * tokens_per_step:,} tokens)")
         if start_step >= max_steps:
@@ -268,21 +273,26 @@ def main():
             return
 
     def save(step, final=False):
+        save_start = time.perf_counter()
         scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
                            'warmup_steps': warmup_steps, 'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
         extra = {'loss_ema': loss_ema, 'skipped_updates': skipped_steps, 'tokens': step * tokens_per_step,
+                 'rows_per_step': micro_batch_size * grad_accum_steps * world_size, 'world_size': world_size,
                  'data_dir': data_dir, 'val_tokens': val_tokens, 'block_size': block_size,  # eval.py's perplexity
                  'init_from': init_from}                                                  # reads the same windows
         if use_deepspeed:
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
+        masters = master_weights(model, backend, dtype)  # every rank: collectives under ZeRO
+        optimizer_state = export_training_state(engine, optimizer, model, backend)
         if master:
             name = 'portable_final.pt' if final else f'portable_{step}.pt'
-            # DeepSpeed keeps its (ZeRO-partitioned) optimizer state in ds_checkpoint/, the exact-resume format
-            save_checkpoint(os.path.join(out_dir, name), model, step,
-                            optimizer_state=None if use_deepspeed else optimizer.state_dict(),
+            # resumable on any number of ranks; ds_checkpoint/ is DeepSpeed's own copy (same world size only)
+            save_checkpoint(os.path.join(out_dir, name), model, step, master_weights=masters,
+                            optimizer_state=optimizer_state,
                             scheduler_state=scheduler_state, **extra)
             prune_checkpoints(out_dir, 'portable_', ds_dir, keep_checkpoints)
-            print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)}")
+            print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)} "
+                  f"({time.perf_counter() - save_start:.1f}s: a stop signal needs this long before a SIGKILL)")
 
     stop_signal = catch_stop_signals()
 
@@ -305,13 +315,16 @@ def main():
             for src in data:
                 if src is None:
                     continue
-                total = 0.0
-                for first in range(0, len(src['val']), micro_batch_size):
-                    rows = np.stack([src['chunks'][c][o:o + block_size + 1]
-                                     for c, o in src['val'][first:first + micro_batch_size]])
+                mine = src['val'][rank::world_size]  # rows sharded over the ranks, the sums all-reduced
+                total = torch.zeros((), dtype=torch.float64)
+                for first in range(0, len(mine), micro_batch_size):
+                    rows = np.stack([src['chunks'][c][o:o + block_size + 1] for c, o in mine[first:first + micro_batch_size]])
                     x, y, cu_seqlens, max_seqlen = to_device(rows)
                     total += engine(x, y, cu_seqlens, max_seqlen).item() * len(rows)
-                losses[f"val/{src['name']}"] = total / len(src['val'])
+                if world_size > 1:
+                    total = total.to(device)
+                    torch.distributed.all_reduce(total)
+                losses[f"val/{src['name']}"] = total.item() / len(src['val'])
         weights = dict(zip(sources, mixture_baseline))
         losses['val/loss'] = sum(weights[k[4:]] * v for k, v in losses.items()) / sum(
             weights[k[4:]] for k in losses)
@@ -325,27 +338,27 @@ def main():
         lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        torch.manual_seed(step_seed(seed, step, rank))
-        micro_batches = [get_batch(data, plan, step, micro_step) for micro_step in range(grad_accum_steps)]
-        loss, grad_norm, applied = optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip,
-                                                  autocast)
+        micro_batches = [get_batch(data, plan, step, micro_step, rank, world_size)
+                         for micro_step in range(grad_accum_steps)]
+        loss, grad_norm, applied = optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, autocast,
+                                                  seeds=micro_batch_seeds(seed, step, grad_accum_steps, rank, world_size))
 
-        if not applied:
+        done, spike = step + 1, False
+        if not applied:  # no logging for it, but the stop signal and the checkpoint interval below still apply
             bad_in_a_row, skipped_steps = bad_in_a_row + 1, skipped_steps + 1
             print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped "
                   f"({bad_in_a_row} in a row, {skipped_steps} in all)")
             if bad_in_a_row >= max_bad_steps:
                 fail(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last good checkpoint "
                      f"in {out_dir} is intact (lower learning_rate or check the data, then resume)")
-            continue
-        bad_in_a_row = 0
-        spike = loss_ema is not None and loss > spike_factor * loss_ema
-        loss_ema = loss if loss_ema is None else 0.99 * loss_ema + 0.01 * loss
-        if spike and master:
-            print(f"step {step}: loss spike {loss:.4f} > {spike_factor} x running mean {loss_ema:.4f}")
+        else:
+            bad_in_a_row = 0
+            spike = loss_ema is not None and loss > spike_factor * loss_ema
+            loss_ema = loss if loss_ema is None else 0.99 * loss_ema + 0.01 * loss
+            if spike and master:
+                print(f"step {step}: loss spike {loss:.4f} > {spike_factor} x running mean {loss_ema:.4f}")
 
-        done = step + 1
-        if master and (done % log_interval == 0 or done == max_steps or spike):
+        if applied and master and (done % log_interval == 0 or done == max_steps or spike):
             elapsed, steps_timed = time.perf_counter() - timer, done - last_logged
             tokens_per_sec = steps_timed * tokens_per_step / elapsed
             mfu = flops_per_step * steps_timed / elapsed / peak if peak else None
@@ -375,11 +388,12 @@ def main():
                     f.write(json.dumps({'step': done, 'train/tokens': done * tokens_per_step, **losses}) + '\n')
                 if wandb_run:
                     wandb_run.log(losses, step=done)
-        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step)
+        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
         if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
             save(done)
             if stop_reason:
-                print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
+                if master:
+                    print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
                 return
     save(max_steps, final=True)
     if master:

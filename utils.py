@@ -216,7 +216,7 @@ def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, 
     return engine, optimizer, nullcontext()
 
 
-def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, autocast, weights=None):
+def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, autocast, weights=None, seeds=None):
     """Forward/backward over the micro-batches, then one clipped update. -> (loss, grad norm, applied).
     weights: each micro-batch's mean loss is scaled by its weight (default 1), so that the step's gradient is that of
     the mean of weight x loss over micro-batches and ranks (sft.py: the mean per assistant token of the step). The
@@ -225,7 +225,9 @@ def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, 
     import torch
     losses = []
     weights = weights or [1.0] * len(micro_batches)
-    for (x, y, cu_seqlens, max_seqlen), weight in zip(micro_batches, weights):
+    for (x, y, cu_seqlens, max_seqlen), weight, seed in zip(micro_batches, weights, seeds or [None] * len(weights)):
+        if seed is not None:  # the Gumbel noise of this micro-batch: the same whichever rank runs it
+            torch.manual_seed(seed)
         if backend == 'deepspeed':
             loss = engine(x, y, cu_seqlens, max_seqlen) * weight
             engine.backward(loss)
@@ -251,10 +253,67 @@ def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, 
     return loss, grad_norm, applied
 
 
-def step_seed(seed, step, rank):
-    """The RNG seed of a training step (Gumbel noise): a function of (seed, step, rank) only, so a resumed run draws
-    the noise an uninterrupted one would."""
-    return (seed * 1_000_003 + step) * 1_009 + rank
+def master_weights(model, backend, dtype):
+    """{name: float32 master weight} under DeepSpeed bf16, where the module holds only their bf16 rounding; None
+    otherwise (the module's own weights are the masters). A collective under ZeRO: every rank calls it."""
+    if backend != 'deepspeed' or dtype != 'bfloat16':
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+    return {name: safe_get_full_fp32_param(p).detach().float().cpu() for name, p in model.named_parameters()}
+
+
+def step_seed(seed, step, block):
+    """The RNG seed of one micro-batch's forward (Gumbel noise): a function of (seed, step, block) only, where block =
+    micro_step * world_size + rank is the micro-batch's place in the step's global batch. A resumed run draws the noise
+    an uninterrupted one would, on any number of ranks."""
+    return (seed * 1_000_003 + step) * 1_009 + block
+
+
+def micro_batch_seeds(seed, step, grad_accum_steps, rank, world_size):
+    return [step_seed(seed, step, micro_step * world_size + rank) for micro_step in range(grad_accum_steps)]
+
+
+def export_training_state(engine, optimizer, model, backend):
+    """The optimizer state in a form that loads on any number of ranks. The torch path: its state_dict. DeepSpeed: per
+    parameter name, the fp32 master weight and Adam's two moments gathered whole from the ZeRO partitions, and Adam's
+    step. A collective under ZeRO: every rank calls it (it holds the whole state in host memory: 12 bytes a parameter)."""
+    if backend == 'torch':
+        return optimizer.state_dict()
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    zero = engine.optimizer
+    zero._hp_optimizer_states_linked = False  # DeepSpeed links the moments lazily, and may have done so before they existed
+    zero._lazy_init_hp_params_optimizer_state()
+    base = zero.optimizer
+    steps = {float(state['step']) for state in base.state.values() if 'step' in state}
+    named = dict(model.named_parameters())
+    return {'format': 'per_parameter', 'adam_step': steps.pop() if steps else 0.0,
+            'master': {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in named.items()},
+            'exp_avg': {n: safe_get_full_optimizer_state(p, 'exp_avg').detach().float().cpu() for n, p in named.items()},
+            'exp_avg_sq': {n: safe_get_full_optimizer_state(p, 'exp_avg_sq').detach().float().cpu()
+                           for n, p in named.items()}}
+
+
+def import_training_state(engine, optimizer, model, backend, state):
+    """Load export_training_state's result into a fresh engine on this run's number of ranks."""
+    import torch
+    if backend == 'torch':
+        optimizer.load_state_dict(state)
+        return
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    zero = engine.optimizer
+    base = zero.optimizer
+    for group in base.param_groups:  # Adam's state exists only after a first step: create it, then fill it
+        for flat in group['params']:
+            base.state[flat] = {'step': torch.tensor(state['adam_step'], dtype=torch.float32),
+                                'exp_avg': torch.zeros_like(flat), 'exp_avg_sq': torch.zeros_like(flat)}
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+    for name, p in model.named_parameters():
+        safe_set_full_fp32_param(p, state['master'][name].to(p.device))
+        safe_set_full_optimizer_state(p, state['exp_avg'][name].to(p.device), 'exp_avg')
+        safe_set_full_optimizer_state(p, state['exp_avg_sq'][name].to(p.device), 'exp_avg_sq')
+        with torch.no_grad():
+            p.copy_(state['master'][name].to(p.device, p.dtype))  # the module's weights are the masters' rounding
 
 
 def catch_stop_signals():
@@ -266,8 +325,19 @@ def catch_stop_signals():
     return received
 
 
-def end_of_session(stop_signal, stop_after_steps, steps_this_session):
-    """Why this session should stop now with a checkpoint (a signal, or stop_after_steps reached), or None."""
+def end_of_session(stop_signal, stop_after_steps, steps_this_session, world_size=1):
+    """Why this session should stop now with a checkpoint (a signal, or stop_after_steps reached), or None. With
+    several ranks the signal flag is all-reduced every step, so a signal that reached one rank stops all of them at
+    the same step (a rank left in a gradient collective while another waits in the save's barrier would hang)."""
+    if world_size > 1:
+        import torch
+        import torch.distributed as dist
+        flag = torch.tensor([stop_signal[0] if stop_signal else 0], dtype=torch.int64)
+        if dist.get_backend() == 'nccl':
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not stop_signal:
+            stop_signal.append(int(flag.item()))
     if stop_signal:
         return f"signal {stop_signal[0]}"
     if stop_after_steps and steps_this_session >= stop_after_steps:

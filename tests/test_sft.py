@@ -264,3 +264,30 @@ def test_held_out_by_problem_and_cost_shown(sft_data, pretrained, tmp_path, caps
     out = capsys.readouterr().out
     hours, dollars = re.search(r'projected cost: ([\d.]+) A100-hours, \$([\d,]+) at 40% MFU', out).groups()
     assert float(dollars.replace(',', '')) == pytest.approx(float(hours) * 1.64, abs=1)
+
+
+@pytest.mark.slow
+def test_two_rank_sft_resumes_on_one_rank(sft_data, pretrained, tmp_path):
+    """sft.py through torchrun on 2 CPU ranks, stopped, then continued on 1 rank with twice the accumulation: the losses
+    of an uninterrupted 1-rank run (the same global batch, data, optimizer state and noise)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    port = 28_100 + os.getpid() % 300
+
+    def run(out_dir, ranks, **overrides):
+        args = sft_args(sft_data, pretrained['polyglu'], str(tmp_path / out_dir), backend='deepspeed',
+                        val_fraction=0.75, **overrides)  # a quarter of the problems: 8 steps
+        launcher = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={ranks}', f'--master_port={port}'] \
+            if ranks > 1 else [sys.executable]
+        result = subprocess.run([*launcher, 'sft.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, 'MASTER_PORT': str(port + 1), 'OMP_NUM_THREADS': '1'})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return [float(x) for x in re.findall(r'\| loss (\d+\.\d+) \|', result.stdout)], result.stdout
+
+    whole, _ = run('whole', 1, grad_accum_steps=2)
+    first, _ = run('moved', 2, grad_accum_steps=1, stop_after_steps=3)
+    second, out = run('moved', 1, grad_accum_steps=2)
+    assert 'resumed from SFT step 3' in out and len(whole) >= 6
+    np.testing.assert_allclose(first + second, whole, rtol=1e-5)

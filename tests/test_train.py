@@ -82,40 +82,32 @@ def test_weight_decay_groups():
 def test_mixture_schedule_and_sampled_shares():
     import train
     train = importlib.reload(train)
-    assert train.mixture_probs(0) == (0.70, 0.25, 0.05)
-    assert train.mixture_probs(int(0.79 * 19_531)) == (0.70, 0.25, 0.05)
-    assert train.mixture_probs(int(0.81 * 19_531)) == (0.85, 0.10, 0.05)
-    assert train.mixture_probs(19_531) == (0.85, 0.10, 0.05)
-    train.max_steps, train.grad_accum_steps, train.micro_batch_size = 1000, 4, 16
-    source, _ = train.row_plan(3, rank=0, world_size=1)
-    baseline, anneal = source[:800 * 64], source[800 * 64:]
+    train.max_steps = 1000
+    source, _ = train.row_plan(3, rows_per_step=64)
+    baseline, anneal = source[:800 * 64], source[800 * 64:]  # 70/25/5 for the first 80% of the steps, 85/10/5 after
     np.testing.assert_allclose(np.bincount(baseline, minlength=3) / baseline.size, [0.70, 0.25, 0.05], atol=0.01)
     np.testing.assert_allclose(np.bincount(anneal, minlength=3) / anneal.size, [0.85, 0.10, 0.05], atol=0.015)
 
 
-def test_ranks_never_share_a_window(data_dir):
+def test_same_global_batch_on_any_number_of_ranks(data_dir):
+    """1 rank x grad_accum 4, 2 ranks x 2 and 4 ranks x 1 train the same windows in every step, and no window twice."""
     import train
     train = importlib.reload(train)
-    configure(vars(train), synthetic.train_args(data_dir, '/unused', max_steps=20))
-    data = [train.open_source(name) for name in ('math', 'stem', 'code')]
-    seen = []
-    for rank in (0, 1):
-        source, slot = train.row_plan(3, rank, world_size=2)
-        windows = set()
-        for s, k in zip(source, slot):
-            epoch, index = divmod(int(k), data[s]['n_windows'])
-            assert epoch == 0  # 20 steps stay within the first pass over the windows here
-            windows.add((int(s), int(train.np.random.default_rng([train.seed, sum(map(ord, data[s]['name'])), 0])
-                                      .permutation(data[s]['n_windows'])[index])))
-        assert len(windows) == len(source)  # no window twice on one rank
-        seen.append(windows)
-    assert not seen[0] & seen[1]
-    # and a row's tokens are a function of (step, micro-step): the same call twice gives the same batch
-    plan = train.row_plan(3, 0, 1)
+    configure(vars(train), synthetic.train_args(data_dir, '/unused', max_steps=20, micro_batch_size=2))
     train.device = 'cpu'
-    x1, y1, cu1, _ = train.get_batch(data, plan, 7, 1)
-    x2, y2, cu2, _ = train.get_batch(data, plan, 7, 1)
-    assert torch.equal(x1, x2) and torch.equal(cu1, cu2) and torch.equal(x1[:, 1:], y1[:, :-1])
+    data = [train.open_source(name) for name in ('math', 'stem', 'code')]
+    plan = train.row_plan(3, rows_per_step=8)
+    steps = {}
+    for world_size, accum in ((1, 4), (2, 2), (4, 1)):
+        train.grad_accum_steps = accum
+        steps[world_size] = [sorted(map(tuple, torch.cat([train.get_batch(data, plan, step, m, rank, world_size)[0]
+                                                          for rank in range(world_size) for m in range(accum)]).tolist()))
+                             for step in range(20)]
+    assert steps[1] == steps[2] == steps[4]
+    source, slot = plan
+    assert len(set(zip(source.tolist(), slot.tolist()))) == len(source)  # a window is used once
+    train.grad_accum_steps = 2  # 8 rows a step: step 3 is rows 24-31, micro-step 1 of rank 0 its third pair
+    assert list(train.rank_rows(3, 1, 0, 2)) == [28, 29] and list(train.rank_rows(3, 1, 1, 2)) == [30, 31]
 
 
 def test_chunked_loss_equals_full_loss():
@@ -231,6 +223,9 @@ def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path):
     bf16 = run('bf16', backend='deepspeed', dtype='bfloat16', fused=True, gradient_checkpointing=True,
                checkpoint_blocks=1)
     np.testing.assert_allclose(losses(bf16), reference, rtol=2e-3)
+    masters = torch.load(tmp_path / 'bf16' / 'portable_final.pt', weights_only=True)['model_state_dict']
+    weight = masters['model_core.0.polyglu.W_gate.weight']  # the fp32 masters, not the module's bf16 rounding of them
+    assert weight.dtype == torch.float32 and not torch.equal(weight, weight.bfloat16().float())
     first = run('resumed', backend='deepspeed', stop_after_steps=7)
     second = run('resumed', backend='deepspeed')
     assert 'resumed from step 7' in second
@@ -311,3 +306,76 @@ def test_prepare_budgets_follow_the_plan():
     # 70/25/5 for 80% of the steps, 85/10/5 after: 0.73, 0.22 and 0.05 of the tokens, plus the 2M held out
     for name, share in (('math', 0.73), ('stem', 0.22), ('code', 0.05)):
         assert budgets[name] == pytest.approx(share * tokens * 1.01 + 2_000_000, rel=2e-4)
+
+
+def torchrun(args, nproc, port, timeout=300):
+    command = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={port}',
+               'train.py', *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+@pytest.mark.slow
+def test_two_rank_run_resumes_on_one_rank(data_dir, tmp_path):
+    """Through a real launcher (torchrun, two CPU processes, gloo). 2 ranks x grad_accum 1 train the global batch of
+    1 rank x grad_accum 2: the same losses, the logged loss being the mean over ranks, and the same validation loss
+    from rows sharded over the ranks. Stopped at step 4, the 2-rank run continues on 1 rank with twice the
+    accumulation: data order, optimizer state, schedule and Gumbel noise go on as in the uninterrupted run. A
+    different global batch is one clear line."""
+    port = 29_600 + os.getpid() % 300
+    common = dict(max_steps=8, log_interval=1, eval_interval=4, checkpoint_interval=0, backend='deepspeed',
+                  micro_batch_size=2)
+
+    def single(out_dir, **overrides):
+        return subprocess.run([sys.executable, 'train.py', *synthetic.train_args(data_dir, str(tmp_path / out_dir),
+                               **{**common, **overrides})], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, 'MASTER_PORT': str(port + 1)})
+    whole = single('whole', grad_accum_steps=2)
+    first = torchrun(synthetic.train_args(data_dir, str(tmp_path / 'moved'), **common, grad_accum_steps=1,
+                                          stop_after_steps=4), 2, port)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    wrong = single('moved', grad_accum_steps=1)
+    assert wrong.returncode != 0 and 'trained with 4 rows a step, this run has 2 x 1 x 1 ranks = 2' in wrong.stderr
+    second = single('moved', grad_accum_steps=2)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert 'resumed from step 4' in second.stdout and '2 ranks' in first.stdout
+    np.testing.assert_allclose(losses(first.stdout) + losses(second.stdout), losses(whole.stdout), rtol=1e-5)
+    validation = [re.findall(r'step 4: validation math (\d+\.\d+)', out.stdout) for out in (first, whole)]
+    assert len(validation[0]) == 1 and float(validation[0][0]) == pytest.approx(float(validation[1][0]), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(data_dir, tmp_path):
+    """SIGTERM to rank 1 only (a pre-empted worker): the flag is all-reduced, so both ranks save at the same step and
+    exit cleanly instead of one waiting in the save's barrier while the other sits in a gradient collective."""
+    import signal
+    import time
+    port = 29_900 + os.getpid() % 90
+    args = synthetic.train_args(data_dir, str(tmp_path / 'run'), max_steps=100_000, log_interval=1, eval_interval=0,
+                                checkpoint_interval=0, backend='deepspeed', micro_batch_size=2, grad_accum_steps=1,
+                                allow_repeats=True)
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', 'train.py',
+               *args]
+    launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    lines = []
+    for line in launcher.stdout:  # wait for training to run
+        lines.append(line)
+        if line.startswith('step 5/'):
+            break
+    workers = subprocess.run(['pgrep', '-f', f'train.py --data_dir={data_dir}'], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split() if int(p) != launcher.pid]
+    ranks = {}
+    for pid in pids:
+        environ = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+        rank = next((e.split(b'=')[1] for e in environ if e.startswith(b'RANK=')), None)
+        if rank is not None:
+            ranks[int(rank)] = pid
+    os.kill(ranks[1], signal.SIGTERM)
+    out = ''.join(lines) + launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 0, out[-3000:]
+    saved = re.findall(r'signal 15: checkpoint saved at step (\d+)', out)
+    assert len(saved) == 1  # printed by rank 0, which never received the signal itself
+    step = int(saved[0])
+    state = torch.load(tmp_path / 'run' / f'portable_{step}.pt', weights_only=True)
+    assert state['step'] == step and state['world_size'] == 2 and state['optimizer_state_dict']['format'] == 'per_parameter'
