@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model import EOS_ID, ModelConfig
-from utils import HUB_TOKENIZER, get_tokenizer, load_dotenv, plan_budgets
+from utils import HUB_TOKENIZER, get_tokenizer, load_dotenv, plan_budgets, read_manifest
 
 # -----------------------------------------------------------------------------
 # config
@@ -113,6 +113,19 @@ def local_rows(files):
                             yield json.loads(line)
                         except json.JSONDecodeError:
                             yield None
+
+
+def count_rows(files):
+    """Rows of local jsonl/parquet files (parquet from its footer), for the progress bar."""
+    total = 0
+    for path in files:
+        if path.endswith('.parquet'):
+            import pyarrow.parquet as pq
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            with open(path, 'rb') as f:
+                total += sum(1 for line in f if line.strip())
+    return total
 
 
 def hub_rows(dataset):
@@ -344,8 +357,7 @@ def prepare_source(name):
                         sft_max_examples=sft_max_examples)
     path = os.path.join(folder, 'manifest.json')
     if os.path.isfile(path):
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = read_manifest(folder)
         old = {k: manifest.get(k) for k in identity}
         if old != identity:
             changed = [k for k in identity if old[k] != identity[k]]
@@ -374,8 +386,11 @@ def prepare_source(name):
         if 'problems_file' in entry:
             traces.update(np.fromfile(os.path.join(folder, entry['problems_file']), dtype=np.uint64).tolist())
     pending_tokens, pending_masks, pending_problems, pending_size = [], [], [], 0
-    progress = tqdm(total=identity['max_tokens'], initial=manifest['total_tokens'], unit='tok', unit_scale=True,
-                    desc=name, smoothing=0.05)
+    # the bar measures the work at hand: a local file's rows, or the hub's token budget
+    local = streams[0][0]['id'] == 'local'
+    progress = tqdm(total=count_rows(streams[0][0]['input']) if local else identity['max_tokens'],
+                    initial=sum(s['rows_read'] for s in state) if local else manifest['total_tokens'],
+                    unit='row' if local else 'tok', unit_scale=True, desc=name, smoothing=0.05)
 
     def flush():
         nonlocal pending_tokens, pending_masks, pending_problems, pending_size
@@ -417,6 +432,7 @@ def prepare_source(name):
                     if length < 0:
                         stream['rows_read'] += 1
                         skipped[SKIP_REASONS[-1 - length]] += 1
+                        progress.update(1 if local else 0)
                         continue
                     if pending_size and pending_size + length > chunk_tokens:
                         flush()  # the snapshot it saves must not count this row yet: it is not in the chunk
@@ -429,7 +445,7 @@ def prepare_source(name):
                     pending_size += length
                     stream['tokens'] += length
                     stream['rows_read'] += 1
-                    progress.update(length)
+                    progress.update(1 if local else length)
                     if stream['tokens'] >= budget or enough():
                         break
                 read = sum(s['rows_read'] for s in state)

@@ -16,7 +16,6 @@ mean over every assistant token of the step, across micro-batches and ranks. The
 (seed, epoch): resume is exact. A val_fraction of the problems (all their traces) is held out for the validation
 loss (per assistant token).
 """
-import json
 import os
 import time
 
@@ -26,8 +25,9 @@ import torch
 from model import (EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, flops_per_token, load_checkpoint, routing_entropy,
                    save_checkpoint, wrap_model)
 from utils import (A100_PEAK_FLOPS, USD_PER_GPU_HOUR, catch_stop_signals, cosine_lr, end_of_session, init_distributed,
-                   export_training_state, import_training_state, init_wandb, latest_checkpoint, make_engine,
-                   master_weights, micro_batch_seeds, optimizer_step, prune_checkpoints, resolve_device)
+                   export_training_state, import_training_state, init_wandb, make_engine,
+                   master_weights, micro_batch_seeds, optimizer_step, prune_checkpoints, read_manifest, resolve_device,
+                   resume_state, verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -81,11 +81,7 @@ def load_conversations():
     offsets) stores read with `piece`, each conversation is the span [start, start + length) of the global stream,
     and problems[i] the id of its problem. A conversation never crosses a chunk (prepare.py ends chunks on
     conversation boundaries)."""
-    path = os.path.join(data_dir, 'manifest.json')
-    if not os.path.isfile(path):
-        fail(f"missing SFT data {data_dir} (no manifest.json): run `python prepare.py --source=sft`")
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(data_dir, missing_hint='run `python prepare.py --source=sft`')
     if not manifest.get('complete') or not all('mask_file' in c for c in manifest['chunks']):
         fail(f"{data_dir} is not a complete SFT preparation (tokens + loss masks): run "
              "`python prepare.py --source=sft` (it resumes)")
@@ -100,8 +96,8 @@ def load_conversations():
                 not os.path.isfile(mask_file) or os.path.getsize(mask_file) != entry['tokens']:
             fail(f"{file} or its mask does not match the manifest (truncated or foreign chunk): check with "
                  f"`python prepare.py --verify={data_dir}`")
-        tokens.append(np.memmap(file, dtype=np.uint32, mode='r'))
-        masks.append(np.memmap(mask_file, dtype=np.uint8, mode='r'))
+        tokens.append(np.memmap(verified_chunk(data_dir, entry), dtype=np.uint32, mode='r'))
+        masks.append(np.memmap(verified_chunk(data_dir, entry, 'mask_file', 'mask_sha256'), dtype=np.uint8, mode='r'))
         ends = np.flatnonzero(tokens[-1] == EOS_ID) + 1
         starts.append(offset + np.concatenate([[0], ends[:-1]]))
         problems.append(np.fromfile(os.path.join(data_dir, entry['problems_file']), dtype=np.uint64))
@@ -213,9 +209,11 @@ def main():
         grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps)
 
     start_step, ds_dir = 0, os.path.join(out_dir, 'ds_checkpoint_sft')
-    if resume and latest_checkpoint(out_dir, 'portable_sft_'):  # on any number of ranks with the same global batch
-        path = latest_checkpoint(out_dir, 'portable_sft_')
-        state = torch.load(path, map_location='cpu', weights_only=True)
+    path, state = resume_state(out_dir, 'portable_sft_') if resume else (None, None)
+    if state is not None:  # on any number of ranks with the same global batch
+        if state.get('init_from') != init_from:
+            fail(f"{out_dir} holds an SFT run from init_from={state.get('init_from')!r} ({path}), not {init_from!r}: "
+                 "use a new out_dir, or resume='' to start over from the new init_from")
         per_parameter = isinstance(state['optimizer_state_dict'], dict) and 'master' in state['optimizer_state_dict']
         if state['optimizer_state_dict'] is None or per_parameter != (backend == 'deepspeed'):
             fail(f"{path} holds no optimizer state for backend={backend!r}: resume with the backend that wrote it, or "

@@ -22,8 +22,9 @@ import torch
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
                    flops_per_token, load_checkpoint, routing_entropy, save_checkpoint)
 from utils import (catch_stop_signals, cosine_lr, end_of_session, held_out_split, init_distributed, init_wandb,
-                   export_training_state, import_training_state, latest_checkpoint, make_engine, master_weights,
-                   micro_batch_seeds, open_chunks, optimizer_step, peak_flops, prune_checkpoints, resolve_device)
+                   export_training_state, import_training_state, make_engine, master_weights,
+                   micro_batch_seeds, open_chunks, optimizer_step, peak_flops, prune_checkpoints, resolve_device,
+                   resume_state, trim_log)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -231,7 +232,8 @@ def main():
     model = create_model(config, device=device, dtype=torch.float32, flash=flash_attention, fused=fused,
                          gradient_checkpointing=gradient_checkpointing, checkpoint_blocks=checkpoint_blocks)
     ds_dir = os.path.join(out_dir, 'ds_checkpoint')
-    resuming = resume and latest_checkpoint(out_dir, 'portable_')
+    path, state = resume_state(out_dir, 'portable_') if resume else (None, None)
+    resuming = state is not None
     if init_from and not resuming:  # before the engine: DeepSpeed copies the weights into its fp32 master copy
         source, source_info = load_checkpoint(init_from, config=config)
         model.load_state_dict(source.state_dict())
@@ -247,8 +249,6 @@ def main():
     # resume
     start_step, loss_ema, bad_in_a_row, skipped_steps = 0, None, 0, 0
     if resuming:  # from the newest portable checkpoint, whatever the number of ranks that wrote it
-        path = latest_checkpoint(out_dir, 'portable_')
-        state = torch.load(path, map_location='cpu', weights_only=True)
         if state['model_config'] != {**state['model_config'], **config.__dict__}:
             fail(f"{path} was trained with another model config; use another out_dir or resume=''")
         if state['optimizer_state_dict'] is None:
@@ -267,7 +267,8 @@ def main():
         import_training_state(engine, optimizer, model, backend, state['optimizer_state_dict'])
         start_step, loss_ema, skipped_steps = state['step'], state.get('loss_ema'), state.get('skipped_updates', 0)
         if start_step and master:
-            print(f"resumed from step {start_step} ({start_step * tokens_per_step:,} tokens)")
+            print(f"resumed from step {start_step} ({start_step * tokens_per_step:,} tokens) of {path}")
+            trim_log(os.path.join(out_dir, 'train_log.jsonl'), start_step)  # the steps after it are trained again
         if start_step >= max_steps:
             print(f"already trained to max_steps={max_steps}; nothing to do")
             return

@@ -98,17 +98,61 @@ def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
 # -----------------------------------------------------------------------------
 # tokenized data (train.py, eval.py)
 
-def open_chunks(folder, eos_id, vocab_size, missing_hint='run prepare.py for it'):
-    """Memory-mapped uint32 chunks of a prepare.py folder, after cheap manifest checks (format, EOS, complete,
-    vocabulary, every file's size): one clear line for anything wrong. `prepare.py --verify` checks checksums."""
+def read_manifest(folder, missing_hint='run prepare.py for it'):
+    """A prepare.py folder's manifest.json, or one line naming what is wrong with it."""
     import json
-
-    import numpy as np
     path = os.path.join(folder, 'manifest.json')
     if not os.path.isfile(path):
         raise SystemExit(f"error: missing data folder {folder} (no manifest.json): {missing_hint}")
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path} is not valid JSON ({type(e).__name__} at {getattr(e, 'pos', '?')}): re-run "
+                         "prepare.py with the same arguments to rewrite it, or restore the file")
+
+
+def verified_chunk(folder, entry, key='file', checksum='sha256'):
+    """Check a chunk against its manifest checksum where it is read, once: the result is cached in
+    {folder}/verified.json against the file's size and mtime, so a later run re-hashes only a changed file (sha256
+    runs at 1.8 GB/s here: the 10B-token corpus, 40 GB, once in ~23 s). Garbage bytes of the right size, or token ids
+    past the vocabulary, are one line naming the chunk."""
+    import hashlib
+    import json
+    file = os.path.join(folder, entry[key])
+    stat = os.stat(file)
+    cache_path = os.path.join(folder, 'verified.json')
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    stamp = [stat.st_size, stat.st_mtime_ns, entry[checksum]]
+    if cache.get(entry[key]) == stamp:
+        return file
+    digest = hashlib.sha256()
+    with open(file, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            digest.update(block)
+    if digest.hexdigest() != entry[checksum]:
+        raise SystemExit(f"error: {file} fails its manifest checksum (corrupted or foreign chunk): delete it and re-run "
+                         f"prepare.py with the same arguments (`python prepare.py --verify={folder}` checks them all)")
+    cache[entry[key]] = stamp
+    try:  # a read-only data folder just re-verifies next time
+        with open(cache_path + '.tmp', 'w') as f:
+            json.dump(cache, f)
+        os.replace(cache_path + '.tmp', cache_path)
+    except OSError:
+        pass
+    return file
+
+
+def open_chunks(folder, eos_id, vocab_size, missing_hint='run prepare.py for it'):
+    """Memory-mapped uint32 chunks of a prepare.py folder, after the manifest checks (format, EOS, complete,
+    vocabulary, every file's size) and each chunk's checksum (verified_chunk): one clear line for anything wrong."""
+    import numpy as np
+    manifest = read_manifest(folder, missing_hint)
+    path = os.path.join(folder, 'manifest.json')
     if manifest.get('format') != 'polychromatic-tokens-v1' or manifest.get('eos_id') != eos_id:
         raise SystemExit(f"error: {path} is foreign (format {manifest.get('format')!r}, eos {manifest.get('eos_id')}); "
                          f"expected prepare.py's polychromatic-tokens-v1 with eos {eos_id}")
@@ -124,7 +168,7 @@ def open_chunks(folder, eos_id, vocab_size, missing_hint='run prepare.py for it'
         if size != 4 * entry['tokens']:
             raise SystemExit(f"error: {file} has {size:,} bytes, its manifest says {4 * entry['tokens']:,}: truncated "
                              f"or foreign chunk (check with `python prepare.py --verify={folder}`)")
-        chunks.append(np.memmap(file, dtype=np.uint32, mode='r'))
+        chunks.append(np.memmap(verified_chunk(folder, entry), dtype=np.uint32, mode='r'))
     return chunks
 
 
@@ -391,6 +435,42 @@ def latest_checkpoint(out_dir, prefix):
         return final
     steps = numbered_checkpoints(out_dir, prefix)
     return os.path.join(out_dir, f'{prefix}{steps[-1]}.pt') if steps else None
+
+
+def resume_state(out_dir, prefix):
+    """(path, state) of the newest checkpoint in out_dir that loads, or (None, None). A damaged newer one (a disk that
+    filled up, a copy cut short) is skipped with one line, and the run resumes from the intact one before it. Leftover
+    *.tmp files of a killed save are removed first."""
+    import glob
+
+    import torch
+    for leftover in glob.glob(os.path.join(out_dir, '*.tmp')):
+        try:
+            os.remove(leftover)
+        except FileNotFoundError:  # another rank removed it first
+            pass
+    candidates = [os.path.join(out_dir, f'{prefix}final.pt')] + [
+        os.path.join(out_dir, f'{prefix}{step}.pt') for step in reversed(numbered_checkpoints(out_dir, prefix))]
+    for path in (p for p in candidates if os.path.isfile(p)):
+        try:
+            return path, torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            print(f"warning: {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); falling back to "
+                  "the newest intact checkpoint before it")
+    return None, None
+
+
+def trim_log(path, step):
+    """Drop the lines of a jsonl log past `step` (a resumed run logs those steps again): each step once."""
+    import json
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get('step', 0) <= step]
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(kept)
+    os.replace(path + '.tmp', path)
 
 
 def prune_checkpoints(out_dir, prefix, ds_dir, keep):

@@ -333,3 +333,12 @@ def test_code_dataset_config_name(monkeypatch, tmp_path):
     monkeypatch.setattr(prepare, 'code_config', 'data')
     configure(monkeypatch, tmp_path / 'again', '', max_tokens=10)
     assert prepare.prepare_source('code')['total_documents'] == 1 and calls == [None, 'data']
+
+
+def test_progress_bar_measures_the_local_file(monkeypatch, tmp_path, capsys):
+    docs = documents()
+    path = write_jsonl(tmp_path / 'math.jsonl', [{'text': d} for d in docs])
+    configure(monkeypatch, tmp_path, path)
+    prepare.prepare_source('math')
+    bar = capsys.readouterr().err.replace('\r', '\n').strip().splitlines()[-1]
+    assert f'{len(docs)}/{len(docs)}' in bar and 'row/s' in bar and '100%' in bar  # before: 'tok' against 7.00G

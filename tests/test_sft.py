@@ -153,7 +153,7 @@ def test_wrong_starting_checkpoint(sft_data, pretrained, tmp_path):
         run_sft(sft_args(sft_data, pretrained['vanilla'], str(tmp_path)))
     run_sft(sft_args(sft_data, pretrained['vanilla'], str(tmp_path / 'baseline'), model_type='vanilla'))
     assert os.path.isfile(tmp_path / 'baseline' / 'portable_sft_final.pt')
-    with pytest.raises(SystemExit, match='missing SFT data'):
+    with pytest.raises(SystemExit, match='missing data folder .*nothing'):
         run_sft(sft_args(str(tmp_path / 'nothing'), pretrained['polyglu'], str(tmp_path)))
 
 
@@ -291,3 +291,24 @@ def test_two_rank_sft_resumes_on_one_rank(sft_data, pretrained, tmp_path):
     second, out = run('moved', 1, grad_accum_steps=2)
     assert 'resumed from SFT step 3' in out and len(whole) >= 6
     np.testing.assert_allclose(first + second, whole, rtol=1e-5)
+
+
+def test_resume_refuses_another_init_from_and_skips_a_damaged_checkpoint(sft_data, pretrained, tmp_path, capsys):
+    import shutil
+    out = str(tmp_path / 'run')
+    run_sft(sft_args(sft_data, pretrained['polyglu'], out, stop_after_steps=2, checkpoint_interval=1))
+    other = str(tmp_path / 'other.pt')  # a checkpoint of another size: before, a 34-line size-mismatch traceback
+    M.save_checkpoint(other, M.create_model(M.ModelConfig(**{**TINY, 'd_model': 48})), step=1)
+    same = str(tmp_path / 'same.pt')    # the same size: before, a silent continuation of the other run's weights
+    shutil.copy(pretrained['polyglu'], same)
+    for init_from in (other, same):
+        with pytest.raises(SystemExit, match=rf"holds an SFT run from init_from='{re.escape(pretrained['polyglu'])}'.*"
+                                             rf"not '{re.escape(init_from)}': use a new out_dir, or resume=''"):
+            run_sft(sft_args(sft_data, init_from, out))
+    newest = os.path.join(out, 'portable_sft_2.pt')
+    with open(newest, 'r+b') as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    capsys.readouterr()
+    run_sft(sft_args(sft_data, pretrained['polyglu'], out))
+    printed = capsys.readouterr().out
+    assert 'portable_sft_2.pt is damaged' in printed and 'resumed from SFT step 1' in printed
