@@ -22,3 +22,13 @@ def small_config(**overrides):
 @pytest.fixture
 def config():
     return small_config()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    """math, stem and code in prepare.py's chunk format (tests/synthetic.py), tiny vocabulary."""
+    import synthetic
+    folder = str(tmp_path_factory.mktemp('data'))
+    for i, name in enumerate(('math', 'stem', 'code')):
+        synthetic.write_source(folder, name, seed=i)
+    return folder

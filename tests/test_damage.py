@@ -14,16 +14,8 @@ import synthetic
 from configurator import configure
 
 
-@pytest.fixture(scope='module')
-def clean_data(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp('data'))
-    for i, name in enumerate(('math', 'stem', 'code')):
-        synthetic.write_source(folder, name, seed=i)
-    return folder
-
-
-def copy_of(clean_data, tmp_path):
-    return shutil.copytree(clean_data, str(tmp_path / 'data'))
+def copy_of(data_dir, tmp_path):
+    return shutil.copytree(data_dir, str(tmp_path / 'data'))
 
 
 def run_train(args):
@@ -34,8 +26,8 @@ def run_train(args):
     return train
 
 
-def test_garbage_bytes_of_the_right_size_stop_the_run(clean_data, tmp_path):
-    data = copy_of(clean_data, tmp_path)
+def test_garbage_bytes_of_the_right_size_stop_the_run(data_dir, tmp_path):
+    data = copy_of(data_dir, tmp_path)
     run_train(synthetic.train_args(data, str(tmp_path / 'ok'), max_steps=2, eval_interval=0, checkpoint_interval=0))
     cache = json.load(open(os.path.join(data, 'math', 'verified.json')))
     manifest = json.load(open(os.path.join(data, 'math', 'manifest.json')))
@@ -46,9 +38,9 @@ def test_garbage_bytes_of_the_right_size_stop_the_run(clean_data, tmp_path):
         run_train(synthetic.train_args(data, str(tmp_path / 'bad'), max_steps=2))
 
 
-def test_token_ids_past_the_vocabulary_are_one_line(clean_data, tmp_path):
+def test_token_ids_past_the_vocabulary_are_one_line(data_dir, tmp_path):
     import eval as E
-    data = copy_of(clean_data, tmp_path)
+    data = copy_of(data_dir, tmp_path)
     held_out = synthetic.write_source(str(tmp_path / 'eval'), 'math', n_tokens=3000, chunk_tokens=1000,
                                       manifest_eos=M.EOS_ID)  # what eval.py reads
     for folder in (os.path.join(data, 'math'), held_out):
@@ -64,10 +56,10 @@ def test_token_ids_past_the_vocabulary_are_one_line(clean_data, tmp_path):
         E.held_out_perplexity(model, held_out, 1000, 1000, 32)
 
 
-def test_invalid_manifest_is_one_line(clean_data, tmp_path, monkeypatch):
+def test_invalid_manifest_is_one_line(data_dir, tmp_path, monkeypatch):
     import eval as E
     import prepare
-    data = copy_of(clean_data, tmp_path)
+    data = copy_of(data_dir, tmp_path)
     with open(os.path.join(data, 'math', 'manifest.json'), 'w') as f:
         f.write('{"format": "polychromatic-tokens-v1", "chunks": [')
     pattern = r'math/manifest\.json is not valid JSON .*re-run prepare\.py'
@@ -85,9 +77,9 @@ def test_invalid_manifest_is_one_line(clean_data, tmp_path, monkeypatch):
         prepare.prepare_source('math')
 
 
-def test_damaged_newest_checkpoint_falls_back_and_the_log_has_each_step_once(clean_data, tmp_path, capsys):
+def test_damaged_newest_checkpoint_falls_back_and_the_log_has_each_step_once(data_dir, tmp_path, capsys):
     out = tmp_path / 'run'
-    args = synthetic.train_args(clean_data, str(out), max_steps=12, log_interval=1, eval_interval=5,
+    args = synthetic.train_args(data_dir, str(out), max_steps=12, log_interval=1, eval_interval=5,
                                 checkpoint_interval=5)
     run_train(args + ['--stop_after_steps=12'])  # saves at 5, 10 (and at 12, which a crash loses below)
     os.remove(out / 'portable_final.pt')

@@ -16,14 +16,6 @@ from conftest import ROOT, small_config
 from configurator import configure
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp('data'))
-    for i, name in enumerate(('math', 'stem', 'code')):
-        synthetic.write_source(folder, name, seed=i)
-    return folder
-
-
 def run_train(args):
     """train.py in this process, fresh module globals each time."""
     import train
