@@ -503,13 +503,7 @@ def sft_statistics(folder, manifest):
 def verify_folder(folder):
     """Check every chunk against the manifest; returns the manifest, or ends with one line naming the problem."""
     path = os.path.join(folder, 'manifest.json')
-    if not os.path.isfile(path):
-        fail(f"{folder} has no manifest.json: not a prepared folder (run prepare.py for it first)")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except json.JSONDecodeError:
-        fail(f"{path} is not valid JSON; re-run prepare.py with the same arguments to rewrite it")
+    manifest = read_manifest(folder, 'not a prepared folder (run prepare.py for it first)')
     if manifest.get('format') != MANIFEST_FORMAT or manifest.get('eos_id') != EOS_ID:
         fail(f"{path} is a foreign manifest (format {manifest.get('format')!r}, eos {manifest.get('eos_id')}), "
              f"expected {MANIFEST_FORMAT} with EOS {EOS_ID}")

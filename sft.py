@@ -24,10 +24,10 @@ import torch
 
 from model import (EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, flops_per_token, load_checkpoint, routing_entropy,
                    save_checkpoint, wrap_model)
-from utils import (A100_PEAK_FLOPS, USD_PER_GPU_HOUR, catch_stop_signals, cosine_lr, end_of_session, init_distributed,
-                   export_training_state, import_training_state, init_wandb, make_engine,
-                   master_weights, micro_batch_seeds, optimizer_step, prune_checkpoints, read_manifest, resolve_device,
-                   resume_state, verified_chunk)
+from utils import (A100_PEAK_FLOPS, USD_PER_GPU_HOUR, catch_stop_signals, cosine_lr, end_of_session,
+                   export_training_state, import_training_state, init_distributed, init_wandb, make_engine,
+                   micro_batch_seeds, optimizer_step, prune_checkpoints, read_manifest, resolve_device, resume_state,
+                   verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -246,8 +246,8 @@ def main():
                            'warmup_steps': warmup_steps, 'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
         if backend == 'deepspeed':
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
-        masters = master_weights(model, backend, dtype)  # every rank: collectives under ZeRO
-        optimizer_state = export_training_state(engine, optimizer, model, backend)
+        optimizer_state = export_training_state(engine, optimizer, model, backend)  # every rank: collectives
+        masters = optimizer_state['master'] if backend == 'deepspeed' else None  # fp32, where the module may be bf16
         if master:
             name = 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'
             save_checkpoint(os.path.join(out_dir, name), model, step, master_weights=masters,

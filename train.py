@@ -21,10 +21,9 @@ import torch
 
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
                    flops_per_token, load_checkpoint, routing_entropy, save_checkpoint)
-from utils import (catch_stop_signals, cosine_lr, end_of_session, held_out_split, init_distributed, init_wandb,
-                   export_training_state, import_training_state, make_engine, master_weights,
-                   micro_batch_seeds, open_chunks, optimizer_step, peak_flops, prune_checkpoints, resolve_device,
-                   resume_state, trim_log)
+from utils import (catch_stop_signals, cosine_lr, end_of_session, export_training_state, held_out_split,
+                   import_training_state, init_distributed, init_wandb, make_engine, micro_batch_seeds, open_chunks,
+                   optimizer_step, peak_flops, prune_checkpoints, resolve_device, resume_state, trim_log)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -283,8 +282,8 @@ def main():
                  'init_from': init_from}                                                  # reads the same windows
         if use_deepspeed:
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
-        masters = master_weights(model, backend, dtype)  # every rank: collectives under ZeRO
-        optimizer_state = export_training_state(engine, optimizer, model, backend)
+        optimizer_state = export_training_state(engine, optimizer, model, backend)  # every rank: collectives
+        masters = optimizer_state['master'] if backend == 'deepspeed' else None  # fp32, where the module may be bf16
         if master:
             name = 'portable_final.pt' if final else f'portable_{step}.pt'
             # resumable on any number of ranks; ds_checkpoint/ is DeepSpeed's own copy (same world size only)

@@ -297,15 +297,6 @@ def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, 
     return loss, grad_norm, applied
 
 
-def master_weights(model, backend, dtype):
-    """{name: float32 master weight} under DeepSpeed bf16, where the module holds only their bf16 rounding; None
-    otherwise (the module's own weights are the masters). A collective under ZeRO: every rank calls it."""
-    if backend != 'deepspeed' or dtype != 'bfloat16':
-        return None
-    from deepspeed.utils import safe_get_full_fp32_param
-    return {name: safe_get_full_fp32_param(p).detach().float().cpu() for name, p in model.named_parameters()}
-
-
 def step_seed(seed, step, block):
     """The RNG seed of one micro-batch's forward (Gumbel noise): a function of (seed, step, block) only, where block =
     micro_step * world_size + rank is the micro-batch's place in the step's global batch. A resumed run draws the noise
@@ -320,7 +311,9 @@ def micro_batch_seeds(seed, step, grad_accum_steps, rank, world_size):
 def export_training_state(engine, optimizer, model, backend):
     """The optimizer state in a form that loads on any number of ranks. The torch path: its state_dict. DeepSpeed: per
     parameter name, the fp32 master weight and Adam's two moments gathered whole from the ZeRO partitions, and Adam's
-    step. A collective under ZeRO: every rank calls it (it holds the whole state in host memory: 12 bytes a parameter)."""
+    step. A collective under ZeRO: every rank calls it (it holds the whole state in host memory: 12 bytes a parameter).
+    Its 'master' entry is also what a portable checkpoint stores as the weights: under bf16 the module holds only
+    their rounding."""
     if backend == 'torch':
         return optimizer.state_dict()
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -426,15 +419,6 @@ def numbered_checkpoints(out_dir, prefix):
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
     steps = [n[len(prefix):-3] for n in names if n.startswith(prefix) and n.endswith('.pt')]
     return sorted(int(s) for s in steps if s.isdigit())
-
-
-def latest_checkpoint(out_dir, prefix):
-    """{prefix}final.pt if the run finished, else the newest numbered one, else None."""
-    final = os.path.join(out_dir, f'{prefix}final.pt')
-    if os.path.isfile(final):
-        return final
-    steps = numbered_checkpoints(out_dir, prefix)
-    return os.path.join(out_dir, f'{prefix}{steps[-1]}.pt') if steps else None
 
 
 def resume_state(out_dir, prefix):
