@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (ACTIVATION_NAMES, EOS_ID, PolyGLU, enable_flash_attention, enable_segment_pooling, flash_available,
-                   load_checkpoint, packed_hidden_states)
+from model import ACTIVATION_NAMES, EOS_ID, PolyGLU, enable_segment_pooling, load_checkpoint, packed_hidden_states
 from utils import HUB_TOKENIZER, get_tokenizer, held_out_split, open_chunks, resolve_device
 
 matplotlib.use('Agg')
@@ -44,6 +43,7 @@ map_layers = ''              # layers for the neuron-level maps, e.g. '0,13,27';
 audit_sequences = 8          # causality audit: sequences, each cut at its middle
 compare = ''                 # two train_log.jsonl files (or checkpoint folders holding one): loss curves
 device = 'auto'
+attention = 'auto'           # CUDA kernel for packed rows: flash-attn, else torch's varlen_attn, else SDPA per segment
 dtype = 'float32'
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -254,9 +254,7 @@ def main():
     model, state = load_checkpoint(checkpoint)
     step, tau = state['step'], state['tau']
     model = model.to(device).eval()
-    if device.startswith('cuda') and flash_available():
-        enable_flash_attention(model)
-    enable_segment_pooling(model)
+    enable_segment_pooling(model, attention)
     polyglu = isinstance(model.model_core[0].ffn, PolyGLU)
     summary.update({'checkpoint': checkpoint, 'step': step, 'tau': tau, 'model_type': model.config.model_type,
                     'activations': list(ACTIVATION_NAMES), 'max_entropy_nats': math.log(len(ACTIVATION_NAMES))})

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (EOS_ID, PolyGLU, RoPE, cu_seqlens_from_eos, enable_flash_attention, enable_segment_pooling,
-                   flash_available, load_checkpoint, packed_hidden_states, whole_row_pooling)
+from model import (EOS_ID, PolyGLU, RoPE, attention_name, cu_seqlens_from_eos, enable_segment_pooling, load_checkpoint,
+                   packed_hidden_states, whole_row_pooling)
 from utils import HUB_TOKENIZER, get_tokenizer, held_out_split, open_chunks, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -64,7 +64,7 @@ top_k = 50
 seed = 1337
 device = 'auto'
 dtype = 'auto'
-flash_attention = True
+attention = 'auto'           # CUDA kernel for packed rows: flash-attn, else torch's varlen_attn, else SDPA per segment
 # -----------------------------------------------------------------------------
 
 
@@ -536,16 +536,15 @@ def main():
     model, state = load_checkpoint(checkpoint)
     step, tau = state['step'], state['tau']
     model = model.to(device=device, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
-    if flash_attention and device.startswith('cuda') and flash_available():
-        enable_flash_attention(model)
-    enable_segment_pooling(model)
+    enable_segment_pooling(model, attention)
+    print(f"{checkpoint} ({state['format']}): {model.config.model_type}, step {step}, tau {tau} | {device} {dtype} | "
+          f"attention {attention_name(model)}")
+    if benchmark:  # random token ids: no tokenizer needed (gpu-check runs it on a machine without one)
+        run_benchmark(model)
+        return
     tok = get_tokenizer(tokenizer, model.config.vocab_size)
-    print(f"{checkpoint} ({state['format']}): {model.config.model_type}, step {step}, tau {tau} | {device} {dtype}")
     if prompt:
         print(sample_text(model, tok))
-        return
-    if benchmark:
-        run_benchmark(model)
         return
 
     start = time.perf_counter()

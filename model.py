@@ -9,12 +9,13 @@ Reading order:
      block gradient checkpointing.
   3. create / save / load helpers, parameter counts, FLOPs per token, routing entropy.
 """
+import inspect
 import math
 import os
 import pickle
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -369,17 +370,96 @@ def efficient_sdpa_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
 
 
 def flash_available():
+    """flash-attn 2 with its varlen kernel on a CUDA machine. A bare `import flash_attn` is not enough: flash-attn-4
+    installs only flash_attn.cute, and the namespace package imports without the FA2 functions."""
     if not torch.cuda.is_available():
         return False
     try:
-        import flash_attn  # noqa: F401
+        from flash_attn import flash_attn_func, flash_attn_varlen_func  # noqa: F401
     except ImportError:
         return False
     return True
 
 
+def varlen_available():
+    """PyTorch's own FlashAttention-2 (torch.nn.attention.varlen, torch >= 2.10, no build) on an sm80+ card."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def varlen_arguments(varlen_attn):
+    """Causal attention and grouped KV heads in this torch's varlen_attn, read off its signature. torch 2.10 took
+    is_causal=True; from 2.11 causal is window_size=(-1, 0), which varlen_attn compares with `==`, so it must be a
+    tuple (a list [-1, 0] silently gives non-causal attention); enable_gqa appeared in 2.12, and before it the FA2
+    kernel takes the fewer KV heads as they are."""
+    parameters = inspect.signature(varlen_attn).parameters
+    arguments = {'window_size': (-1, 0)} if 'window_size' in parameters else {'is_causal': True}
+    if 'enable_gqa' in parameters:
+        arguments['enable_gqa'] = True
+    return tuple(arguments.items())
+
+
+def varlen_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    """The same contract as sdpa_attention on torch.nn.attention.varlen.varlen_attn: FlashAttention-2 shipped inside
+    torch (CUDA sm80+, bf16/fp16), documents given by cu_seqlens, no [T, T] mask. Without cu_seqlens every row is
+    one sequence."""
+    from torch.nn.attention.varlen import varlen_attn
+    B, T, H, D = q.shape
+    if cu_seqlens is None:
+        cu_seqlens, max_seqlen = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device), T
+    out_dtype = v.dtype
+    if q.dtype not in (torch.float16, torch.bfloat16):  # autocast leaves the QK-normed q/k in float32
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    out = varlen_attn(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu_seqlens,
+                      cu_seqlens, int(max_seqlen), int(max_seqlen), **dict(varlen_arguments(varlen_attn)))
+    return out.view(B, T, H, D).to(out_dtype)
+
+
+# attention='auto' takes the first that is available on CUDA; on the CPU the frozen SDPA path always runs
+ATTENTION_KERNELS = {'flash_attn': flash_attention, 'varlen': varlen_attention, 'sdpa': efficient_sdpa_attention}
+
+
+def available_attention():
+    """The CUDA attention kernels this machine can run, in the order attention='auto' prefers them."""
+    checks = {'flash_attn': flash_available, 'varlen': varlen_available, 'sdpa': torch.cuda.is_available}
+    return [name for name in ATTENTION_KERNELS if checks[name]()]
+
+
+def attention_kernel(device, attention='auto'):
+    """The attention function for a device and an `attention` setting ('auto' | 'flash_attn' | 'varlen' | 'sdpa'),
+    chosen once: flash-attn if it is installed, else torch's varlen_attn on sm80+, else SDPA's memory-efficient kernel
+    with a dense document bias (about half the speed: every T x T score is computed). The CPU runs the frozen path."""
+    if attention not in ('auto', *ATTENTION_KERNELS):
+        raise SystemExit(f"error: attention must be 'auto' or one of {', '.join(ATTENTION_KERNELS)}, got {attention!r}")
+    if not str(device).startswith('cuda'):
+        return sdpa_attention
+    available = available_attention()
+    if attention == 'auto':
+        return ATTENTION_KERNELS[available[0]]
+    if attention not in available:
+        hint = {'flash_attn': 'install flash-attn (requirements-gpu.txt)',
+                'varlen': 'it needs torch >= 2.10 and an sm80+ card (A100, H100)'}.get(attention, '')
+        raise SystemExit(f"error: attention={attention!r} is not available here ({hint}); available: "
+                         f"{', '.join(available)}, or attention='auto'")
+    return ATTENTION_KERNELS[attention]
+
+
+def attention_name(model):
+    """The name of the kernel a model's attention runs on, for the banners."""
+    attend = model.model_core[0].gqa.attend
+    return next((name for name, kernel in ATTENTION_KERNELS.items() if kernel is attend),
+                getattr(attend, '__name__', str(attend)))
+
+
 def enable_flash_attention(model, kernel=flash_attention):
-    """Route every GQA of the model through flash-attn (or another kernel of the same contract, such as
+    """Route every GQA of the model through flash-attn (or another kernel of the same contract: varlen_attention,
     efficient_sdpa_attention); the frozen GQA is untouched (its `attend` kernel is swapped per instance)."""
     for m in model.modules():
         if isinstance(m, GQA):
@@ -424,15 +504,19 @@ def packed_hidden_states(model, sequences):
     return model.rmsnorm(x)[0], offsets
 
 
-def enable_segment_pooling(model):
+def enable_segment_pooling(model, attention='auto'):
     """For evaluation, generation and analysis: route each cu_seqlens segment on its own mean (a wrapper around
-    the frozen forward, never an edit of PolyGLU), and, unless flash-attn serves it, attend per segment instead of
-    through a [T, T] mask. Training keeps the frozen whole-row mean."""
+    the frozen forward, never an edit of PolyGLU), and attend per segment: on CUDA through flash-attn or torch's
+    varlen kernel where attention_kernel finds one, else one SDPA call per segment (never a dense [T, T] mask or bias,
+    T^2 per packed row). Training keeps the frozen whole-row mean."""
+    kernel = attention_kernel(model.embeddings.weight.device, attention)
+    if kernel in (sdpa_attention, efficient_sdpa_attention):
+        kernel = segment_attention
     for m in model.modules():
         if isinstance(m, PolyGLU) and not isinstance(m.forward, partial):
             m.forward = partial(segment_forward, m.forward, m)
-        if isinstance(m, GQA) and m.attend is sdpa_attention:
-            m.attend = segment_attention
+        if isinstance(m, GQA):
+            m.attend = kernel
     return model
 
 
@@ -604,21 +688,23 @@ class LanguageModelLoss(nn.Module):
 # Create, save, load; counts and FLOPs; routing entropy
 # =============================================================================
 
-def create_model(config, device='cpu', dtype=torch.float32, flash=False, gradient_checkpointing=False,
+def create_model(config, device='cpu', dtype=torch.float32, attention='auto', gradient_checkpointing=False,
                  fused=False, checkpoint_blocks=-1):
     """Build the model (initialised per SPEC.md) on a device and dtype, with the optional wrappers."""
     model = PolychromaticLM(config).to(device=device, dtype=dtype)
-    return wrap_model(model, flash, gradient_checkpointing, fused, checkpoint_blocks)
+    return wrap_model(model, attention, gradient_checkpointing, fused, checkpoint_blocks)
 
 
-def wrap_model(model, flash=False, gradient_checkpointing=False, fused=False, checkpoint_blocks=-1):
-    """Apply the optional wrappers to a built model. On CUDA attention runs on flash-attn (flash=True, installed) or
-    else on SDPA's memory-efficient kernel; on CPU on the frozen SDPA path. All compute the same masked attention.
-    checkpoint_blocks: how many blocks recompute (-1: all)."""
+def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=False, checkpoint_blocks=-1):
+    """Apply the optional wrappers to a built model: on CUDA the attention kernel of attention_kernel (on the CPU the
+    frozen SDPA path; all compute the same masked attention), the fused kernels, and recomputation of the first
+    checkpoint_blocks blocks (-1: all) when gradient_checkpointing is on."""
     if not -1 <= checkpoint_blocks <= len(model.model_core):
         raise SystemExit(f"error: checkpoint_blocks must be -1 (all) or 0..{len(model.model_core)}, got {checkpoint_blocks}")
-    if model.embeddings.weight.is_cuda:
-        enable_flash_attention(model, flash_attention if flash and flash_available() else efficient_sdpa_attention)
+    if checkpoint_blocks > 0 and not gradient_checkpointing:
+        raise SystemExit(f"error: checkpoint_blocks={checkpoint_blocks} does nothing without gradient_checkpointing=True: "
+                         "set it too, or drop checkpoint_blocks")
+    enable_flash_attention(model, attention_kernel(model.embeddings.weight.device, attention))
     if fused:
         enable_fused_kernels(model)
     if gradient_checkpointing:
@@ -874,11 +960,22 @@ def count_parameters(config):
 
 
 def flops_per_token(config, seq_len=None, n_params=None):
-    """Training FLOPs per token: 6N for the matmuls (forward + backward) plus causal attention's
-    6 * n_layers * d_attn * seq_len (QK^T and AV, half the square for causality)."""
+    """Training FLOPs per token, the count MFU divides by (model FLOPs): 6N for the matmuls (forward + backward; the
+    tied head counts once, as a matmul, though the lookup is none) plus causal attention over whole rows of seq_len,
+    6 * n_layers * d_attn * seq_len (QK^T and AV, half the square). Not counted: the blocks that gradient
+    checkpointing recomputes and the loss chunks' second head forward (recompute_flops_per_token), nor the attention
+    that document masking skips (short documents need less). MFU is therefore the useful work, not what the GPU ran."""
     seq_len = seq_len or config.max_seq_len
     n_params = n_params or count_parameters(config)[0]
     return 6 * n_params + 6 * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+def recompute_flops_per_token(config, seq_len, recomputed_blocks):
+    """The forward FLOPs a training step runs again and flops_per_token leaves out: each recomputed block's forward
+    (2 x its parameters, plus causal attention 2 * d_attn * seq_len) and the head in every loss chunk (2 * d * V)."""
+    block_params = (count_parameters(config)[0] - config.vocab_size * config.d_model) / config.n_layers
+    block = 2 * block_params + 2 * config.n_heads * config.head_dim * seq_len
+    return recomputed_blocks * block + 2 * config.d_model * config.vocab_size
 
 
 def routing_entropy(model):

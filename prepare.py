@@ -321,6 +321,20 @@ def write_chunk(folder, index, tokens, mask=None, problems=None):
     return entry
 
 
+def write_source(folder, name, chunks, eos_id, vocab_size, tokenizer):
+    """A complete source folder from token arrays ready in memory, one chunk each, in exactly the format train.py reads
+    (tests/synthetic.py and bench.py's gpu-check write their data with it)."""
+    os.makedirs(folder, exist_ok=True)
+    entries = []
+    for i, tokens in enumerate(chunks):
+        entries.append({**write_chunk(folder, i, tokens), 'documents': int(np.count_nonzero(tokens == eos_id))})
+    save_manifest(folder, {'format': MANIFEST_FORMAT, 'source': name, 'tokenizer': tokenizer, 'eos_id': eos_id,
+                           'dtype': 'uint32', 'vocab_size': vocab_size, 'chunks': entries,
+                           'total_tokens': int(sum(c.size for c in chunks)),
+                           'total_documents': sum(e['documents'] for e in entries), 'complete': True})
+    return folder
+
+
 def plan(name):
     """The datasets a source reads, each with its token budget: [(dataset, budget)]."""
     budget = max_tokens if max_tokens > 0 else DEFAULT_MAX_TOKENS[name]

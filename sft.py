@@ -22,12 +22,12 @@ import time
 import numpy as np
 import torch
 
-from model import (EOS_ID, LanguageModelLoss, cu_seqlens_from_eos, flops_per_token, load_checkpoint, routing_entropy,
-                   save_checkpoint, wrap_model)
+from model import (EOS_ID, LanguageModelLoss, attention_name, cu_seqlens_from_eos, flops_per_token, load_checkpoint,
+                   routing_entropy, save_checkpoint, wrap_model)
 from utils import (A100_PEAK_FLOPS, USD_PER_GPU_HOUR, catch_stop_signals, cosine_lr, end_of_session,
                    export_training_state, import_training_state, init_distributed, init_wandb, make_engine,
-                   micro_batch_seeds, optimizer_step, prune_checkpoints, read_manifest, resolve_device, resume_state,
-                   verified_chunk)
+                   micro_batch_seeds, optimizer_step, prune_checkpoints, read_manifest, report_save, resolve_device,
+                   resume_state, verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -55,7 +55,7 @@ backend = 'deepspeed'        # 'deepspeed' | 'torch'
 zero_stage = 1
 device = 'auto'
 dtype = 'auto'
-flash_attention = True
+attention = 'auto'           # CUDA kernel: 'auto' = flash-attn if installed, else torch's varlen_attn, else 'sdpa'
 gradient_checkpointing = False
 checkpoint_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
 fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
@@ -65,6 +65,7 @@ log_interval = 10
 eval_interval = 200
 checkpoint_interval = 500
 keep_checkpoints = 2
+ds_checkpoint = False        # also write DeepSpeed's own checkpoint (ds_checkpoint_sft/); nothing here reads it
 stop_after_steps = 0         # end this session (with a checkpoint) after this many steps; 0 = run to the end
 wandb_log = False
 wandb_project = 'polychromatic'
@@ -202,7 +203,7 @@ def main():
              "pick the matching checkpoint")
     if block_size > model.config.max_seq_len:
         fail(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    wrap_model(model.to(device).train(), flash_attention, gradient_checkpointing, fused, checkpoint_blocks)
+    wrap_model(model.to(device).train(), attention, gradient_checkpointing, fused, checkpoint_blocks)
     model.set_tau(tau)
     engine, optimizer, autocast = make_engine(
         LanguageModelLoss(model, loss_chunk_size), model, backend, dtype, zero_stage, micro_batch_size,
@@ -234,7 +235,7 @@ def main():
               f"{len(train_ids):,} conversations ({assistant_tokens:,} assistant tokens), {len(val_ids):,} held out | "
               f"{int(too_long.sum()):,} longer than {capacity} tokens ({long_conversations}) | {epochs} epochs = "
               f"{max_steps:,} steps of {rows_per_step * block_size:,} tokens | {backend} {device} {dtype} | attention "
-              f"{model.model_core[0].gqa.attend.__name__}")
+              f"{attention_name(model)}")
         run_tokens = max_steps * rows_per_step * block_size
         a100_hours = flops_per_token(model.config, block_size) * run_tokens / (0.4 * A100_PEAK_FLOPS) / 3600
         print(f"projected cost: {a100_hours:.1f} A100-hours, ${a100_hours * USD_PER_GPU_HOUR:,.0f} at 40% MFU and "
@@ -244,7 +245,7 @@ def main():
         save_start = time.perf_counter()
         scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
                            'warmup_steps': warmup_steps, 'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
-        if backend == 'deepspeed':
+        if backend == 'deepspeed' and ds_checkpoint:
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
         optimizer_state = export_training_state(engine, optimizer, model, backend)  # every rank: collectives
         masters = optimizer_state['master'] if backend == 'deepspeed' else None  # fp32, where the module may be bf16
@@ -254,8 +255,8 @@ def main():
                             optimizer_state=optimizer_state, scheduler_state=scheduler_state, init_from=init_from,
                             stage='sft', rows_per_step=rows_per_step, world_size=world_size)
             prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
-            print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)} "
-                  f"({time.perf_counter() - save_start:.1f}s: a stop signal needs this long before a SIGKILL)")
+            report_save(step, os.path.join(out_dir, name), time.perf_counter() - save_start,
+                        os.path.join(ds_dir, f'step_{step}') if backend == 'deepspeed' and ds_checkpoint else None)
 
     def evaluate():
         """Validation loss per assistant token over the held-out conversations."""

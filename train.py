@@ -19,11 +19,12 @@ import time
 import numpy as np
 import torch
 
-from model import (EOS_ID, LanguageModelLoss, ModelConfig, count_parameters, create_model, cu_seqlens_from_eos,
-                   flops_per_token, load_checkpoint, routing_entropy, save_checkpoint)
+from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, count_parameters, create_model,
+                   cu_seqlens_from_eos, flops_per_token, load_checkpoint, recompute_flops_per_token, routing_entropy,
+                   save_checkpoint)
 from utils import (catch_stop_signals, cosine_lr, end_of_session, export_training_state, held_out_split,
                    import_training_state, init_distributed, init_wandb, make_engine, micro_batch_seeds, open_chunks,
-                   optimizer_step, peak_flops, prune_checkpoints, resolve_device, resume_state, trim_log)
+                   optimizer_step, peak_flops, prune_checkpoints, report_save, resolve_device, resume_state, trim_log)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -71,7 +72,7 @@ backend = 'deepspeed'        # 'deepspeed' | 'torch' (plain PyTorch: CPU tests, 
 zero_stage = 1
 device = 'auto'              # 'auto' = cuda if available, else cpu
 dtype = 'auto'               # 'auto' = bfloat16 on cuda, float32 on cpu
-flash_attention = True       # flash-attn varlen on CUDA when installed; SDPA with the same mask otherwise
+attention = 'auto'           # CUDA kernel: 'auto' = flash-attn if installed, else torch's varlen_attn (sm80+), else 'sdpa'
 gradient_checkpointing = False
 checkpoint_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
 fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
@@ -86,6 +87,8 @@ log_interval = 10
 eval_interval = 500
 checkpoint_interval = 500
 keep_checkpoints = 3
+ds_checkpoint = False        # also write DeepSpeed's own checkpoint to {out_dir}/ds_checkpoint/ (~8.4 GB a save at
+                             # full size; nothing here reads it: resume reads the portable file on any number of ranks)
 stop_after_steps = 0         # end this session (with a checkpoint) after this many steps; 0 = run to max_steps
 wandb_log = False
 wandb_project = 'polychromatic'
@@ -228,7 +231,7 @@ def main():
     if block_size > max_seq_len:
         fail(f"block_size={block_size} exceeds max_seq_len={max_seq_len}")
     torch.manual_seed(seed)
-    model = create_model(config, device=device, dtype=torch.float32, flash=flash_attention, fused=fused,
+    model = create_model(config, device=device, dtype=torch.float32, attention=attention, fused=fused,
                          gradient_checkpointing=gradient_checkpointing, checkpoint_blocks=checkpoint_blocks)
     ds_dir = os.path.join(out_dir, 'ds_checkpoint')
     path, state = resume_state(out_dir, 'portable_') if resume else (None, None)
@@ -280,19 +283,19 @@ def main():
                  'rows_per_step': micro_batch_size * grad_accum_steps * world_size, 'world_size': world_size,
                  'data_dir': data_dir, 'val_tokens': val_tokens, 'block_size': block_size,  # eval.py's perplexity
                  'init_from': init_from}                                                  # reads the same windows
-        if use_deepspeed:
+        if use_deepspeed and ds_checkpoint:
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
         optimizer_state = export_training_state(engine, optimizer, model, backend)  # every rank: collectives
         masters = optimizer_state['master'] if backend == 'deepspeed' else None  # fp32, where the module may be bf16
         if master:
             name = 'portable_final.pt' if final else f'portable_{step}.pt'
-            # resumable on any number of ranks; ds_checkpoint/ is DeepSpeed's own copy (same world size only)
+            # resumable on any number of ranks; ds_checkpoint/, if asked for, is DeepSpeed's own copy (same world size)
             save_checkpoint(os.path.join(out_dir, name), model, step, master_weights=masters,
                             optimizer_state=optimizer_state,
                             scheduler_state=scheduler_state, **extra)
             prune_checkpoints(out_dir, 'portable_', ds_dir, keep_checkpoints)
-            print(f"saved checkpoint at step {step} -> {os.path.join(out_dir, name)} "
-                  f"({time.perf_counter() - save_start:.1f}s: a stop signal needs this long before a SIGKILL)")
+            report_save(step, os.path.join(out_dir, name), time.perf_counter() - save_start,
+                        os.path.join(ds_dir, f'step_{step}') if use_deepspeed and ds_checkpoint else None)
 
     stop_signal = catch_stop_signals()
 
@@ -305,8 +308,12 @@ def main():
     if master:  # which attention kernel runs: a missing flash-attn shows here, not as a slow run
         print(f"model {model_type}: {n_params:,} parameters | {tokens_per_step:,} tokens a step "
               f"({micro_batch_size} x {grad_accum_steps} x {block_size} x {world_size} ranks) | {max_steps:,} steps "
-              f"| backend {backend} | {device} {dtype} | attention {model.model_core[0].gqa.attend.__name__} | fused "
-              f"{fused} | {recomputed} of {n_layers} blocks recomputed")
+              f"| backend {backend} | {device} {dtype} | attention {attention_name(model)} | fused {fused} | "
+              f"{recomputed} of {n_layers} blocks recomputed")
+        extra = recompute_flops_per_token(config, block_size, recomputed) / flops_per_token(config, block_size, n_params)
+        print(f"MFU counts {flops_per_token(config, block_size, n_params) / 1e9:.2f} GFLOP a token (6N + causal "
+              f"attention over whole {block_size}-token rows); the recomputed blocks and the loss's second head "
+              f"forward run {100 * extra:.1f}% more, uncounted")
 
     def evaluate():
         engine.eval()

@@ -248,6 +248,10 @@ def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, 
     if zero_stage not in (0, 1, 2):
         raise SystemExit(f"error: zero_stage must be 0, 1 or 2, got {zero_stage}: ZeRO-3 partitions the weights, and "
                          "the tied head and the fused kernels read whole weights")
+    if zero_stage == 0 and dtype == 'bfloat16':  # DeepSpeed 0.19.8's engine raises NotImplementedError for the mix
+        raise SystemExit("error: zero_stage=0 with dtype='bfloat16' would accumulate gradients in bf16 (DeepSpeed runs "
+                         "fp32 accumulation only under ZeRO): use zero_stage=1 (on one GPU the same memory as 0), or "
+                         "backend='torch'")
     import deepspeed
     ds_config = {'train_micro_batch_size_per_gpu': micro_batch_size, 'gradient_accumulation_steps': grad_accum_steps,
                  'gradient_clipping': grad_clip, 'zero_optimization': {'stage': zero_stage},
@@ -387,7 +391,11 @@ def init_wandb(enabled, project, name, namespace):
     like a token is logged: HF_TOKEN lives in the environment, never in the config."""
     if not enabled:
         return None
-    import wandb
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: wandb_log=True but wandb is not installed: pip install -r requirements.txt, or pass "
+                         "--wandb_log=False")
     settings = {k: v for k, v in namespace.items() if not k.startswith('_') and k.islower()
                 and isinstance(v, (int, float, bool, str, tuple)) and 'token' not in k.lower()}
     try:
@@ -455,6 +463,17 @@ def trim_log(path, step):
     with open(path + '.tmp', 'w') as f:
         f.writelines(kept)
     os.replace(path + '.tmp', path)
+
+
+def report_save(step, path, seconds, ds_tag=None):
+    """The "saved checkpoint" line: what a save wrote and how long it took. The launchers send SIGKILL 30 s after their
+    SIGTERM, so a save that takes longer does not survive a pre-emption."""
+    size = os.path.getsize(path)
+    if ds_tag and os.path.isdir(ds_tag):
+        size += sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(ds_tag) for name in names)
+    print(f"saved checkpoint at step {step} -> {path} ({size / 1e9:.2f} GB in {seconds:.1f} s"
+          + ("; over the launchers' 30 s grace after a SIGTERM: a pre-emption would kill it" if seconds > 30 else "")
+          + ")", flush=True)
 
 
 def prune_checkpoints(out_dir, prefix, ds_dir, keep):

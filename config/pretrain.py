@@ -35,7 +35,7 @@ backend = 'deepspeed'
 device = 'cuda'                # a GPU run: no CUDA is an error at start, never a bf16 run on the CPU
 zero_stage = 1
 dtype = 'bfloat16'
-flash_attention = True
+attention = 'auto'             # 'auto': flash-attn if installed, else torch's varlen_attn (sm80+), else SDPA; printed at start
 # Memory and speed (train.py's defaults are off, for CPU): chosen from what a block keeps for its backward, measured
 # with `python bench.py --memory_only=True [--fused=True]` (device-independent, bf16): 109.5 KiB a token unfused, so
 # 206 GB of activations at 16 x 4,096 x 28 blocks; 33.5 KiB with the compiled kernels, 63 GB. Neither fits an 80 GB

@@ -27,7 +27,6 @@ def write_source(data_dir, name, n_tokens=60_000, chunk_tokens=20_000, seed=0, m
     """manifest_eos: eval.py and analyze.py check for the real EOS id; the tokens still fit the tiny vocabulary.
     eos: the id ending each document (the real one, with manifest_eos, for a model of the full vocabulary)."""
     folder = os.path.join(data_dir, name)
-    os.makedirs(folder, exist_ok=True)
     chunks, pending = [], []
     for doc in counting_documents(n_tokens, seed, eos, max_length):
         if pending and sum(map(len, pending)) + len(doc) > chunk_tokens:
@@ -35,16 +34,7 @@ def write_source(data_dir, name, n_tokens=60_000, chunk_tokens=20_000, seed=0, m
             pending = []
         pending.append(doc)
     chunks.append(np.concatenate(pending))
-    entries = []
-    for i, tokens in enumerate(chunks):
-        entry = prepare.write_chunk(folder, i, tokens)
-        entry['documents'] = int(np.count_nonzero(tokens == eos))
-        entries.append(entry)
-    manifest = {'format': prepare.MANIFEST_FORMAT, 'source': name, 'tokenizer': 'synthetic', 'eos_id': manifest_eos,
-                'dtype': 'uint32', 'vocab_size': VOCAB, 'chunks': entries,
-                'total_tokens': int(sum(c.size for c in chunks)), 'complete': True}
-    prepare.save_manifest(folder, manifest)
-    return folder
+    return prepare.write_source(folder, name, chunks, manifest_eos, VOCAB, 'synthetic')
 
 
 def train_args(data_dir, out_dir, **overrides):

@@ -287,29 +287,6 @@ def test_flops_per_token_full_model():
     assert round(M.flops_per_token(config) / 1e9, 1) == 4.3  # SPEC/issue figure at context 4,096
 
 
-def cuda_attention_inputs(T=96):
-    """A bf16 GQA on CUDA, its input and a batch of two rows with three and two documents."""
-    config = small_config(d_model=256, n_heads=4, n_kv_heads=2)
-    torch.manual_seed(0)
-    attn = M.GQA(config).cuda().to(torch.bfloat16)
-    rope = tuple(t.cuda() for t in M.RoPE(config.head_dim, config.max_seq_len)(T))
-    x = torch.randn(2, T, config.d_model, device='cuda', dtype=torch.bfloat16)
-    tokens = torch.ones(2, T, dtype=torch.long, device='cuda')
-    tokens[0, [20, 50]] = 0
-    tokens[1, 70] = 0
-    return attn, rope, x, M.cu_seqlens_from_eos(tokens, eos_id=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not M.flash_available(), reason='needs CUDA and flash-attn')
-def test_flash_attention_equals_sdpa_masked_path():
-    attn, rope, x, (cu_seqlens, max_seqlen) = cuda_attention_inputs()
-    masked, unmasked = attn(x, rope, cu_seqlens, max_seqlen), attn(x, rope)
-    M.enable_flash_attention(attn)
-    torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(attn(x, rope), unmasked, rtol=2e-2, atol=2e-2)
-
-
 def test_segment_attention_equals_the_masked_path(config):
     attn, rope, x, (cu_seqlens, max_seqlen) = attention_inputs(config)
     masked = attn(x, rope, cu_seqlens, max_seqlen)
@@ -341,10 +318,113 @@ def test_efficient_attention_equals_the_masked_path():
     assert bias[0, 0, 12, 9] == float('-inf') and bias[0, 0, 12, 10] == 0 and bias[1, 0, 5, 6] == float('-inf')
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_efficient_attention_on_cuda_equals_sdpa_masked_path():
-    attn, rope, x, (cu_seqlens, max_seqlen) = cuda_attention_inputs()
-    masked = attn(x, rope, cu_seqlens, max_seqlen)
-    attn.attend = M.efficient_sdpa_attention  # pinned to the memory-efficient/cuDNN kernels: raises if they refuse
-    torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=2e-2, atol=2e-2)
+def packed_rows(B=2, T=40, boundaries=((9, 25), (30,))):
+    """Two rows of three and two documents (EOS id 0 at the given positions) -> cu_seqlens, max_seqlen."""
+    tokens = torch.ones(B, T, dtype=torch.long)
+    for row, ends in enumerate(boundaries):
+        tokens[row, list(ends)] = 0
+    return M.cu_seqlens_from_eos(tokens, eos_id=0)
+
+
+def per_document_attention(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, causal):
+    """What FlashAttention-2's varlen kernel computes, on the CPU in float32: each document attends to itself alone,
+    causally or not. Checks the arguments a wrong call would get silently wrong."""
+    assert q.dim() == 3 and k.shape[1] <= q.shape[1] and q.shape[1] % k.shape[1] == 0, (q.shape, k.shape)
+    assert q.dtype in (torch.bfloat16, torch.float16), 'FA2 takes bf16/fp16'
+    assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32, 'cu_seq must be int32'
+    assert type(max_q) is int and type(max_k) is int, 'the maxima are Python ints'
+    bounds = cu_seq_q.tolist()
+    assert max_q == max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    pieces = [F.scaled_dot_product_attention(*(t[a:b].float().transpose(0, 1) for t in (q, k, v)), is_causal=causal,
+                                             enable_gqa=True).transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(pieces).to(q.dtype)
+
+
+# torch's varlen_attn as three releases spell it (torch/nn/attention/varlen.py): causal from a flag, then from
+# `window_size == (-1, 0)`; GQA native, then behind enable_gqa
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False,
+                     scale=None):
+    return per_document_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=is_causal)
+
+
+def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+    return per_document_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=window_size == (-1, 0))
+
+
+def varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    if not enable_gqa and query.shape[1] != key.shape[1]:
+        raise ValueError('Expect query and key/value to have the same number of heads. Try setting enable_gqa=True')
+    return per_document_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=window_size == (-1, 0))
+
+
+@pytest.mark.parametrize('varlen_attn', [varlen_attn_2_10, varlen_attn_2_11, varlen_attn_2_13])
+def test_varlen_wrapper_passes_causal_gqa_and_int32(monkeypatch, varlen_attn):
+    """model.varlen_attention through a CPU stand-in for each signature of torch's varlen_attn: the arguments it
+    needs (causal as the tuple (-1, 0) or is_causal=True, int32 cu_seq, int maxima, 16 query heads on 8 KV heads) and
+    the per-document causal result of the masked SDPA path, forward and backward. With window_size=[-1, 0] (a list)
+    the stand-in, like torch, computes non-causal attention and this test fails."""
+    import torch.nn.attention.varlen
+    monkeypatch.setattr(torch.nn.attention.varlen, 'varlen_attn', varlen_attn)
+    config = small_config(d_model=256, n_heads=16, n_kv_heads=8)
+    torch.manual_seed(0)
+    attn = M.GQA(config)
+    rope = M.RoPE(config.head_dim, config.max_seq_len)(40)
+    x = torch.randn(2, 40, config.d_model, requires_grad=True)
+    cu_seqlens, max_seqlen = packed_rows()
+    results = []
+    for kernel in (M.sdpa_attention, M.varlen_attention):
+        attn.attend = kernel
+        out = attn(x, rope, cu_seqlens, max_seqlen)
+        grad, = torch.autograd.grad(out.square().sum(), x)
+        results.append((out, grad))
+    (masked, masked_grad), (varlen, varlen_grad) = results
+    assert (varlen - masked).abs().max() < 2e-2 * masked.abs().max()  # bf16 inside the kernel
+    assert (varlen_grad - masked_grad).norm() < 2e-2 * masked_grad.norm()
+    whole_rows = attn(x, rope)  # without cu_seqlens every row is one causal sequence
+    attn.attend = M.sdpa_attention
+    assert (whole_rows - attn(x, rope)).abs().max() < 2e-2 * masked.abs().max()
+
+
+def test_attention_kernel_choice(monkeypatch):
+    """auto: flash-attn, else torch's varlen_attn, else efficient SDPA; the CPU always runs the frozen path."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    for flash, varlen, expected in ((True, True, M.flash_attention), (False, True, M.varlen_attention),
+                                    (False, False, M.efficient_sdpa_attention)):
+        monkeypatch.setattr(M, 'flash_available', lambda flash=flash: flash)
+        monkeypatch.setattr(M, 'varlen_available', lambda varlen=varlen: varlen)
+        assert M.attention_kernel('cuda:0') is expected
+        assert M.attention_kernel('cpu') is M.sdpa_attention
+    assert M.attention_kernel('cuda', 'sdpa') is M.efficient_sdpa_attention
+    with pytest.raises(SystemExit, match="attention='varlen' is not available here .*available: sdpa"):
+        M.attention_kernel('cuda', 'varlen')
+    with pytest.raises(SystemExit, match="attention must be 'auto' or one of flash_attn, varlen, sdpa, got 'flash'"):
+        M.attention_kernel('cpu', 'flash')
+
+
+def test_flash_attn_without_its_fa2_functions_is_not_available(monkeypatch):
+    """flash-attn-4 installs only flash_attn.cute: `import flash_attn` works, flash_attn_varlen_func does not."""
+    import sys
+    import types
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setitem(sys.modules, 'flash_attn', types.ModuleType('flash_attn'))
+    assert not M.flash_available()
+    fa2 = types.ModuleType('flash_attn')
+    fa2.flash_attn_func = fa2.flash_attn_varlen_func = lambda *args, **kwargs: None
+    monkeypatch.setitem(sys.modules, 'flash_attn', fa2)
+    assert M.flash_available()
+
+
+def test_checkpoint_blocks_without_checkpointing_is_one_line(config):
+    with pytest.raises(SystemExit, match='checkpoint_blocks=1 does nothing without gradient_checkpointing=True'):
+        M.create_model(config, checkpoint_blocks=1)
+
+
+def test_mfu_count_and_what_it_leaves_out():
+    config = M.ModelConfig()
+    block_params = (597_153_888 - 151_669 * 1024) / 28
+    extra = M.recompute_flops_per_token(config, 4096, 8)
+    assert extra == 8 * (2 * block_params + 2 * 1024 * 4096) + 2 * 1024 * 151_669
+    # 8 recomputed blocks 7.5% and the loss chunks' second head forward 7.2% of the 4.29 GFLOP counted
+    assert round(100 * extra / M.flops_per_token(config), 1) == 14.7

@@ -219,7 +219,10 @@ def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path):
     weight = masters['model_core.0.polyglu.W_gate.weight']  # the fp32 masters, not the module's bf16 rounding of them
     assert weight.dtype == torch.float32 and not torch.equal(weight, weight.bfloat16().float())
     first = run('resumed', backend='deepspeed', stop_after_steps=7)
-    second = run('resumed', backend='deepspeed')
+    assert not os.path.exists(tmp_path / 'resumed' / 'ds_checkpoint')  # nothing reads it: written only when asked
+    size = os.path.getsize(tmp_path / 'resumed' / 'portable_7.pt') / 1e9
+    assert re.search(rf"saved checkpoint at step 7 -> .*portable_7.pt \({size:.2f} GB in \d+\.\d s\)", first)
+    second = run('resumed', backend='deepspeed', ds_checkpoint=True)
     assert 'resumed from step 7' in second
     assert losses(first) + losses(second) == deepspeed_losses[1]  # exact
     assert os.path.isfile(tmp_path / 'resumed' / 'ds_checkpoint' / 'latest')

@@ -1,0 +1,95 @@
+"""The CUDA-only checks: each attention kernel and the fused kernels against the frozen math, in bf16. Skipped without
+CUDA. They import nothing but torch, pytest and model.py, so `make gpu-check` runs them on a bare CUDA machine."""
+import pytest
+import torch
+
+import model as M
+from conftest import small_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
+
+
+def gqa_inputs(T=256):
+    """A GQA of 16 query heads on 8 KV heads (head_dim 64, as the real model), in bf16 on CUDA, and two rows holding
+    four and three documents."""
+    config = small_config(d_model=1024, n_heads=16, n_kv_heads=8, max_seq_len=T)
+    torch.manual_seed(0)
+    attn = M.GQA(config).cuda()
+    rope = tuple(t.cuda() for t in M.RoPE(config.head_dim, T)(T))
+    x = torch.randn(2, T, config.d_model, device='cuda')
+    tokens = torch.ones(2, T, dtype=torch.long, device='cuda')
+    tokens[0, [40, 100, 190]] = 0
+    tokens[1, [70, 71]] = 0  # a one-token document too
+    return attn, rope, x, M.cu_seqlens_from_eos(tokens, eos_id=0)
+
+
+def output_and_grads(attn, rope, x, cu_seqlens, max_seqlen):
+    x = x.detach().requires_grad_()
+    out = attn(x, rope, cu_seqlens, max_seqlen)
+    out.float().square().mean().backward()
+    grads = [x.grad, *(p.grad for p in attn.parameters())]
+    attn.zero_grad(set_to_none=True)
+    return torch.cat([t.float().flatten() for t in (out, *grads)])
+
+
+@pytest.mark.parametrize('name', list(M.ATTENTION_KERNELS))
+def test_attention_kernel_equals_the_masked_math_path_bf16(name):
+    """Forward and backward: each kernel in bf16 is as close to the float32 masked SDPA math path as the frozen
+    bf16 path is (document masking included: a kernel that attended across documents would be far off)."""
+    if name not in M.available_attention():
+        pytest.skip(f'{name} is not available here')
+    attn, rope, x, (cu_seqlens, max_seqlen) = gqa_inputs()
+    reference = output_and_grads(attn, rope, x, cu_seqlens, max_seqlen)  # float32, the frozen SDPA with its mask
+    attn.to(torch.bfloat16)
+    eager = output_and_grads(attn, rope, x.bfloat16(), cu_seqlens, max_seqlen)
+    attn.attend = M.ATTENTION_KERNELS[name]
+    kernel = output_and_grads(attn, rope, x.bfloat16(), cu_seqlens, max_seqlen)
+    error = {what: ((r - reference).norm() / reference.norm()).item() for what, r in (('eager', eager), (name, kernel))}
+    assert error[name] < max(2 * error['eager'], 1e-2), error
+    unmasked = output_and_grads(attn, rope, x.bfloat16(), None, None)  # whole rows: attention crosses documents
+    assert (unmasked - kernel).norm() > 10 * (kernel - reference).norm()
+
+
+@pytest.mark.parametrize('model_type', ['polyglu', 'vanilla'])
+def test_fused_kernels_equal_frozen_forward_cuda_bf16(model_type):
+    config = small_config(model_type=model_type)
+    torch.manual_seed(0)
+    state = M.create_model(config).state_dict()
+    idx = torch.randint(0, 512, (2, 48), device='cuda')
+    results = {}
+    for name, dtype, fused, autocast in (('fp32', torch.float32, False, False), ('eager', torch.bfloat16, False, False),
+                                         ('fused', torch.bfloat16, True, False), ('autocast', torch.float32, True, True)):
+        model = M.create_model(config, device='cuda', dtype=dtype, fused=fused).train()
+        model.load_state_dict(state)
+        torch.manual_seed(1)
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
+            out = model(idx)
+        out.float().square().mean().backward()
+        results[name] = torch.cat([out.float().flatten(), *(p.grad.float().flatten() for p in model.parameters())])
+    error = {name: (r - results['fp32']).norm() / results['fp32'].norm() for name, r in results.items()}
+    assert error['fused'] <= 1.1 * error['eager'] and error['autocast'] < 2e-2, error
+
+
+def test_training_step_on_each_kernel_gives_the_same_loss():
+    """A small model's loss and gradient norm through LanguageModelLoss, document-masked, bf16 autocast, with fused
+    kernels and a recomputed block: the same on every available kernel."""
+    config = small_config(d_model=256, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    torch.manual_seed(0)
+    state = M.create_model(config).state_dict()
+    idx = torch.randint(1, 512, (2, 257), device='cuda')
+    idx[:, ::60] = 0
+    cu_seqlens, max_seqlen = M.cu_seqlens_from_eos(idx[:, :-1], eos_id=0)
+    results = {}
+    for name in M.available_attention():
+        model = M.create_model(config, device='cuda', attention=name, fused=True, gradient_checkpointing=True,
+                               checkpoint_blocks=1).train()
+        model.load_state_dict(state)
+        torch.manual_seed(1)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            loss = M.LanguageModelLoss(model, 128)(idx[:, :-1], idx[:, 1:], cu_seqlens, max_seqlen)
+        loss.backward()
+        grad_norm = torch.cat([p.grad.float().flatten() for p in model.parameters()]).norm()
+        results[name] = (loss.item(), grad_norm.item())
+    first = next(iter(results.values()))
+    for name, (loss, grad_norm) in results.items():
+        assert loss == pytest.approx(first[0], rel=1e-2) and grad_norm == pytest.approx(first[1], rel=3e-2), results
