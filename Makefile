@@ -1,4 +1,5 @@
-# Two commands: `make demo` (the whole pipeline on the embedded CPU sample) and `make test` (what CI runs).
+# Two commands: `make demo` (the whole pipeline on the embedded CPU sample) and `make test` (what CI runs); on a rented
+# GPU, `make gpu-check` before paying for the run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 DEMO := data/demo
 DEMO_PREPARE := --output_base=$(DEMO)/tokenized --tokenizer=packaged
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# bench.py --gpu_check=True: the CUDA tests, the full-size step on every attention kernel, train.py stopped and resumed,
+# exact generation; table, JSON and log in results/gpu_check/ ($$GPU_CHECK_DIR). The venv's Python after `make setup`,
+# else the machine's own: a bare CUDA image with torch, numpy and pytest runs it too. GPU_CHECK_DRY=1: on the CPU, tiny.
+gpu-check:
+	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bench.py --gpu_check=True
 
 clean:
 	rm -rf data/demo checkpoints/demo results/demo figures/demo

@@ -303,6 +303,7 @@ def print_timings(results):
 DRY_SIZE = dict(vocab_size=1024, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256, block_size=128,
                 micro_batch_size=2, loss_chunk_size=64, checkpoint_blocks=1, fused=False, steps=2, warmup=1,
                 device='cpu', dtype='float32', backend='torch')
+CHECK_STEPS = dict(steps=5, warmup=2)  # timed steps of each model and kernel: the check fits 7 minutes of an H100
 TRAIN_STEPS, STOP_AT = 6, 3      # the resume check: an uninterrupted run against one stopped at STOP_AT and resumed
 # the resumed losses against the uninterrupted ones: float32 on the CPU repeats exactly; bf16 on a GPU only as far as
 # kernels whose atomics reorder sums allow. A resume that loses Adam's moments is off by 0.016 in the dry run.
@@ -387,7 +388,7 @@ def stage_step(kernels):
     best = max(results, key=lambda r: r['tokens_per_s'])
     mfu = f", MFU {100 * best['mfu']:.1f}%" if best['mfu'] is not None else ''
     ratio = ratios(results).get(best['kernel'])
-    summary = (f"fastest {best['kernel']}: PolyGLU {best['tokens_per_s']:,.0f} tokens/s{mfu}, "
+    summary = (f"fastest {best['kernel']} ({backend}): PolyGLU {best['tokens_per_s']:,.0f} tokens/s{mfu}, "
                f"{best['hours']:,.0f} h / ${best['hours'] * usd_per_hour:,.0f} for {token_budget:.0e} tokens"
                + (f", PolyGLU/VanillaLM {ratio:.3f}" if ratio else '')
                + (f", needs {best['needed_gb']:.1f} GiB (fits 80/40 GB: "
@@ -437,9 +438,11 @@ def stage_train(work, dry):
         if code != 0:
             raise RuntimeError(f"train.py ({name}) exited {code}: {output.strip().splitlines()[-1][:200]}")
         outputs.append(output)
-        saves += [(float(gb), float(s)) for gb, s in re.findall(r'saved checkpoint .*\(([\d.]+) GB in ([\d.]+) s', output)]
-    reference, resumed = train_losses(os.path.join(work, 'uninterrupted')), train_losses(os.path.join(work, 'resumed'))
-    shutil.rmtree(os.path.join(work, 'uninterrupted'))  # a full-size checkpoint is ~10 GB of disk
+        saves += [(float(gb), float(s)) for gb, s in re.findall(r'saved checkpoint .*\(([\d.e+-]+) GB in ([\d.]+) s', output)]
+        if name == 'uninterrupted':
+            reference = train_losses(out_dir)
+            shutil.rmtree(out_dir)  # a full-size checkpoint is ~10 GB of disk
+    resumed = train_losses(os.path.join(work, 'resumed'))
     if f"resumed from step {STOP_AT}" not in outputs[2] or sorted(resumed) != sorted(reference):
         raise RuntimeError(f"the resumed run did not continue from step {STOP_AT}: steps {sorted(resumed)}")
     difference, tolerance = max(abs(resumed[s] - reference[s]) for s in reference), LOSS_TOLERANCE[dtype]
@@ -447,7 +450,7 @@ def stage_train(work, dry):
     info = {'losses_uninterrupted': reference, 'losses_resumed': resumed, 'max_loss_difference': difference,
             'save_gb': size, 'save_s': seconds, 'saves': saves}
     summary = (f"losses over {TRAIN_STEPS} steps {reference[1]:.3f} -> {reference[TRAIN_STEPS]:.3f}, resumed at "
-               f"{STOP_AT}: max |difference| {difference:.5f} (<= {tolerance:g}); slowest save {size:.2f} GB in "
+               f"{STOP_AT}: max |difference| {difference:.5f} (<= {tolerance:g}); slowest save {size:.3g} GB in "
                f"{seconds:.1f} s (<= {SAVE_GRACE_S} s)")
     if difference > tolerance:
         raise RuntimeError(f"the resumed losses leave the uninterrupted ones: {summary}")
@@ -483,8 +486,8 @@ def run_gpu_check():
     os.makedirs(work)
     log = open(os.path.join(folder, 'gpu_check.log'), 'w')
     sys.stdout = Tee(sys.__stdout__, log)
+    globals().update(DRY_SIZE if dry else CHECK_STEPS)
     if dry:
-        globals().update(DRY_SIZE)
         print(f"gpu-check, dry run (GPU_CHECK_DRY=1): every stage on the CPU at a tiny size: {DRY_SIZE}")
     report = {'dry_run': dry, 'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'environment': environment(),
               'stages': {}}

@@ -370,17 +370,20 @@ def end_of_session(stop_signal, stop_after_steps, steps_this_session, world_size
     """Why this session should stop now with a checkpoint (a signal, or stop_after_steps reached), or None. With
     several ranks the signal flag is all-reduced every step, so a signal that reached one rank stops all of them at
     the same step (a rank left in a gradient collective while another waits in the save's barrier would hang)."""
+    received = stop_signal[0] if stop_signal else 0
     if world_size > 1:
+        # every rank decides on the reduced value alone: a signal that lands on a rank after its snapshot above would
+        # otherwise stop that rank one step before the others (a collective mismatch: gloo aborts, NCCL hangs); the
+        # next step's snapshot carries it to all of them
         import torch
         import torch.distributed as dist
-        flag = torch.tensor([stop_signal[0] if stop_signal else 0], dtype=torch.int64)
+        flag = torch.tensor([received], dtype=torch.int64)
         if dist.get_backend() == 'nccl':
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not stop_signal:
-            stop_signal.append(int(flag.item()))
-    if stop_signal:
-        return f"signal {stop_signal[0]}"
+        received = int(flag.item())
+    if received:
+        return f"signal {received}"
     if stop_after_steps and steps_this_session >= stop_after_steps:
         return f"stop_after_steps={stop_after_steps}"
     return None
@@ -471,7 +474,7 @@ def report_save(step, path, seconds, ds_tag=None):
     size = os.path.getsize(path)
     if ds_tag and os.path.isdir(ds_tag):
         size += sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(ds_tag) for name in names)
-    print(f"saved checkpoint at step {step} -> {path} ({size / 1e9:.2f} GB in {seconds:.1f} s"
+    print(f"saved checkpoint at step {step} -> {path} ({size / 1e9:.3g} GB in {seconds:.1f} s"
           + ("; over the launchers' 30 s grace after a SIGTERM: a pre-emption would kill it" if seconds > 30 else "")
           + ")", flush=True)
 

@@ -294,6 +294,25 @@ def test_segment_attention_equals_the_masked_path(config):
     torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=1e-5, atol=1e-6)
 
 
+def packed_rows(B=2, T=40, boundaries=((9, 25), (30,))):
+    """Two rows of three and two documents (EOS id 0 at the given positions) -> cu_seqlens, max_seqlen."""
+    tokens = torch.ones(B, T, dtype=torch.long)
+    for row, ends in enumerate(boundaries):
+        tokens[row, list(ends)] = 0
+    return M.cu_seqlens_from_eos(tokens, eos_id=0)
+
+
+def outputs_and_input_grads(attn, kernels, x, rope, cu_seqlens, max_seqlen):
+    """[(output, d sum(output^2) / dx)] of one GQA with each attention kernel in turn."""
+    results = []
+    for kernel in kernels:
+        attn.attend = kernel
+        out = attn(x, rope, cu_seqlens, max_seqlen)
+        grad, = torch.autograd.grad(out.square().sum(), x)
+        results.append((out, grad))
+    return results
+
+
 def test_efficient_attention_equals_the_masked_path():
     config = small_config(d_model=64, n_heads=4, n_kv_heads=2)
     torch.manual_seed(0)
@@ -301,29 +320,14 @@ def test_efficient_attention_equals_the_masked_path():
     T = 40
     rope = M.RoPE(config.head_dim, config.max_seq_len)(T)
     x = torch.randn(2, T, config.d_model, requires_grad=True)
-    tokens = torch.ones(2, T, dtype=torch.long)
-    tokens[0, [9, 25]] = 0
-    tokens[1, 30] = 0
-    cu_seqlens, max_seqlen = M.cu_seqlens_from_eos(tokens, eos_id=0)
-    results = []
-    for kernel in (M.sdpa_attention, M.efficient_sdpa_attention):
-        attn.attend = kernel
-        out = attn(x, rope, cu_seqlens, max_seqlen)
-        grad, = torch.autograd.grad(out.square().sum(), x)
-        results.append((out, grad))
+    cu_seqlens, max_seqlen = packed_rows()
+    results = outputs_and_input_grads(attn, (M.sdpa_attention, M.efficient_sdpa_attention), x, rope, cu_seqlens,
+                                      max_seqlen)
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
     # one bias per batch, whatever the number of layers calling
     bias = M.document_bias(cu_seqlens, 2, T, torch.float32, 'cpu')
     assert bias is M.document_bias(cu_seqlens, 2, T, torch.float32, 'cpu') and bias.shape == (2, 1, T, T)
     assert bias[0, 0, 12, 9] == float('-inf') and bias[0, 0, 12, 10] == 0 and bias[1, 0, 5, 6] == float('-inf')
-
-
-def packed_rows(B=2, T=40, boundaries=((9, 25), (30,))):
-    """Two rows of three and two documents (EOS id 0 at the given positions) -> cu_seqlens, max_seqlen."""
-    tokens = torch.ones(B, T, dtype=torch.long)
-    for row, ends in enumerate(boundaries):
-        tokens[row, list(ends)] = 0
-    return M.cu_seqlens_from_eos(tokens, eos_id=0)
 
 
 def per_document_attention(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, causal):
@@ -373,13 +377,8 @@ def test_varlen_wrapper_passes_causal_gqa_and_int32(monkeypatch, varlen_attn):
     rope = M.RoPE(config.head_dim, config.max_seq_len)(40)
     x = torch.randn(2, 40, config.d_model, requires_grad=True)
     cu_seqlens, max_seqlen = packed_rows()
-    results = []
-    for kernel in (M.sdpa_attention, M.varlen_attention):
-        attn.attend = kernel
-        out = attn(x, rope, cu_seqlens, max_seqlen)
-        grad, = torch.autograd.grad(out.square().sum(), x)
-        results.append((out, grad))
-    (masked, masked_grad), (varlen, varlen_grad) = results
+    (masked, masked_grad), (varlen, varlen_grad) = outputs_and_input_grads(
+        attn, (M.sdpa_attention, M.varlen_attention), x, rope, cu_seqlens, max_seqlen)
     assert (varlen - masked).abs().max() < 2e-2 * masked.abs().max()  # bf16 inside the kernel
     assert (varlen_grad - masked_grad).norm() < 2e-2 * masked_grad.norm()
     whole_rows = attn(x, rope)  # without cu_seqlens every row is one causal sequence

@@ -221,7 +221,7 @@ def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path):
     first = run('resumed', backend='deepspeed', stop_after_steps=7)
     assert not os.path.exists(tmp_path / 'resumed' / 'ds_checkpoint')  # nothing reads it: written only when asked
     size = os.path.getsize(tmp_path / 'resumed' / 'portable_7.pt') / 1e9
-    assert re.search(rf"saved checkpoint at step 7 -> .*portable_7.pt \({size:.2f} GB in \d+\.\d s\)", first)
+    assert re.search(rf"saved checkpoint at step 7 -> .*portable_7.pt \({size:.3g} GB in \d+\.\d s\)", first)
     second = run('resumed', backend='deepspeed', ds_checkpoint=True)
     assert 'resumed from step 7' in second
     assert losses(first) + losses(second) == deepspeed_losses[1]  # exact

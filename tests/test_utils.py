@@ -54,6 +54,34 @@ def test_zero3_is_a_clear_error():
         utils.make_engine(model, model, 'deepspeed', 'float32', 3, 1, 1, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8)
 
 
+def test_zero0_with_bf16_is_a_clear_error():
+    """DeepSpeed 0.19.8 raises NotImplementedError deep in its engine for bf16 weights with fp32 accumulation and ZeRO
+    off: one line before it starts."""
+    import torch
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(SystemExit, match="zero_stage=0 with dtype='bfloat16' .* use zero_stage=1"):
+        utils.make_engine(model, model, 'deepspeed', 'bfloat16', 0, 1, 1, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8)
+
+
+def test_wandb_missing_is_a_clear_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, 'wandb', None)  # what a pod without wandb gives: ImportError at import
+    with pytest.raises(SystemExit, match='wandb_log=True but wandb is not installed: .* --wandb_log=False'):
+        utils.init_wandb(True, 'polychromatic', 'run', {})
+    assert utils.init_wandb(False, 'polychromatic', 'run', {}) is None
+
+
+def test_save_line_gives_size_and_seconds(tmp_path, capsys):
+    (tmp_path / 'portable_5.pt').write_bytes(b'x' * 2_500_000)
+    (tmp_path / 'ds' / 'step_5').mkdir(parents=True)
+    (tmp_path / 'ds' / 'step_5' / 'states.pt').write_bytes(b'x' * 500_000)
+    utils.report_save(5, str(tmp_path / 'portable_5.pt'), 3.14)
+    utils.report_save(5, str(tmp_path / 'portable_5.pt'), 31.0, str(tmp_path / 'ds' / 'step_5'))
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.endswith('portable_5.pt (0.0025 GB in 3.1 s)')
+    assert '(0.003 GB in 31.0 s; over the launchers' in second
+
+
 def test_peak_flops_per_card(monkeypatch):
     import torch
     for name, peak in (('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12), ('NVIDIA H100 NVL', 835e12),
@@ -96,3 +124,17 @@ print('RESULT', type(engine.optimizer).__name__, engine.get_data_types(),
     assert result.returncode == 0, result.stderr[-2000:]
     line = next(l for l in result.stdout.splitlines() if l.startswith('RESULT'))
     assert line == "RESULT BF16_Optimizer (torch.bfloat16, torch.float32) ['torch.float32'] True"
+
+
+def test_a_signal_during_the_stop_flag_reduction_stops_every_rank_one_step_later(monkeypatch):
+    """The SIGTERM lands on this rank while the stop flag is being all-reduced, after its snapshot: the other rank
+    reduced a 0 and trains on, so this one must too (stopping alone was a collective mismatch: gloo aborted the rank,
+    NCCL would hang). The next step's reduction stops both."""
+    import torch.distributed as dist
+    stop_signal = []
+    monkeypatch.setattr(dist, 'get_backend', lambda: 'gloo')
+    monkeypatch.setattr(dist, 'all_reduce', lambda flag, op: stop_signal.append(15))
+    assert utils.end_of_session(stop_signal, 0, 5, world_size=2) is None
+    monkeypatch.setattr(dist, 'all_reduce', lambda flag, op: None)
+    assert utils.end_of_session(stop_signal, 0, 6, world_size=2) == 'signal 15'
+    assert utils.end_of_session([], 6, 6, world_size=2) == 'stop_after_steps=6'
