@@ -235,6 +235,9 @@ def setup():
     return kernels
 
 
+out_of_memory = []  # the model types and kernels that did not fit
+
+
 def main(kernels=None):
     kernels = kernels or setup()
     name = torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
@@ -245,7 +248,19 @@ def main(kernels=None):
     if memory_only:
         results = [{'model_type': m, 'saved_kib_per_token': saved_kib_per_token(m)} for m in model_types]
     else:
-        results = [measure(model_type, kernel) for kernel in kernels for model_type in model_types]
+        results = []
+        for kernel in kernels:
+            for model_type in model_types:
+                try:
+                    results.append(measure(model_type, kernel))
+                except torch.OutOfMemoryError as e:  # the answer to "does the run fit", not a reason to stop
+                    out_of_memory.append(f"{model_type} on {kernel}")
+                    print(f"{model_type} on {kernel}: out of memory ({str(e).splitlines()[0][:160]}): raise "
+                          "checkpoint_blocks or lower micro_batch_size (README, Troubleshooting)")
+                    gc.collect()
+                    torch.cuda.empty_cache()
+        if not results:
+            raise SystemExit("error: every configuration ran out of memory")
         print_timings(results)
     for r in results:
         if r.get('kernel', kernels[0]) != results[0].get('kernel', kernels[0]):
@@ -393,6 +408,9 @@ def stage_step(kernels):
                + (f", PolyGLU/VanillaLM {ratio:.3f}" if ratio else '')
                + (f", needs {best['needed_gb']:.1f} GiB (fits 80/40 GB: "
                   f"{'/'.join('yes' if v else 'no' for v in best['fits'].values())})" if best['fits'] else ''))
+    if out_of_memory:  # printed above: the run as configured does not fit this card with that kernel
+        return ('warning', summary + f"; out of memory: {', '.join(out_of_memory)}",
+                {'results': results, 'out_of_memory': out_of_memory})
     return 'ok', summary, {'results': results, 'ratios': ratios(results)}
 
 

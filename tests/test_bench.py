@@ -220,3 +220,20 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     log = open(tmp_path / 'gpu_check.log').read()
     assert 'gpu-check summary' in log and 'resumed from step 3' in log and log.endswith('gpu_check.log\n')
     assert not os.path.exists(tmp_path / 'work')  # the checkpoints it wrote are gone
+
+
+def test_a_configuration_out_of_memory_is_reported_and_the_rest_measured(monkeypatch, capsys):
+    bench = load_bench()
+    measure = bench.measure
+
+    def measure_or_fail(model_type, kernel='auto'):
+        if model_type == 'vanilla':
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+        return measure(model_type, kernel)
+
+    monkeypatch.setattr(bench, 'measure', measure_or_fail)
+    polyglu, = bench.main()
+    out = capsys.readouterr().out
+    assert polyglu['model_type'] == 'polyglu' and bench.out_of_memory == ['vanilla on auto']
+    assert 'vanilla on auto: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): raise checkpoint_blocks' in out
+    assert 'step-time ratio' not in out
