@@ -49,7 +49,7 @@ from torch._dynamo.utils import counters
 from configurator import configure
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, available_attention, count_parameters,
                    create_model, cu_seqlens_from_eos, flops_per_token, recompute_flops_per_token, save_checkpoint)
-from utils import init_distributed, make_engine, optimizer_step, peak_flops, resolve_device
+from utils import LAUNCHER_GRACE_S, init_distributed, make_engine, optimizer_step, peak_flops, resolve_device
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUN_CONFIG = os.path.join(ROOT, 'config', 'pretrain.py')
@@ -307,8 +307,8 @@ def print_timings(results):
         r, wanted = max(polyglu, key=lambda r: r['tokens_per_s']), 3 * 11_800 * peak / 312e12
         checks = [f"PolyGLU tokens/s {r['tokens_per_s']:,.0f} >= {wanted:,.0f}: {r['tokens_per_s'] >= wanted}",
                   f"MFU {100 * r['mfu']:.1f}% >= 50%: {r['mfu'] >= 0.5}"]
-        if r['kernel'] in ratios(results):
-            ratio = ratios(results)[r['kernel']]
+        ratio = ratios(results).get(r['kernel'])
+        if ratio is not None:
             checks.append(f"ratio {ratio:.3f} <= 1.10: {ratio <= 1.10}")
         print(f"targets ({r['kernel']}): " + '; '.join(checks))
 
@@ -323,7 +323,6 @@ TRAIN_STEPS, STOP_AT = 6, 3      # the resume check: an uninterrupted run agains
 # the resumed losses against the uninterrupted ones: float32 on the CPU repeats exactly; bf16 on a GPU only as far as
 # kernels whose atomics reorder sums allow. A resume that loses Adam's moments is off by 0.016 in the dry run.
 LOSS_TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-2}
-SAVE_GRACE_S = 30                # the launchers' SIGKILL after their SIGTERM
 
 
 class Tee:
@@ -408,10 +407,10 @@ def stage_step(kernels):
                + (f", PolyGLU/VanillaLM {ratio:.3f}" if ratio else '')
                + (f", needs {best['needed_gb']:.1f} GiB (fits 80/40 GB: "
                   f"{'/'.join('yes' if v else 'no' for v in best['fits'].values())})" if best['fits'] else ''))
+    info = {'results': results, 'ratios': ratios(results), 'out_of_memory': out_of_memory}
     if out_of_memory:  # printed above: the run as configured does not fit this card with that kernel
-        return ('warning', summary + f"; out of memory: {', '.join(out_of_memory)}",
-                {'results': results, 'out_of_memory': out_of_memory})
-    return 'ok', summary, {'results': results, 'ratios': ratios(results)}
+        return 'warning', summary + f"; out of memory: {', '.join(out_of_memory)}", info
+    return 'ok', summary, info
 
 
 def write_check_data(folder, eos):
@@ -469,10 +468,10 @@ def stage_train(work, dry):
             'save_gb': size, 'save_s': seconds, 'saves': saves}
     summary = (f"losses over {TRAIN_STEPS} steps {reference[1]:.3f} -> {reference[TRAIN_STEPS]:.3f}, resumed at "
                f"{STOP_AT}: max |difference| {difference:.5f} (<= {tolerance:g}); slowest save {size:.3g} GB in "
-               f"{seconds:.1f} s (<= {SAVE_GRACE_S} s)")
+               f"{seconds:.1f} s (<= {LAUNCHER_GRACE_S} s)")
     if difference > tolerance:
         raise RuntimeError(f"the resumed losses leave the uninterrupted ones: {summary}")
-    if seconds > SAVE_GRACE_S:
+    if seconds > LAUNCHER_GRACE_S:
         return 'warning', summary + ': a pre-emption would kill the save; use a faster disk for out_dir', info
     return 'ok', summary, info
 
@@ -482,7 +481,7 @@ def stage_generation(checkpoint, dry):
     extra = (['--benchmark_requests=2', '--max_gen_toks=4', '--benchmark_prompt_tokens=32', '--batch_tokens=256'] if dry
              else ['--benchmark_requests=8', '--max_gen_toks=64'])
     code, output = run_logged([sys.executable, 'eval.py', f'--checkpoint={checkpoint}', '--benchmark=True',
-                               f'--device={device}', f"--dtype={'float32' if dry else 'bfloat16'}", *extra], timeout=600)
+                               f'--device={device}', f'--dtype={dtype}', *extra], timeout=600)
     rate = re.search(r'([\d.]+) new tokens/s, ([\d.]+) TFLOP/s', output)
     hours = re.search(r'full GSM8K .*: ([\d.]+) hours', output)
     if code != 0 or not rate or not hours:
@@ -518,7 +517,7 @@ def run_gpu_check():
         except (Exception, SystemExit) as e:  # one stage's failure must not cost the others' GPU minutes
             status, summary, info = 'failed', f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e) else ''}", {}
         report['stages'][name] = {'status': status, 'summary': summary, 'seconds': time.perf_counter() - start, **info}
-        print(f"== {name}: {status} ({time.perf_counter() - start:.0f} s): {summary}")
+        print(f"== {name}: {status} ({report['stages'][name]['seconds']:.0f} s): {summary}")
         return report['stages'][name]
 
     stage('cuda tests', stage_cuda_tests)

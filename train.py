@@ -302,7 +302,8 @@ def main():
     wandb_run = init_wandb(wandb_log and master, wandb_project, wandb_run_name, globals())
 
     n_params = count_parameters(config)[0]
-    flops_per_step = flops_per_token(config, block_size, n_params) * tokens_per_step
+    model_flops_per_token = flops_per_token(config, block_size, n_params)
+    flops_per_step = model_flops_per_token * tokens_per_step
     peak = peak_flops(device, peak_flops_override) * world_size
     recomputed = (checkpoint_blocks if checkpoint_blocks >= 0 else n_layers) if gradient_checkpointing else 0
     if master:  # which attention kernel runs: a missing flash-attn shows here, not as a slow run
@@ -310,8 +311,8 @@ def main():
               f"({micro_batch_size} x {grad_accum_steps} x {block_size} x {world_size} ranks) | {max_steps:,} steps "
               f"| backend {backend} | {device} {dtype} | attention {attention_name(model)} | fused {fused} | "
               f"{recomputed} of {n_layers} blocks recomputed")
-        extra = recompute_flops_per_token(config, block_size, recomputed) / flops_per_token(config, block_size, n_params)
-        print(f"MFU counts {flops_per_token(config, block_size, n_params) / 1e9:.2f} GFLOP a token (6N + causal "
+        extra = recompute_flops_per_token(config, block_size, recomputed) / model_flops_per_token
+        print(f"MFU counts {model_flops_per_token / 1e9:.2f} GFLOP a token (6N + causal "
               f"attention over whole {block_size}-token rows); the recomputed blocks and the loss's second head "
               f"forward run {100 * extra:.1f}% more, uncounted")
 

@@ -468,14 +468,18 @@ def trim_log(path, step):
     os.replace(path + '.tmp', path)
 
 
+LAUNCHER_GRACE_S = 30  # the deepspeed and torchrun launchers send SIGKILL this long after passing on a SIGTERM
+
+
 def report_save(step, path, seconds, ds_tag=None):
-    """The "saved checkpoint" line: what a save wrote and how long it took. The launchers send SIGKILL 30 s after their
-    SIGTERM, so a save that takes longer does not survive a pre-emption."""
+    """The "saved checkpoint" line: what a save wrote and how long it took. A save longer than the launchers' grace does
+    not survive a pre-emption."""
     size = os.path.getsize(path)
     if ds_tag and os.path.isdir(ds_tag):
         size += sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(ds_tag) for name in names)
     print(f"saved checkpoint at step {step} -> {path} ({size / 1e9:.3g} GB in {seconds:.1f} s"
-          + ("; over the launchers' 30 s grace after a SIGTERM: a pre-emption would kill it" if seconds > 30 else "")
+          + (f"; over the launchers' {LAUNCHER_GRACE_S} s grace after a SIGTERM: a pre-emption would kill it"
+             if seconds > LAUNCHER_GRACE_S else "")
           + ")", flush=True)
 
 
