@@ -17,10 +17,14 @@ together, and finished sequences drop out. `generation='cached'` trades exactnes
 keys/values and refreshes them with a full forward when any layer's routing moves more than
 `refresh_threshold`, and `compare_exact=N` prints how far it strays from exact generation on N requests.
 """
+import collections
+import contextlib
 import difflib
+import hashlib
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -28,21 +32,25 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (EOS_ID, PolyGLU, RoPE, attention_name, cu_seqlens_from_eos, enable_segment_pooling, load_checkpoint,
-                   packed_hidden_states, whole_row_pooling)
+from model import (EOS_ID, PolyGLU, RoPE, attention_name, cu_seqlens_from_eos, enable_segment_pooling, gumbel_routing,
+                   load_checkpoint, packed_hidden_states, whole_row_pooling)
 from utils import HUB_TOKENIZER, get_tokenizer, held_out_split, open_chunks, resolve_device
 
 # -----------------------------------------------------------------------------
 # config
 checkpoint = 'checkpoints/portable_final.pt'
 tasks = 'gsm8k,minerva_math500,mmlu_stem'  # harness task names, comma separated ('' = none; 'paper' = the model card)
-num_fewshot = -1             # -1: TASK_SHOTS, else each task's own default (GSM8K 5-shot, Minerva MATH 4-shot)
+num_fewshot = -1             # -1: each task's own default (the harness's, as the author ran them), else N for every task
 limit = 0                    # examples per task, 0 = all
 include_path = ''            # a folder of your own task YAMLs
 output = 'results/eval.json'
 chat = None                  # ChatML prompts (few-shot as turns, stop at <|im_end|>); None = True for fine-tuned models
+                             # (tasks=paper: plain, as the author scored every model)
 log_samples = False          # write every sample (prompt, generation or loglikelihoods, score) beside the results
 compare_paper = False        # print the scores beside the author's model card (on with tasks='paper')
+paper_model = 'auto'         # the card's 'base' or 'instruct' column; 'auto': from the checkpoint's provenance
+paper_routing_seeds = 0      # tasks=paper: also rerun the ten rows under the author's Gumbel routing with N seeds
+resume = True                # keep answered requests beside output; the same command rerun skips them
 tokenizer = HUB_TOKENIZER    # or a local tokenizer.json / folder, or 'packaged'
 batch_tokens = 16_384        # tokens packed into one forward (no padding; the scores do not depend on it)
 max_gen_toks = 256           # default cap of generated tokens when a task does not set one
@@ -50,10 +58,11 @@ generation = 'exact'         # 'exact' | 'cached' (approximate, faster)
 refresh_threshold = 0.05     # cached: full refresh when a routing weight moves more than this
 compare_exact = 0            # cached: also generate N requests exactly and print the agreement
 perplexity = True            # held-out perplexity per source, when the data is there
+perplexity_protocol = 'validation'  # 'validation': train.py's held-out windows | 'author': the card's domain perplexity
 data_dir = ''                # '' = the data_dir stored in the checkpoint (train.py's), else data/tokenized
 sources = ('math', 'stem', 'code')
 val_tokens = -1              # -1 = the held-out size stored in the checkpoint (train.py's val_tokens)
-perplexity_tokens = 500_000  # at most this many held-out tokens scored per source
+perplexity_tokens = 500_000  # validation: at most this many held-out tokens scored per source
 prompt = ''                  # generate from this prompt, print, and exit
 benchmark = False            # time exact generation on GSM8K-shaped requests and project the full GSM8K run
 benchmark_requests = 16      # benchmark: how many synthetic requests (random tokens, no early stop)
@@ -72,13 +81,18 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-TASK_SHOTS = {'mmlu_stem': 5}  # the model card's protocol where the harness's default differs (0.4.13: 0-shot MMLU)
-# The base model card (lm-eval 0.4.11): (task, metric, shots, published). 'acc' where the card names no metric.
-PAPER = [('hellaswag', 'acc_norm', 0, 28.51), ('arc_easy', 'acc', 0, 41.04), ('arc_challenge', 'acc', 0, 22.27),
-         ('piqa', 'acc', 0, 58.87), ('winogrande', 'acc', 0, 52.17), ('boolq', 'acc', 0, 61.13),
-         ('sciq', 'acc', 0, 61.20), ('openbookqa', 'acc', 0, 29.00), ('lambada_openai', 'acc', 0, 15.35),
-         ('mmlu_stem', 'acc', 5, 25.28)]
-PAPER_PERPLEXITY = {'math': 3.56, 'code': 7.08, 'stem': 31.93}
+# The model cards (lm-eval 0.4.11; paper_reporting/base_pretrained__performance.md and sft__performance.md in
+# danielxmed/PolyGLU): (task, the author's metric, base, instruct), in percent. Every task ran at the harness's default
+# shots (scripts/run_*_eval.sh pass no --num-fewshot): 0 for all ten, MMLU-STEM included, though the card says 5-shot.
+PAPER = [('hellaswag', 'acc_norm', 28.51, 27.84), ('arc_easy', 'acc_norm', 41.04, 36.11),
+         ('arc_challenge', 'acc_norm', 22.27, 24.15), ('piqa', 'acc_norm', 58.87, 54.52),
+         ('winogrande', 'acc', 52.17, 52.72), ('boolq', 'acc', 61.13, 55.63), ('mmlu_stem', 'acc', 25.28, 28.42),
+         ('lambada_openai', 'acc', 15.35, 7.01), ('openbookqa', 'acc_norm', 29.00, 26.80),
+         ('sciq', 'acc_norm', 61.20, 52.70)]
+PAPER_STATED_SHOTS = {'mmlu_stem': 5}  # what the card says was run, also scored and labelled as such
+PAPER_LAMBADA_PERPLEXITY = {'base': 911.8, 'instruct': None}
+PAPER_PERPLEXITY = {'base': {'math': 3.56, 'code': 7.08, 'stem': 31.93}, 'instruct': {}}
+AUTHOR_WINDOWS, AUTHOR_MIN_CHUNK = 244, 100_000  # src/evaluation/domain_perplexity.py
 
 # -----------------------------------------------------------------------------
 # packed, exact forward passes
@@ -114,29 +128,56 @@ def target_log_probs(model, hidden, positions, targets, chunk=1024):
     return torch.cat(log_probs), torch.cat(greedy)
 
 
+def request_seed(noise_seed, ids):
+    """The Gumbel seed of one request under noise seed N: a hash of its tokens, so its noise does not depend on what it
+    is packed with, nor on whether an interrupted run already answered its neighbours."""
+    digest = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=7, key=str(noise_seed).encode())
+    return int.from_bytes(digest.digest(), 'little')
+
+
 @torch.no_grad()
-def score(model, requests, budget, desc='loglikelihood'):
+def score(model, requests, budget, desc='loglikelihood', author=False, noise_seed=None, record=None, progress=None):
     """requests: [(context ids, continuation ids)] -> [(sum log p(continuation | context), is greedy)].
-    The input is the last max_seq_len + 1 tokens of context + continuation, minus the last token."""
+    The harness's input: the last max_seq_len + 1 tokens of context + continuation, minus the last token.
+    author=True, the author's wrapper (src/evaluation/model_wrapper.py): the last max_seq_len tokens, the last one
+    included, so the mean-pooled gate also sees the final token (a target at position 0 is not scored, as there).
+    noise_seed: the author's Gumbel routing (model.gumbel_routing), seeded per request. record(i, result) is called
+    as each pack finishes, progress (a tqdm over requests) is advanced."""
     max_len = model.config.max_seq_len
     inputs, spans = [], []
     for context, continuation in requests:
         continuation = list(continuation) or [EOS_ID]  # the harness never sends an empty one; keep the math defined
-        whole = (list(context) + continuation)[-(max_len + 1):]
-        inputs.append(whole[:-1])
-        spans.append((len(whole) - 1 - len(continuation), whole[-len(continuation):]))
+        if author:
+            whole = (list(context) + continuation)[-max_len:]
+            first = max(1, len(whole) - len(continuation))  # the first target's index in whole
+            inputs.append(whole)
+        else:
+            whole = (list(context) + continuation)[-(max_len + 1):]
+            first = len(whole) - len(continuation)
+            inputs.append(whole[:-1])
+        spans.append((first - 1, whole[first:]))  # (the position that predicts the first target, the targets)
     results = [None] * len(requests)
-    for group in tqdm(packs([len(s) for s in inputs], budget), desc=desc, disable=len(requests) < 50):
-        hidden, offsets = packed_hidden_states(model, [inputs[i] for i in group])
-        positions = torch.cat([torch.arange(offsets[k] + spans[i][0], offsets[k + 1], device=hidden.device)
-                               for k, i in enumerate(group)])
-        targets = torch.tensor([t for i in group for t in spans[i][1]], device=hidden.device)
+    own_progress = progress is None
+    if own_progress:
+        progress = tqdm(total=len(requests), desc=desc, unit='req', disable=len(requests) < 50)
+    for group in packs([len(s) for s in inputs], budget):
+        seeds = [request_seed(noise_seed, inputs[i]) for i in group] if noise_seed is not None else None
+        with gumbel_routing(model, seeds) if seeds else contextlib.nullcontext():
+            hidden, offsets = packed_hidden_states(model, [inputs[i] for i in group])
+        positions = torch.cat([torch.arange(offsets[k] + spans[i][0], offsets[k] + spans[i][0] + len(spans[i][1]),
+                                            device=hidden.device) for k, i in enumerate(group)])
+        targets = torch.tensor([t for i in group for t in spans[i][1]], dtype=torch.long, device=hidden.device)
         log_probs, greedy = (t.cpu() for t in target_log_probs(model, hidden, positions, targets))
         first = 0
         for i in group:
             n = len(spans[i][1])
             results[i] = (log_probs[first:first + n].sum().item(), bool(greedy[first:first + n].all()))
             first += n
+            if record:
+                record(i, results[i])
+        progress.update(len(group))
+    if own_progress:
+        progress.close()
     return results
 
 
@@ -146,32 +187,55 @@ def stop_index(text, until):
 
 
 @torch.no_grad()
-def generate_exact(model, tok, prompts, budget, desc='generate'):
+def generate_exact(model, tok, prompts, budget, desc='generate', record=None, progress=None):
     """prompts: [(context ids, until strings, max new tokens)] -> generated texts, cut at the first stop string.
-    Greedy; every step is a full forward of each unfinished sequence alone (packed together)."""
+    Greedy; every step is a full forward of each unfinished sequence alone (packed together). Continuous batching:
+    requests join the pack as others finish, up to `budget` tokens at full length, so answers come (and record(i,
+    text) is called) one by one from the first minutes, not all at the end: an interrupted run keeps them."""
     max_len = model.config.max_seq_len
     sequences = [list(ids)[-max_len:] for ids, _, _ in prompts]
     generated = [[] for _ in prompts]
-    active = [i for i, (_, _, n) in enumerate(prompts) if n > 0]
-    progress = tqdm(total=sum(n for _, _, n in prompts), desc=desc, unit='tok', disable=len(prompts) < 8)
-    while active:
-        finished = set()
-        for group in packs([len(sequences[i]) for i in active], budget):
-            group = [active[k] for k in group]
-            hidden, offsets = packed_hidden_states(model, [sequences[i] for i in group])
-            last = torch.as_tensor(offsets[1:] - 1, device=hidden.device)
-            next_tokens = F.linear(hidden[last], model.embeddings.weight).float().argmax(-1).tolist()
-            for i, token in zip(group, next_tokens):
-                generated[i].append(token)
-                sequences[i] = (sequences[i] + [token])[-max_len:]
-                text = tok.decode(generated[i], skip_special_tokens=False)
-                if len(generated[i]) >= prompts[i][2] or stop_index(text, prompts[i][1]) >= 0 or token == EOS_ID:
-                    finished.add(i)
-                    progress.update(prompts[i][2] - len(generated[i]))  # the budget it did not need
-            progress.update(len(group))
-        active = [i for i in active if i not in finished]
-    progress.close()
-    return [cut(tok.decode(g, skip_special_tokens=False), until) for g, (_, until, _) in zip(generated, prompts)]
+    outputs = [None] * len(prompts)
+    waiting = collections.deque(range(len(prompts)))
+    own_progress = progress is None
+    if own_progress:
+        progress = tqdm(total=len(prompts), desc=desc, unit='req', disable=len(prompts) < 8)
+    active, new_tokens, start = [], 0, time.perf_counter()
+    full_length = lambda i: min(max_len, len(sequences[i]) + prompts[i][2] - len(generated[i]))  # noqa: E731
+
+    def finish(i):
+        outputs[i] = cut(tok.decode(generated[i], skip_special_tokens=False), prompts[i][1])
+        if record:
+            record(i, outputs[i])
+        progress.update(1)
+
+    while waiting or active:
+        while waiting and (not active or sum(map(full_length, active)) + full_length(waiting[0]) <= budget):
+            i = waiting.popleft()
+            if prompts[i][2] > 0:
+                active.append(i)
+            else:
+                finish(i)
+        if not active:
+            continue
+        hidden, offsets = packed_hidden_states(model, [sequences[i] for i in active])
+        last = torch.as_tensor(offsets[1:] - 1, device=hidden.device)
+        next_tokens = F.linear(hidden[last], model.embeddings.weight).float().argmax(-1).tolist()
+        still = []
+        for i, token in zip(active, next_tokens):
+            generated[i].append(token)
+            sequences[i] = (sequences[i] + [token])[-max_len:]
+            text = tok.decode(generated[i], skip_special_tokens=False)
+            if len(generated[i]) >= prompts[i][2] or stop_index(text, prompts[i][1]) >= 0 or token == EOS_ID:
+                finish(i)
+            else:
+                still.append(i)
+        new_tokens += len(active)
+        progress.set_postfix_str(f'{new_tokens / (time.perf_counter() - start):.1f} new tok/s', refresh=False)
+        active = still
+    if own_progress:
+        progress.close()
+    return outputs
 
 
 def cut(text, until):
@@ -257,10 +321,11 @@ def cached_step(model, token, state):
 
 
 @torch.no_grad()
-def generate_cached(model, tok, prompts, desc='generate (cached)'):
+def generate_cached(model, tok, prompts, desc='generate (cached)', record=None, progress=None):
     """Greedy generation with a key/value cache, one request at a time, refreshed when routing drifts."""
     outputs, refreshes, steps = [], 0, 0
-    for ids, until, n in tqdm(prompts, desc=desc, disable=len(prompts) < 8):
+    progress = progress or tqdm(desc=desc, total=len(prompts), unit='req', disable=len(prompts) < 8)
+    for ids, until, n in prompts:
         ids = list(ids)[-model.config.max_seq_len:]
         hidden, state = full_pass(model, ids)
         generated = []
@@ -277,6 +342,9 @@ def generate_cached(model, tok, prompts, desc='generate (cached)'):
                 hidden, state = full_pass(model, ids)
                 refreshes += 1
         outputs.append(cut(tok.decode(generated, skip_special_tokens=False), until))
+        if record:
+            record(len(outputs) - 1, outputs[-1])
+        progress.update(1)
     print(f"cached generation: {refreshes} refreshes in {steps} cached steps (threshold {refresh_threshold})")
     return outputs
 
@@ -289,8 +357,53 @@ def chatml(messages, add_generation_prompt=True):
     return text + ('<|im_start|>assistant\n' if add_generation_prompt else '')
 
 
-def make_lm(model, tok, chat=False):
+def file_digest(path):
+    """sha256 of a file: the checkpoint's identity for the answer store (a second for the 1.2 GB model)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def answers_path(state, tok, settings):
+    """Where the answers of this model under these settings are kept: <output>_answers/<hash>.jsonl. The hash covers the
+    checkpoint's bytes, the tokenizer and every setting that moves an answer, so nothing else ever reuses them."""
+    identity = {'checkpoint': file_digest(state['file']), 'tokenizer': hashlib.sha256(tok.to_str().encode()).hexdigest(),
+                **settings}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(os.path.splitext(output)[0] + '_answers', f'{key}.jsonl')
+
+
+def read_answers(path):
+    """{request key: answer} from the lines a run appended to `path`. A line cut short by a kill is cut off the file,
+    so the next append starts a line of its own."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, 'rb+') as f:
+        data = f.read()
+        whole = data.rfind(b'\n') + 1
+        if whole < len(data):
+            f.truncate(whole)
+    answers = {}
+    for line in data[:whole].splitlines():
+        try:
+            record = json.loads(line)
+            answers[record['key']] = record['value']
+        except (ValueError, KeyError, TypeError):
+            continue  # a damaged line: that request is answered again
+    return answers
+
+
+def make_lm(model, tok, chat=False, store=None, author=False):
+    """The harness's LM. store: a jsonl path where every answer is appended as soon as it is computed and read back
+    first, so an interrupted evaluation rerun continues where it stopped. author: score loglikelihoods as the
+    author's wrapper did (score)."""
     from lm_eval.api.model import LM
+    answers = read_answers(store) if store else {}
+    if store:
+        os.makedirs(os.path.dirname(store), exist_ok=True)
+    file = open(store, 'a') if store else None
 
     class PolychromaticEvalLM(LM):
         """lm-evaluation-harness LM around the project's own model (no Hugging Face model classes). With chat, the
@@ -298,6 +411,8 @@ def make_lm(model, tok, chat=False):
         <|im_end|>, which ends every assistant turn in SFT."""
 
         tokenizer_name = 'Qwen3-chatml'
+        noise_seed = None  # the author's Gumbel routing under this seed (paper_routing_seeds), None: deterministic
+        answered = 0       # requests read back from the store rather than computed, this process
 
         def apply_chat_template(self, chat_history, add_generation_prompt=True):
             return chatml(chat_history, add_generation_prompt)
@@ -305,59 +420,99 @@ def make_lm(model, tok, chat=False):
         def chat_template(self, chat_template=False):
             return 'chatml' if chat_template else ''
 
+        def answer(self, kind, requests, compute):
+            """Answers in request order: those in the store are read, compute(todo, record, progress) does the rest."""
+            keys = [hashlib.sha256(json.dumps([kind, request.args, author, self.noise_seed], sort_keys=True,
+                                              default=str).encode()).hexdigest() for request in requests]
+            todo = [i for i, key in enumerate(keys) if key not in answers]
+            self.answered += len(requests) - len(todo)
+            progress = tqdm(total=len(requests), initial=len(requests) - len(todo), unit='req', desc=kind,
+                            disable=len(requests) < 8)
+
+            def record(j, value):
+                answers[keys[todo[j]]] = value
+                if file:
+                    file.write(json.dumps({'key': keys[todo[j]], 'value': value}) + '\n')
+                    file.flush()  # in the OS's hands: a killed process loses nothing it recorded
+            if todo:
+                compute(todo, record, progress)
+            progress.close()
+            return [answers[key] for key in keys]
+
+        def close(self):
+            if file:
+                file.close()
+
         def loglikelihood(self, requests, disable_tqdm=False):
-            pairs = []
-            for request in requests:
-                context, continuation = request.args
-                context_ids = tok.encode(context, add_special_tokens=False).ids if context else [EOS_ID]
-                pairs.append((context_ids, tok.encode(continuation, add_special_tokens=False).ids))
-            return score(model, pairs, batch_tokens)
+            def compute(todo, record, progress):
+                pairs = []
+                for i in todo:
+                    context, continuation = requests[i].args
+                    context_ids = tok.encode(context, add_special_tokens=False).ids if context else [EOS_ID]
+                    pairs.append((context_ids, tok.encode(continuation, add_special_tokens=False).ids))
+                score(model, pairs, batch_tokens, author=author, noise_seed=self.noise_seed, record=record,
+                      progress=progress)
+            return [tuple(answer) for answer in self.answer('loglikelihood', requests, compute)]
 
         def loglikelihood_rolling(self, requests, disable_tqdm=False):
             from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-            pieces, owner = [], []
-            for n, request in enumerate(requests):
-                ids = tok.encode(request.args[0], add_special_tokens=False).ids
-                for window in get_rolling_token_windows(token_list=ids, prefix_token=EOS_ID,
-                                                        max_seq_len=model.config.max_seq_len, context_len=1):
-                    pieces.append(make_disjoint_window(window))
-                    owner.append(n)
-            totals = [0.0] * len(requests)
-            for n, (log_prob, _) in zip(owner, score(model, pieces, batch_tokens, 'loglikelihood_rolling')):
-                totals[n] += log_prob
-            return totals
+
+            def compute(todo, record, progress):
+                pieces, owner = [], []
+                for j, i in enumerate(todo):
+                    ids = tok.encode(requests[i].args[0], add_special_tokens=False).ids
+                    for window in get_rolling_token_windows(token_list=ids, prefix_token=EOS_ID,
+                                                            max_seq_len=model.config.max_seq_len, context_len=1):
+                        pieces.append(make_disjoint_window(window))
+                        owner.append(j)
+                totals, left = [0.0] * len(todo), collections.Counter(owner)
+
+                def add(piece, result):  # a request is recorded once all its windows are scored
+                    j = owner[piece]
+                    totals[j] += result[0]
+                    left[j] -= 1
+                    if not left[j]:
+                        record(j, totals[j])
+                        progress.update(1)
+                score(model, pieces, batch_tokens, 'loglikelihood_rolling', author=author, noise_seed=self.noise_seed,
+                      record=add, progress=tqdm(disable=True))
+            return self.answer('loglikelihood_rolling', requests, compute)
 
         def generate_until(self, requests, disable_tqdm=False):
-            prompts = []
-            for request in requests:
-                context, kwargs = request.args
-                until = kwargs.get('until', [])
-                until = ([until] if isinstance(until, str) else list(until)) + (['<|im_end|>'] if chat else [])
-                prompts.append((tok.encode(context, add_special_tokens=False).ids, until,
-                                int(kwargs.get('max_gen_toks', max_gen_toks))))
-            if generation == 'exact':
-                return generate_exact(model, tok, prompts, batch_tokens)
-            outputs = generate_cached(model, tok, prompts)
-            if compare_exact:
-                start = time.perf_counter()
-                exact = generate_exact(model, tok, prompts[:compare_exact], batch_tokens, 'generate (exact check)')
-                agreement = [a == b for a, b in zip(outputs, exact)]
-                same_tokens = [sum(x == y for x, y in zip(tok.encode(a).ids, tok.encode(b).ids)) /
-                               max(1, len(tok.encode(b).ids)) for a, b in zip(outputs, exact)]
-                print(f"cached vs exact on {len(exact)} requests: {100 * np.mean(agreement):.1f}% identical outputs, "
-                      f"{100 * np.mean(same_tokens):.1f}% of tokens agree position by position, so a score on these "
-                      f"requests moves by at most {100 * (1 - np.mean(agreement)):.1f} points "
-                      f"(exact took {time.perf_counter() - start:.1f}s)")
-            return outputs
+            def compute(todo, record, progress):
+                prompts = []
+                for i in todo:
+                    context, kwargs = requests[i].args
+                    until = kwargs.get('until', [])
+                    until = ([until] if isinstance(until, str) else list(until)) + (['<|im_end|>'] if chat else [])
+                    prompts.append((tok.encode(context, add_special_tokens=False).ids, until,
+                                    int(kwargs.get('max_gen_toks', max_gen_toks))))
+                if generation == 'exact':
+                    generate_exact(model, tok, prompts, batch_tokens, record=record, progress=progress)
+                    return
+                outputs = generate_cached(model, tok, prompts, record=record, progress=progress)
+                if compare_exact:
+                    compare_with_exact(model, tok, prompts[:compare_exact], outputs)
+            return self.answer('generate_until', requests, compute)
 
     return PolychromaticEvalLM()
 
 
-def run_tasks(lm, task_names, chat=False):
-    """The harness on our LM: one simple_evaluate per shot count (TASK_SHOTS, or num_fewshot for all), merged. With
-    chat, prompts go through the LM's chat template with few-shot examples as turns; answers are extracted by each
-    task's own filters either way."""
-    import lm_eval
+def compare_with_exact(model, tok, prompts, outputs):
+    """cached generation: how far it strays from exact generation on these prompts."""
+    start = time.perf_counter()
+    exact = generate_exact(model, tok, prompts, batch_tokens, 'generate (exact check)')
+    agreement = [a == b for a, b in zip(outputs, exact)]
+    same_tokens = [sum(x == y for x, y in zip(tok.encode(a).ids, tok.encode(b).ids)) /
+                   max(1, len(tok.encode(b).ids)) for a, b in zip(outputs, exact)]
+    print(f"cached vs exact on {len(exact)} requests: {100 * np.mean(agreement):.1f}% identical outputs, "
+          f"{100 * np.mean(same_tokens):.1f}% of tokens agree position by position, so a score on these "
+          f"requests moves by at most {100 * (1 - np.mean(agreement)):.1f} points "
+          f"(exact took {time.perf_counter() - start:.1f}s)")
+
+
+def task_manager(task_names):
+    """The harness's task index (with include_path); an unknown name is one line with the nearest ones."""
     from lm_eval.tasks import TaskManager
     manager = TaskManager(include_path=include_path or None)
     known = set(manager.all_tasks)
@@ -366,20 +521,50 @@ def run_tasks(lm, task_names, chat=False):
             near = difflib.get_close_matches(name, known, n=3)
             fail(f"unknown task '{name}'" + (f"; did you mean {', '.join(near)}?" if near else
                                                "; `lm-eval ls tasks` lists them, include_path= adds your own"))
-    by_shots = {}
-    for name in task_names:
-        by_shots.setdefault(num_fewshot if num_fewshot >= 0 else TASK_SHOTS.get(name), []).append(name)
-    merged = {}
-    for shots, names in by_shots.items():
-        results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit or None,
-                                          task_manager=manager, log_samples=log_samples, apply_chat_template=chat,
-                                          fewshot_as_multiturn=chat, random_seed=seed, numpy_random_seed=seed,
-                                          torch_random_seed=seed, fewshot_random_seed=seed)
-        for key, value in results.items():
-            if isinstance(value, dict):
-                merged.setdefault(key, {}).update(value)
-            else:
-                merged.setdefault(key, value)
+    return manager
+
+
+UNREACHABLE = ('DatasetNotFoundError', 'LocalEntryNotFoundError', 'OfflineModeIsEnabled', 'HfHubHTTPError',
+               'RepositoryNotFoundError', 'GatedRepoError')
+
+
+def evaluate_task(lm, manager, task, shots=None, chat=False, samples=False):
+    """One harness run of one task, at `shots` or (None) the task's own default. With chat, prompts go through the LM's
+    chat template with few-shot examples as turns; answers are extracted by the task's own filters either way. A
+    dataset that cannot be fetched ends the run with one line naming the task, the dataset and the fix."""
+    import lm_eval
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit or None,
+                                       task_manager=manager, log_samples=samples, apply_chat_template=chat,
+                                       fewshot_as_multiturn=chat, random_seed=seed, numpy_random_seed=seed,
+                                       torch_random_seed=seed, fewshot_random_seed=seed)
+    except Exception as e:
+        chain = [e, e.__cause__, e.__context__]
+        if not any(isinstance(x, (ConnectionError, TimeoutError, FileNotFoundError)) or
+                   type(x).__name__ in UNREACHABLE for x in chain if x is not None):
+            raise
+        entry = manager.task_index.get(task)
+        named = re.search(r"'([^' ]*/[^' ]*)'", str(e))
+        dataset = named.group(1) if named else (entry and (entry.cfg or {}).get('dataset_path')) or 'its dataset'
+        fail(f"task {task}: its data ({dataset}) cannot be fetched ({type(e).__name__}); run once online to fill the "
+             f"Hugging Face cache, or set HF_DATASETS_OFFLINE=1 to use a cached copy")
+
+
+TASK_KEYED = ('results', 'groups', 'group_subtasks', 'configs', 'versions', 'n-shot', 'higher_is_better', 'n-samples',
+              'samples')
+
+
+def merge_results(merged, results, suffix=''):
+    """One harness result dict into the run's; with a suffix ('@5-shot'), under renamed tasks, so the same task at
+    another shot count sits beside the first."""
+    for key, value in results.items():
+        if key in TASK_KEYED and isinstance(value, dict):
+            renamed = {name + suffix: value for name, value in value.items()}
+            if key == 'group_subtasks':
+                renamed = {name: [task + suffix for task in tasks] for name, tasks in renamed.items()}
+            merged.setdefault(key, {}).update(renamed)
+        else:
+            merged.setdefault(key, value)
     return merged
 
 
@@ -399,33 +584,92 @@ def write_samples(samples, output):
     return paths
 
 
-def paper_comparison(results, perplexity):
-    """Rows (benchmark, metric, shots, ours, stderr, published, difference, kind) for every figure of the model card;
-    ours None where it was not run."""
+def percent(value):
+    return None if value is None or value == 'N/A' else 100 * value
+
+
+def task_shots(results, name):
+    """The shots the harness ran a task (or a group, through its subtasks) at."""
+    shots = results.get('n-shot', {})
+    counts = {shots.get(task) for task in results.get('group_subtasks', {}).get(name, [])} - {None}
+    return shots.get(name, counts.pop() if len(counts) == 1 else None)
+
+
+def paper_comparison(results, perplexity, column, prompts, scoring, routing=None):
+    """The model card's figures beside ours -> {'rows': [...], 'mean': {...}, 'notes': [...]}. Every row says its
+    metric, shots, prompt format and scoring; routing: {'seeds': N, 'results': {task: [results of seed k]}} adds the
+    mean and spread under the author's Gumbel routing."""
     rows = []
-    for task, metric, shots, published in PAPER:
-        values = results.get('results', {}).get(task, {})
-        ours, stderr = values.get(f'{metric},none'), values.get(f'{metric}_stderr,none')
-        ours, stderr = (None if v is None or v == 'N/A' else 100 * v for v in (ours, stderr))
-        rows.append((task, metric, shots, ours, stderr, published, None if ours is None else ours - published,
-                     'loglikelihood'))
-    for name, published in PAPER_PERPLEXITY.items():
-        ours = perplexity.get(name, {}).get('perplexity')
-        rows.append((f'{name} perplexity', 'ppl', None, ours, None, published,
-                     None if ours is None else ours - published, 'perplexity'))
-    return rows
+    tasks_results = results.get('results', {})
+
+    def add(benchmark, metric, ours, stderr, card, protocol, task=None, kind='loglikelihood'):
+        row = {'benchmark': benchmark, 'metric': metric, 'shots': task_shots(results, task) if task else None,
+               'prompts': prompts if task else None, 'scoring': scoring if task else None, 'protocol': protocol,
+               'ours': ours, 'stderr': stderr, 'card': card,
+               'difference': None if ours is None or card is None else ours - card, 'kind': kind}
+        if routing and task in routing['results']:
+            scale = (lambda v: v) if metric == 'perplexity' else percent
+            values = [scale(r.get(f'{metric},none')) for r in routing['results'][task]]
+            if values and None not in values:
+                row.update(noisy_mean=float(np.mean(values)), noisy_std=float(np.std(values, ddof=1)) if
+                           len(values) > 1 else 0.0, noisy_values=values)
+        rows.append(row)
+
+    for task, metric, base, instruct in PAPER:
+        card = instruct if column == 'instruct' else base
+        values = tasks_results.get(task, {})
+        add(task, metric, percent(values.get(f'{metric},none')), percent(values.get(f'{metric}_stderr,none')), card,
+            'as the author ran it', task)
+        if task in PAPER_STATED_SHOTS:
+            label = f'{task}@{PAPER_STATED_SHOTS[task]}-shot'
+            values = tasks_results.get(label, {})
+            add(label, metric, percent(values.get(f'{metric},none')), percent(values.get(f'{metric}_stderr,none')),
+                card, "the card's stated protocol", label)
+    lambada = tasks_results.get('lambada_openai', {})
+    add('lambada_openai', 'perplexity', lambada.get('perplexity,none'), lambada.get('perplexity_stderr,none'),
+        PAPER_LAMBADA_PERPLEXITY[column], 'as the author ran it', 'lambada_openai' if lambada else None)
+    for name, values in perplexity.items():
+        add(f'{name} perplexity', 'perplexity', values.get('perplexity'), None, PAPER_PERPLEXITY[column].get(name),
+            "the author's" if values.get('protocol') == 'author' else "ours: train.py's validation", kind='perplexity')
+    as_run = [row for row in rows if row['protocol'] == 'as the author ran it' and row['metric'] != 'perplexity']
+    mean = {'card': float(np.mean([row['card'] for row in as_run])),
+            'ours': float(np.mean([row['ours'] for row in as_run])) if all(r['ours'] is not None for r in as_run) else None}
+    if all('noisy_mean' in row for row in as_run):
+        mean['noisy_mean'] = float(np.mean([row['noisy_mean'] for row in as_run]))
+    notes = [
+        "prompts: the author scored every model, the instruct one too, on plain prompts; a ChatML row is ours, not the "
+        "card's protocol",
+        "scoring: as the author's wrapper, context + continuation go through the model whole, the last token included, "
+        "so the mean-pooled gate sees the whole choice (every score here is loglikelihood-based and sees it)",
+        "routing: the author's PolyGLU sampled Gumbel noise at evaluation too (gumbel_softmax with no train/eval switch, "
+        "tau 0.1, unseeded): each card figure is one noisy draw; ours is deterministic"
+        + (f"; 'noisy' is the mean and spread over {routing['seeds']} seeds of the author's routing" if routing else
+           "; paper_routing_seeds=N gives the mean and spread of the author's noisy routing"),
+        "mmlu_stem@5-shot: the card says 5-shot, but the author's scripts pass no --num-fewshot and lm-eval's MMLU sets "
+        "none, so its figure was most likely 0-shot: the mmlu_stem row",
+        "perplexity: 'the author's' is src/evaluation/domain_perplexity.py's protocol (perplexity_protocol='author'), "
+        "the card's held-out text was another corpus: expect the order math < code < STEM, not the values"]
+    return {'model': column, 'rows': rows, 'mean': mean, 'notes': notes}
 
 
-def print_paper_comparison(rows, model_label):
-    print(f"\n{model_label} against the author's model card (PolyChromaticLM-1.0-base-0.6B; lm-eval 0.4.11 there, "
-          "0.4.13 here):")
-    print(f"{'benchmark':<22} {'metric':<9} {'shots':>5} {'ours':>8} {'stderr':>7} {'card':>7} {'diff':>8}  kind")
+def print_paper_comparison(comparison, model_label):
+    column = comparison['model']
+    print(f"\n{model_label} against the author's model card, {column} column (PolyChromaticLM-1.0-{column}-0.6B; "
+          "lm-eval 0.4.11 there, 0.4.13 here):")
+    print(f"{'benchmark':<23} {'metric':<10} {'shots':>5} {'prompts':<7} {'ours':>8} {'stderr':>6} {'noisy':>14} "
+          f"{'card':>7} {'diff':>8}  protocol")
     show = lambda v, fmt: format(v, fmt) if v is not None else '-'  # noqa: E731
-    for task, metric, shots, ours, stderr, published, diff, kind in rows:
-        print(f"{task:<22} {metric:<9} {show(shots, 'd'):>5} {show(ours, '.2f'):>8} {show(stderr, '.2f'):>7} "
-              f"{published:>7.2f} {show(diff, '+.2f'):>8}  {kind if ours is not None else 'not run'}")
-    print("Every task score above is loglikelihood-based: PolyGLU's gate mean-pools the whole sequence, so a choice's "
-          "first tokens are scored having seen the rest of it (README, eval.py). Report them as such.")
+    for row in comparison['rows']:
+        noisy = f"{row['noisy_mean']:.2f}±{row['noisy_std']:.2f}" if 'noisy_mean' in row else '-'
+        print(f"{row['benchmark']:<23} {row['metric']:<10} {show(row['shots'], 'd'):>5} {row['prompts'] or '-':<7} "
+              f"{show(row['ours'], '.2f'):>8} {show(row['stderr'], '.2f'):>6} {noisy:>14} {show(row['card'], '.2f'):>7} "
+              f"{show(row['difference'], '+.2f'):>8}  {row['protocol'] if row['ours'] is not None else 'not run'}")
+    mean = comparison['mean']
+    noisy = f"{mean['noisy_mean']:.2f}" if 'noisy_mean' in mean else '-'
+    print(f"{'mean of the ten':<23} {'':<10} {'':>5} {'':<7} {show(mean['ours'], '.2f'):>8} {'':>6} {noisy:>14} "
+          f"{mean['card']:>7.2f} {show(None if mean['ours'] is None else mean['ours'] - mean['card'], '+.2f'):>8}")
+    for note in comparison['notes']:
+        print(f"- {note}")
 
 # -----------------------------------------------------------------------------
 # held-out perplexity
@@ -452,8 +696,38 @@ def held_out_perplexity(model, folder, held_tokens, max_tokens, context):
             total -= log_probs.sum().item()
             count += context
     loss = total / max(1, count)
-    return {'loss': loss, 'perplexity': math.exp(loss), 'tokens': count, 'windows': len(windows),
-            'context': context}
+    return {'protocol': 'validation', 'loss': loss, 'perplexity': math.exp(loss), 'tokens': count,
+            'windows': len(windows), 'context': context}
+
+
+@torch.no_grad()
+def author_perplexity(model, folder, context, windows=AUTHOR_WINDOWS, min_chunk=AUTHOR_MIN_CHUNK):
+    """The card's domain perplexity as the author's src/evaluation/domain_perplexity.py computes it: the last chunk
+    with at least `min_chunk` tokens (else the last chunk); n = min(windows, (len - (S+1)) // (S+1)) windows of S + 1
+    tokens at i * stride, stride = (len - (S+1)) // n, S = `context`; each window one sequence with full causal
+    attention (no document masking) and one gate mean; loss in float32 from the model's logits; perplexity = exp(mean
+    loss over every scored token). -> None when the chunk holds fewer than 2 (S+1) tokens."""
+    chunks = open_chunks(folder, EOS_ID, model.config.vocab_size)
+    manifest = json.load(open(os.path.join(folder, 'manifest.json')))
+    index = next((c for c in reversed(range(len(chunks))) if chunks[c].size >= min_chunk), len(chunks) - 1)
+    chunk, span = chunks[index], chunks[index].size - (context + 1)
+    n = min(windows, span // (context + 1)) if span > 0 else 0
+    if n == 0:
+        return None
+    stride = span // n
+    starts = [i * stride for i in range(n)]
+    total = 0.0
+    per_pack = max(1, batch_tokens // context)  # windows packed into one forward, each its own segment: exact
+    for first in tqdm(range(0, n, per_pack), desc=os.path.basename(folder), disable=n < 20 * per_pack):
+        group = [chunk[start:start + context + 1].astype(np.int64) for start in starts[first:first + per_pack]]
+        hidden, _ = packed_hidden_states(model, [ids[:-1] for ids in group])
+        targets = torch.from_numpy(np.concatenate([ids[1:] for ids in group])).to(hidden.device)
+        log_probs, _ = target_log_probs(model, hidden, torch.arange(len(targets), device=hidden.device), targets)
+        total -= log_probs.sum().item()
+    loss = total / (n * context)
+    return {'protocol': 'author', 'loss': loss, 'perplexity': math.exp(loss), 'tokens': n * context, 'windows': n,
+            'stride': stride, 'context': context, 'chunk': manifest['chunks'][index]['file'],
+            'dtype': str(model.embeddings.weight.dtype).replace('torch.', '')}
 
 # -----------------------------------------------------------------------------
 
@@ -518,12 +792,27 @@ def run_benchmark(model):
     return seconds
 
 
+def write_report(report):
+    with open(f'{output}.tmp', 'w') as f:
+        json.dump(report, f, indent=1, default=str)
+    os.replace(f'{output}.tmp', output)
+
+
 def main():
     global device, dtype
     device, dtype = resolve_device(device, dtype)
     if generation not in ('exact', 'cached'):
         fail(f"generation must be 'exact' or 'cached', got {generation!r}")
-    task_names = [task for task, *_ in PAPER] if tasks == 'paper' else [t.strip() for t in tasks.split(',') if t.strip()]
+    if perplexity_protocol not in ('validation', 'author'):
+        fail(f"perplexity_protocol must be 'validation' or 'author', got {perplexity_protocol!r}")
+    if paper_model not in ('auto', 'base', 'instruct'):
+        fail(f"paper_model must be 'auto', 'base' or 'instruct', got {paper_model!r}")
+    paper = tasks == 'paper'
+    if paper and num_fewshot >= 0:
+        fail("tasks=paper runs every task at the shots the author ran (and MMLU-STEM 5-shot beside it); drop "
+             "--num_fewshot, or list the tasks yourself")
+    task_names = [task for task, *_ in PAPER] if paper else list(dict.fromkeys(t.strip() for t in tasks.split(',')
+                                                                               if t.strip()))
     if (task_names or perplexity) and not prompt and not benchmark:
         folder = os.path.dirname(os.path.abspath(output))
         try:
@@ -542,54 +831,102 @@ def main():
     if benchmark:  # random token ids: no tokenizer needed (gpu-check runs it on a machine without one)
         run_benchmark(model)
         return
-    tok = get_tokenizer(tokenizer, model.config.vocab_size)
+    tok = get_tokenizer(tokenizer, model.config.vocab_size) if task_names or prompt else None  # no hub unless needed
     if prompt:
         print(sample_text(model, tok))
         return
 
     start = time.perf_counter()
     fine_tuned = state.get('stage') == 'sft' or 'sft' in os.path.basename(state['file']) or 'instruct' in checkpoint.lower()
-    use_chat = fine_tuned if chat is None else bool(chat)
+    column = paper_model if paper_model != 'auto' else 'instruct' if fine_tuned else 'base'
+    use_chat = (fine_tuned and not paper) if chat is None else bool(chat)
+    scoring = 'author' if paper else 'harness'
     report = {'checkpoint': checkpoint, 'file': state['file'], 'format': state['format'], 'step': step, 'tau': tau,
-              'model_config': state['model_config'], 'chat': use_chat,
+              'model_config': state['model_config'], 'chat': use_chat, 'scoring': scoring, 'complete': False,
               'config': {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
                          and isinstance(v, (int, float, bool, str, tuple))}}
     results = {}
     if task_names:
-        print(f"prompts: {'ChatML (chat=True), few-shot as turns, stopping at <|im_end|>' if use_chat else 'plain'}")
-        results = run_tasks(make_lm(model, tok, use_chat), task_names, use_chat)
+        print(f"prompts: {'ChatML (chat=True), few-shot as turns, stopping at <|im_end|>' if use_chat else 'plain'}; "
+              f"scoring: {scoring}" + (" (the author's wrapper: tasks=paper)" if paper else ''))
+        store = None
+        if resume:
+            store = answers_path(state, tok, {'dtype': dtype, 'device': device.split(':')[0],
+                                              'attention': attention_name(model), 'generation': generation,
+                                              'refresh_threshold': refresh_threshold if generation == 'cached' else None,
+                                              'max_gen_toks': max_gen_toks})
+            print(f"answers kept in {store} ({len(read_answers(store)):,} there; the same command rerun reuses them)")
+        lm = make_lm(model, tok, use_chat, store, author=paper)
+        manager = task_manager(task_names)
+        runs = [(task, None if num_fewshot < 0 else num_fewshot, '') for task in task_names]
+        if paper:
+            runs += [(task, shots, f'@{shots}-shot') for task, shots in PAPER_STATED_SHOTS.items()]
+        try:
+            for task, shots, suffix in runs:
+                run = evaluate_task(lm, manager, task, shots, use_chat, log_samples)
+                if log_samples:
+                    report.setdefault('samples', {}).update(
+                        write_samples({name + suffix: records for name, records in run.pop('samples', {}).items()},
+                                      output))
+                merge_results(results, run, suffix)
+                report.update({key: results.get(key) for key in ('results', 'n-shot', 'versions')})
+                write_report(report)  # a finished task and its samples are on disk at once
+            if paper and paper_routing_seeds:
+                report['paper_routing'] = {'seeds': paper_routing_seeds, 'results': {}}
+                for noise_seed in range(paper_routing_seeds):
+                    lm.noise_seed = noise_seed
+                    for task in task_names:
+                        run = evaluate_task(lm, manager, task, None, use_chat)
+                        report['paper_routing']['results'].setdefault(task, []).append(run['results'][task])
+                        write_report(report)
+                lm.noise_seed = None
+        finally:
+            lm.close()
+        report['answers_reused'] = lm.answered
+        if lm.answered:
+            print(f"{lm.answered:,} requests answered from {store}, not recomputed")
         from lm_eval.utils import make_table
         print(make_table(results))
-        report['results'] = results['results']
-        report['n-shot'] = results.get('n-shot')
-        report['versions'] = results.get('versions')
         if log_samples:
-            report['samples'] = write_samples(results.get('samples', {}), output)
             print(f"per-sample logs: {', '.join(report['samples'].values())}")
     if perplexity:
-        base = data_dir or state.get('data_dir') or 'data/tokenized'
-        held_tokens = val_tokens if val_tokens > 0 else state.get('val_tokens') or 2_000_000
-        context = state.get('block_size') or min(model.config.max_seq_len, 4096)  # train.py's validation windows
-        report['perplexity'] = {}
-        for name in sources:
-            folder = os.path.join(base, name)
-            if not os.path.isfile(os.path.join(folder, 'manifest.json')):
-                print(f"held-out {name}: no prepared data in {folder}, skipped (set data_dir=)")
-                continue
-            report['perplexity'][name] = held_out_perplexity(model, folder, held_tokens, perplexity_tokens, context)
-        for name, values in report['perplexity'].items():
-            print(f"held-out {name}: loss {values['loss']:.4f}, perplexity {values['perplexity']:.2f} "
-                  f"({values['tokens']:,} tokens)")
-    if compare_paper or tasks == 'paper':
-        rows = paper_comparison(results, report.get('perplexity', {}))
-        report['paper_comparison'] = [dict(zip(('benchmark', 'metric', 'shots', 'ours', 'stderr', 'published',
-                                                'difference', 'kind'), row)) for row in rows]
-        print_paper_comparison(rows, f"{checkpoint} (step {step})")
+        report['perplexity'] = domain_perplexity(model, state)
+    if compare_paper or paper:
+        report['paper'] = paper_comparison(results, report.get('perplexity', {}), column,
+                                           'ChatML' if use_chat else 'plain', scoring, report.get('paper_routing'))
+        print_paper_comparison(report['paper'], f"{checkpoint} (step {step})")
     report['wall_time_s'] = time.perf_counter() - start
-    with open(f'{output}.tmp', 'w') as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(f'{output}.tmp', output)
+    report['complete'] = True
+    write_report(report)
     print(f"wall time {report['wall_time_s']:.1f}s -> {output}")
+
+
+def domain_perplexity(model, state):
+    """Perplexity per source under perplexity_protocol -> {source: result}; a source without data is skipped, said."""
+    base = data_dir or state.get('data_dir') or 'data/tokenized'
+    held_tokens = val_tokens if val_tokens > 0 else state.get('val_tokens') or 2_000_000
+    context = state.get('block_size') or min(model.config.max_seq_len, 4096)  # train.py's validation windows
+    if perplexity_protocol == 'author' and dtype != 'bfloat16':
+        print(f"perplexity: the author's protocol ran bf16 weights; this runs {dtype} (--dtype=bfloat16 for theirs)")
+    perplexities = {}
+    for name in sources:
+        folder = os.path.join(base, name)
+        if not os.path.isfile(os.path.join(folder, 'manifest.json')):
+            print(f"held-out {name}: no prepared data in {folder}, skipped (set data_dir=)")
+            continue
+        if perplexity_protocol == 'validation':
+            perplexities[name] = held_out_perplexity(model, folder, held_tokens, perplexity_tokens, context)
+        elif (result := author_perplexity(model, folder, model.config.max_seq_len)) is None:
+            print(f"{name}: no chunk in {folder} holds two windows of {model.config.max_seq_len + 1} tokens, skipped "
+                  "(the author's protocol needs one)")
+        else:
+            perplexities[name] = result
+    for name, values in perplexities.items():
+        where = (f"the author's protocol: {values['windows']} windows of {values['context']} in {values['chunk']}"
+                 if values['protocol'] == 'author' else "train.py's validation windows")
+        print(f"{name} perplexity: loss {values['loss']:.4f}, perplexity {values['perplexity']:.2f} "
+              f"({values['tokens']:,} tokens; {where})")
+    return perplexities
 
 
 if __name__ == '__main__':

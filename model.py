@@ -10,6 +10,7 @@ Reading order:
   3. create / save / load helpers, parameter counts, FLOPs per token, routing entropy.
 """
 import inspect
+import itertools
 import math
 import os
 import pickle
@@ -534,6 +535,34 @@ def whole_row_pooling(model):
     finally:
         for m, forward in patched:
             m.forward = forward
+
+
+@contextmanager
+def gumbel_routing(model, seeds):
+    """Within: PolyGLU routes as the author's frozen class ran at evaluation, where its forward calls gumbel_softmax
+    with no train/eval switch: g = softmax((logits + G) / tau), G ~ Gumbel(0, 1), one draw per sequence and neuron.
+    seeds: one per segment of the next forward (segment_forward routes segments in order, once per layer), each its own
+    generator, so a segment draws exactly what it would alone in train mode after torch.manual_seed(seed), whatever
+    it is packed with. A wrapper like enable_segment_pooling: the frozen class is not edited."""
+    device = model.embeddings.weight.device
+    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+
+    def noisy(ffn):
+        turns = itertools.cycle(generators)
+
+        def routing_weights(logits):  # torch's gumbel_softmax, hard=False, with the segment's own generator
+            gumbels = -torch.empty_like(logits).exponential_(generator=next(turns)).log()
+            return torch.softmax((logits + gumbels) / ffn.tau, dim=-1)
+        return routing_weights
+
+    polyglus = [m for m in model.modules() if isinstance(m, PolyGLU)]
+    for m in polyglus:
+        m.routing_weights = noisy(m)
+    try:
+        yield model
+    finally:
+        for m in polyglus:
+            del m.routing_weights  # the class's deterministic routing again
 
 
 def rms_norm(x, weight, eps):

@@ -168,6 +168,34 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{answer}}}}"
 metric_list:
   - metric: acc
+  - metric: acc_norm
+""",
+    'poly_mc2.yaml': """task: poly_mc2
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder}/mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}} A:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""",
+    'poly_group.yaml': """group: poly_group
+task: [poly_mc, poly_mc2]
+aggregate_metric_list:
+  - metric: acc
+    weight_by_size: true
+""",
+    'poly_remote.yaml': """task: poly_remote
+dataset_path: polychromatic-tests/not-on-the-hub
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: 0
 """,
     'poly_gen.yaml': """task: poly_gen
 dataset_path: json
@@ -322,8 +350,8 @@ def test_chat_format_for_fine_tuned_checkpoints_and_samples(harness_setup, tmp_p
                              + (['--chat=False'] if mode == 'plain' else []))
         stops = []
         real = module.generate_exact
-        monkeypatch.setattr(module, 'generate_exact', lambda m, tok, prompts, *a: stops.extend(p[1] for p in prompts)
-                            or real(m, tok, prompts, *a))
+        monkeypatch.setattr(module, 'generate_exact', lambda m, tok, prompts, *a, **k:
+                            stops.extend(p[1] for p in prompts) or real(m, tok, prompts, *a, **k))
         module.main()
         report = json.load(open(output))
         samples = {task: [json.loads(line) for line in open(path)] for task, path in report['samples'].items()}
@@ -342,30 +370,274 @@ def test_chat_format_for_fine_tuned_checkpoints_and_samples(harness_setup, tmp_p
     assert 'acc' in chat_samples['poly_mc'][0] and 'exact_match' in chat_samples['poly_gen'][0]
 
 
-def test_shot_counts_and_the_paper_table(monkeypatch, tmp_path, capsys):
+def author_log_prob(model, context, continuation):
+    """The author's wrapper (src/evaluation/model_wrapper.py), by hand: the whole of context + continuation through the
+    frozen forward, the last token included, and log p of each continuation token from the position before it."""
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        log_probs = M.PolychromaticLM.forward(model, ids)[0].float().log_softmax(-1)
+    return sum(log_probs[i - 1, ids[0, i]].item() for i in range(len(context), ids.shape[1]))
+
+
+def test_author_scoring_feeds_the_last_token_through_the_gate(tiny):
+    harness = E.score(tiny, requests(), 4096)
+    author = E.score(tiny, requests(), 4096, author=True)
+    for (context, continuation), (ours, _), (theirs, _) in zip(requests(), harness, author):
+        assert theirs == pytest.approx(author_log_prob(tiny, context, continuation), abs=1e-4)
+    # the last token moves every position's gate mean, so the two protocols score differently
+    assert max(abs(a[0] - b[0]) for a, b in zip(harness, author)) > 1e-3
+    alone = E.score(tiny, requests(), 1, author=True)  # one request per forward: packing changes nothing
+    assert [a for a, _ in alone] == pytest.approx([a for a, _ in author], abs=1e-4)
+
+
+def test_gumbel_routing_is_the_author_noise_seeded_per_request(tiny):
+    """paper_routing_seeds: the frozen class in train mode samples torch's gumbel_softmax, as the author's class did at
+    evaluation. A request scored under noise seed 3 equals that, drawn after torch.manual_seed(its request seed)."""
+    noisy = E.score(tiny, requests(), 4096, author=True, noise_seed=3)
+    for (context, continuation), (log_prob, _) in zip(requests(), noisy):
+        torch.manual_seed(E.request_seed(3, context + continuation))
+        for block in tiny.model_core:
+            block.ffn.train()
+        try:
+            expected = author_log_prob(tiny, context, continuation)
+        finally:
+            tiny.eval()
+        assert log_prob == pytest.approx(expected, abs=1e-4)
+    alone = E.score(tiny, requests(), 1, author=True, noise_seed=3)  # the same noise in any packing
+    assert [a for a, _ in alone] == pytest.approx([a for a, _ in noisy], abs=1e-4)
+    other_seed = E.score(tiny, requests(), 4096, author=True, noise_seed=4)
+    deterministic = E.score(tiny, requests(), 4096, author=True)
+    assert max(abs(a[0] - b[0]) for a, b in zip(noisy, other_seed)) > 1e-3
+    assert max(abs(a[0] - b[0]) for a, b in zip(noisy, deterministic)) > 1e-3
+    assert 'routing_weights' not in vars(tiny.model_core[0].ffn)  # the wrapper is gone: deterministic again
+    assert E.score(tiny, requests(), 4096, author=True) == deterministic
+
+
+def test_author_perplexity_by_hand(tmp_path):
+    """src/evaluation/domain_perplexity.py: the last chunk with >= 100K tokens (here 3,000), n = min(244, (len-(S+1)) //
+    (S+1)) windows at i * stride, full causal attention and one gate mean per window, exp(mean loss)."""
+    torch.manual_seed(0)
+    model = M.create_model(small_config(vocab_size=M.ModelConfig.vocab_size, max_seq_len=32)).eval()
+    folder = synthetic.write_source(str(tmp_path), 'math', n_tokens=20_000, chunk_tokens=9_000, manifest_eos=M.EOS_ID,
+                                    eos=M.EOS_ID, max_length=12)  # documents shorter than a window: masking would show
+    manifest = json.load(open(os.path.join(folder, 'manifest.json')))
+    sizes = [c['tokens'] for c in manifest['chunks']]
+    assert len(sizes) == 3 and sizes[-1] < 3000 <= sizes[-2]  # the last chunk is a small remainder: the one before
+    result = E.author_perplexity(M.enable_segment_pooling(model), folder, 32, min_chunk=3000)
+    tokens = np.fromfile(os.path.join(folder, manifest['chunks'][1]['file']), dtype=np.uint32).astype(np.int64)
+    n = min(244, (len(tokens) - 33) // 33)
+    stride = (len(tokens) - 33) // n
+    assert n == 244 and stride > 33  # both rules at work: the cap, and windows spread over the chunk
+    losses = []
+    for i in range(n):
+        window = torch.from_numpy(tokens[i * stride:i * stride + 33])
+        with torch.no_grad():
+            logits = M.PolychromaticLM.forward(model, window[None, :-1])[0]  # the frozen forward, no document mask
+        losses.append(F.cross_entropy(logits.float(), window[1:], reduction='sum').item())
+    loss = sum(losses) / (n * 32)
+    assert (result['windows'], result['stride'], result['tokens'], result['chunk']) == (n, stride, n * 32,
+                                                                                       manifest['chunks'][1]['file'])
+    assert result['loss'] == pytest.approx(loss, rel=1e-5) and result['perplexity'] == pytest.approx(math.exp(loss),
+                                                                                                     rel=1e-5)
+    masked = E.held_out_perplexity(model, folder, held_tokens=n * 33, max_tokens=n * 32, context=32)
+    assert abs(masked['loss'] - loss) > 1e-3  # train.py's validation is another quantity
+    assert E.author_perplexity(model, folder, 32, min_chunk=10 ** 9)['chunk'] == manifest['chunks'][-1]['file']
+    assert E.author_perplexity(model, folder, 4096) is None  # no chunk holds two windows: said and skipped by main
+
+
+def test_the_card_tables():
+    """The author's reports: the metric per row, both columns, and their means (39.48 base, 36.59 instruct)."""
+    metrics = {task: metric for task, metric, *_ in E.PAPER}
+    assert {t for t, m in metrics.items() if m == 'acc_norm'} == {'hellaswag', 'arc_easy', 'arc_challenge', 'piqa',
+                                                                 'openbookqa', 'sciq'}
+    assert {t for t, m in metrics.items() if m == 'acc'} == {'winogrande', 'boolq', 'mmlu_stem', 'lambada_openai'}
+    assert round(np.mean([base for *_, base, _ in E.PAPER]), 2) == 39.48
+    assert round(np.mean([instruct for *_, instruct in E.PAPER]), 2) == 36.59
+    assert E.PAPER_LAMBADA_PERPLEXITY['base'] == 911.8 and E.PAPER_STATED_SHOTS == {'mmlu_stem': 5}
+    # the card's "5-shot" MMLU-STEM: the pinned harness's MMLU sets no num_fewshot, so the author's run was 0-shot
+    import lm_eval
+    mmlu = os.path.join(os.path.dirname(lm_eval.__file__), 'tasks', 'mmlu', 'default')
+    texts = [open(os.path.join(mmlu, name)).read() for name in ('_default_template_yaml', '_mmlu_stem.yaml')]
+    assert 'dataset_path: cais/mmlu' in texts[0] and not any('num_fewshot' in text for text in texts)
+
+
+def paper_run(folder, checkpoint, output, monkeypatch, *extra):
+    """tasks=paper through the real path, on local tasks standing in for the card's ten (the hub's are not offline)."""
+    module = eval_module([f'--checkpoint={checkpoint}', '--tasks=paper', f'--include_path={folder}', f'--output={output}',
+                          '--tokenizer=packaged', '--perplexity=False', '--device=cpu', *extra])
+    monkeypatch.setattr(module, 'PAPER', [('poly_mc', 'acc_norm', 50.0, 40.0), ('poly_group', 'acc', 30.0, 20.0)])
+    monkeypatch.setattr(module, 'PAPER_STATED_SHOTS', {'poly_group': 2})
+    shots = []
+    real = module.evaluate_task
+    monkeypatch.setattr(module, 'evaluate_task', lambda lm, manager, task, n, *a: shots.append((task, n)) or
+                        real(lm, manager, task, n, *a))
+    module.main()
+    return module, json.load(open(output)), shots
+
+
+def test_paper_runs_the_author_protocol(harness_setup, tmp_path, monkeypatch, capsys):
+    folder, _ = harness_setup
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    torch.manual_seed(0)
+    checkpoint = str(tmp_path / 'portable_sft_final.pt')  # a fine-tuned model: the instruct column, plain prompts
+    M.save_checkpoint(checkpoint, M.create_model(M.ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                                                               max_seq_len=256)), step=3, stage='sft')
+    module, report, shots = paper_run(folder, checkpoint, str(tmp_path / 'paper.json'), monkeypatch,
+                                      '--log_samples=True', '--paper_routing_seeds=2')
+    out = capsys.readouterr().out
+    assert shots[:3] == [('poly_mc', None), ('poly_group', None), ('poly_group', 2)]  # as run, then the stated shots
+    assert report['chat'] is False and report['scoring'] == 'author' and report['complete'] is True
+    paper = report['paper']
+    assert paper['model'] == 'instruct'
+    rows = {row['benchmark']: row for row in paper['rows']}
+    assert (rows['poly_mc']['metric'], rows['poly_mc']['shots'], rows['poly_mc']['prompts']) == ('acc_norm', 0, 'plain')
+    assert rows['poly_group@2-shot']['shots'] == 2 and rows['poly_group@2-shot']['protocol'] == "the card's stated protocol"
+    assert rows['poly_mc']['card'] == 40.0 and paper['mean']['card'] == 30.0  # the instruct column
+    assert rows['poly_mc']['ours'] == pytest.approx(100 * report['results']['poly_mc']['acc_norm,none'])
+    assert paper['mean']['ours'] == pytest.approx((rows['poly_mc']['ours'] + rows['poly_group']['ours']) / 2)
+    # acc_norm by hand: the author's log-probs of each choice, divided by its length in bytes, argmax
+    model, _ = M.load_checkpoint(checkpoint)
+    tok = module.get_tokenizer('packaged')
+    samples = [json.loads(line) for line in open(report['samples']['poly_mc'])]
+    assert '<|im_start|>' not in samples[0]['arguments'][0][0]  # plain, though the model is fine-tuned
+    correct = 0
+    for i in range(6):
+        context = tok.encode(f'Question: What is {i} + {i}?\nAnswer:', add_special_tokens=False).ids
+        choices = [' ' + c for c in (str(2 * i), str(2 * i + 1), 'seven')]
+        scores = [author_log_prob(model, context, tok.encode(c, add_special_tokens=False).ids) / len(c.encode())
+                  for c in choices]
+        correct += int(np.argmax(scores) == 0)
+    assert report['results']['poly_mc']['acc_norm,none'] == pytest.approx(correct / 6)
+    # the author's noisy routing, two seeds: mean and spread beside the deterministic score
+    noisy = [100 * r['acc_norm,none'] for r in report['paper_routing']['results']['poly_mc']]
+    assert len(noisy) == 2 and rows['poly_mc']['noisy_values'] == pytest.approx(noisy)
+    assert rows['poly_mc']['noisy_mean'] == pytest.approx(np.mean(noisy))
+    assert rows['poly_mc']['noisy_std'] == pytest.approx(np.std(noisy, ddof=1))
+    assert 'noisy' not in str(rows['poly_group@2-shot'].keys())
+    assert 'against the author\'s model card, instruct column' in out and 'poly_group@2-shot' in out
+    assert 'ours is deterministic' in out and 'most likely 0-shot' in out
+    # paper_model= overrides the provenance; chat=True gives ChatML rows, labelled as such
+    _, report, _ = paper_run(folder, checkpoint, str(tmp_path / 'chat.json'), monkeypatch, '--paper_model=base',
+                             '--chat=True')
+    assert report['paper']['model'] == 'base' and report['paper']['rows'][0]['prompts'] == 'ChatML'
+    with pytest.raises(SystemExit, match='tasks=paper runs every task at the shots the author ran'):
+        paper_run(folder, checkpoint, str(tmp_path / 'x.json'), monkeypatch, '--num_fewshot=5')
+
+
+def test_default_shots_are_the_tasks_own(harness_setup, tmp_path, monkeypatch):
+    """num_fewshot=-1 passes none to the harness: each task's default, as the author's scripts ran (MMLU-STEM 0-shot,
+    lm-eval's MMLU template sets no num_fewshot); num_fewshot=N sets every task."""
+    _, checkpoint = harness_setup
     import lm_eval
     calls = []
+    monkeypatch.setattr(lm_eval, 'simple_evaluate', lambda **kwargs: calls.append((kwargs['tasks'], kwargs['num_fewshot']))
+                        or {'results': {}})
+    for extra in ([], ['--num_fewshot=5']):
+        run_eval([f'--checkpoint={checkpoint}', '--tasks=gsm8k,mmlu_stem', '--tokenizer=packaged', '--perplexity=False',
+                  '--device=cpu', f'--output={tmp_path}/r.json', *extra])
+    assert calls == [(['gsm8k'], None), (['mmlu_stem'], None), (['gsm8k'], 5), (['mmlu_stem'], 5)]
 
-    def fake_evaluate(model, tasks, num_fewshot, **kwargs):
-        calls.append((tuple(tasks), num_fewshot))
-        return {'results': {t: {'acc,none': 0.25, 'acc_stderr,none': 0.01, 'acc_norm,none': 0.3,
-                                'acc_norm_stderr,none': 0.02} for t in tasks},
-                'n-shot': {t: num_fewshot or 0 for t in tasks}}
-    monkeypatch.setattr(lm_eval, 'simple_evaluate', fake_evaluate)
-    module = eval_module([])
-    results = module.run_tasks(None, ['gsm8k', 'mmlu_stem'])
-    assert calls == [(('gsm8k',), None), (('mmlu_stem',), 5)]  # MMLU-STEM 5-shot, as the model card reports it
-    assert results['n-shot'] == {'gsm8k': 0, 'mmlu_stem': 5}
-    calls.clear()
-    results = module.run_tasks(None, [task for task, *_ in module.PAPER])
-    assert calls == [(('hellaswag', 'arc_easy', 'arc_challenge', 'piqa', 'winogrande', 'boolq', 'sciq', 'openbookqa',
-                       'lambada_openai'), None), (('mmlu_stem',), 5)]  # the harness's 0-shot defaults, MMLU 5-shot
-    rows = module.paper_comparison(results, {'math': {'perplexity': 4.0}})
-    by_name = {row[0]: row for row in rows}
-    assert by_name['hellaswag'][3:7] == (pytest.approx(30.0), pytest.approx(2.0), 28.51, pytest.approx(1.49))
-    assert by_name['mmlu_stem'][2:7] == (5, pytest.approx(25.0), pytest.approx(1.0), 25.28, pytest.approx(-0.28))
-    assert by_name['math perplexity'][3:7] == (4.0, None, 3.56, pytest.approx(0.44))
-    assert by_name['code perplexity'][3] is None
-    module.print_paper_comparison(rows, 'demo')
-    out = capsys.readouterr().out
-    assert 'hellaswag' in out and '+1.49' in out and 'not run' in out and 'loglikelihood-based' in out
+
+def count_forwards(module, monkeypatch, stop_after=None):
+    """The sequences each packed forward runs; a KeyboardInterrupt (a kill) after `stop_after` forwards."""
+    forwards = []
+    real = module.packed_hidden_states
+
+    def counting(model, sequences):
+        if len(forwards) == stop_after:
+            raise KeyboardInterrupt
+        forwards.append(len(sequences))
+        return real(model, sequences)
+    monkeypatch.setattr(module, 'packed_hidden_states', counting)
+    return forwards
+
+
+def test_an_interrupted_evaluation_resumes_exactly(harness_setup, tmp_path, monkeypatch):
+    folder, checkpoint = harness_setup
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    args = [f'--checkpoint={checkpoint}', '--tasks=poly_mc,poly_gen', f'--include_path={folder}', '--tokenizer=packaged',
+            '--perplexity=False', '--device=cpu', '--log_samples=True', '--batch_tokens=40']
+    whole = eval_module(args + [f'--output={tmp_path}/whole/eval.json'])
+    forwards = count_forwards(whole, monkeypatch)
+    whole.main()
+    total = 6 * 3 + 4  # loglikelihood requests + generations
+    assert len(forwards) > 8  # small packs: many forwards to stop between
+    # killed in poly_gen's last forwards, after poly_mc finished: its results and samples are on disk already
+    output = f'{tmp_path}/run/eval.json'
+    first = eval_module(args + [f'--output={output}'])
+    count_forwards(first, monkeypatch, stop_after=len(forwards) - 3)
+    with pytest.raises(KeyboardInterrupt):
+        first.main()
+    partial = json.load(open(output))
+    assert partial['complete'] is False and set(partial['results']) == {'poly_mc'}
+    mc_samples = open(partial['samples']['poly_mc']).read()
+    [store] = [os.path.join(f'{tmp_path}/run/eval_answers', name) for name in os.listdir(f'{tmp_path}/run/eval_answers')]
+    answered = len(open(store).read().splitlines())
+    assert 18 <= answered < total  # every loglikelihood, and the generations that finished
+    with open(store, 'a') as f:
+        f.write('{"key": "a line the kill cut sh')  # a torn last line is dropped, not fatal
+    second = eval_module(args + [f'--output={output}'])
+    rest = count_forwards(second, monkeypatch)
+    second.main()
+    assert len(open(store).read().splitlines()) == total  # only the rest was computed, each answer once
+    assert 0 < sum(rest) < sum(forwards)
+    resumed, uninterrupted = json.load(open(output)), json.load(open(f'{tmp_path}/whole/eval.json'))
+    assert resumed['complete'] is True and resumed['answers_reused'] == answered
+    assert resumed['results'] == uninterrupted['results']
+    for task in ('poly_mc', 'poly_gen'):
+        fields = lambda path: [(r['resps'], r['filtered_resps']) for r in map(json.loads, open(path))]  # noqa: E731
+        assert fields(resumed['samples'][task]) == fields(uninterrupted['samples'][task])
+    assert open(resumed['samples']['poly_mc']).read() == mc_samples
+    # another setting is another store: nothing reused
+    other = eval_module(args + [f'--output={output}', '--max_gen_toks=7'])
+    again = count_forwards(other, monkeypatch)
+    other.main()
+    assert again == forwards  # everything computed again (the tasks set their own max_gen_toks: the same answers)
+    assert len(os.listdir(f'{tmp_path}/run/eval_answers')) == 2
+
+
+def test_generation_answers_arrive_one_by_one(tiny, word_tokenizer):
+    """Continuous batching: a short request is recorded while long ones still run, so a kill loses only what was
+    running (the author's GSM8K run lost everything at 98%)."""
+    prompts = [(context, [], n) for (context, _), n in zip(requests(4), (8, 2, 8, 8))]
+    order = []
+    outputs = E.generate_exact(tiny, word_tokenizer, prompts, budget=4096, record=lambda i, text: order.append(i))
+    assert order[0] == 1 and sorted(order) == [0, 1, 2, 3]
+    for (context, _, n), text in zip(prompts, outputs):
+        assert text == word_tokenizer.decode(greedy_alone(tiny, context, n)[len(context):])
+    assert E.generate_exact(tiny, word_tokenizer, prompts, budget=1) == outputs  # one request at a time: the same
+
+
+def test_unreachable_task_data_is_one_line(harness_setup, tmp_path, monkeypatch):
+    folder, checkpoint = harness_setup
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    args = [f'--checkpoint={checkpoint}', f'--include_path={folder}', '--tokenizer=packaged', '--perplexity=False',
+            '--device=cpu', f'--output={tmp_path}/r.json']
+    with pytest.raises(SystemExit, match=r"task poly_remote: its data \(polychromatic-tests/not-on-the-hub\) cannot be "
+                                         r"fetched .*run once online .* HF_DATASETS_OFFLINE=1"):
+        run_eval(args + ['--tasks=poly_remote'])
+    module = eval_module(args + ['--tasks=gsm8k'])  # the network failing as it did for a new user: the hub's own error
+    import lm_eval
+
+    def unreachable(**kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(lm_eval, 'simple_evaluate', unreachable)
+    with pytest.raises(SystemExit, match=r"task gsm8k: its data \(openai/gsm8k\) cannot be fetched \(ConnectionError\)"):
+        module.main()
+
+
+def test_no_tokenizer_without_text(harness_setup, tmp_path, monkeypatch):
+    """Perplexity-only and benchmark runs tokenize nothing: no hub tokenizer, offline or not."""
+    _, checkpoint = harness_setup
+    data = str(tmp_path / 'data')
+    synthetic.write_source(data, 'math', n_tokens=3000, chunk_tokens=10_000, manifest_eos=M.EOS_ID)
+    module = eval_module([f'--checkpoint={checkpoint}', '--tasks=', f'--data_dir={data}', '--val_tokens=1000',
+                          '--perplexity_tokens=1000', '--device=cpu', f'--output={tmp_path}/p.json',
+                          '--tokenizer=nobody/no-such-tokenizer'])
+    monkeypatch.setattr(module, 'get_tokenizer', lambda *a: pytest.fail('a tokenizer was loaded'))
+    module.main()
+    assert json.load(open(f'{tmp_path}/p.json'))['perplexity']['math']['protocol'] == 'validation'
+    monkeypatch.setattr(module, 'perplexity_protocol', 'author')
+    monkeypatch.setattr(module, 'AUTHOR_MIN_CHUNK', 10)
+    module.main()
+    assert json.load(open(f'{tmp_path}/p.json'))['perplexity']['math']['protocol'] == 'author'
