@@ -6,6 +6,7 @@ Evaluation: lm-evaluation-harness tasks through our own LM wrapper, held-out per
     python eval.py --checkpoint=... --tasks= --perplexity=True          # held-out perplexity only
     python eval.py --checkpoint=... --prompt="Problem: 2+2=?"            # a quick sample, then exit
     python eval.py --checkpoint=... --benchmark=True                     # time exact generation, project GSM8K
+    python eval.py --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B --tasks=paper  # the card, as the author ran it
 
 Exact under the frozen design. The PolyGLU gate mean-pools the whole sequence, so a padded or batched
 forward would change a request's score. Here every request is scored as if it ran alone: requests are
@@ -16,6 +17,9 @@ every layer, so no key/value can be reused. Each step runs a full forward of eve
 together, and finished sequences drop out. `generation='cached'` trades exactness for speed: it reuses
 keys/values and refreshes them with a full forward when any layer's routing moves more than
 `refresh_threshold`, and `compare_exact=N` prints how far it strays from exact generation on N requests.
+
+Every answer is appended to a store beside the output as soon as it is computed, keyed by the checkpoint's bytes and
+the settings: an interrupted evaluation rerun with the same command computes only the rest.
 """
 import collections
 import contextlib
@@ -412,6 +416,7 @@ def make_lm(model, tok, chat=False, store=None, author=False):
 
         tokenizer_name = 'Qwen3-chatml'
         noise_seed = None  # the author's Gumbel routing under this seed (paper_routing_seeds), None: deterministic
+        stored = len(answers)
         answered = 0       # requests read back from the store rather than computed, this process
 
         def apply_chat_template(self, chat_history, add_generation_prompt=True):
@@ -601,6 +606,7 @@ def paper_comparison(results, perplexity, column, prompts, scoring, routing=None
     mean and spread under the author's Gumbel routing."""
     rows = []
     tasks_results = results.get('results', {})
+    as_run = "the author's" if scoring == 'author' and prompts == 'plain' else f"ours: {scoring} scoring, {prompts}"
 
     def add(benchmark, metric, ours, stderr, card, protocol, task=None, kind='loglikelihood'):
         row = {'benchmark': benchmark, 'metric': metric, 'shots': task_shots(results, task) if task else None,
@@ -619,23 +625,23 @@ def paper_comparison(results, perplexity, column, prompts, scoring, routing=None
         card = instruct if column == 'instruct' else base
         values = tasks_results.get(task, {})
         add(task, metric, percent(values.get(f'{metric},none')), percent(values.get(f'{metric}_stderr,none')), card,
-            'as the author ran it', task)
+            as_run, task)
         if task in PAPER_STATED_SHOTS:
             label = f'{task}@{PAPER_STATED_SHOTS[task]}-shot'
             values = tasks_results.get(label, {})
             add(label, metric, percent(values.get(f'{metric},none')), percent(values.get(f'{metric}_stderr,none')),
-                card, "the card's stated protocol", label)
+                card, "the card's stated shots", label)
     lambada = tasks_results.get('lambada_openai', {})
     add('lambada_openai', 'perplexity', lambada.get('perplexity,none'), lambada.get('perplexity_stderr,none'),
-        PAPER_LAMBADA_PERPLEXITY[column], 'as the author ran it', 'lambada_openai' if lambada else None)
+        PAPER_LAMBADA_PERPLEXITY[column], as_run, 'lambada_openai' if lambada else None)
     for name, values in perplexity.items():
         add(f'{name} perplexity', 'perplexity', values.get('perplexity'), None, PAPER_PERPLEXITY[column].get(name),
             "the author's" if values.get('protocol') == 'author' else "ours: train.py's validation", kind='perplexity')
-    as_run = [row for row in rows if row['protocol'] == 'as the author ran it' and row['metric'] != 'perplexity']
-    mean = {'card': float(np.mean([row['card'] for row in as_run])),
-            'ours': float(np.mean([row['ours'] for row in as_run])) if all(r['ours'] is not None for r in as_run) else None}
-    if all('noisy_mean' in row for row in as_run):
-        mean['noisy_mean'] = float(np.mean([row['noisy_mean'] for row in as_run]))
+    ten = [row for row in rows if row['protocol'] == as_run and row['metric'] != 'perplexity']
+    mean = {'card': float(np.mean([row['card'] for row in ten])),
+            'ours': float(np.mean([row['ours'] for row in ten])) if all(r['ours'] is not None for r in ten) else None}
+    if all('noisy_mean' in row for row in ten):
+        mean['noisy_mean'] = float(np.mean([row['noisy_mean'] for row in ten]))
     notes = [
         "prompts: the author scored every model, the instruct one too, on plain prompts; a ChatML row is ours, not the "
         "card's protocol",
@@ -855,8 +861,9 @@ def main():
                                               'attention': attention_name(model), 'generation': generation,
                                               'refresh_threshold': refresh_threshold if generation == 'cached' else None,
                                               'max_gen_toks': max_gen_toks})
-            print(f"answers kept in {store} ({len(read_answers(store)):,} there; the same command rerun reuses them)")
         lm = make_lm(model, tok, use_chat, store, author=paper)
+        if store:
+            print(f"answers kept in {store} ({lm.stored:,} there; the same command rerun reuses them)")
         manager = task_manager(task_names)
         runs = [(task, None if num_fewshot < 0 else num_fewshot, '') for task in task_names]
         if paper:

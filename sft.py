@@ -24,7 +24,7 @@ import torch
 
 from model import (EOS_ID, LanguageModelLoss, attention_name, cu_seqlens_from_eos, flops_per_token, load_checkpoint,
                    routing_entropy, save_checkpoint, wrap_model)
-from utils import (A100_PEAK_FLOPS, USD_PER_GPU_HOUR, catch_stop_signals, cosine_lr, end_of_session,
+from utils import (A100_PEAK_FLOPS, USD_PER_GPU_HOUR, catch_stop_signals, close_distributed, cosine_lr, end_of_session,
                    export_training_state, import_training_state, init_distributed, init_wandb, make_engine,
                    micro_batch_seeds, optimizer_step, prune_checkpoints, read_manifest, report_save, resolve_device,
                    resume_state, verified_chunk)
@@ -346,3 +346,4 @@ if __name__ == '__main__':
     from configurator import configure
     configure(globals())
     main()
+    close_distributed()

@@ -22,9 +22,10 @@ import torch
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, count_parameters, create_model,
                    cu_seqlens_from_eos, flops_per_token, load_checkpoint, recompute_flops_per_token, routing_entropy,
                    save_checkpoint)
-from utils import (catch_stop_signals, cosine_lr, end_of_session, export_training_state, held_out_split,
-                   import_training_state, init_distributed, init_wandb, make_engine, micro_batch_seeds, open_chunks,
-                   optimizer_step, peak_flops, prune_checkpoints, report_save, resolve_device, resume_state, trim_log)
+from utils import (catch_stop_signals, close_distributed, cosine_lr, end_of_session, export_training_state,
+                   held_out_split, import_training_state, init_distributed, init_wandb, make_engine, micro_batch_seeds,
+                   open_chunks, optimizer_step, peak_flops, prune_checkpoints, report_save, resolve_device, resume_state,
+                   trim_log)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -415,3 +416,4 @@ if __name__ == '__main__':
     from configurator import configure
     configure(globals())
     main()
+    close_distributed()

@@ -170,18 +170,9 @@ metric_list:
   - metric: acc
   - metric: acc_norm
 """,
-    'poly_mc2.yaml': """task: poly_mc2
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder}/mc.jsonl
-test_split: test
-output_type: multiple_choice
+    'poly_mc2.yaml': """include: poly_mc.yaml
+task: poly_mc2
 doc_to_text: "Q: {{{{question}}}} A:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
 """,
     'poly_group.yaml': """group: poly_group
 task: [poly_mc, poly_mc2]
@@ -491,7 +482,8 @@ def test_paper_runs_the_author_protocol(harness_setup, tmp_path, monkeypatch, ca
     assert paper['model'] == 'instruct'
     rows = {row['benchmark']: row for row in paper['rows']}
     assert (rows['poly_mc']['metric'], rows['poly_mc']['shots'], rows['poly_mc']['prompts']) == ('acc_norm', 0, 'plain')
-    assert rows['poly_group@2-shot']['shots'] == 2 and rows['poly_group@2-shot']['protocol'] == "the card's stated protocol"
+    assert rows['poly_group@2-shot']['shots'] == 2 and rows['poly_group@2-shot']['protocol'] == "the card's stated shots"
+    assert rows['poly_mc']['protocol'] == rows['poly_group']['protocol'] == "the author's"
     assert rows['poly_mc']['card'] == 40.0 and paper['mean']['card'] == 30.0  # the instruct column
     assert rows['poly_mc']['ours'] == pytest.approx(100 * report['results']['poly_mc']['acc_norm,none'])
     assert paper['mean']['ours'] == pytest.approx((rows['poly_mc']['ours'] + rows['poly_group']['ours']) / 2)
@@ -520,6 +512,7 @@ def test_paper_runs_the_author_protocol(harness_setup, tmp_path, monkeypatch, ca
     _, report, _ = paper_run(folder, checkpoint, str(tmp_path / 'chat.json'), monkeypatch, '--paper_model=base',
                              '--chat=True')
     assert report['paper']['model'] == 'base' and report['paper']['rows'][0]['prompts'] == 'ChatML'
+    assert report['paper']['rows'][0]['protocol'] == 'ours: author scoring, ChatML' and report['paper']['mean']['card'] == 40
     with pytest.raises(SystemExit, match='tasks=paper runs every task at the shots the author ran'):
         paper_run(folder, checkpoint, str(tmp_path / 'x.json'), monkeypatch, '--num_fewshot=5')
 
