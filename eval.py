@@ -151,14 +151,9 @@ def score(model, requests, budget, desc='loglikelihood', author=False, noise_see
     inputs, spans = [], []
     for context, continuation in requests:
         continuation = list(continuation) or [EOS_ID]  # the harness never sends an empty one; keep the math defined
-        if author:
-            whole = (list(context) + continuation)[-max_len:]
-            first = max(1, len(whole) - len(continuation))  # the first target's index in whole
-            inputs.append(whole)
-        else:
-            whole = (list(context) + continuation)[-(max_len + 1):]
-            first = len(whole) - len(continuation)
-            inputs.append(whole[:-1])
+        whole = (list(context) + continuation)[-(max_len if author else max_len + 1):]
+        first = max(1, len(whole) - len(continuation))  # the first target's index in whole
+        inputs.append(whole if author else whole[:-1])
         spans.append((first - 1, whole[first:]))  # (the position that predicts the first target, the targets)
     results = [None] * len(requests)
     own_progress = progress is None
@@ -646,7 +641,9 @@ def paper_comparison(results, perplexity, column, prompts, scoring, routing=None
         "prompts: the author scored every model, the instruct one too, on plain prompts; a ChatML row is ours, not the "
         "card's protocol",
         "scoring: as the author's wrapper, context + continuation go through the model whole, the last token included, "
-        "so the mean-pooled gate sees the whole choice (every score here is loglikelihood-based and sees it)",
+        "so the mean-pooled gate sees the whole choice (every score here is loglikelihood-based and sees it)"
+        if scoring == 'author' else "scoring: the harness's (the last token is not fed); tasks=paper scores as the "
+        "author's wrapper did, the whole context + continuation through the model",
         "routing: the author's PolyGLU sampled Gumbel noise at evaluation too (gumbel_softmax with no train/eval switch, "
         "tau 0.1, unseeded): each card figure is one noisy draw; ours is deterministic"
         + (f"; 'noisy' is the mean and spread over {routing['seeds']} seeds of the author's routing" if routing else
