@@ -426,8 +426,7 @@ def make_lm(model, tok, chat=False, store=None, author=False):
                                               default=str).encode()).hexdigest() for request in requests]
             todo = [i for i, key in enumerate(keys) if key not in answers]
             self.answered += len(requests) - len(todo)
-            progress = tqdm(total=len(requests), initial=len(requests) - len(todo), unit='req', desc=kind,
-                            disable=len(requests) < 8)
+            progress = tqdm(total=len(requests), initial=len(requests) - len(todo), unit='req', desc=kind)
 
             def record(j, value):
                 answers[keys[todo[j]]] = value

@@ -545,7 +545,7 @@ def count_forwards(module, monkeypatch, stop_after=None):
     return forwards
 
 
-def test_an_interrupted_evaluation_resumes_exactly(harness_setup, tmp_path, monkeypatch):
+def test_an_interrupted_evaluation_resumes_exactly(harness_setup, tmp_path, monkeypatch, capsys):
     folder, checkpoint = harness_setup
     monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
     args = [f'--checkpoint={checkpoint}', '--tasks=poly_mc,poly_gen', f'--include_path={folder}', '--tokenizer=packaged',
@@ -571,7 +571,10 @@ def test_an_interrupted_evaluation_resumes_exactly(harness_setup, tmp_path, monk
         f.write('{"key": "a line the kill cut sh')  # a torn last line is dropped, not fatal
     second = eval_module(args + [f'--output={output}'])
     rest = count_forwards(second, monkeypatch)
+    capsys.readouterr()
     second.main()
+    progress = capsys.readouterr().err  # requests done / total, starting from what the store answered
+    assert 'loglikelihood: 100%' in progress and '18/18' in progress and f'{answered - 18}/4 [' in progress
     assert len(open(store).read().splitlines()) == total  # only the rest was computed, each answer once
     assert 0 < sum(rest) < sum(forwards)
     resumed, uninterrupted = json.load(open(output)), json.load(open(f'{tmp_path}/whole/eval.json'))
