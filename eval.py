@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from model import (EOS_ID, PolyGLU, RoPE, attention_name, cu_seqlens_from_eos, enable_segment_pooling, gumbel_routing,
                    load_checkpoint, packed_hidden_states, whole_row_pooling)
-from utils import HUB_TOKENIZER, get_tokenizer, held_out_split, open_chunks, resolve_device
+from utils import HUB_TOKENIZER, get_tokenizer, held_out_split, open_chunks, read_manifest, resolve_device
 
 # -----------------------------------------------------------------------------
 # config
@@ -710,25 +710,18 @@ def author_perplexity(model, folder, context, windows=AUTHOR_WINDOWS, min_chunk=
     attention (no document masking) and one gate mean; loss in float32 from the model's logits; perplexity = exp(mean
     loss over every scored token). -> None when the chunk holds fewer than 2 (S+1) tokens."""
     chunks = open_chunks(folder, EOS_ID, model.config.vocab_size)
-    manifest = json.load(open(os.path.join(folder, 'manifest.json')))
     index = next((c for c in reversed(range(len(chunks))) if chunks[c].size >= min_chunk), len(chunks) - 1)
     chunk, span = chunks[index], chunks[index].size - (context + 1)
     n = min(windows, span // (context + 1)) if span > 0 else 0
     if n == 0:
         return None
     stride = span // n
-    starts = [i * stride for i in range(n)]
-    total = 0.0
-    per_pack = max(1, batch_tokens // context)  # windows packed into one forward, each its own segment: exact
-    for first in tqdm(range(0, n, per_pack), desc=os.path.basename(folder), disable=n < 20 * per_pack):
-        group = [chunk[start:start + context + 1].astype(np.int64) for start in starts[first:first + per_pack]]
-        hidden, _ = packed_hidden_states(model, [ids[:-1] for ids in group])
-        targets = torch.from_numpy(np.concatenate([ids[1:] for ids in group])).to(hidden.device)
-        log_probs, _ = target_log_probs(model, hidden, torch.arange(len(targets), device=hidden.device), targets)
-        total -= log_probs.sum().item()
-    loss = total / (n * context)
+    # each window a request of its first token and the S targets after it: score packs them, each its own segment
+    rows = [chunk[i * stride:i * stride + context + 1].tolist() for i in range(n)]
+    scored = score(model, [(ids[:1], ids[1:]) for ids in rows], batch_tokens, os.path.basename(folder))
+    loss = -sum(log_prob for log_prob, _ in scored) / (n * context)
     return {'protocol': 'author', 'loss': loss, 'perplexity': math.exp(loss), 'tokens': n * context, 'windows': n,
-            'stride': stride, 'context': context, 'chunk': manifest['chunks'][index]['file'],
+            'stride': stride, 'context': context, 'chunk': read_manifest(folder)['chunks'][index]['file'],
             'dtype': str(model.embeddings.weight.dtype).replace('torch.', '')}
 
 # -----------------------------------------------------------------------------
