@@ -4,7 +4,6 @@ Evaluation: lm-evaluation-harness tasks through our own LM wrapper, held-out per
     python eval.py --checkpoint=checkpoints/portable_final.pt --tasks=gsm8k,minerva_math500,mmlu_stem \
                    --output=results/pretrain_eval.json [--limit=10]
     python eval.py --checkpoint=... --tasks= --perplexity=True          # held-out perplexity only
-    python eval.py --checkpoint=... --prompt="Problem: 2+2=?"            # a quick sample, then exit
     python eval.py --checkpoint=... --benchmark=True                     # time exact generation, project GSM8K
     python eval.py --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B --tasks=paper  # the card, as the author ran it
 
@@ -36,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (EOS_ID, PolyGLU, RoPE, attention_name, cu_seqlens_from_eos, enable_segment_pooling, gumbel_routing,
-                   load_checkpoint, packed_hidden_states, whole_row_pooling)
-from utils import HUB_TOKENIZER, get_tokenizer, held_out_split, open_chunks, read_manifest, resolve_device
+from model import (EOS_ID, attention_name, cu_seqlens_from_eos, enable_segment_pooling, generate_cached, generate_exact,
+                   gumbel_routing, load_checkpoint, packed_hidden_states, whole_row_pooling)
+from utils import HUB_TOKENIZER, chatml, get_tokenizer, held_out_split, open_chunks, read_manifest, resolve_device
 
 # -----------------------------------------------------------------------------
 # config
@@ -67,14 +66,11 @@ data_dir = ''                # '' = the data_dir stored in the checkpoint (train
 sources = ('math', 'stem', 'code')
 val_tokens = -1              # -1 = the held-out size stored in the checkpoint (train.py's val_tokens)
 perplexity_tokens = 500_000  # validation: at most this many held-out tokens scored per source
-prompt = ''                  # generate from this prompt, print, and exit
+prompt = ''                  # moved: sample.py --prompt=... (this key stays only to say so)
 benchmark = False            # time exact generation on GSM8K-shaped requests and project the full GSM8K run
 benchmark_requests = 16      # benchmark: how many synthetic requests (random tokens, no early stop)
 benchmark_prompt_tokens = 850  # a 5-shot GSM8K prompt is about this long with the Qwen3 tokenizer
-max_new_tokens = 200
-temperature = 0.0            # 0 = greedy
-top_k = 50
-seed = 1337
+seed = 1337                  # the benchmark's random requests
 device = 'auto'
 dtype = 'auto'
 attention = 'auto'           # CUDA kernel for packed rows: flash-attn, else torch's varlen_attn, else SDPA per segment
@@ -185,176 +181,45 @@ def stop_index(text, until):
     return min(positions) if positions else -1
 
 
-@torch.no_grad()
-def generate_exact(model, tok, prompts, budget, desc='generate', record=None, progress=None):
-    """prompts: [(context ids, until strings, max new tokens)] -> generated texts, cut at the first stop string.
-    Greedy; every step is a full forward of each unfinished sequence alone (packed together). Continuous batching:
-    requests join the pack as others finish, up to `budget` tokens at full length, so answers come (and record(i,
-    text) is called) one by one from the first minutes, not all at the end: an interrupted run keeps them."""
-    max_len = model.config.max_seq_len
-    sequences = [list(ids)[-max_len:] for ids, _, _ in prompts]
-    generated = [[] for _ in prompts]
-    outputs = [None] * len(prompts)
-    waiting = collections.deque(range(len(prompts)))
-    own_progress = progress is None
-    if own_progress:
-        progress = tqdm(total=len(prompts), desc=desc, unit='req', disable=len(prompts) < 8)
-    active, new_tokens, start = [], 0, time.perf_counter()
-    full_length = lambda i: min(max_len, len(sequences[i]) + prompts[i][2] - len(generated[i]))  # noqa: E731
-
-    def finish(i):
-        outputs[i] = cut(tok.decode(generated[i], skip_special_tokens=False), prompts[i][1])
-        if record:
-            record(i, outputs[i])
-        progress.update(1)
-
-    while waiting or active:
-        while waiting and (not active or sum(map(full_length, active)) + full_length(waiting[0]) <= budget):
-            i = waiting.popleft()
-            if prompts[i][2] > 0:
-                active.append(i)
-            else:
-                finish(i)
-        if not active:
-            continue
-        hidden, offsets = packed_hidden_states(model, [sequences[i] for i in active])
-        last = torch.as_tensor(offsets[1:] - 1, device=hidden.device)
-        next_tokens = F.linear(hidden[last], model.embeddings.weight).float().argmax(-1).tolist()
-        still = []
-        for i, token in zip(active, next_tokens):
-            generated[i].append(token)
-            sequences[i] = (sequences[i] + [token])[-max_len:]
-            text = tok.decode(generated[i], skip_special_tokens=False)
-            if len(generated[i]) >= prompts[i][2] or stop_index(text, prompts[i][1]) >= 0 or token == EOS_ID:
-                finish(i)
-            else:
-                still.append(i)
-        new_tokens += len(active)
-        progress.set_postfix_str(f'{new_tokens / (time.perf_counter() - start):.1f} new tok/s', refresh=False)
-        active = still
-    if own_progress:
-        progress.close()
-    return outputs
-
-
 def cut(text, until):
     index = stop_index(text, until)
     text = text if index < 0 else text[:index]
     return text.replace('<|endoftext|>', '')
 
-# -----------------------------------------------------------------------------
-# the cached approximation
 
-def routing(ffn):
-    """The routing weights [d_ff, K] of a PolyGLU's last forward (one sequence); None for SwiGLU."""
-    return torch.softmax(ffn.last_logits.float() / ffn.tau, -1)[0, -1] if isinstance(ffn, PolyGLU) else None
-
-
-@torch.no_grad()
-def full_pass(model, ids):
-    """A full forward of one sequence that records, per layer, the keys/values and the FFN input sum (the state
-    an incremental step continues from) and the routing weights, through the frozen modules' attend/pool hooks."""
-    n_layers = len(model.model_core)
-    state = {'k': [None] * n_layers, 'v': [None] * n_layers, 'sum': [None] * n_layers, 'n': len(ids)}
-    originals = [(block.gqa.attend, getattr(block.ffn, 'pool', None)) for block in model.model_core]
-
-    def recording_attend(layer, attend):
-        def hook(q, k, v, cu_seqlens, max_seqlen):
-            state['k'][layer], state['v'][layer] = k, v
-            return attend(q, k, v, cu_seqlens, max_seqlen)
-        return hook
-
-    def recording_pool(layer, pool):
-        def hook(x, cu_seqlens):
-            state['sum'][layer] = x.float().sum(1)
-            return pool(x, cu_seqlens)
-        return hook
-
-    for layer, (block, (attend, pool)) in enumerate(zip(model.model_core, originals)):
-        block.gqa.attend = recording_attend(layer, attend)
-        if pool is not None:
-            block.ffn.pool = recording_pool(layer, pool)
-    try:
-        hidden = model.hidden_states(torch.tensor([ids], device=model.embeddings.weight.device))
-    finally:
-        for block, (attend, pool) in zip(model.model_core, originals):
-            block.gqa.attend = attend
-            if pool is not None:
-                block.ffn.pool = pool
-    state['routing'] = [routing(block.ffn) for block in model.model_core]
-    return hidden[0, -1], state
-
-
-@torch.no_grad()
-def cached_step(model, token, state):
-    """One new token through every layer with the cached keys/values (stale: computed under the routing of the
-    last refresh) and the running gate mean. -> (final hidden of the token, max routing change since refresh)."""
-    position = state['n']
-    cos, sin = (t[position:position + 1] for t in model.rope(position + 1))
-    x = model.embeddings(torch.tensor([[token]], device=model.embeddings.weight.device))
-    drift = 0.0
-    for layer, block in enumerate(model.model_core):
-        attn, h = block.gqa, block.rmsnorm_1(x)
-        q = RoPE.rotate(attn.rmsnorm_q(attn.W_q(h).view(1, 1, attn.n_heads, attn.head_dim)), cos, sin)
-        k = RoPE.rotate(attn.rmsnorm_k(attn.W_k(h).view(1, 1, attn.n_kv_heads, attn.head_dim)), cos, sin)
-        v = attn.W_v(h).view(1, 1, attn.n_kv_heads, attn.head_dim)
-        state['k'][layer] = torch.cat([state['k'][layer], k], 1)
-        state['v'][layer] = torch.cat([state['v'][layer], v], 1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), state['k'][layer].transpose(1, 2),
-                                             state['v'][layer].transpose(1, 2), enable_gqa=True)
-        x = x + attn.W_o(out.transpose(1, 2).reshape(1, 1, -1))
-        h = block.rmsnorm_2(x)
-        if not isinstance(block.ffn, PolyGLU):
-            x = x + block.ffn(h)
-            continue
-        state['sum'][layer] = state['sum'][layer] + h.float().sum(1)
-        mean = (state['sum'][layer] / (position + 1)).to(h.dtype)[:, None]
-        pool, block.ffn.pool = block.ffn.pool, (lambda _x, _cu: mean)
-        try:
-            x = x + block.ffn(h)
-        finally:
-            block.ffn.pool = pool
-        drift = max(drift, (routing(block.ffn) - state['routing'][layer]).abs().max().item())
-    state['n'] += 1
-    return model.rmsnorm(x)[0, -1], drift
-
-
-@torch.no_grad()
-def generate_cached(model, tok, prompts, desc='generate (cached)', record=None, progress=None):
-    """Greedy generation with a key/value cache, one request at a time, refreshed when routing drifts."""
-    outputs, refreshes, steps = [], 0, 0
-    progress = progress or tqdm(desc=desc, total=len(prompts), unit='req', disable=len(prompts) < 8)
-    for ids, until, n in prompts:
-        ids = list(ids)[-model.config.max_seq_len:]
-        hidden, state = full_pass(model, ids)
-        generated = []
-        while len(generated) < n:
-            token = int(F.linear(hidden, model.embeddings.weight).argmax())
-            generated.append(token)
-            ids.append(token)
-            if token == EOS_ID or stop_index(tok.decode(generated, skip_special_tokens=False), until) >= 0 or \
-                    len(generated) >= n or len(ids) >= model.config.max_seq_len:
-                break
-            hidden, drift = cached_step(model, token, state)
-            steps += 1
-            if drift > refresh_threshold:
-                hidden, state = full_pass(model, ids)
-                refreshes += 1
-        outputs.append(cut(tok.decode(generated, skip_special_tokens=False), until))
-        if record:
-            record(len(outputs) - 1, outputs[-1])
-        progress.update(1)
-    print(f"cached generation: {refreshes} refreshes in {steps} cached steps (threshold {refresh_threshold})")
+def generate_texts(model, tok, prompts, budget, cached=False, desc='generate', record=None, progress=None):
+    """prompts: [(context ids, until strings, max new tokens)] -> greedy texts, cut at the first stop string: exact
+    (model.generate_exact, continuous batching) or, cached=True, model.generate_cached (approximate, one at a time).
+    record(i, text) is called as each request finishes, so an interrupted run keeps what it answered."""
+    outputs = [None] * len(prompts)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    stop = lambda i, ids: stop_index(decode(ids), prompts[i][1]) >= 0  # noqa: E731
+    requests, stats = [(ids, n) for ids, _, n in prompts], {}
+    events = (generate_cached(model, requests, refresh_threshold, stop=stop, stats=stats) if cached
+              else generate_exact(model, requests, budget, stop=stop))
+    own_progress = progress is None
+    if own_progress:
+        progress = tqdm(total=len(prompts), desc=desc, unit='req', disable=len(prompts) < 8)
+    generated, new_tokens, start = [[] for _ in prompts], 0, time.perf_counter()
+    for i, token, finished in events:
+        if token is not None:
+            generated[i].append(token)
+            new_tokens += 1
+        if finished:
+            outputs[i] = cut(decode(generated[i]), prompts[i][1])
+            if record:
+                record(i, outputs[i])
+            progress.update(1)
+            progress.set_postfix_str(f'{new_tokens / (time.perf_counter() - start):.1f} new tok/s', refresh=False)
+    if own_progress:
+        progress.close()
+    if cached:
+        print(f"cached generation: {stats['refreshes']} refreshes in {stats['cached_steps']} cached steps "
+              f"(threshold {refresh_threshold})")
     return outputs
 
 # -----------------------------------------------------------------------------
 # the harness wrapper
-
-def chatml(messages, add_generation_prompt=True):
-    """The ChatML that sft.py trains on: <|im_start|>role\\ncontent<|im_end|>\\n per turn, then the assistant's header."""
-    text = ''.join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ('<|im_start|>assistant\n' if add_generation_prompt else '')
-
 
 def file_digest(path):
     """sha256 of a file: the checkpoint's identity for the answer store (a second for the 1.2 GB model)."""
@@ -486,11 +351,9 @@ def make_lm(model, tok, chat=False, store=None, author=False):
                     until = ([until] if isinstance(until, str) else list(until)) + (['<|im_end|>'] if chat else [])
                     prompts.append((tok.encode(context, add_special_tokens=False).ids, until,
                                     int(kwargs.get('max_gen_toks', max_gen_toks))))
-                if generation == 'exact':
-                    generate_exact(model, tok, prompts, batch_tokens, record=record, progress=progress)
-                    return
-                outputs = generate_cached(model, tok, prompts, record=record, progress=progress)
-                if compare_exact:
+                outputs = generate_texts(model, tok, prompts, batch_tokens, generation == 'cached', record=record,
+                                         progress=progress)
+                if generation == 'cached' and compare_exact:
                     compare_with_exact(model, tok, prompts[:compare_exact], outputs)
             return self.answer('generate_until', requests, compute)
 
@@ -500,7 +363,7 @@ def make_lm(model, tok, chat=False, store=None, author=False):
 def compare_with_exact(model, tok, prompts, outputs):
     """cached generation: how far it strays from exact generation on these prompts."""
     start = time.perf_counter()
-    exact = generate_exact(model, tok, prompts, batch_tokens, 'generate (exact check)')
+    exact = generate_texts(model, tok, prompts, batch_tokens, desc='generate (exact check)')
     agreement = [a == b for a, b in zip(outputs, exact)]
     same_tokens = [sum(x == y for x, y in zip(tok.encode(a).ids, tok.encode(b).ids)) /
                    max(1, len(tok.encode(b).ids)) for a, b in zip(outputs, exact)]
@@ -726,25 +589,6 @@ def author_perplexity(model, folder, context, windows=AUTHOR_WINDOWS, min_chunk=
 
 # -----------------------------------------------------------------------------
 
-def sample_text(model, tok):
-    """Greedy (temperature 0) or top-k sampling from `prompt`, exact (full forward every step)."""
-    ids = tok.encode(prompt, add_special_tokens=False).ids
-    generator = torch.Generator(device='cpu').manual_seed(seed)
-    for _ in range(max_new_tokens):
-        hidden = model.hidden_states(torch.tensor([ids[-model.config.max_seq_len:]],
-                                                  device=model.embeddings.weight.device))
-        logits = F.linear(hidden[0, -1], model.embeddings.weight).float().cpu()
-        if temperature <= 0:
-            token = int(logits.argmax())
-        else:
-            values, indices = torch.topk(logits / temperature, top_k)
-            token = int(indices[torch.multinomial(torch.softmax(values, -1), 1, generator=generator)])
-        ids.append(token)
-        if token == EOS_ID:
-            break
-    return tok.decode(ids, skip_special_tokens=False)
-
-
 def generation_flops(model, prompt_tokens, new_tokens):
     """Forward FLOPs of exact generation of one request: step t runs all prompt + t tokens through the blocks
     (2 x non-embedding parameters each, plus causal attention 2 * n_layers * d * length) and the head once."""
@@ -773,7 +617,7 @@ def run_benchmark(model):
     if device.startswith('cuda'):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    generate_exact(model, Silent, prompts, batch_tokens, 'benchmark')
+    generate_texts(model, Silent, prompts, batch_tokens, desc='benchmark')
     if device.startswith('cuda'):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -795,6 +639,9 @@ def write_report(report):
 
 def main():
     global device, dtype
+    if prompt:
+        fail(f"--prompt moved to sample.py: python sample.py --checkpoint={checkpoint} --prompt=... (it streams, "
+             "samples and chats)")
     device, dtype = resolve_device(device, dtype)
     if generation not in ('exact', 'cached'):
         fail(f"generation must be 'exact' or 'cached', got {generation!r}")
@@ -808,7 +655,7 @@ def main():
              "--num_fewshot, or list the tasks yourself")
     task_names = [task for task, *_ in PAPER] if paper else list(dict.fromkeys(t.strip() for t in tasks.split(',')
                                                                                if t.strip()))
-    if (task_names or perplexity) and not prompt and not benchmark:
+    if (task_names or perplexity) and not benchmark:
         folder = os.path.dirname(os.path.abspath(output))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -826,10 +673,7 @@ def main():
     if benchmark:  # random token ids: no tokenizer needed (gpu-check runs it on a machine without one)
         run_benchmark(model)
         return
-    tok = get_tokenizer(tokenizer, model.config.vocab_size) if task_names or prompt else None  # no hub unless needed
-    if prompt:
-        print(sample_text(model, tok))
-        return
+    tok = get_tokenizer(tokenizer, model.config.vocab_size) if task_names else None  # no hub unless needed
 
     start = time.perf_counter()
     fine_tuned = state.get('stage') == 'sft' or 'sft' in os.path.basename(state['file']) or 'instruct' in checkpoint.lower()

@@ -8,7 +8,9 @@ Reading order:
   2. document masking (cu_seqlens from EOS) and the wrappers applied from outside: flash attention,
      block gradient checkpointing.
   3. create / save / load helpers, parameter counts, FLOPs per token, routing entropy.
+  4. generation, exact (a full forward per token) or with an approximate key/value cache: eval.py and sample.py.
 """
+import collections
 import inspect
 import itertools
 import math
@@ -1026,3 +1028,166 @@ def routing_entropy(model):
         stats['routing/entropy_mean'] = sum(entropies) / len(entropies)
         stats['routing/entropy_frac_mean'] = stats['routing/entropy_mean'] / max_entropy
     return stats
+
+# =============================================================================
+# Generation (eval.py's generated answers, sample.py's text and chat)
+# =============================================================================
+
+def sampler(temperature=0.0, top_k=0, seed=1337):
+    """-> pick(logits [n, vocab]) -> n token ids: the argmax at temperature 0, else a draw from softmax(logits /
+    temperature) over the top_k logits (0: all), from one CPU generator seeded here, so a seed gives the same draws on
+    any device."""
+    if temperature <= 0:
+        return lambda logits: logits.argmax(-1).tolist()
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(logits):
+        logits = logits.float().cpu() / temperature
+        values, indices = torch.topk(logits, top_k) if 0 < top_k < logits.shape[-1] else (logits, None)
+        draws = torch.multinomial(values.softmax(-1), 1, generator=generator)
+        return (draws if indices is None else indices.gather(-1, draws))[:, 0].tolist()
+    return pick
+
+
+@torch.no_grad()
+def generate_exact(model, prompts, budget, pick=sampler(), stop=None):
+    """Exact generation. A new token moves the gate's mean and so the FFN output of every earlier position in every
+    layer: no key/value can be reused, and every step is a full forward of each unfinished sequence alone, packed
+    together (the model wrapped by enable_segment_pooling). prompts: [(ids, max new tokens)]; a sequence keeps its
+    last max_seq_len tokens. Yields (i, token, finished) as each token comes (token None for a request of 0 new
+    tokens); request i finishes at its maximum, at EOS, or when stop(i, its generated ids) is true. Continuous batching:
+    a request joins while the pack's full lengths fit in `budget` tokens, so answers arrive one by one from the first
+    minutes, not all at the end."""
+    max_len = model.config.max_seq_len
+    sequences = [list(ids)[-max_len:] for ids, _ in prompts]
+    generated = [[] for _ in prompts]
+    waiting = collections.deque(range(len(prompts)))
+    full_length = lambda i: min(max_len, len(sequences[i]) + prompts[i][1] - len(generated[i]))  # noqa: E731
+    active = []
+    while waiting or active:
+        while waiting and (not active or sum(map(full_length, active)) + full_length(waiting[0]) <= budget):
+            i = waiting.popleft()
+            if prompts[i][1] > 0:
+                active.append(i)
+            else:
+                yield i, None, True
+        if not active:
+            continue
+        hidden, offsets = packed_hidden_states(model, [sequences[i] for i in active])
+        last = torch.as_tensor(offsets[1:] - 1, device=hidden.device)
+        tokens = pick(F.linear(hidden[last], model.embeddings.weight).float())
+        still = []
+        for i, token in zip(active, tokens):
+            generated[i].append(token)
+            sequences[i] = (sequences[i] + [token])[-max_len:]
+            finished = len(generated[i]) >= prompts[i][1] or token == EOS_ID or bool(stop and stop(i, generated[i]))
+            if not finished:
+                still.append(i)
+            yield i, token, finished
+        active = still
+
+
+def step_routing(ffn):
+    """The routing weights [d_ff, K] of a PolyGLU's last forward (one sequence); None for SwiGLU."""
+    return torch.softmax(ffn.last_logits.float() / ffn.tau, -1)[0, -1] if isinstance(ffn, PolyGLU) else None
+
+
+@torch.no_grad()
+def full_pass(model, ids):
+    """A full forward of one sequence that records, per layer, the keys/values and the FFN input sum (the state an
+    incremental step continues from) and the routing weights, through the frozen modules' attend/pool hooks."""
+    n_layers = len(model.model_core)
+    state = {'k': [None] * n_layers, 'v': [None] * n_layers, 'sum': [None] * n_layers, 'n': len(ids)}
+    originals = [(block.gqa.attend, getattr(block.ffn, 'pool', None)) for block in model.model_core]
+
+    def recording_attend(layer, attend):
+        def hook(q, k, v, cu_seqlens, max_seqlen):
+            state['k'][layer], state['v'][layer] = k, v
+            return attend(q, k, v, cu_seqlens, max_seqlen)
+        return hook
+
+    def recording_pool(layer, pool):
+        def hook(x, cu_seqlens):
+            state['sum'][layer] = x.float().sum(1)
+            return pool(x, cu_seqlens)
+        return hook
+
+    for layer, (block, (attend, pool)) in enumerate(zip(model.model_core, originals)):
+        block.gqa.attend = recording_attend(layer, attend)
+        if pool is not None:
+            block.ffn.pool = recording_pool(layer, pool)
+    try:
+        hidden = model.hidden_states(torch.tensor([ids], device=model.embeddings.weight.device))
+    finally:
+        for block, (attend, pool) in zip(model.model_core, originals):
+            block.gqa.attend = attend
+            if pool is not None:
+                block.ffn.pool = pool
+    state['routing'] = [step_routing(block.ffn) for block in model.model_core]
+    return hidden[0, -1], state
+
+
+@torch.no_grad()
+def cached_step(model, token, state):
+    """One new token through every layer with the cached keys/values (stale: computed under the routing of the last
+    refresh) and the running gate mean. -> (final hidden of the token, max routing change since the refresh)."""
+    position = state['n']
+    cos, sin = (t[position:position + 1] for t in model.rope(position + 1))
+    x = model.embeddings(torch.tensor([[token]], device=model.embeddings.weight.device))
+    drift = 0.0
+    for layer, block in enumerate(model.model_core):
+        attn, h = block.gqa, block.rmsnorm_1(x)
+        q = RoPE.rotate(attn.rmsnorm_q(attn.W_q(h).view(1, 1, attn.n_heads, attn.head_dim)), cos, sin)
+        k = RoPE.rotate(attn.rmsnorm_k(attn.W_k(h).view(1, 1, attn.n_kv_heads, attn.head_dim)), cos, sin)
+        v = attn.W_v(h).view(1, 1, attn.n_kv_heads, attn.head_dim)
+        state['k'][layer] = torch.cat([state['k'][layer], k], 1)
+        state['v'][layer] = torch.cat([state['v'][layer], v], 1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), state['k'][layer].transpose(1, 2),
+                                             state['v'][layer].transpose(1, 2), enable_gqa=True)
+        x = x + attn.W_o(out.transpose(1, 2).reshape(1, 1, -1))
+        h = block.rmsnorm_2(x)
+        if not isinstance(block.ffn, PolyGLU):
+            x = x + block.ffn(h)
+            continue
+        state['sum'][layer] = state['sum'][layer] + h.float().sum(1)
+        mean = (state['sum'][layer] / (position + 1)).to(h.dtype)[:, None]
+        pool, block.ffn.pool = block.ffn.pool, (lambda _x, _cu: mean)
+        try:
+            x = x + block.ffn(h)
+        finally:
+            block.ffn.pool = pool
+        drift = max(drift, (step_routing(block.ffn) - state['routing'][layer]).abs().max().item())
+    state['n'] += 1
+    return model.rmsnorm(x)[0, -1], drift
+
+
+@torch.no_grad()
+def generate_cached(model, prompts, refresh_threshold, pick=sampler(), stop=None, stats=None):
+    """Approximate generation with a key/value cache, one request at a time: the keys/values and the gate's running
+    mean carry on from the last full forward, which is redone when any routing weight has moved more than
+    refresh_threshold since (so no routing weight strays further from it unrefreshed). Same prompts, events and stops
+    as generate_exact; a request also ends at max_seq_len. stats, a dict, counts 'refreshes' and 'cached_steps'."""
+    stats = {} if stats is None else stats
+    stats.setdefault('refreshes', 0)
+    stats.setdefault('cached_steps', 0)
+    for i, (ids, max_new) in enumerate(prompts):
+        if max_new <= 0:
+            yield i, None, True
+            continue
+        ids = list(ids)[-model.config.max_seq_len:]
+        hidden, state = full_pass(model, ids)
+        generated = []
+        while True:
+            token = pick(F.linear(hidden, model.embeddings.weight).float()[None])[0]
+            generated.append(token)
+            ids.append(token)
+            finished = len(generated) >= max_new or token == EOS_ID or bool(stop and stop(i, generated)) or \
+                len(ids) >= model.config.max_seq_len
+            yield i, token, finished
+            if finished:
+                break
+            hidden, drift = cached_step(model, token, state)
+            stats['cached_steps'] += 1
+            if drift > refresh_threshold:
+                hidden, state = full_pass(model, ids)
+                stats['refreshes'] += 1

@@ -62,6 +62,12 @@ def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
     return tokenizer
 
 
+def chatml(messages, add_generation_prompt=True):
+    """The ChatML that sft.py trains on: <|im_start|>role\ncontent<|im_end|>\n per turn, then the assistant's header."""
+    text = ''.join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ('<|im_start|>assistant\n' if add_generation_prompt else '')
+
+
 A100_PEAK_FLOPS = 312e12     # dense bf16: the card SPEC.md budgets for
 USD_PER_GPU_HOUR = 1.64      # SPEC.md's rental price of an 80 GB A100/H100
 

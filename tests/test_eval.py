@@ -82,7 +82,7 @@ def greedy_alone(model, ids, n):
 
 def test_generation_is_exact_and_stops(tiny, word_tokenizer):
     prompts = [(context, [], 6) for context, _ in requests(5)]
-    outputs = E.generate_exact(tiny, word_tokenizer, prompts, budget=4096)
+    outputs = E.generate_texts(tiny, word_tokenizer, prompts, budget=4096)
     for (context, _, n), text in zip(prompts, outputs):
         expected = greedy_alone(tiny, context, n)[len(context):]
         assert text == word_tokenizer.decode(expected)
@@ -90,17 +90,17 @@ def test_generation_is_exact_and_stops(tiny, word_tokenizer):
     context = prompts[0][0]
     full = word_tokenizer.decode(greedy_alone(tiny, context, 6)[len(context):])
     stop = full.split()[3]
-    stopped = E.generate_exact(tiny, word_tokenizer, [(context, ['unused', stop], 6)], budget=4096)[0]
+    stopped = E.generate_texts(tiny, word_tokenizer, [(context, ['unused', stop], 6)], budget=4096)[0]
     assert stopped == full[:full.find(stop)] and len(stopped) < len(full)
 
 
 def test_cached_generation_is_exact_when_it_refreshes_every_step(tiny, word_tokenizer, monkeypatch, capsys):
     prompts = [(context, [], 5) for context, _ in requests(3)]
-    exact = E.generate_exact(tiny, word_tokenizer, prompts, budget=4096)
+    exact = E.generate_texts(tiny, word_tokenizer, prompts, budget=4096)
     monkeypatch.setattr(E, 'refresh_threshold', -1.0)  # every step refreshes: must equal exact generation
-    assert E.generate_cached(tiny, word_tokenizer, prompts) == exact
+    assert E.generate_texts(tiny, word_tokenizer, prompts, 4096, cached=True) == exact
     monkeypatch.setattr(E, 'refresh_threshold', 10.0)  # never refreshes: stale keys/values, a real approximation
-    E.generate_cached(tiny, word_tokenizer, prompts)
+    E.generate_texts(tiny, word_tokenizer, prompts, 4096, cached=True)
     assert '0 refreshes in 12 cached steps' in capsys.readouterr().out
 
 
@@ -108,7 +108,8 @@ def test_vanilla_cached_generation_is_exact(word_tokenizer):
     torch.manual_seed(0)
     vanilla = M.enable_segment_pooling(M.create_model(small_config(model_type='vanilla', max_seq_len=64)).eval())
     prompts = [(context, [], 5) for context, _ in requests(3)]
-    assert E.generate_cached(vanilla, word_tokenizer, prompts) == E.generate_exact(vanilla, word_tokenizer, prompts, 4096)
+    assert E.generate_texts(vanilla, word_tokenizer, prompts, 4096, cached=True) == \
+        E.generate_texts(vanilla, word_tokenizer, prompts, 4096)
 
 
 def test_held_out_perplexity_is_document_masked_by_hand(tmp_path):
@@ -340,8 +341,8 @@ def test_chat_format_for_fine_tuned_checkpoints_and_samples(harness_setup, tmp_p
                               '--limit=3', '--num_fewshot=2', '--log_samples=True']
                              + (['--chat=False'] if mode == 'plain' else []))
         stops = []
-        real = module.generate_exact
-        monkeypatch.setattr(module, 'generate_exact', lambda m, tok, prompts, *a, **k:
+        real = module.generate_texts
+        monkeypatch.setattr(module, 'generate_texts', lambda m, tok, prompts, *a, **k:
                             stops.extend(p[1] for p in prompts) or real(m, tok, prompts, *a, **k))
         module.main()
         report = json.load(open(output))
@@ -538,10 +539,14 @@ def test_default_shots_are_the_tasks_own(harness_setup, tmp_path, monkeypatch):
     assert calls == [(['gsm8k'], None), (['mmlu_stem'], None), (['gsm8k'], 5), (['mmlu_stem'], 5)]
 
 
+PACKED_HIDDEN_STATES = M.packed_hidden_states
+
+
 def count_forwards(module, monkeypatch, stop_after=None):
-    """The sequences each packed forward runs; a KeyboardInterrupt (a kill) after `stop_after` forwards."""
+    """The sequences each packed forward runs (eval.py's scoring, model.py's generation); a KeyboardInterrupt (a kill)
+    after `stop_after` forwards."""
     forwards = []
-    real = module.packed_hidden_states
+    real = PACKED_HIDDEN_STATES
 
     def counting(model, sequences):
         if len(forwards) == stop_after:
@@ -549,6 +554,7 @@ def count_forwards(module, monkeypatch, stop_after=None):
         forwards.append(len(sequences))
         return real(model, sequences)
     monkeypatch.setattr(module, 'packed_hidden_states', counting)
+    monkeypatch.setattr(M, 'packed_hidden_states', counting)
     return forwards
 
 
@@ -604,11 +610,11 @@ def test_generation_answers_arrive_one_by_one(tiny, word_tokenizer):
     running (the author's GSM8K run lost everything at 98%)."""
     prompts = [(context, [], n) for (context, _), n in zip(requests(4), (8, 2, 8, 8))]
     order = []
-    outputs = E.generate_exact(tiny, word_tokenizer, prompts, budget=4096, record=lambda i, text: order.append(i))
+    outputs = E.generate_texts(tiny, word_tokenizer, prompts, budget=4096, record=lambda i, text: order.append(i))
     assert order[0] == 1 and sorted(order) == [0, 1, 2, 3]
     for (context, _, n), text in zip(prompts, outputs):
         assert text == word_tokenizer.decode(greedy_alone(tiny, context, n)[len(context):])
-    assert E.generate_exact(tiny, word_tokenizer, prompts, budget=1) == outputs  # one request at a time: the same
+    assert E.generate_texts(tiny, word_tokenizer, prompts, budget=1) == outputs  # one request at a time: the same
 
 
 def test_unreachable_task_data_is_one_line(harness_setup, tmp_path, monkeypatch):
