@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from model import (EOS_ID, attention_name, cu_seqlens_from_eos, enable_segment_pooling, generate_cached, generate_exact,
                    gumbel_routing, load_checkpoint, packed_hidden_states, whole_row_pooling)
-from utils import HUB_TOKENIZER, chatml, get_tokenizer, held_out_split, open_chunks, read_manifest, resolve_device
+from utils import (chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, held_out_split, open_chunks, read_manifest,
+                   resolve_device)
 
 # -----------------------------------------------------------------------------
 # config
@@ -54,7 +55,7 @@ compare_paper = False        # print the scores beside the author's model card (
 paper_model = 'auto'         # the card's 'base' or 'instruct' column; 'auto': from the checkpoint's provenance
 paper_routing_seeds = 0      # tasks=paper: also rerun the ten rows under the author's Gumbel routing with N seeds
 resume = True                # keep answered requests beside output; the same command rerun skips them
-tokenizer = HUB_TOKENIZER    # or a local tokenizer.json / folder, or 'packaged'
+tokenizer = 'auto'           # 'auto': beside the checkpoint, else its data's, else the Qwen3 hub tokenizer; or a path, 'packaged'
 batch_tokens = 16_384        # tokens packed into one forward (no padding; the scores do not depend on it)
 max_gen_toks = 256           # default cap of generated tokens when a task does not set one
 generation = 'exact'         # 'exact' | 'cached' (approximate, faster)
@@ -673,12 +674,12 @@ def main():
     if benchmark:  # random token ids: no tokenizer needed (gpu-check runs it on a machine without one)
         run_benchmark(model)
         return
-    tok = get_tokenizer(tokenizer, model.config.vocab_size) if task_names else None  # no hub unless needed
+    tok = get_tokenizer(checkpoint_tokenizer(state, tokenizer), model.config.vocab_size) if task_names else None
 
     start = time.perf_counter()
-    fine_tuned = state.get('stage') == 'sft' or 'sft' in os.path.basename(state['file']) or 'instruct' in checkpoint.lower()
-    column = paper_model if paper_model != 'auto' else 'instruct' if fine_tuned else 'base'
-    use_chat = (fine_tuned and not paper) if chat is None else bool(chat)
+    sft_model = fine_tuned(state, checkpoint)
+    column = paper_model if paper_model != 'auto' else 'instruct' if sft_model else 'base'
+    use_chat = (sft_model and not paper) if chat is None else bool(chat)
     scoring = 'author' if paper else 'harness'
     report = {'checkpoint': checkpoint, 'file': state['file'], 'format': state['format'], 'step': step, 'tau': tau,
               'model_config': state['model_config'], 'chat': use_chat, 'scoring': scoring, 'complete': False,

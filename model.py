@@ -13,6 +13,7 @@ Reading order:
 import collections
 import inspect
 import itertools
+import json
 import math
 import os
 import pickle
@@ -802,11 +803,11 @@ def pick_checkpoint_file(names, where):
 
 
 def hub_checkpoint(repo_id):
-    """Download a hub repo's checkpoint file into the Hugging Face cache (HF_TOKEN from the environment or .env;
-    HF_HUB_OFFLINE=1 uses the cache only) -> its local path."""
+    """Download a hub repo's checkpoint file (and its tokenizer.json, if it ships one) into the Hugging Face cache
+    (HF_TOKEN from the environment or .env; HF_HUB_OFFLINE=1 uses the cache only) -> the checkpoint's local path. A
+    failure is one line: the id, the cause, the fix (utils.hub_failure)."""
     from huggingface_hub import hf_hub_download, is_offline_mode, list_repo_files, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-    from utils import load_dotenv
+    from utils import hub_failure, load_dotenv
     load_dotenv()
     token = os.environ.get('HF_TOKEN')
     try:
@@ -814,15 +815,12 @@ def hub_checkpoint(repo_id):
             names = os.listdir(snapshot_download(repo_id, token=token, local_files_only=True))
         else:
             names = list_repo_files(repo_id, token=token)
-        return hf_hub_download(repo_id, pick_checkpoint_file(names, f'{HUB_PREFIX}{repo_id}'), token=token)
-    except LocalEntryNotFoundError:
-        raise SystemExit(f"error: {HUB_PREFIX}{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
-                         "download it once online, or pass a local path")
-    except RepositoryNotFoundError:
-        raise SystemExit(f"error: no hub model {repo_id!r} (or it is gated: put HF_TOKEN in the environment or .env)")
-    except (OSError, ValueError) as e:  # no network, a bad id, an HTTP error
-        raise SystemExit(f"error: could not fetch {HUB_PREFIX}{repo_id} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160]})")
+        path = hf_hub_download(repo_id, pick_checkpoint_file(names, f'{HUB_PREFIX}{repo_id}'), token=token)
+        if 'tokenizer.json' in names:  # beside the checkpoint in the snapshot: sample.py and eval.py find it there
+            hf_hub_download(repo_id, 'tokenizer.json', token=token)
+        return path
+    except Exception as e:  # every way a hub call fails; pick_checkpoint_file's own SystemExit passes through
+        raise SystemExit(hub_failure(e, repo_id))
 
 
 def checkpoint_file(spec):
@@ -875,8 +873,13 @@ def read_checkpoint(path):
             with safe_open(path, framework='pt') as f:
                 weights = {k: f.get_tensor(k) for k in f.keys()}
                 metadata = f.metadata() or {}
-            info.update(format='safetensors', **{k: float(v) if k == 'tau' else int(v)
-                                                 for k, v in metadata.items() if k in ('step', 'tau')})
+            info['format'] = 'safetensors'
+            for key, value in metadata.items():  # export.py's: step, tau, model_config, stage, ... as JSON values
+                if key != 'format':
+                    try:
+                        info[key] = json.loads(value)
+                    except ValueError:
+                        info[key] = value
             return weights, info
         state, foreign = torch_load_weights_only(path)
     except Exception as e:

@@ -27,7 +27,7 @@ from model import (EOS_ID, LanguageModelLoss, attention_name, cu_seqlens_from_eo
 from utils import (A100_PEAK_FLOPS, USD_PER_GPU_HOUR, catch_stop_signals, close_distributed, cosine_lr, end_of_session,
                    export_training_state, import_training_state, init_distributed, init_wandb, make_engine,
                    micro_batch_seeds, optimizer_step, prune_checkpoints, read_manifest, report_save, resolve_device,
-                   resume_state, verified_chunk)
+                   resume_state, run_provenance, verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -174,6 +174,7 @@ def main():
 
     # data: conversations, the held-out slice, the packing of every epoch
     tokens, masks, starts, lengths, problems = load_conversations()
+    provenance = run_provenance([data_dir])  # the command, the tokenizer: sample.py and export.py read them
     capacity = block_size + 1  # x and y are the row shifted by one
     too_long = lengths > capacity
     if long_conversations == 'truncate':
@@ -253,7 +254,8 @@ def main():
             name = 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'
             save_checkpoint(os.path.join(out_dir, name), model, step, master_weights=masters,
                             optimizer_state=optimizer_state, scheduler_state=scheduler_state, init_from=init_from,
-                            stage='sft', rows_per_step=rows_per_step, world_size=world_size)
+                            stage='sft', rows_per_step=rows_per_step, world_size=world_size, data_dir=data_dir,
+                            block_size=block_size, **provenance)
             prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
             report_save(step, os.path.join(out_dir, name), time.perf_counter() - save_start,
                         os.path.join(ds_dir, f'step_{step}') if backend == 'deepspeed' and ds_checkpoint else None)

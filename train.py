@@ -25,7 +25,7 @@ from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, count
 from utils import (catch_stop_signals, close_distributed, cosine_lr, end_of_session, export_training_state,
                    held_out_split, import_training_state, init_distributed, init_wandb, make_engine, micro_batch_seeds,
                    open_chunks, optimizer_step, peak_flops, prune_checkpoints, report_save, resolve_device, resume_state,
-                   trim_log)
+                   run_provenance, trim_log)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -222,6 +222,7 @@ def main():
     # data: sources with weight 0 in both mixtures may be absent
     used = [i for i in range(len(sources)) if mixture_baseline[i] > 0 or mixture_anneal[i] > 0]
     data = [open_source(sources[i]) if i in used else None for i in range(len(sources))]
+    provenance = run_provenance([os.path.join(data_dir, sources[i]) for i in used])  # the command, the tokenizer
     plan = row_plan(len(sources), micro_batch_size * grad_accum_steps * world_size)
     check_repeats(data, plan, master)
 
@@ -283,7 +284,7 @@ def main():
         extra = {'loss_ema': loss_ema, 'skipped_updates': skipped_steps, 'tokens': step * tokens_per_step,
                  'rows_per_step': micro_batch_size * grad_accum_steps * world_size, 'world_size': world_size,
                  'data_dir': data_dir, 'val_tokens': val_tokens, 'block_size': block_size,  # eval.py's perplexity
-                 'init_from': init_from}                                                  # reads the same windows
+                 'init_from': init_from, **provenance}                                    # reads the same windows
         if use_deepspeed and ds_checkpoint:
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
         optimizer_state = export_training_state(engine, optimizer, model, backend)  # every rank: collectives

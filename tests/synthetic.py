@@ -103,3 +103,40 @@ def write_author_files(folder, weights, step=19_531, tau=0.1):
                 'step': step, 'tau': tau}, paths['pt'])
     save_file({k: v.contiguous() for k, v in weights.items() if k != 'output_head.weight'}, paths['safetensors'])
     return paths
+
+
+def hub_fault(kind, url='https://huggingface.co/api/models/someone/model'):
+    """The exception huggingface_hub 2.x raises for each way a hub call fails, built the way it builds them (its own
+    hf_raise_for_status on an httpx2 response; the transport's own errors; a full disk)."""
+    import errno
+
+    import httpx2
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import hf_raise_for_status
+    responses = {'bad token': (401, {'X-Error-Message': 'Invalid credentials in Authorization header'}),
+                 'forbidden': (403, {}), 'gated': (403, {'X-Error-Code': 'GatedRepo'}),
+                 'not found': (404, {'X-Error-Code': 'RepoNotFound'}), 'private': (401, {})}
+    if kind in responses:
+        status, headers = responses[kind]
+        try:
+            hf_raise_for_status(httpx2.Response(status, headers=headers, request=httpx2.Request('GET', url)))
+        except Exception as e:
+            return e
+    if kind == 'dropped':  # a download whose connection fails: wrapped, the cause kept
+        try:
+            raise hub_fault('no network')
+        except Exception as cause:
+            try:
+                raise LocalEntryNotFoundError('An error happened while trying to locate the file on the Hub')
+            except LocalEntryNotFoundError as e:
+                e.__cause__ = cause
+                return e
+    return {'no network': httpx2.ConnectError('[Errno -2] Name or service not known'),
+            'timeout': httpx2.ReadTimeout('The read operation timed out'),
+            'full disk': OSError(errno.ENOSPC, 'No space left on device')}[kind]
+
+
+HUB_FAULTS = {'no network': 'no connection to the hub .*HF_HUB_OFFLINE=1', 'dropped': 'no connection to the hub',
+              'timeout': 'did not answer in time .*retry', 'bad token': r'token was refused \(401\): put a valid one',
+              'forbidden': r'\(403\)', 'gated': 'gated: accept its terms', 'not found': r'no such repo \(404\)',
+              'private': r'no such repo \(401\), or it is private', 'full disk': 'disk is full: free space'}

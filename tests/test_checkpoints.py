@@ -2,6 +2,7 @@
 author's names, load into our model with the author's logits; a hub id resolves to the right file, offline too."""
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -154,18 +155,28 @@ def test_hub_id_fetches_the_safetensors_else_the_pt(author, monkeypatch, tmp_pat
                      ('tylerxdurden/PolyChromaticLM-1.0-base-0.6B', 'checkpoint_step_19531.pt', 'hf_from_dotenv')]
 
 
-def test_hub_errors_are_one_line(monkeypatch, tmp_path):
-    import httpx
+@pytest.mark.parametrize('fault', sorted(synthetic.HUB_FAULTS))
+def test_hub_download_faults_are_one_line(fault, monkeypatch, tmp_path, author):
+    """Each way a download fails is one line naming the id, the cause and the fix (a dead network was a 40-line httpx2
+    traceback), whether the listing or the download itself fails."""
     import huggingface_hub.constants
-    from huggingface_hub.errors import RepositoryNotFoundError
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
 
-    def not_found(repo_id, token=None):
-        response = httpx.Response(404, request=httpx.Request('GET', 'https://huggingface.co'))
-        raise RepositoryNotFoundError('404 Client Error', response=response)
-    monkeypatch.setattr(huggingface_hub, 'list_repo_files', not_found)
-    with pytest.raises(SystemExit, match=r"no hub model 'nobody/nothing' \(or it is gated"):
-        M.load_checkpoint('hf:nobody/nothing')
+    def fail(*args, **kwargs):
+        raise synthetic.hub_fault(fault)
+    for listing, download in ((fail, None), (lambda repo_id, token=None: ['model.safetensors'], fail)):
+        monkeypatch.setattr(huggingface_hub, 'list_repo_files', listing)
+        monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+        with pytest.raises(SystemExit) as stop:
+            M.load_checkpoint('hf:someone/model')
+        message = str(stop.value)
+        assert message.startswith('error: download of hf:someone/model failed: ') and '\n' not in message
+        assert re.search(synthetic.HUB_FAULTS[fault], message), message
+
+
+def test_a_repo_without_weights_is_one_line(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
     monkeypatch.setattr(huggingface_hub, 'list_repo_files', lambda repo_id, token=None: ['README.md'])
     with pytest.raises(SystemExit, match=r'no \.safetensors or \.pt checkpoint in hf:someone/weightless'):
         M.load_checkpoint('hf:someone/weightless')
@@ -195,7 +206,7 @@ def test_hub_id_offline_reads_the_cache(author, monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, 'list_repo_files', None)  # offline: never asked
     model, info = M.load_checkpoint('hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B')
     assert info['file'].endswith('author_final.pt') and info['step'] == 19_531
-    with pytest.raises(SystemExit, match='not in the Hugging Face cache and HF_HUB_OFFLINE is set'):
+    with pytest.raises(SystemExit, match='HF_HUB_OFFLINE is set and it is not in the local cache'):
         M.load_checkpoint('hf:tylerxdurden/PolyChromaticLM-1.0-instruct-0.6B')
 
 
