@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 
 DEMO := data/demo
 DEMO_PREPARE := --output_base=$(DEMO)/tokenized --tokenizer=packaged
+DEMO_QUESTION := Ana shares 47 pencils among 5 friends equally and keeps the rest. How many does each friend get?
 
 .PHONY: setup demo test gpu-check clean
 
@@ -17,7 +18,8 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed
 
-# prepare -> train -> sft -> eval -> analyze on the embedded sample; each stage reuses what an earlier run finished
+# prepare -> train -> sft -> eval -> analyze -> a chat turn with the SFT model -> its export, on the embedded sample;
+# each stage reuses what an earlier run finished
 demo: setup
 	@test -f $(DEMO)/raw/sft.jsonl || $(PY) prepare.py --sample=$(DEMO)/raw
 	@for source in math stem code sft; do \
@@ -26,6 +28,10 @@ demo: setup
 	$(PY) sft.py config/tiny_sft.py
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) eval.py config/tiny_eval.py
 	$(PY) analyze.py config/tiny_analyze.py
+	echo "$(DEMO_QUESTION)" | $(PY) sample.py --checkpoint=checkpoints/demo/portable_sft_final.pt --tokenizer=packaged \
+		--max_new_tokens=60
+	$(PY) export.py --checkpoint=checkpoints/demo/portable_sft_final.pt --out_dir=checkpoints/demo/export \
+		--tokenizer=packaged
 
 test: setup
 	$(PY) -m pytest -q

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import ACTIVATION_NAMES, EOS_ID, PolyGLU, enable_segment_pooling, load_checkpoint, packed_hidden_states
-from utils import HUB_TOKENIZER, get_tokenizer, held_out_split, open_chunks, resolve_device
+from utils import HUB_TOKENIZER, command_line, get_tokenizer, held_out_split, open_chunks, resolve_device
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -256,7 +256,8 @@ def main():
     model = model.to(device).eval()
     enable_segment_pooling(model, attention)
     polyglu = isinstance(model.model_core[0].ffn, PolyGLU)
-    summary.update({'checkpoint': checkpoint, 'step': step, 'tau': tau, 'model_type': model.config.model_type,
+    summary.update({'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'step': step, 'tau': tau,
+                    'model_type': model.config.model_type,
                     'activations': list(ACTIVATION_NAMES), 'max_entropy_nats': math.log(len(ACTIVATION_NAMES))})
     base = data_dir or state.get('data_dir') or 'data/tokenized'
     held_tokens = state.get('val_tokens') or 2_000_000

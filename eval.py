@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from model import (EOS_ID, attention_name, cu_seqlens_from_eos, enable_segment_pooling, generate_cached, generate_exact,
                    gumbel_routing, load_checkpoint, packed_hidden_states, whole_row_pooling)
-from utils import (chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, held_out_split, open_chunks, read_manifest,
+from utils import (chatml, checkpoint_tokenizer, command_line, fine_tuned, get_tokenizer, held_out_split, open_chunks, read_manifest,
                    resolve_device)
 
 # -----------------------------------------------------------------------------
@@ -681,7 +681,8 @@ def main():
     column = paper_model if paper_model != 'auto' else 'instruct' if sft_model else 'base'
     use_chat = (sft_model and not paper) if chat is None else bool(chat)
     scoring = 'author' if paper else 'harness'
-    report = {'checkpoint': checkpoint, 'file': state['file'], 'format': state['format'], 'step': step, 'tau': tau,
+    report = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'format': state['format'],
+              'step': step, 'tau': tau,
               'model_config': state['model_config'], 'chat': use_chat, 'scoring': scoring, 'complete': False,
               'config': {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
                          and isinstance(v, (int, float, bool, str, tuple))}}

@@ -110,6 +110,8 @@ def chat_loop(model, tok, pick, stats):
             return
         if not text.strip():
             continue
+        if not sys.stdin.isatty():  # piped turns: echo them, so the transcript reads as a conversation
+            print(text, flush=True)
         messages.append({'role': 'user', 'content': text})
         fitted = fit_conversation(model, tok, messages)
         if fitted is None:

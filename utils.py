@@ -86,8 +86,8 @@ def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
         try:
             tokenizer = Tokenizer.from_pretrained(name, token=os.environ.get('HF_TOKEN'))
         except Exception as e:
-            raise SystemExit(f"error: could not load tokenizer '{name}' from the hub ({type(e).__name__}); "
-                             "offline, use tokenizer=packaged or a local tokenizer.json")
+            raise SystemExit(f"{hub_failure(e, name)} (the tokenizer; offline, tokenizer=packaged is the same Qwen3 "
+                             "tokenizer, or give a local tokenizer.json)")
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > vocab_size:
         raise SystemExit(f"error: tokenizer '{name}' has {size:,} tokens but the model's vocab_size is "
@@ -157,14 +157,20 @@ def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
 # -----------------------------------------------------------------------------
 # tokenized data (train.py, eval.py)
 
-def run_provenance(data_folders):
-    """What a checkpoint records of how it was made, for sample.py, eval.py and export.py's model card: the command
-    line (without the launcher's --local_rank) and the tokenizer the data in data_folders was prepared with."""
+def command_line():
+    """This run's command (`train.py config/pretrain.py --max_steps=100`, without the launcher's --local_rank): the
+    checkpoints and result files record it, and export.py's model card names it beside each figure."""
     import shlex
     import sys
     argv = [arg for arg in sys.argv if not arg.startswith('--local_rank')]
+    return shlex.join([os.path.basename(argv[0])] + argv[1:])
+
+
+def run_provenance(data_folders):
+    """What a checkpoint records of how it was made, for sample.py, eval.py and export.py's model card: the command
+    and the tokenizer the data in data_folders was prepared with."""
     tokenizer = next((read_manifest(folder).get('tokenizer') for folder in data_folders), None)
-    return {'command': shlex.join([os.path.basename(argv[0])] + argv[1:]), 'tokenizer': tokenizer}
+    return {'command': command_line(), 'tokenizer': tokenizer}
 
 
 def read_manifest(folder, missing_hint='run prepare.py for it'):

@@ -1,5 +1,6 @@
 """The demo pipeline end to end, smaller: embedded sample -> prepare (real Qwen3 tokenizer) -> train -> sft ->
-eval (the harness on the sample's local tasks, held-out perplexity) -> analyze."""
+eval (the harness on the sample's local tasks, held-out perplexity) -> analyze -> chat with the SFT model through stdin
+-> export it, and read the export back."""
 import json
 import os
 import re
@@ -12,17 +13,18 @@ from conftest import ROOT
 import model as M
 
 
-def run(*args, cwd):
+def run(*args, cwd, stdin=None, stderr=False):
     env = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
-    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env,
+                            input=stdin)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    return (result.stdout, result.stderr) if stderr else result.stdout
 
 
 @pytest.mark.slow
 def test_demo_pipeline(tmp_path):
     for name in ('model.py', 'utils.py', 'configurator.py', 'prepare.py', 'train.py', 'sft.py', 'eval.py',
-                 'analyze.py'):
+                 'analyze.py', 'sample.py', 'export.py'):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     os.symlink(os.path.join(ROOT, 'config'), tmp_path / 'config')
     run('prepare.py', '--sample=data/demo/raw', cwd=tmp_path)
@@ -57,3 +59,19 @@ def test_demo_pipeline(tmp_path):
     summary = json.load(open(tmp_path / 'figures/demo/summary.json'))
     assert summary['comparison']['loss_difference_at_end'] == 0.0 and summary['causality_audit']['mean_kl'] > 0
     assert len([f for f in os.listdir(tmp_path / 'figures/demo') if f.endswith('.png')]) == 9
+    # chat through stdin: ChatML turns, each reply ended by <|im_end|> (never printed) or max_new_tokens, then EOF
+    sft_checkpoint = 'checkpoints/demo/portable_sft_final.pt'
+    out, err = run('sample.py', f'--checkpoint={sft_checkpoint}', '--max_new_tokens=40', cwd=tmp_path, stderr=True,
+                   stdin='Ana shares 47 pencils among 5 friends. How many each?\nAnd how many are left?\n')
+    replies = re.findall(r'^assistant> (.*)$', out, re.M)
+    assert len(replies) == 2 and all(replies) and '<|im_end|>' not in ''.join(replies)
+    assert re.search(r'chat, temperature 0.8, top_k 200, exact generation', err)  # chat: the SFT model's default
+    assert re.search(r'[\d,]+ new tokens in [\d.]+s: [\d.]+ tokens/s', err)
+    # the export reads back with the SFT checkpoint's logits, its tokenizer beside it
+    out = run('export.py', f'--checkpoint={sft_checkpoint}', '--out_dir=checkpoints/demo/export', cwd=tmp_path)
+    assert 'read back with identical logits' in out
+    card = open(tmp_path / 'checkpoints/demo/export/README.md').read()
+    assert 'Fine-tuned (SFT, loss on assistant tokens of ChatML conversations)' in card
+    assert re.search(r'Command: `sft\.py config/tiny_sft\.py --init_from=', card)
+    reloaded, info = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/export'))
+    assert info['stage'] == 'sft' and info['step'] == M.load_checkpoint(str(tmp_path / sft_checkpoint))[1]['step']

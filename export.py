@@ -1,0 +1,357 @@
+"""
+Export a checkpoint in the published release format, and upload it to the Hugging Face hub.
+
+    python export.py --checkpoint=checkpoints/portable_sft_final.pt --out_dir=export/my-model
+    python export.py --checkpoint=... --out_dir=... --eval_results=results/eval.json --analysis=figures/summary.json
+    python export.py --checkpoint=... --out_dir=... --push=you/PolyChromaticLM-mine   # private unless --public=True
+
+The folder holds what a stranger needs: model.safetensors (the author's state-dict names key for key, the tied head
+stored once, bf16 unless dtype= says otherwise: the fp32 weights of our checkpoints cast once), config.json (the
+architecture, tau, step, tokens, tokenizer, this project's name and version), the tokenizer files, and README.md, a
+model card built from what the checkpoint, its train_log.jsonl, eval.py's JSON and analyze.py's summary.json
+record. Every figure in the card names the command that measured it; a figure nobody measured is not there. The
+export is read back before it is called done: the folder loads with load_checkpoint (a path, or hf:owner/name once
+pushed) and gives the checkpoint's logits at the exported precision.
+"""
+import json
+import os
+import subprocess
+
+import torch
+
+from model import ACTIVATION_NAMES, HUB_PREFIX, EOS_ID, checkpoint_file, count_parameters, load_checkpoint
+from utils import chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, hub_failure, load_dotenv, read_manifest
+
+# -----------------------------------------------------------------------------
+# config
+checkpoint = 'checkpoints/portable_final.pt'  # any path, folder or hf:owner/name that load_checkpoint reads
+out_dir = ''                 # the folder to write ('' = export/ beside the checkpoint)
+dtype = 'bfloat16'           # 'bfloat16' (the author's release) | 'float16' | 'float32'
+tokenizer = 'auto'           # 'auto': beside the checkpoint, else its data's, else the Qwen3 hub tokenizer; or a path
+eval_results = ''            # eval.py's JSON for these weights: its tables go into the card
+analysis = ''                # analyze.py's summary.json for these weights: routing entropy goes into the card
+name = ''                    # the card's title ('' = the push id's name, else the folder's)
+license = ''                 # an SPDX id for the card (apache-2.0, mit, ...); '' = none stated
+push = ''                    # owner/name: upload the folder to this hub model repo
+public = False               # a new repo is private unless True
+# -----------------------------------------------------------------------------
+
+DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
+PROJECT = 'PolychromaticLM'
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def project_version():
+    """The git commit this code is at ('unknown' outside a checkout), '-dirty' with uncommitted changes."""
+    try:
+        return subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=HERE, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def write_atomic(path, write):
+    """write(tmp path), then rename: an interrupted export never leaves a half file under a final name."""
+    write(f'{path}.tmp')
+    os.chmod(f'{path}.tmp', 0o644)  # safetensors writes owner-only; a release is for others to read
+    os.replace(f'{path}.tmp', path)
+
+
+def release_weights(model):
+    """The state dict in the author's names (the RoPE tables included, as their files hold them) at the export dtype,
+    the tied head stored once under embeddings.weight, as the author's model.safetensors stores it."""
+    return {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()
+            if k != 'output_head.weight'}
+
+
+def release_config(model, info):
+    config = model.config
+    values = {'architectures': ['PolychromaticLM'], 'model_type': config.model_type,
+              'model_class': 'PolychromaticLM (PolyGLU)' if config.model_type == 'polyglu' else 'VanillaLM (SwiGLU)',
+              'vocab_size': config.vocab_size, 'd_model': config.d_model, 'n_layers': config.n_layers,
+              'n_heads': config.n_heads, 'n_kv_heads': config.n_kv_heads, 'head_dim': config.head_dim,
+              'd_ff': config.d_ff, 'max_seq_len': config.max_seq_len, 'rope_theta': config.rope_theta,
+              'norm_eps': config.norm_eps, 'tie_word_embeddings': True, 'eos_token_id': EOS_ID, 'torch_dtype': dtype}
+    if config.model_type == 'polyglu':
+        values.update(activations=list(ACTIVATION_NAMES), n_activations=config.n_activations,
+                      gate_hidden=config.gate_hidden, tau=info['tau'])
+    values.update({k: info[k] for k in ('step', 'tokens', 'stage') if info.get(k) is not None})
+    values['producer'] = {'name': PROJECT, 'version': project_version()}
+    return values
+
+
+def write_tokenizer(tok, folder, max_seq_len):
+    """tokenizer.json as loaded, and a tokenizer_config.json so that transformers' AutoTokenizer reads the folder too
+    (with sft.py's ChatML as its chat template)."""
+    write_atomic(os.path.join(folder, 'tokenizer.json'), tok.save)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert chatml([{'role': 'user', 'content': 'x'}]) == '<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n'
+    settings = {'tokenizer_class': 'PreTrainedTokenizerFast', 'eos_token': '<|endoftext|>',
+                'pad_token': '<|endoftext|>', 'model_max_length': max_seq_len, 'chat_template': template}
+    write_json(os.path.join(folder, 'tokenizer_config.json'), settings)
+
+
+def write_json(path, values):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(values, f, indent=1)
+            f.write('\n')
+    write_atomic(path, write)
+
+
+def same_weights(recorded_file, info):
+    """Whether a result file's checkpoint is the one exported: the same file, or one with the same bytes."""
+    from eval import file_digest
+    if not recorded_file or not os.path.isfile(recorded_file):
+        return False
+    return os.path.realpath(recorded_file) == os.path.realpath(info['file']) or \
+        file_digest(recorded_file) == file_digest(info['file'])
+
+
+def read_result(path, kind, info):
+    """eval.py's JSON or analyze.py's summary.json, refused when it measured other weights."""
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        fail(f"{kind} file {path} not found")
+    with open(path) as f:
+        result = json.load(f)
+    if not same_weights(result.get('file'), info):
+        fail(f"{path} measured {result.get('checkpoint')!r}, not {checkpoint}: a card shows only figures measured on "
+             f"the exported weights; run {'eval.py' if kind == 'eval' else 'analyze.py'} on it, or drop --{kind}=")
+    return result
+
+
+def last_record(log, step, key):
+    """The last train_log.jsonl record at or before `step` holding `key` (a resumed run's log may run past it)."""
+    return next((r for r in reversed(log) if r.get('step', 0) <= step and key in r), None)
+
+
+def data_lines(data_dir):
+    """A line per prepared source under data_dir (or data_dir itself): dataset ids and tokens, from the manifests."""
+    if not data_dir or not os.path.isdir(data_dir):
+        return []
+    folders = [data_dir] if os.path.isfile(os.path.join(data_dir, 'manifest.json')) else \
+        [os.path.join(data_dir, d) for d in sorted(os.listdir(data_dir))
+         if os.path.isfile(os.path.join(data_dir, d, 'manifest.json'))]
+    lines = []
+    for folder in folders:
+        manifest = read_manifest(folder)
+        ids = ', '.join(sorted({f"`{d['id']}`" for d in manifest.get('datasets', [])})) or 'unrecorded'
+        count = f"{manifest['total_tokens']:,} tokens prepared" if 'total_tokens' in manifest else 'size unrecorded'
+        lines.append(f"- Data `{manifest.get('source', os.path.basename(folder))}`: {ids} ({count}, tokenizer "
+                     f"`{manifest.get('tokenizer')}`).")
+    return lines
+
+
+def training_section(info, model):
+    lines = []
+    config = model.config
+    step = info['step']
+    if info.get('stage') == 'sft':
+        base = info.get('init_from') or 'a checkpoint it does not record'
+        lines.append(f"- Fine-tuned (SFT, loss on assistant tokens of ChatML conversations) for {step:,} steps of "
+                     f"{info['rows_per_step']} rows of {info['block_size']} tokens, from `{base}`."
+                     if info.get('rows_per_step') and info.get('block_size') else
+                     f"- Fine-tuned (SFT) for {step:,} steps from `{base}`.")
+        if base.startswith(HUB_PREFIX) or not os.path.exists(base):
+            base_info = None
+        else:
+            _, base_info = load_checkpoint(base)
+        if base_info and base_info.get('tokens'):
+            lines.append(f"- Its base was pre-trained on {base_info['tokens']:,} tokens ({base_info['step']:,} steps)"
+                         + (f" by `{base_info['command']}`." if base_info.get('command') else '.'))
+            lines += data_lines(base_info.get('data_dir'))
+    elif info.get('tokens'):
+        lines.append(f"- Pre-trained on {info['tokens']:,} tokens in {step:,} steps ({info.get('rows_per_step')} rows "
+                     f"of {info.get('block_size')} tokens a step, {info.get('world_size', 1)} process(es))"
+                     + (f", τ annealed to {info['tau']}." if config.model_type == 'polyglu' else '.'))
+    else:
+        lines.append(f"- Step {step:,}; the checkpoint ({info['format']}) records no token count.")
+    lines += data_lines(info.get('data_dir'))
+    log_path = os.path.join(os.path.dirname(info['file']), 'train_log.jsonl')
+    if info.get('stage') != 'sft' and os.path.isfile(log_path):
+        with open(log_path) as f:
+            log = [json.loads(line) for line in f if line.strip()]
+        train, val = last_record(log, step, 'train/loss'), last_record(log, step, 'val/loss')
+        if train:
+            lines.append(f"- Training loss {train['train/loss']:.3f} at step {train['step']:,} (train_log.jsonl).")
+        if val:
+            per_source = ', '.join(f"{k[4:]} {v:.3f}" for k, v in val.items() if k.startswith('val/') and k != 'val/loss')
+            lines.append(f"- Validation loss {val['val/loss']:.3f} at step {val['step']:,} ({per_source}; "
+                         "train_log.jsonl).")
+    command = f"`{info['command']}`" if info.get('command') else 'not recorded in the checkpoint'
+    lines.append(f"- Command: {command}.")
+    return lines
+
+
+def metric_rows(results, shots):
+    rows = []
+    for task, values in results.items():
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(',')
+            if not filter_name or metric.endswith('_stderr') or not isinstance(value, (int, float)):
+                continue
+            stderr = values.get(f'{metric}_stderr,{filter_name}')
+            stderr = f"± {stderr:.4f}" if isinstance(stderr, (int, float)) else ''
+            rows.append(f"| {task} | {metric} ({filter_name}) | {value:.4f} | {stderr} | {shots.get(task, '')} |")
+    return rows
+
+
+def eval_section(report):
+    command = f"`{report['command']}`" if report.get('command') else \
+        "eval.py (this JSON records no command; its settings are under `config`)"
+    lines = [f"Measured by {command} on `{report['checkpoint']}`: prompts "
+             f"{'ChatML' if report.get('chat') else 'plain'}, scoring `{report.get('scoring', 'harness')}`"
+             f"{'' if report.get('complete', True) else '; the evaluation was interrupted: finished tasks only'}.", '']
+    if report.get('results'):
+        lines += ['| task | metric | value | stderr | shots |', '|---|---|---|---|---|']
+        lines += metric_rows(report['results'], report.get('n-shot') or {})
+        lines.append('')
+    for source, values in (report.get('perplexity') or {}).items():
+        lines.append(f"- Perplexity, {source}: {values['perplexity']:.2f} ({values['tokens']:,} tokens; protocol "
+                     f"`{values['protocol']}`).")
+    paper = report.get('paper')
+    if paper and paper.get('rows'):
+        lines += ['', f"Beside the author's model card ({paper.get('model', '')} column):", '',
+                  "| task | metric | this model | the card |", '|---|---|---|---|']
+        for row in paper['rows']:
+            ours = '' if row.get('ours') is None else f"{row['ours']:.2f}"
+            lines.append(f"| {row['task']} | {row['metric']} | {ours} | {row.get('paper', '')} |")
+    return lines
+
+
+def routing_section(summary):
+    command = f"`{summary['command']}`" if summary.get('command') else 'analyze.py (no command recorded)'
+    lines = [f"Measured by {command}:"]
+    if summary.get('routing_entropy_mean_nats') is not None:
+        lines.append(f"- Mean dynamic routing entropy {summary['routing_entropy_mean_nats']:.4f} nats "
+                     f"({100 * summary['routing_entropy_mean_fraction']:.1f}% of ln {len(ACTIVATION_NAMES)}).")
+    per_layer = summary.get('per_layer') or {}
+    if per_layer.get('dynamic_entropy_mean'):
+        values = ', '.join(f"{v:.3f}" for v in per_layer['dynamic_entropy_mean'])
+        lines.append(f"- Per layer (nats, first to last): {values}.")
+    audit = summary.get('causality_audit')
+    if audit:
+        lines.append(f"- Future tokens move earlier predictions (the gate's mean pool): mean KL {audit['mean_kl']:.4f} "
+                     f"over {audit['sequences']} sequences cut at their middle.")
+    return lines
+
+
+def model_card(model, info, title, evaluation, summary, repo_id):
+    config = model.config
+    total, routing = count_parameters(config)
+    polyglu = config.model_type == 'polyglu'
+    front = ['---', 'library_name: pytorch', 'pipeline_tag: text-generation', 'tags:', '- polychromaticlm',
+             f"- {'polyglu' if polyglu else 'swiglu'}"]
+    if license:
+        front.append(f'license: {license}')
+    base = info.get('init_from') or ''
+    if info.get('stage') == 'sft' and base.startswith(HUB_PREFIX):
+        front.append(f'base_model: {base[len(HUB_PREFIX):]}')
+    front.append('---')
+    kind = ('a PolychromaticLM: its FFN layers are PolyGLU, every neuron mixing ReLU, Tanh, SiLU and GELU with a '
+            'learned preference modulated by a gate that reads the mean hidden state' if polyglu else
+            'a VanillaLM: the PolychromaticLM architecture with a standard SwiGLU FFN (the controlled baseline)')
+    where = f"hf:{repo_id}" if repo_id else '/path/to/this/folder'
+    ffn = f"PolyGLU over {', '.join(ACTIVATION_NAMES)}, τ {info['tau']}" if polyglu else 'SwiGLU'
+    lines = front + ['', f'# {title}', '',
+                     f"{title} is {kind}. {'Fine-tuned for chat (ChatML).' if info.get('stage') == 'sft' else ''}",
+                     f"Exported by {PROJECT}'s export.py ({project_version()}) from `{checkpoint}` (step "
+                     f"{info['step']:,}).", '', '## Model', '', '| | |', '|---|---|',
+                     f"| parameters | {total:,}" + (f" (routing {routing:,}, {100 * routing / total:.2f}%)" if polyglu
+                                                    else '') + ' |',
+                     f"| layers | {config.n_layers} |", f"| d_model / d_ff | {config.d_model} / {config.d_ff} |",
+                     f"| attention | GQA, {config.n_heads} query / {config.n_kv_heads} KV heads, head dim "
+                     f"{config.head_dim}, QK-norm, RoPE θ {config.rope_theta:g} |",
+                     f"| context | {config.max_seq_len:,} tokens |", f"| vocabulary | {config.vocab_size:,} |",
+                     f"| FFN | {ffn} |",
+                     f"| weights | model.safetensors, {dtype}, the author's parameter names, head tied to the "
+                     "embedding |", '', '## Training', ''] + training_section(info, model)
+    lines += ['', '## Evaluation', '']
+    lines += eval_section(evaluation) if evaluation else ['No benchmark was run on these weights for this card.']
+    if polyglu and summary:
+        lines += ['', '## Routing', ''] + routing_section(summary)
+    lines += ['', '## Use', '',
+              f"With the {PROJECT} code (no transformers model class; the tokenizer loads with either):", '',
+              '```', f"python sample.py --checkpoint={where}" + ('' if info.get('stage') == 'sft' else
+                                                                 ' --prompt="The derivative of x^3 is"'),
+              f"python eval.py --checkpoint={where} --tasks=paper", '```', '', '```python',
+              'from model import load_checkpoint', f"model, info = load_checkpoint('{where}')", '```', '',
+              '## Limits', '',
+              '- Exact generation runs a full forward per new token: the gate reads the mean over the whole sequence, '
+              'so a key/value cache is inexact (sample.py `--generation=cached` is the fast approximation).',
+              f"- At most {config.max_seq_len:,} tokens of context.",
+              '- A small research model: it writes false statements with confidence, and was not tuned for safety.']
+    if not evaluation:
+        lines.append('- Not evaluated here: run eval.py on it and export again with --eval_results=.')
+    return '\n'.join(lines) + '\n'
+
+
+def upload(folder, repo_id):
+    """Create the repo if needed (private unless public=True) and upload the folder; every failure one line."""
+    import huggingface_hub
+    load_dotenv()
+    token = os.environ.get('HF_TOKEN')
+    if huggingface_hub.is_offline_mode():
+        fail(f"upload of hf:{repo_id} failed: HF_HUB_OFFLINE is set: unset it to upload")
+    if not token:
+        fail(f"upload of hf:{repo_id} needs a write token: put HF_TOKEN=... in the environment or a git-ignored .env")
+    try:
+        url = huggingface_hub.create_repo(repo_id, token=token, private=not public, exist_ok=True, repo_type='model')
+        huggingface_hub.upload_folder(repo_id=repo_id, folder_path=folder, token=token, repo_type='model',
+                                      commit_message=f"{PROJECT} export.py: {os.path.basename(checkpoint)}")
+    except Exception as e:  # every way the hub refuses; the token is never part of the line
+        raise SystemExit(hub_failure(e, repo_id, 'upload'))
+    print(f"uploaded {folder} to {url} ({'public' if public else 'private'}); it loads with "
+          f"--checkpoint=hf:{repo_id}")
+
+
+def main():
+    if dtype not in DTYPES:
+        fail(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if push and push.count('/') != 1:
+        fail(f"push= takes a hub model id owner/name, got {push!r}")
+    folder = out_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_file(checkpoint))), 'export')
+    model, info = load_checkpoint(checkpoint)
+    evaluation, summary = read_result(eval_results, 'eval_results', info), read_result(analysis, 'analysis', info)
+    tok = get_tokenizer(checkpoint_tokenizer(info, tokenizer), model.config.vocab_size)
+    os.makedirs(folder, exist_ok=True)
+    weights = release_weights(model)
+    config = release_config(model, info)
+    metadata = {k: json.dumps(config[k]) for k in ('step', 'tau', 'tokens', 'stage') if config.get(k) is not None}
+    metadata.update(format='pt', model_config=json.dumps(info['model_config']))
+
+    from safetensors.torch import save_file
+    write_atomic(os.path.join(folder, 'model.safetensors'), lambda tmp: save_file(weights, tmp, metadata=metadata))
+    write_json(os.path.join(folder, 'config.json'), config)
+    write_tokenizer(tok, folder, model.config.max_seq_len)
+    title = name or (push.split('/')[1] if push else os.path.basename(os.path.abspath(folder)))
+    card = model_card(model, info, title, evaluation, summary, push)
+    write_atomic(os.path.join(folder, 'README.md'), lambda tmp: open(tmp, 'w').write(card))
+
+    # read it back as a stranger would: the folder alone, the logits of the checkpoint at the exported precision
+    reloaded, reloaded_info = load_checkpoint(folder)
+    ids = (torch.arange(min(32, model.config.max_seq_len)) * 7919 % model.config.vocab_size)[None]
+    with torch.no_grad():
+        for p in model.parameters():  # the checkpoint rounded to the export dtype (the RoPE tables are recomputed)
+            p.copy_(p.to(DTYPES[dtype]).float())
+        if not torch.equal(reloaded(ids), model(ids)) or reloaded_info['step'] != info['step']:
+            fail(f"{folder} does not read back with the checkpoint's logits: the export is wrong; please report it")
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    print(f"exported {checkpoint} (step {info['step']:,}, {'SFT' if fine_tuned(info, checkpoint) else 'pre-trained'}) "
+          f"to {folder}: model.safetensors ({dtype}), config.json, tokenizer, README.md; {size / 2 ** 20:,.1f} MiB; "
+          "read back with identical logits")
+    if push:
+        upload(folder, push)
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals())
+    main()

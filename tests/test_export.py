@@ -1,0 +1,237 @@
+"""export.py: the release folder (safetensors in the author's layout, config, tokenizer, card) reads back with the
+checkpoint's logits, as a folder and as a (mocked) hub repo; the card states only what was measured; the upload is
+mocked, and every hub refusal is one line."""
+import importlib
+import json
+import os
+import re
+import sys
+
+import huggingface_hub
+import pytest
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+import model as M
+import synthetic
+import utils
+from configurator import configure
+
+DIMS = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)  # the author
+TOKEN = 'hf_secret_write_token_123'                                           # weights' dims in tests/synthetic.py
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A real tiny train.py run (checkpoint, train_log.jsonl, its command and data recorded) and a word tokenizer."""
+    import train
+    folder = tmp_path_factory.mktemp('run')
+    data_dir, out_dir = str(folder / 'data'), str(folder / 'out')
+    for i, source in enumerate(('math', 'stem', 'code')):
+        synthetic.write_source(data_dir, source, seed=i)
+    args = synthetic.train_args(data_dir, out_dir, max_steps=10, eval_interval=10, checkpoint_interval=10,
+                                **{k: v for k, v in DIMS.items() if k != 'vocab_size'})
+    argv, sys.argv = sys.argv, ['train.py'] + args
+    try:
+        train = importlib.reload(train)
+        configure(vars(train), args)
+        train.main()
+    finally:
+        sys.argv = argv
+    tok = Tokenizer(models.WordLevel({f'w{i}': i for i in range(512)}, unk_token='w0'))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix='##')
+    tok.save(str(folder / 'tokenizer.json'))
+    return os.path.join(out_dir, 'portable_final.pt'), str(folder / 'tokenizer.json')
+
+
+def export(args, capsys=None):
+    import export as X
+    X = importlib.reload(X)
+    configure(vars(X), args)
+    X.main()
+    return capsys.readouterr().out if capsys else None
+
+
+def logits(model, ids=torch.arange(40)[None] * 13 % 512):
+    with torch.no_grad():
+        return model(ids)
+
+
+def rounded(model, dtype=torch.bfloat16):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype).float())
+    return model
+
+
+def test_export_reads_back_with_the_checkpoints_logits_in_the_authors_layout(trained, tmp_path, capsys):
+    checkpoint, tokenizer = trained
+    out = export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/release', f'--tokenizer={tokenizer}'], capsys)
+    assert re.search(r'to .*release: model.safetensors \(bfloat16\), .* read back with identical logits', out)
+    assert sorted(os.listdir(tmp_path / 'release')) == ['README.md', 'config.json', 'model.safetensors',
+                                                        'tokenizer.json', 'tokenizer_config.json']
+    # the same keys, shapes and dtypes as the author's model.safetensors of the same dims, the tied head stored once
+    author = synthetic.write_author_files(str(tmp_path / 'author'), synthetic.author_weights())['safetensors']
+    layout = lambda path: {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())  # noqa: E731
+                           for f in [safe_open(path, framework='pt')] for k in f.keys()}
+    assert layout(f'{tmp_path}/release/model.safetensors') == layout(author)
+    assert 'output_head.weight' not in layout(author)
+    # read back: bf16 weights, the checkpoint's logits at bf16, its step and tau, the tokenizer found beside it
+    original, info = M.load_checkpoint(checkpoint)
+    reloaded, reloaded_info = M.load_checkpoint(f'{tmp_path}/release')
+    assert torch.equal(logits(reloaded), logits(rounded(original)))
+    assert (reloaded_info['step'], reloaded_info['tau'], reloaded_info['tokens']) == (10, info['tau'], 10 * 8 * 32)
+    assert utils.checkpoint_tokenizer(reloaded_info) == f'{tmp_path}/release/tokenizer.json'
+    config = json.load(open(tmp_path / 'release/config.json'))
+    assert {k: config[k] for k in ('model_type', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff',
+                                   'max_seq_len', 'rope_theta', 'activations', 'tau', 'step', 'tokens')} == \
+        {'model_type': 'polyglu', 'd_model': 32, 'n_layers': 2, 'n_heads': 4, 'n_kv_heads': 2, 'head_dim': 8,
+         'd_ff': 64, 'max_seq_len': 128, 'rope_theta': 10_000.0, 'activations': ['relu', 'tanh', 'silu', 'gelu'],
+         'tau': info['tau'], 'step': 10, 'tokens': 2560}
+    assert config['producer']['name'] == 'PolychromaticLM' and config['producer']['version']
+    # float32: no rounding at all
+    export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/fp32', f'--tokenizer={tokenizer}', '--dtype=float32'])
+    assert torch.equal(logits(M.load_checkpoint(f'{tmp_path}/fp32')[0]), logits(M.load_checkpoint(checkpoint)[0]))
+
+
+def test_the_authors_checkpoint_exports_to_the_authors_file(tmp_path, trained):
+    """Their portable .pt exported is their model.safetensors: every tensor equal, bit for bit."""
+    weights = synthetic.author_weights()
+    paths = synthetic.write_author_files(str(tmp_path / 'author'), weights)
+    export([f'--checkpoint={paths["pt"]}', f'--out_dir={tmp_path}/release', f'--tokenizer={trained[1]}'])
+    with safe_open(paths['safetensors'], framework='pt') as theirs, \
+            safe_open(f'{tmp_path}/release/model.safetensors', framework='pt') as ours:
+        assert set(theirs.keys()) == set(ours.keys())
+        for key in theirs.keys():
+            assert torch.equal(theirs.get_tensor(key), ours.get_tensor(key)), key
+
+
+def test_a_mocked_hub_repo_of_the_export_loads_with_the_same_logits(trained, tmp_path, monkeypatch):
+    checkpoint, tokenizer = trained
+    export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/release', f'--tokenizer={tokenizer}'])
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(huggingface_hub, 'list_repo_files', lambda repo_id, token=None: os.listdir(tmp_path / 'release'))
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda repo_id, filename, token=None:
+                        fetched.append(filename) or str(tmp_path / 'release' / filename))
+    model, info = M.load_checkpoint('hf:me/tiny')
+    assert fetched == ['model.safetensors', 'tokenizer.json']
+    assert torch.equal(logits(model), logits(M.load_checkpoint(f'{tmp_path}/release')[0]))
+    assert utils.checkpoint_tokenizer(info).endswith('release/tokenizer.json')
+
+
+def test_transformers_reads_the_tokenizer_files(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    export([f'--checkpoint={trained[0]}', f'--out_dir={tmp_path}/release', f'--tokenizer={trained[1]}'])
+    from transformers import AutoTokenizer
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / 'release'))
+    ours = Tokenizer.from_file(trained[1])
+    assert theirs('w5 w17 w300')['input_ids'] == ours.encode('w5 w17 w300').ids == [5, 17, 300]
+
+
+def eval_report(checkpoint, tmp_path, file=None):
+    """eval.py's JSON as it writes it (keys, the harness's metric names, the perplexity protocol)."""
+    report = {'checkpoint': checkpoint, 'file': file or checkpoint, 'command': f'eval.py --checkpoint={checkpoint}',
+              'chat': False, 'scoring': 'harness', 'complete': True,
+              'results': {'gsm8k': {'alias': 'gsm8k', 'exact_match,strict-match': 0.0125,
+                                    'exact_match_stderr,strict-match': 0.003, 'exact_match,flexible-extract': 0.02,
+                                    'exact_match_stderr,flexible-extract': 0.004}},
+              'n-shot': {'gsm8k': 5},
+              'perplexity': {'math': {'protocol': 'validation', 'loss': 1.2, 'perplexity': 3.3201, 'tokens': 4096}}}
+    path = str(tmp_path / 'eval.json')
+    json.dump(report, open(path, 'w'))
+    return path
+
+
+def test_the_card_states_what_was_measured_and_by_which_command(trained, tmp_path, capsys):
+    checkpoint, tokenizer = trained
+    summary = {'checkpoint': checkpoint, 'file': checkpoint, 'command': 'analyze.py --checkpoint=x',
+               'routing_entropy_mean_nats': 0.1234, 'routing_entropy_mean_fraction': 0.089,
+               'per_layer': {'dynamic_entropy_mean': [0.2, 0.0468]}}
+    json.dump(summary, open(tmp_path / 'summary.json', 'w'))
+    export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/release', f'--tokenizer={tokenizer}',
+            f'--eval_results={eval_report(checkpoint, tmp_path)}', f'--analysis={tmp_path}/summary.json'])
+    card = open(tmp_path / 'release/README.md').read()
+    log = [json.loads(line) for line in open(os.path.join(os.path.dirname(checkpoint), 'train_log.jsonl'))]
+    assert 'Pre-trained on 2,560 tokens in 10 steps (8 rows of 32 tokens a step, 1 process(es))' in card
+    assert f"Training loss {log[-2]['train/loss']:.3f} at step 10" in card
+    assert f"Validation loss {log[-1]['val/loss']:.3f} at step 10 (math {log[-1]['val/math']:.3f}" in card
+    assert re.search(r'Command: `train\.py --data_dir=\S+ --out_dir=\S+ .*--max_steps=10', card)
+    assert 'Data `math`: unrecorded (60,' in card  # synthetic data names no dataset id
+    assert f'Measured by `eval.py --checkpoint={checkpoint}`' in card
+    assert '| gsm8k | exact_match (strict-match) | 0.0125 | ± 0.0030 | 5 |' in card
+    assert 'Perplexity, math: 3.32 (4,096 tokens; protocol `validation`)' in card
+    assert 'Measured by `analyze.py --checkpoint=x`' in card and '0.1234 nats (8.9% of ln 4)' in card
+    assert 'Per layer (nats, first to last): 0.200, 0.047' in card
+    # nothing measured, nothing stated
+    export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/bare', f'--tokenizer={tokenizer}'])
+    bare = open(tmp_path / 'bare/README.md').read()
+    assert 'No benchmark was run on these weights' in bare and '## Routing' not in bare and 'Perplexity' not in bare
+    # results measured on other weights are refused
+    other = str(tmp_path / 'other.pt')
+    M.save_checkpoint(other, M.create_model(M.ModelConfig(**DIMS)), step=3)
+    with pytest.raises(SystemExit, match=r"other\.pt.*, not .*portable_final\.pt: a card shows only figures measured"):
+        export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/x', f'--tokenizer={tokenizer}',
+                f'--eval_results={eval_report(other, tmp_path)}'])
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A mocked hub: create_repo and upload_folder record their calls; HF_TOKEN from a .env."""
+    calls = []
+    monkeypatch.setattr(huggingface_hub, 'create_repo', lambda repo_id, **kw: calls.append(('create', repo_id, kw))
+                        or f'https://huggingface.co/{repo_id}')
+    monkeypatch.setattr(huggingface_hub, 'upload_folder', lambda **kw: calls.append(('upload', kw)))
+    monkeypatch.setattr(huggingface_hub, 'is_offline_mode', lambda: False)
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / '.env').write_text(f'HF_TOKEN={TOKEN}\n')
+    return calls
+
+
+def test_push_uploads_the_folder_private_unless_public(trained, tmp_path, hub, capsys):
+    checkpoint, tokenizer = trained
+    out = export([f'--checkpoint={checkpoint}', '--out_dir=release', f'--tokenizer={tokenizer}', '--push=me/tiny-lm'],
+                 capsys)
+    (_, repo_id, create), (_, upload) = hub
+    assert repo_id == 'me/tiny-lm' and create['private'] is True and create['token'] == TOKEN
+    assert upload['repo_id'] == 'me/tiny-lm' and upload['folder_path'] == 'release' and upload['token'] == TOKEN
+    assert 'uploaded release to https://huggingface.co/me/tiny-lm (private)' in out and TOKEN not in out
+    card = open(tmp_path / 'release/README.md').read()
+    assert card.count('# tiny-lm') == 1 and 'sample.py --checkpoint=hf:me/tiny-lm' in card
+    hub.clear()
+    export([f'--checkpoint={checkpoint}', '--out_dir=release', f'--tokenizer={tokenizer}', '--push=me/tiny-lm',
+            '--public=True'])
+    assert hub[0][2]['private'] is False
+
+
+@pytest.mark.parametrize('fault', sorted(synthetic.HUB_FAULTS))
+def test_upload_faults_are_one_line(fault, trained, tmp_path, hub, monkeypatch, capsys):
+    checkpoint, tokenizer = trained
+
+    def refuse(**kwargs):
+        raise synthetic.hub_fault(fault, url='https://huggingface.co/api/models/me/tiny-lm/preupload/main')
+    monkeypatch.setattr(huggingface_hub, 'upload_folder', refuse)
+    with pytest.raises(SystemExit) as stop:
+        export([f'--checkpoint={checkpoint}', '--out_dir=release', f'--tokenizer={tokenizer}', '--push=me/tiny-lm'])
+    message = str(stop.value)
+    assert message.startswith('error: upload of hf:me/tiny-lm failed: ') and '\n' not in message and TOKEN not in message
+    assert re.search(synthetic.HUB_FAULTS[fault] if fault != 'forbidden' else r'may not write there \(403\)', message)
+    assert TOKEN not in capsys.readouterr().out
+
+
+def test_a_missing_token_or_offline_mode_is_one_line(trained, tmp_path, hub, monkeypatch):
+    checkpoint, tokenizer = trained
+    args = [f'--checkpoint={checkpoint}', '--out_dir=release', f'--tokenizer={tokenizer}', '--push=me/tiny-lm']
+    os.remove(tmp_path / '.env')
+    with pytest.raises(SystemExit, match=r'^error: upload of hf:me/tiny-lm needs a write token: put HF_TOKEN=\.\.\.'):
+        export(args)
+    monkeypatch.setattr(huggingface_hub, 'is_offline_mode', lambda: True)
+    with pytest.raises(SystemExit, match=r'HF_HUB_OFFLINE is set: unset it to upload'):
+        export(args)
+    with pytest.raises(SystemExit, match=r"push= takes a hub model id owner/name, got 'tiny-lm'"):
+        export(args[:-1] + ['--push=tiny-lm'])
+    assert hub == []
