@@ -31,7 +31,7 @@ demo: setup
 	echo "$(DEMO_QUESTION)" | $(PY) sample.py --checkpoint=checkpoints/demo/portable_sft_final.pt --tokenizer=packaged \
 		--max_new_tokens=60
 	$(PY) export.py --checkpoint=checkpoints/demo/portable_sft_final.pt --out_dir=checkpoints/demo/export \
-		--tokenizer=packaged
+		--tokenizer=packaged --name=PolychromaticLM-demo-sft
 
 test: setup
 	$(PY) -m pytest -q

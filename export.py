@@ -132,50 +132,48 @@ def last_record(log, step, key):
     return next((r for r in reversed(log) if r.get('step', 0) <= step and key in r), None)
 
 
-def data_lines(data_dir):
-    """A line per prepared source under data_dir (or data_dir itself): dataset ids and tokens, from the manifests."""
-    if not data_dir or not os.path.isdir(data_dir):
-        return []
-    folders = [data_dir] if os.path.isfile(os.path.join(data_dir, 'manifest.json')) else \
-        [os.path.join(data_dir, d) for d in sorted(os.listdir(data_dir))
-         if os.path.isfile(os.path.join(data_dir, d, 'manifest.json'))]
+def data_lines(folders, label='Data'):
+    """A line per prepared folder a run read (train.py and sft.py record them): dataset ids and tokens, from its
+    manifest. A folder that is gone is skipped: nothing is stated that cannot be read."""
     lines = []
-    for folder in folders:
+    for folder in folders or []:
+        if not os.path.isfile(os.path.join(folder, 'manifest.json')):
+            continue
         manifest = read_manifest(folder)
-        ids = ', '.join(sorted({f"`{d['id']}`" for d in manifest.get('datasets', [])})) or 'unrecorded'
+        ids = ', '.join(f"`{d['id']}`" + (f" ({', '.join(d['input'])})" if d.get('input') else '')
+                        for d in manifest.get('datasets', [])) or 'unrecorded'
         count = f"{manifest['total_tokens']:,} tokens prepared" if 'total_tokens' in manifest else 'size unrecorded'
-        lines.append(f"- Data `{manifest.get('source', os.path.basename(folder))}`: {ids} ({count}, tokenizer "
-                     f"`{manifest.get('tokenizer')}`).")
+        lines.append(f"- {label}, `{manifest.get('source', os.path.basename(folder))}`: {ids}; {count}, tokenizer "
+                     f"`{manifest.get('tokenizer')}`.")
     return lines
 
 
 def training_section(info, model):
-    lines = []
-    config = model.config
-    step = info['step']
+    """What the checkpoint and its train_log.jsonl record of its training; an SFT model's base as its own file says."""
+    step, polyglu = info['step'], model.config.model_type == 'polyglu'
+    command = f"- Command: `{info['command']}`." if info.get('command') else '- Command: not recorded in the checkpoint.'
     if info.get('stage') == 'sft':
         base = info.get('init_from') or 'a checkpoint it does not record'
-        lines.append(f"- Fine-tuned (SFT, loss on assistant tokens of ChatML conversations) for {step:,} steps of "
-                     f"{info['rows_per_step']} rows of {info['block_size']} tokens, from `{base}`."
-                     if info.get('rows_per_step') and info.get('block_size') else
-                     f"- Fine-tuned (SFT) for {step:,} steps from `{base}`.")
-        if base.startswith(HUB_PREFIX) or not os.path.exists(base):
-            base_info = None
-        else:
+        size = f" of {info['rows_per_step']} packed conversation rows" if info.get('rows_per_step') else ''
+        lines = [f"- Fine-tuned (SFT, loss on the assistant tokens of ChatML conversations) for {step:,} steps{size}, "
+                 f"from `{base}`, τ frozen at {info['tau']}."]
+        lines += data_lines(info.get('data'), 'SFT data') + [command]
+        if not base.startswith(HUB_PREFIX) and os.path.exists(base):
             _, base_info = load_checkpoint(base)
-        if base_info and base_info.get('tokens'):
-            lines.append(f"- Its base was pre-trained on {base_info['tokens']:,} tokens ({base_info['step']:,} steps)"
-                         + (f" by `{base_info['command']}`." if base_info.get('command') else '.'))
-            lines += data_lines(base_info.get('data_dir'))
-    elif info.get('tokens'):
-        lines.append(f"- Pre-trained on {info['tokens']:,} tokens in {step:,} steps ({info.get('rows_per_step')} rows "
-                     f"of {info.get('block_size')} tokens a step, {info.get('world_size', 1)} process(es))"
-                     + (f", τ annealed to {info['tau']}." if config.model_type == 'polyglu' else '.'))
+            if base_info.get('tokens'):
+                lines.append(f"- The base: pre-trained on {base_info['tokens']:,} tokens in {base_info['step']:,} steps"
+                             + (f" by `{base_info['command']}`." if base_info.get('command') else '.'))
+                lines += data_lines(base_info.get('data'), "The base's data")
+        return lines
+    if info.get('tokens'):
+        lines = [f"- Pre-trained on {info['tokens']:,} tokens in {step:,} steps ({info.get('rows_per_step')} rows of "
+                 f"{info.get('block_size')} tokens a step, {info.get('world_size', 1)} process(es))"
+                 + (f", τ annealed to {info['tau']}." if polyglu else '.')]
     else:
-        lines.append(f"- Step {step:,}; the checkpoint ({info['format']}) records no token count.")
-    lines += data_lines(info.get('data_dir'))
+        lines = [f"- Step {step:,}; the checkpoint ({info['format']}) records no token count."]
+    lines += data_lines(info.get('data'))
     log_path = os.path.join(os.path.dirname(info['file']), 'train_log.jsonl')
-    if info.get('stage') != 'sft' and os.path.isfile(log_path):
+    if os.path.isfile(log_path):
         with open(log_path) as f:
             log = [json.loads(line) for line in f if line.strip()]
         train, val = last_record(log, step, 'train/loss'), last_record(log, step, 'val/loss')
@@ -185,9 +183,7 @@ def training_section(info, model):
             per_source = ', '.join(f"{k[4:]} {v:.3f}" for k, v in val.items() if k.startswith('val/') and k != 'val/loss')
             lines.append(f"- Validation loss {val['val/loss']:.3f} at step {val['step']:,} ({per_source}; "
                          "train_log.jsonl).")
-    command = f"`{info['command']}`" if info.get('command') else 'not recorded in the checkpoint'
-    lines.append(f"- Command: {command}.")
-    return lines
+    return lines + [command]
 
 
 def metric_rows(results, shots):
@@ -332,6 +328,8 @@ def main():
     write_json(os.path.join(folder, 'config.json'), config)
     write_tokenizer(tok, folder, model.config.max_seq_len)
     title = name or (push.split('/')[1] if push else os.path.basename(os.path.abspath(folder)))
+    if title == 'export':  # the default folder: the checkpoint's name says more
+        title = os.path.splitext(os.path.basename(info['file']))[0]
     card = model_card(model, info, title, evaluation, summary, push)
     write_atomic(os.path.join(folder, 'README.md'), lambda tmp: open(tmp, 'w').write(card))
 

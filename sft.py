@@ -254,8 +254,7 @@ def main():
             name = 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'
             save_checkpoint(os.path.join(out_dir, name), model, step, master_weights=masters,
                             optimizer_state=optimizer_state, scheduler_state=scheduler_state, init_from=init_from,
-                            stage='sft', rows_per_step=rows_per_step, world_size=world_size, data_dir=data_dir,
-                            block_size=block_size, **provenance)
+                            stage='sft', rows_per_step=rows_per_step, world_size=world_size, **provenance)
             prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
             report_save(step, os.path.join(out_dir, name), time.perf_counter() - save_start,
                         os.path.join(ds_dir, f'step_{step}') if backend == 'deepspeed' and ds_checkpoint else None)

@@ -167,10 +167,10 @@ def command_line():
 
 
 def run_provenance(data_folders):
-    """What a checkpoint records of how it was made, for sample.py, eval.py and export.py's model card: the command
-    and the tokenizer the data in data_folders was prepared with."""
+    """What a checkpoint records of how it was made, for sample.py, eval.py and export.py's model card: the command,
+    the prepared folders it read and the tokenizer they were prepared with."""
     tokenizer = next((read_manifest(folder).get('tokenizer') for folder in data_folders), None)
-    return {'command': command_line(), 'tokenizer': tokenizer}
+    return {'command': command_line(), 'data': list(data_folders), 'tokenizer': tokenizer}
 
 
 def read_manifest(folder, missing_hint='run prepare.py for it'):

@@ -160,7 +160,7 @@ def test_the_card_states_what_was_measured_and_by_which_command(trained, tmp_pat
     assert f"Training loss {log[-2]['train/loss']:.3f} at step 10" in card
     assert f"Validation loss {log[-1]['val/loss']:.3f} at step 10 (math {log[-1]['val/math']:.3f}" in card
     assert re.search(r'Command: `train\.py --data_dir=\S+ --out_dir=\S+ .*--max_steps=10', card)
-    assert 'Data `math`: unrecorded (60,' in card  # synthetic data names no dataset id
+    assert re.search(r'Data, `math`: unrecorded; 60,\d+ tokens prepared, tokenizer `synthetic`', card)  # no dataset id
     assert f'Measured by `eval.py --checkpoint={checkpoint}`' in card
     assert '| gsm8k | exact_match (strict-match) | 0.0125 | ± 0.0030 | 5 |' in card
     assert 'Perplexity, math: 3.32 (4,096 tokens; protocol `validation`)' in card

@@ -71,7 +71,10 @@ def test_demo_pipeline(tmp_path):
     out = run('export.py', f'--checkpoint={sft_checkpoint}', '--out_dir=checkpoints/demo/export', cwd=tmp_path)
     assert 'read back with identical logits' in out
     card = open(tmp_path / 'checkpoints/demo/export/README.md').read()
-    assert 'Fine-tuned (SFT, loss on assistant tokens of ChatML conversations)' in card
+    assert re.search(r'Fine-tuned \(SFT, loss on the assistant tokens of ChatML conversations\) for \d+ steps of 4 '
+                     r'packed conversation rows, from `checkpoints/demo/portable_final.pt`', card)
+    assert re.search(r'SFT data, `sft`: `local` \(data/demo/raw/sft.jsonl\); [\d,]+ tokens prepared', card)
+    assert "The base's data, `math`" in card and "The base's data, `sft`" not in card
     assert re.search(r'Command: `sft\.py config/tiny_sft\.py --init_from=', card)
     reloaded, info = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/export'))
     assert info['stage'] == 'sft' and info['step'] == M.load_checkpoint(str(tmp_path / sft_checkpoint))[1]['step']
