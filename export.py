@@ -20,7 +20,8 @@ import subprocess
 import torch
 
 from model import ACTIVATION_NAMES, HUB_PREFIX, EOS_ID, checkpoint_file, count_parameters, load_checkpoint
-from utils import chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, hub_failure, load_dotenv, read_manifest
+from utils import (chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, hub_failure, load_dotenv, quiet_hub,
+                   read_manifest)
 
 # -----------------------------------------------------------------------------
 # config
@@ -299,9 +300,11 @@ def upload(folder, repo_id):
     if not token:
         fail(f"upload of hf:{repo_id} needs a write token: put HF_TOKEN=... in the environment or a git-ignored .env")
     try:
-        url = huggingface_hub.create_repo(repo_id, token=token, private=not public, exist_ok=True, repo_type='model')
-        huggingface_hub.upload_folder(repo_id=repo_id, folder_path=folder, token=token, repo_type='model',
-                                      commit_message=f"{PROJECT} export.py: {os.path.basename(checkpoint)}")
+        with quiet_hub():
+            url = huggingface_hub.create_repo(repo_id, token=token, private=not public, exist_ok=True,
+                                              repo_type='model')
+            huggingface_hub.upload_folder(repo_id=repo_id, folder_path=folder, token=token, repo_type='model',
+                                          commit_message=f"{PROJECT} export.py: {os.path.basename(checkpoint)}")
     except Exception as e:  # every way the hub refuses; the token is never part of the line
         raise SystemExit(hub_failure(e, repo_id, 'upload'))
     print(f"uploaded {folder} to {url} ({'public' if public else 'private'}); it loads with "

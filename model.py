@@ -807,18 +807,19 @@ def hub_checkpoint(repo_id):
     (HF_TOKEN from the environment or .env; HF_HUB_OFFLINE=1 uses the cache only) -> the checkpoint's local path. A
     failure is one line: the id, the cause, the fix (utils.hub_failure)."""
     from huggingface_hub import hf_hub_download, is_offline_mode, list_repo_files, snapshot_download
-    from utils import hub_failure, load_dotenv
+    from utils import hub_failure, load_dotenv, quiet_hub
     load_dotenv()
     token = os.environ.get('HF_TOKEN')
     try:
-        if is_offline_mode():
-            names = os.listdir(snapshot_download(repo_id, token=token, local_files_only=True))
-        else:
-            names = list_repo_files(repo_id, token=token)
-        path = hf_hub_download(repo_id, pick_checkpoint_file(names, f'{HUB_PREFIX}{repo_id}'), token=token)
-        if 'tokenizer.json' in names:  # beside the checkpoint in the snapshot: sample.py and eval.py find it there
-            hf_hub_download(repo_id, 'tokenizer.json', token=token)
-        return path
+        with quiet_hub():
+            if is_offline_mode():
+                names = os.listdir(snapshot_download(repo_id, token=token, local_files_only=True))
+            else:
+                names = list_repo_files(repo_id, token=token)
+            path = hf_hub_download(repo_id, pick_checkpoint_file(names, f'{HUB_PREFIX}{repo_id}'), token=token)
+            if 'tokenizer.json' in names:  # beside the checkpoint in the snapshot: sample.py and eval.py find it there
+                hf_hub_download(repo_id, 'tokenizer.json', token=token)
+            return path
     except Exception as e:  # every way a hub call fails; pick_checkpoint_file's own SystemExit passes through
         raise SystemExit(hub_failure(e, repo_id))
 

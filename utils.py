@@ -1,4 +1,5 @@
 """The few helpers more than one stage needs: .env secrets, the tokenizer, the cosine schedule."""
+import contextlib
 import importlib.util
 import math
 import os
@@ -20,6 +21,22 @@ def load_dotenv(path='.env'):
             if line and not line.startswith('#') and '=' in line:
                 key, value = line.split('=', 1)
                 os.environ.setdefault(key.strip(), value.strip().strip('"').strip("'"))
+
+
+@contextlib.contextmanager
+def quiet_hub():
+    """Within: huggingface_hub's retry warnings ('... thrown while requesting ...', 'Retrying in 8s') are not printed;
+    a failure that outlasts its retries becomes one line from hub_failure instead of a dozen."""
+    import logging
+
+    import huggingface_hub.utils.logging  # noqa: F401  its import sets the library's log level: ours comes after
+    logger = logging.getLogger('huggingface_hub')
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def hub_failure(error, repo_id, action='download'):
@@ -84,7 +101,8 @@ def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
     else:
         load_dotenv()
         try:
-            tokenizer = Tokenizer.from_pretrained(name, token=os.environ.get('HF_TOKEN'))
+            with quiet_hub():
+                tokenizer = Tokenizer.from_pretrained(name, token=os.environ.get('HF_TOKEN'))
         except Exception as e:
             raise SystemExit(f"{hub_failure(e, name)} (the tokenizer; offline, tokenizer=packaged is the same Qwen3 "
                              "tokenizer, or give a local tokenizer.json)")

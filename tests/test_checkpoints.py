@@ -1,5 +1,6 @@
 """The author's published formats (SPEC.md): a portable .pt and a .safetensors, built here at a tiny size from the
 author's names, load into our model with the author's logits; a hub id resolves to the right file, offline too."""
+import logging
 import os
 import pickle
 import re
@@ -156,13 +157,14 @@ def test_hub_id_fetches_the_safetensors_else_the_pt(author, monkeypatch, tmp_pat
 
 
 @pytest.mark.parametrize('fault', sorted(synthetic.HUB_FAULTS))
-def test_hub_download_faults_are_one_line(fault, monkeypatch, tmp_path, author):
+def test_hub_download_faults_are_one_line(fault, monkeypatch, capsys, caplog):
     """Each way a download fails is one line naming the id, the cause and the fix (a dead network was a 40-line httpx2
     traceback), whether the listing or the download itself fails."""
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
 
-    def fail(*args, **kwargs):
+    def fail(*args, **kwargs):  # after huggingface_hub's retries, which it announces as warnings
+        logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 8s [Retry 5/5].')
         raise synthetic.hub_fault(fault)
     for listing, download in ((fail, None), (lambda repo_id, token=None: ['model.safetensors'], fail)):
         monkeypatch.setattr(huggingface_hub, 'list_repo_files', listing)
@@ -172,6 +174,7 @@ def test_hub_download_faults_are_one_line(fault, monkeypatch, tmp_path, author):
         message = str(stop.value)
         assert message.startswith('error: download of hf:someone/model failed: ') and '\n' not in message
         assert re.search(synthetic.HUB_FAULTS[fault], message), message
+    assert 'Retrying' not in capsys.readouterr().err + caplog.text  # the one line is all that is said
 
 
 def test_a_repo_without_weights_is_one_line(monkeypatch):
