@@ -82,8 +82,9 @@ def stream(model, tok, ids, max_new, pick, stop_ids, stats):
 
 def fit_conversation(model, tok, messages):
     """The ChatML ids of the conversation, oldest turns dropped (the system turn kept) until the reply has room within
-    max_seq_len -> (ids, turns dropped, new tokens allowed), or None when the last message alone leaves no room."""
-    limit, dropped = model.config.max_seq_len, 0
+    max_seq_len -> (ids, turns dropped, new tokens allowed), or None when the last message alone leaves no room (then
+    the conversation is left as it was)."""
+    limit, dropped, kept = model.config.max_seq_len, 0, list(messages)
     while True:
         ids = tok.encode(chatml(messages), add_special_tokens=False).ids
         first = 1 if messages[0]['role'] == 'system' else 0
@@ -92,7 +93,10 @@ def fit_conversation(model, tok, messages):
         del messages[first:first + 2]  # a user turn and its reply
         dropped += 2
     room = min(max_new_tokens, limit - len(ids))
-    return (ids, dropped, room) if room > 0 else None
+    if room <= 0:
+        messages[:] = kept
+        return None
+    return ids, dropped, room
 
 
 def chat_loop(model, tok, pick, stats):

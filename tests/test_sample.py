@@ -115,6 +115,7 @@ def test_chat_keeps_within_max_seq_len_and_ends_on_ctrl_c(setup, monkeypatch, ca
     assert re.search(r'error: that message is 75 tokens in ChatML, no room for a reply within max_seq_len=64: '
                      r'shorten it', out.out)
     assert len(prompts) == 4 and all(len(ids) + 8 <= 64 for ids in prompts)
+    assert prompts[1][:len(prompts[0])] == prompts[0] and len(prompts[1]) > len(prompts[0])  # nothing lost to it
     assert 'oldest turns no longer fit max_seq_len=64: dropped' in out.out
     # Ctrl-C, at the prompt or while a reply is written, ends the session cleanly: a new line, no traceback
     monkeypatch.setattr('builtins.input', lambda text='': (_ for _ in ()).throw(KeyboardInterrupt))
