@@ -20,7 +20,7 @@ import subprocess
 import torch
 
 from model import ACTIVATION_NAMES, HUB_PREFIX, EOS_ID, checkpoint_file, count_parameters, load_checkpoint
-from utils import (HUB_TOKENIZER, chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, hub_failure, load_dotenv, quiet_hub,
+from utils import (HUB_TOKENIZER, checkpoint_tokenizer, fine_tuned, get_tokenizer, hub_failure, load_dotenv, quiet_hub,
                    read_manifest)
 
 # -----------------------------------------------------------------------------
@@ -88,11 +88,10 @@ def release_config(model, info, tokenizer_name):
 
 def write_tokenizer(tok, folder, max_seq_len):
     """tokenizer.json as loaded, and a tokenizer_config.json so that transformers' AutoTokenizer reads the folder too
-    (with sft.py's ChatML as its chat template)."""
+    (with sft.py's ChatML, utils.chatml, as its chat template: tested equal)."""
     write_atomic(os.path.join(folder, 'tokenizer.json'), tok.save)
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    assert chatml([{'role': 'user', 'content': 'x'}]) == '<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n'
     settings = {'tokenizer_class': 'PreTrainedTokenizerFast', 'eos_token': '<|endoftext|>',
                 'pad_token': '<|endoftext|>', 'model_max_length': max_seq_len, 'chat_template': template}
     write_json(os.path.join(folder, 'tokenizer_config.json'), settings)

@@ -131,6 +131,10 @@ def test_transformers_reads_the_tokenizer_files(trained, tmp_path, monkeypatch):
     theirs = AutoTokenizer.from_pretrained(str(tmp_path / 'release'))
     ours = Tokenizer.from_file(trained[1])
     assert theirs('w5 w17 w300')['input_ids'] == ours.encode('w5 w17 w300').ids == [5, 17, 300]
+    conversation = [{'role': 'system', 'content': 'w1'}, {'role': 'user', 'content': 'w2 w3'},
+                    {'role': 'assistant', 'content': 'w4'}, {'role': 'user', 'content': 'w5'}]
+    assert theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == \
+        utils.chatml(conversation)  # sft.py's ChatML
 
 
 def eval_report(checkpoint, tmp_path, file=None):
