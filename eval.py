@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from model import (EOS_ID, attention_name, cu_seqlens_from_eos, enable_segment_pooling, generate_cached, generate_exact,
                    gumbel_routing, load_checkpoint, packed_hidden_states, whole_row_pooling)
-from utils import (chatml, checkpoint_tokenizer, command_line, fine_tuned, get_tokenizer, held_out_split, open_chunks, read_manifest,
-                   resolve_device)
+from utils import (chatml, checkpoint_tokenizer, command_line, file_digest, fine_tuned, get_tokenizer, held_out_split,
+                   open_chunks, read_manifest, resolve_device)
 
 # -----------------------------------------------------------------------------
 # config
@@ -221,15 +221,6 @@ def generate_texts(model, tok, prompts, budget, cached=False, desc='generate', r
 
 # -----------------------------------------------------------------------------
 # the harness wrapper
-
-def file_digest(path):
-    """sha256 of a file: the checkpoint's identity for the answer store (a second for the 1.2 GB model)."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 24), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def answers_path(state, tok, settings):
     """Where the answers of this model under these settings are kept: <output>_answers/<hash>.jsonl. The hash covers the

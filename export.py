@@ -13,15 +13,16 @@ record. Every figure in the card names the command that measured it; a figure no
 export is read back before it is called done: the folder loads with load_checkpoint (a path, or hf:owner/name once
 pushed) and gives the checkpoint's logits at the exported precision.
 """
+import functools
 import json
 import os
 import subprocess
 
 import torch
 
-from model import ACTIVATION_NAMES, HUB_PREFIX, EOS_ID, checkpoint_file, count_parameters, load_checkpoint
-from utils import (HUB_TOKENIZER, checkpoint_tokenizer, fine_tuned, get_tokenizer, hub_failure, load_dotenv, quiet_hub,
-                   read_manifest)
+from model import ACTIVATION_NAMES, HUB_PREFIX, EOS_ID, count_parameters, load_checkpoint
+from utils import (HUB_TOKENIZER, checkpoint_tokenizer, file_digest, fine_tuned, get_tokenizer, hub_failure, load_dotenv,
+                   quiet_hub, read_manifest)
 
 # -----------------------------------------------------------------------------
 # config
@@ -46,6 +47,7 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+@functools.lru_cache(maxsize=None)
 def project_version():
     """The git commit this code is at ('unknown' outside a checkout), '-dirty' with uncommitted changes."""
     try:
@@ -97,17 +99,19 @@ def write_tokenizer(tok, folder, max_seq_len):
     write_json(os.path.join(folder, 'tokenizer_config.json'), settings)
 
 
-def write_json(path, values):
+def write_text(path, text):
     def write(tmp):
         with open(tmp, 'w') as f:
-            json.dump(values, f, indent=1)
-            f.write('\n')
+            f.write(text)
     write_atomic(path, write)
+
+
+def write_json(path, values):
+    write_text(path, json.dumps(values, indent=1) + '\n')
 
 
 def same_weights(recorded_file, info):
     """Whether a result file's checkpoint is the one exported: the same file, or one with the same bytes."""
-    from eval import file_digest
     if not recorded_file or not os.path.isfile(recorded_file):
         return False
     return os.path.realpath(recorded_file) == os.path.realpath(info['file']) or \
@@ -124,7 +128,8 @@ def read_result(path, kind, info):
         result = json.load(f)
     if not same_weights(result.get('file'), info):
         fail(f"{path} measured {result.get('checkpoint')!r}, not {checkpoint}: a card shows only figures measured on "
-             f"the exported weights; run {'eval.py' if kind == 'eval' else 'analyze.py'} on it, or drop --{kind}=")
+             f"the exported weights; run {'eval.py' if kind == 'eval_results' else 'analyze.py'} on it, or drop "
+             f"--{kind}=")
     return result
 
 
@@ -317,8 +322,8 @@ def main():
         fail(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if push and push.count('/') != 1:
         fail(f"push= takes a hub model id owner/name, got {push!r}")
-    folder = out_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_file(checkpoint))), 'export')
     model, info = load_checkpoint(checkpoint)
+    folder = out_dir or os.path.join(os.path.dirname(os.path.abspath(info['file'])), 'export')
     evaluation, summary = read_result(eval_results, 'eval_results', info), read_result(analysis, 'analysis', info)
     tokenizer_name = checkpoint_tokenizer(info, tokenizer)
     tok = get_tokenizer(tokenizer_name, model.config.vocab_size)
@@ -340,7 +345,7 @@ def main():
     if title == 'export':  # the default folder: the checkpoint's name says more
         title = os.path.splitext(os.path.basename(info['file']))[0]
     card = model_card(model, info, title, evaluation, summary, push, tokenizer_name)
-    write_atomic(os.path.join(folder, 'README.md'), lambda tmp: open(tmp, 'w').write(card))
+    write_text(os.path.join(folder, 'README.md'), card)
 
     # read it back as a stranger would: the folder alone, the logits of the checkpoint at the exported precision
     reloaded, reloaded_info = load_checkpoint(folder)

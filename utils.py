@@ -29,7 +29,7 @@ def quiet_hub():
     a failure that outlasts its retries becomes one line from hub_failure instead of a dozen."""
     import logging
 
-    import huggingface_hub.utils.logging  # noqa: F401  its import sets the library's log level: ours comes after
+    importlib.import_module('huggingface_hub.utils.logging')  # its import sets the library's log level: ours after
     logger = logging.getLogger('huggingface_hub')
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -205,12 +205,22 @@ def read_manifest(folder, missing_hint='run prepare.py for it'):
                          "prepare.py with the same arguments to rewrite it, or restore the file")
 
 
+def file_digest(path):
+    """sha256 of a file, read in 16 MiB blocks: a chunk's checksum, and a checkpoint's identity for eval.py's answer
+    store and export.py's check of result files (a second for the 1.2 GB model)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def verified_chunk(folder, entry, key='file', checksum='sha256'):
     """Check a chunk against its manifest checksum where it is read, once: the result is cached in
     {folder}/verified.json against the file's size and mtime, so a later run re-hashes only a changed file (sha256
     runs at 1.8 GB/s here: the 10B-token corpus, 40 GB, once in ~23 s). Garbage bytes of the right size, or token ids
     past the vocabulary, are one line naming the chunk."""
-    import hashlib
     import json
     file = os.path.join(folder, entry[key])
     stat = os.stat(file)
@@ -223,11 +233,7 @@ def verified_chunk(folder, entry, key='file', checksum='sha256'):
     stamp = [stat.st_size, stat.st_mtime_ns, entry[checksum]]
     if cache.get(entry[key]) == stamp:
         return file
-    digest = hashlib.sha256()
-    with open(file, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 24), b''):
-            digest.update(block)
-    if digest.hexdigest() != entry[checksum]:
+    if file_digest(file) != entry[checksum]:
         raise SystemExit(f"error: {file} fails its manifest checksum (corrupted or foreign chunk): delete it and re-run "
                          f"prepare.py with the same arguments (`python prepare.py --verify={folder}` checks them all)")
     cache[entry[key]] = stamp
