@@ -8,7 +8,7 @@ DEMO := data/demo
 DEMO_PREPARE := --output_base=$(DEMO)/tokenized --tokenizer=packaged
 DEMO_QUESTION := Ana shares 47 pencils among 5 friends equally and keeps the rest. How many does each friend get?
 
-.PHONY: setup demo test gpu-check clean
+.PHONY: setup demo test gpu-check ablation clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,29 @@ test: setup
 # else the machine's own: a bare CUDA image with torch, numpy and pytest runs it too. GPU_CHECK_DRY=1: on the CPU, tiny.
 gpu-check:
 	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bench.py --gpu_check=True
+
+# PolyGLU against VanillaLM (README, "Is PolyGLU better?"): both arms x SEEDS init seeds on the same data, one run after
+# another, each in $(ABLATION_DIR)/{arm}-seed{n}; a finished run is skipped, an interrupted one resumes; then the paired
+# comparison in $(ABLATION_DIR)/comparison. LAUNCH='deepspeed --num_gpus=8' spreads each run over eight GPUs; ARGS are
+# added to every train.py command line.
+SEEDS ?= 3
+ABLATION_CONFIG ?= config/ablation.py
+ABLATION_DIR ?= checkpoints/ablation
+LAUNCH ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+ARGS ?=
+
+ablation:
+	@for seed in $$(seq 1 $(SEEDS)); do for arm in polyglu vanilla; do \
+		run=$(ABLATION_DIR)/$$arm-seed$$seed; \
+		if [ -f $$run/portable_final.pt ]; then echo "$$run: finished, skipped"; continue; fi; \
+		echo "$$run: train.py $(ABLATION_CONFIG) --model_type=$$arm --init_seed=$$seed"; \
+		$(LAUNCH) train.py $(ABLATION_CONFIG) --model_type=$$arm --init_seed=$$seed --out_dir=$$run \
+			--wandb_run_name=ablation-$$arm-seed$$seed $(ARGS) || exit 1; \
+		test -f $$run/portable_final.pt || { echo "$$run stopped before its end: make ablation resumes it"; exit 1; }; \
+	done; done
+	@runs() { seq -s, -f "$(ABLATION_DIR)/$$1-seed%g" $(SEEDS); }; \
+		$(if $(wildcard $(PY)),$(PY),$(PYTHON)) analyze.py --compare="polyglu=$$(runs polyglu) vanilla=$$(runs vanilla)" \
+		--output=$(ABLATION_DIR)/comparison
 
 clean:
 	rm -rf data/demo checkpoints/demo results/demo figures/demo

@@ -1,10 +1,11 @@
 """
 Interpretability of PolyGLU routing: neurotransmitter maps, routing entropy, the gate's contribution, routing
-by domain, a causality audit of the mean-pooled gate, and PolyGLU-vs-VanillaLM loss curves.
+by domain, a causality audit of the mean-pooled gate; and, from training logs alone, PolyGLU against VanillaLM at
+matched tokens (paired runs, mean and 95% interval over seeds).
 
     python analyze.py --checkpoint=checkpoints/portable_final.pt --output=figures/
     python analyze.py --checkpoint=... --data=math=data/tokenized/math,prose=notes.txt,code=snippets.jsonl
-    python analyze.py --checkpoint=... --compare=checkpoints/train_log.jsonl,checkpoints_vanilla/train_log.jsonl
+    python analyze.py --compare='polyglu=runs/p1,runs/p2 vanilla=runs/v1,runs/v2' --output=figures/ablation
 
 Writes PNG figures and summary.json (every number a figure shows) into `output`. Routing is measured with the
 model in eval mode (deterministic routing, softmax((alpha + beta f(h)) / tau)) on windows of `seq_len` tokens,
@@ -41,7 +42,9 @@ batch_tokens = 16_384        # windows packed into one forward
 collapse_threshold = 0.1     # nats: a neuron whose routing entropy is below this has collapsed to one activation
 map_layers = ''              # layers for the neuron-level maps, e.g. '0,13,27'; '' = first, middle, last
 audit_sequences = 8          # causality audit: sequences, each cut at its middle
-compare = ''                 # two train_log.jsonl files (or checkpoint folders holding one): loss curves
+compare = ''                 # training runs (out_dirs or their train_log.jsonl) instead of a checkpoint: two arms of paired
+                             # runs, 'polyglu=dir1,dir2 vanilla=dir3,dir4' (make ablation), or two runs 'dir_a,dir_b'
+smoothing = 0.05             # the compared training loss is the mean over this trailing fraction of the logged points
 device = 'auto'
 attention = 'auto'           # CUDA kernel for packed rows: flash-attn, else torch's varlen_attn, else SDPA per segment
 dtype = 'float32'
@@ -161,43 +164,231 @@ def gumbel_noise_effect(model, windows):
             'top1_agreement': agree / total}
 
 # -----------------------------------------------------------------------------
-# comparison of training runs
+# comparison of training runs: two arms of paired runs (make ablation), or two runs
+
+def t_quantile(p, df):
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom: bisection on its CDF, the density integrated
+    by Simpson's rule (what scipy.stats.t.ppf gives, without the dependency)."""
+    log_scale = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x):
+        t = np.linspace(0.0, x, 2001)
+        f = np.exp(log_scale - (df + 1) / 2 * np.log1p(t * t / df))
+        return 0.5 + x / 6000 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < p else (low, middle)
+    return (low + high) / 2
+
+
+def interval(values):
+    """Mean and 95% t-interval of paired differences (one per seed), over axis 0; no interval from one value."""
+    values = np.asarray(values, dtype=np.float64)
+    n, mean = len(values), values.mean(0)
+    if n < 2:
+        return n, mean, None
+    half = t_quantile(0.975, n - 1) * values.std(0, ddof=1) / math.sqrt(n)
+    return n, mean, (mean - half, mean + half)
+
 
 def read_log(path):
-    """Training-loss points (tokens, loss) of a train_log.jsonl, the last entry of a step winning (a resumed run
-    may have logged a step twice)."""
+    """A train_log.jsonl (or the out_dir holding it): training points (tokens, loss, tokens/s), the last entry of a step
+    winning (a resumed run logs some steps twice), validation losses by tokens, and the run's own record (train.py's
+    'run' line: model type, seeds, data plan)."""
     if os.path.isdir(path):
         path = os.path.join(path, 'train_log.jsonl')
     elif path.endswith('.pt'):
         path = os.path.join(os.path.dirname(path), 'train_log.jsonl')
     if not os.path.isfile(path):
         fail(f"no training log at {path}: train.py writes train_log.jsonl into its out_dir")
-    entries = {}
+    train, validation, run = {}, {}, {}
     with open(path) as f:
-        for line in f:
-            entry = json.loads(line)
+        for entry in map(json.loads, filter(str.strip, f)):
             if 'train/loss' in entry:
-                entries[entry['step']] = entry
-    points = sorted((e['train/tokens'], e['train/loss']) for e in entries.values())
-    return path, np.array(points, dtype=np.float64).reshape(-1, 2)
+                train[entry['step']] = entry
+            elif 'run' in entry:
+                run = entry['run']
+            elif any(k.startswith('val/') for k in entry):
+                validation[entry['train/tokens']] = {k[4:]: v for k, v in entry.items() if k.startswith('val/')}
+    points = sorted((e['train/tokens'], e['train/loss'], e.get('train/tokens_per_sec') or np.nan)
+                    for e in train.values())
+    if len(points) < 2:
+        fail(f"{path} holds {len(points)} training-loss entries; a comparison needs at least two")
+    return dict(path=path, points=np.array(points, dtype=np.float64), validation=validation, run=run)
 
 
-def compare_runs(paths, folder):
-    (path_a, a), (path_b, b) = (read_log(p) for p in paths)
-    common = np.linspace(max(a[0, 0], b[0, 0]), min(a[-1, 0], b[-1, 0]), 200)
-    if common[0] >= common[-1]:
-        fail(f"{path_a} and {path_b} share no range of tokens to compare")
-    loss_a, loss_b = np.interp(common, a[:, 0], a[:, 1]), np.interp(common, b[:, 0], b[:, 1])
-    last = common >= common[0] + 0.9 * (common[-1] - common[0])
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(a[:, 0], a[:, 1], label=os.path.dirname(path_a) or path_a)
-    ax.plot(b[:, 0], b[:, 1], label=os.path.dirname(path_b) or path_b)
-    ax.set(xlabel='tokens', ylabel='training loss', title='Loss at equal tokens')
-    ax.legend()
+def parse_arms(value):
+    """'polyglu=a,b vanilla=c,d' -> [('polyglu', [a, b]), ('vanilla', [c, d])]; 'a,b' -> two arms of one run each."""
+    if '=' not in value:
+        paths = [p for p in value.split(',') if p]
+        if len(paths) != 2:
+            fail("compare= takes two arms, 'polyglu=dir1,dir2 vanilla=dir3,dir4', or two runs 'dir_a,dir_b'")
+        return [(os.path.normpath(p), [p]) for p in paths]
+    arms = [item.split('=', 1) for item in value.split()]
+    if len(arms) != 2 or not all(name and paths for name, paths in arms):
+        fail(f"compare={value!r}: give two arms, 'polyglu=dir1,dir2 vanilla=dir3,dir4' (quoted: one argument)")
+    return [(name, [p for p in paths.split(',') if p]) for name, paths in arms]
+
+
+def check_pairs(arms, logs):
+    """Paired runs: as many in each arm, the i-th runs of the two arms trained on the same data plan, and no arm
+    repeating a run (the same folder or init_seed twice is one sample counted twice)."""
+    (first, runs_a), (second, runs_b) = arms
+    if len(runs_a) != len(runs_b):
+        fail(f"{first} has {len(runs_a)} runs and {second} {len(runs_b)}: the i-th runs of the arms are a pair, so "
+             "give both the same seeds")
+    for name, runs in arms:
+        for key, label in ((lambda r: os.path.realpath(logs[r]['path']), 'is listed twice'),
+                           (lambda r: logs[r]['run'].get('init_seed'), 'share an init_seed')):
+            seen = {}
+            for r in runs:
+                if key(r) is not None and key(r) in seen:
+                    fail(f"{name}: {seen[key(r)]} and {r} {label}: one run counted twice would shrink the interval "
+                         "without new evidence")
+                seen[key(r)] = r
+    plans = [(logs[a]['run'].get('data_plan'), logs[b]['run'].get('data_plan'), a, b) for a, b in zip(runs_a, runs_b)]
+    for plan_a, plan_b, a, b in plans:
+        if plan_a and plan_b and plan_a != plan_b:
+            fail(f"{a} and {b} trained on different data (data plans {plan_a} and {plan_b}): a paired comparison "
+                 "needs the same data, seed, batch and max_steps in both arms")
+    return 'identical' if all(a and b for a, b, _, _ in plans) else 'not recorded (logs from before train.py kept them)'
+
+
+def smoothing_window(grid):
+    return max(1, round(smoothing * len(grid)))
+
+
+def smoothed_loss(points, grid):
+    """The training loss at the grid's token counts, each the mean over the trailing `smoothing` fraction of them."""
+    values = np.interp(grid, points[:, 0], points[:, 1])
+    window = smoothing_window(grid)
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    first = np.maximum(np.arange(len(grid)) + 1 - window, 0)
+    return (sums[1:] - sums[first]) / (np.arange(len(grid)) + 1 - first)
+
+
+def tokens_per_sec(points):
+    """A run's speed: the median logged interval (the first holds the warm-up, some an evaluation or a save)."""
+    speeds = points[1:, 2] if len(points) > 2 else points[:, 2]
+    return None if np.isnan(speeds).all() else float(np.nanmedian(speeds))
+
+
+def stated(n, mean, ci):
+    return f"{mean:+.4f} (95% CI {ci[0]:+.4f} to {ci[1]:+.4f}, {n} paired seeds)" if ci else f"{mean:+.4f} (1 seed)"
+
+
+def verdict(first, second, metric, tokens, n, mean, ci):
+    """One line that says what the interval says, and no more."""
+    difference = f"{first} - {second} {metric} at {tokens:,.0f} tokens = {mean:+.4f}"
+    if ci is None:
+        return (f"{difference} from one run per arm: no interval exists with one seed, so this cannot tell whether the "
+                "arms differ; run more seeds")
+    if ci[0] <= 0 <= ci[1]:
+        return (f"{difference} (95% CI {ci[0]:+.4f} to {ci[1]:+.4f}, {n} paired seeds): the interval includes zero, so "
+                "these runs cannot tell the arms apart")
+    lower, higher = (first, second) if ci[1] < 0 else (second, first)
+    return (f"{difference} (95% CI {ci[0]:+.4f} to {ci[1]:+.4f}, {n} paired seeds): the interval excludes zero; "
+            f"{lower} has the lower {metric}, at this one scale, data mix and learning rate")
+
+
+def compare_runs(arms, folder):
+    """The paired difference first arm - second arm at matched token counts: the smoothed training loss along the run
+    and at its end, each domain's validation loss at every common evaluation, mean and 95% t-interval over the pairs;
+    each arm's tokens/s; a figure; a verdict line."""
+    logs = {r: read_log(r) for _, runs in arms for r in runs}
+    data_plans = check_pairs(arms, logs)
+    (first, runs_a), (second, runs_b) = arms
+    everything = [logs[r]['points'] for r in logs]
+    low, high = max(p[0, 0] for p in everything), min(p[-1, 0] for p in everything)
+    grid = everything[0][:, 0][(everything[0][:, 0] >= low) & (everything[0][:, 0] <= high)]
+    if len(grid) < 2:
+        fail(f"the runs share no range of tokens to compare ({', '.join(logs)})")
+    curves = {r: smoothed_loss(logs[r]['points'], grid) for r in logs}
+    differences = np.stack([curves[a] - curves[b] for a, b in zip(runs_a, runs_b)])  # [pairs, grid]
+    n, curve_mean, curve_ci = interval(differences)
+    train_stats = interval(differences[:, -1])
+    comparison = {'difference': f'{first} - {second}', 'pairs': n, 'data_plans': data_plans,
+                  'tokens_compared': [float(grid[0]), float(grid[-1])], 'smoothing_points': smoothing_window(grid),
+                  'train_loss': {'differences': differences[:, -1].tolist(), 'mean': float(train_stats[1]),
+                                 'ci95': list(map(float, train_stats[2])) if train_stats[2] else None},
+                  'curve': {'tokens': grid.tolist(), 'mean': curve_mean.tolist(),
+                            'ci95': [c.tolist() for c in curve_ci] if curve_ci else None}}
+
+    evaluations = sorted(set.intersection(*(set(logs[r]['validation']) for r in logs)))
+    logged = [set(logs[r]['validation'][t]) for r in logs for t in evaluations]
+    domains = [d for d in logs[runs_a[0]]['validation'][evaluations[-1]] if all(d in keys for keys in logged)] \
+        if evaluations else []  # in the order train.py logs them: math, stem, code, then the mixture's loss
+    validation = {}
+    for domain in domains:
+        per_eval = np.array([[logs[a]['validation'][t][domain] - logs[b]['validation'][t][domain] for t in evaluations]
+                             for a, b in zip(runs_a, runs_b)])
+        _, mean, ci = interval(per_eval)
+        validation[domain] = {'differences': per_eval[:, -1].tolist(), 'mean': float(mean[-1]),
+                              'ci95': [float(ci[0][-1]), float(ci[1][-1])] if ci else None,
+                              'curve_mean': mean.tolist(), 'curve_ci95': [c.tolist() for c in ci] if ci else None}
+    if validation:
+        comparison['validation'] = {'tokens': evaluations[-1], 'evaluations': evaluations, 'domains': validation}
+
+    comparison['arms'] = [{'name': name, 'runs': runs, 'init_seeds': [logs[r]['run'].get('init_seed') for r in runs],
+                           'tokens_per_sec': [tokens_per_sec(logs[r]['points']) for r in runs]} for name, runs in arms]
+    for arm in comparison['arms']:
+        arm['tokens_per_sec_mean'] = None if None in arm['tokens_per_sec'] else float(np.mean(arm['tokens_per_sec']))
+    speed_a, speed_b = (arm['tokens_per_sec_mean'] for arm in comparison['arms'])
+    comparison['speed_ratio'] = speed_a / speed_b if speed_a and speed_b else None
+    if 'loss' in validation:  # the mixture-weighted validation loss: no sampling noise, the headline
+        last = validation['loss']
+        metric, tokens, stats = 'validation loss', evaluations[-1], (n, last['mean'], last['ci95'])
+    else:
+        metric, tokens, stats = 'training loss', grid[-1], (n, *train_stats[1:])
+    comparison['verdict'] = verdict(first, second, metric, tokens, *stats)
+    comparison_figure(comparison, arms, curves, grid, folder)
+    return comparison
+
+
+def comparison_figure(comparison, arms, curves, grid, folder):
+    validation = comparison.get('validation')
+    fig, axes = plt.subplots(1, 3 if validation else 2, figsize=(16 if validation else 11, 4))
+    for (name, runs), color in zip(arms, ('C0', 'C1')):
+        n, mean, ci = interval([curves[r] for r in runs])
+        axes[0].plot(grid, mean, color=color, label=f'{name} ({n} run{"s" * (n > 1)})')
+        if ci:
+            axes[0].fill_between(grid, *ci, color=color, alpha=0.25)
+    axes[0].set(xlabel='tokens', ylabel='training loss (smoothed)', title='Training loss, mean and 95% CI')
+    axes[0].legend()
+    curve, label = comparison['curve'], comparison['difference']
+    axes[1].plot(grid, curve['mean'], color='C3')
+    if curve['ci95']:
+        axes[1].fill_between(grid, *curve['ci95'], color='C3', alpha=0.25)
+    axes[1].axhline(0, color='gray', linestyle='--')
+    axes[1].set(xlabel='tokens', ylabel=f'{label}, training loss', title='Paired difference, mean and 95% CI')
+    if validation:
+        for domain, stats in validation['domains'].items():
+            line, = axes[2].plot(validation['evaluations'], stats['curve_mean'], marker='.', label=domain)
+            if stats['curve_ci95']:
+                axes[2].fill_between(validation['evaluations'], *stats['curve_ci95'], color=line.get_color(), alpha=0.2)
+        axes[2].axhline(0, color='gray', linestyle='--')
+        axes[2].set(xlabel='tokens', ylabel=f'{label}, validation loss', title='Validation by domain, paired')
+        axes[2].legend()
     save(fig, folder, 'loss_comparison.png')
-    return {'runs': [path_a, path_b], 'tokens_compared': [float(common[0]), float(common[-1])],
-            'loss_difference_at_end': float(loss_a[-1] - loss_b[-1]),
-            'mean_loss_difference_last_10pct': float(np.mean(loss_a[last] - loss_b[last]))}
+
+
+def print_comparison(comparison):
+    first, second = (arm['name'] for arm in comparison['arms'])
+    print(f"{comparison['difference']} over {comparison['pairs']} pair(s), data plans {comparison['data_plans']}:")
+    train = comparison['train_loss']
+    print(f"  training loss at {comparison['tokens_compared'][1]:,.0f} tokens (the mean of the last "
+          f"{comparison['smoothing_points']} logged step{'s' * (comparison['smoothing_points'] > 1)}): {stated(comparison['pairs'], train['mean'], train['ci95'])}")
+    validation = comparison.get('validation', {})
+    for domain, stats in validation.get('domains', {}).items():
+        print(f"  validation {domain} at {validation['tokens']:,} tokens: "
+              f"{stated(comparison['pairs'], stats['mean'], stats['ci95'])}")
+    if comparison['speed_ratio']:
+        speeds = ' | '.join(f"{arm['name']} {arm['tokens_per_sec_mean']:,.0f}" for arm in comparison['arms'])
+        print(f"  tokens/s: {speeds} | {first}/{second} {comparison['speed_ratio']:.3f}")
+    print(f"verdict: {comparison['verdict']}")
 
 # -----------------------------------------------------------------------------
 # figures
@@ -242,23 +433,18 @@ def main():
         os.makedirs(output, exist_ok=True)
     except OSError as e:
         fail(f"cannot create {output} ({e.strerror}); choose another --output")
-    summary = {}
-    if compare:
-        paths = [p for p in compare.split(',') if p]
-        if len(paths) != 2:
-            fail("compare= takes two training logs (or their out_dir folders), comma separated")
-        summary['comparison'] = compare_runs(paths, output)
-        comparison = summary['comparison']
-        print(f"loss difference at equal tokens (first - second): {comparison['loss_difference_at_end']:+.4f} "
-              f"at the end, {comparison['mean_loss_difference_last_10pct']:+.4f} over the last 10%")
+    if compare:  # training logs only: no checkpoint, no text
+        summary = {'comparison': compare_runs(parse_arms(compare), output), 'command': command_line()}
+        print_comparison(summary['comparison'])
+        return write_summary(summary)
     model, state = load_checkpoint(checkpoint)
     step, tau = state['step'], state['tau']
     model = model.to(device).eval()
     enable_segment_pooling(model, attention)
     polyglu = isinstance(model.model_core[0].ffn, PolyGLU)
-    summary.update({'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'step': step, 'tau': tau,
+    summary = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'step': step, 'tau': tau,
                     'model_type': model.config.model_type,
-                    'activations': list(ACTIVATION_NAMES), 'max_entropy_nats': math.log(len(ACTIVATION_NAMES))})
+               'activations': list(ACTIVATION_NAMES), 'max_entropy_nats': math.log(len(ACTIVATION_NAMES))}
     base = data_dir or state.get('data_dir') or 'data/tokenized'
     held_tokens = state.get('val_tokens') or 2_000_000
     domains = dict(item.split('=', 1) for item in data.split(',')) if data else {
@@ -366,6 +552,10 @@ def main():
               f"({100 * summary['routing_entropy_mean_fraction']:.3f}% of ln 4); "
               f"collapsed neurons (< {collapse_threshold} nats): "
               f"{100 * np.mean(per_layer['collapsed_fraction_dynamic']):.1f}%")
+    write_summary(summary)
+
+
+def write_summary(summary):
     with open(os.path.join(output, 'summary.json.tmp'), 'w') as f:
         json.dump(summary, f, indent=1)
     os.replace(os.path.join(output, 'summary.json.tmp'), os.path.join(output, 'summary.json'))

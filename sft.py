@@ -24,10 +24,10 @@ import torch
 
 from model import (EOS_ID, LanguageModelLoss, attention_name, cu_seqlens_from_eos, flops_per_token, load_checkpoint,
                    routing_entropy, save_checkpoint, wrap_model)
-from utils import (A100_PEAK_FLOPS, USD_PER_GPU_HOUR, catch_stop_signals, close_distributed, cosine_lr, end_of_session,
-                   export_training_state, import_training_state, init_distributed, init_wandb, make_engine,
-                   micro_batch_seeds, optimizer_step, prune_checkpoints, read_manifest, report_save, resolve_device,
-                   resume_state, run_provenance, verified_chunk)
+from utils import (catch_stop_signals, close_distributed, cosine_lr, end_of_session, export_training_state,
+                   import_training_state, init_distributed, init_wandb, make_engine, micro_batch_seeds, optimizer_step,
+                   projected_cost, prune_checkpoints, read_manifest, report_save, resolve_device, resume_state,
+                   run_provenance, verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -237,10 +237,8 @@ def main():
               f"{int(too_long.sum()):,} longer than {capacity} tokens ({long_conversations}) | {epochs} epochs = "
               f"{max_steps:,} steps of {rows_per_step * block_size:,} tokens | {backend} {device} {dtype} | attention "
               f"{attention_name(model)}")
-        run_tokens = max_steps * rows_per_step * block_size
-        a100_hours = flops_per_token(model.config, block_size) * run_tokens / (0.4 * A100_PEAK_FLOPS) / 3600
-        print(f"projected cost: {a100_hours:.1f} A100-hours, ${a100_hours * USD_PER_GPU_HOUR:,.0f} at 40% MFU and "
-              f"${USD_PER_GPU_HOUR}/h ({run_tokens:,} tokens, {len(np.unique(problems[train_ids])):,} problems)")
+        print(projected_cost(flops_per_token(model.config, block_size), max_steps * rows_per_step * block_size,
+                             f", {len(np.unique(problems[train_ids])):,} problems"))
 
     def save(step, final=False):
         save_start = time.perf_counter()

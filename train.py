@@ -10,8 +10,11 @@ window of block_size + 1 tokens from one source, the source drawn by the mixture
 first 80% of steps, 85/10/5 after). Every source's windows are visited in a seeded permutation, and which row
 gets which window is a pure function of (seed, step, micro-step, rank, world size): a resumed run sees exactly
 the data of an uninterrupted one, and ranks never share a window. The last val_tokens of each source are
-held out and give the validation loss.
+held out and give the validation loss. init_seed (the weights' initialisation and PolyGLU's Gumbel noise) is separate
+from the data's seed, so that runs which differ only in it, or only in model_type, train on the same rows in the same
+order: the paired arms of `make ablation` (config/ablation.py).
 """
+import hashlib
 import json
 import os
 import time
@@ -24,8 +27,8 @@ from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, count
                    save_checkpoint)
 from utils import (catch_stop_signals, close_distributed, cosine_lr, end_of_session, export_training_state,
                    held_out_split, import_training_state, init_distributed, init_wandb, make_engine, micro_batch_seeds,
-                   open_chunks, optimizer_step, peak_flops, prune_checkpoints, report_save, resolve_device, resume_state,
-                   run_provenance, trim_log)
+                   open_chunks, optimizer_step, peak_flops, projected_cost, prune_checkpoints, read_manifest, report_save,
+                   resolve_device, resume_state, run_provenance, trim_log)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
@@ -78,7 +81,8 @@ gradient_checkpointing = False
 checkpoint_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
 fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
 loss_chunk_size = 2048
-seed = 1337
+seed = 1337                  # the data: which row trains on which window, in what order
+init_seed = -1               # the model: its initial weights and the Gumbel noise of its routing; -1 = seed
 peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
 # stability
 max_bad_steps = 10           # non-finite loss/grad steps in a row before the run stops
@@ -117,7 +121,8 @@ def open_source(name):
         fail(f"{folder} ({sum(c.size for c in chunks):,} tokens) is too small to hold out val_tokens={val_tokens:,} "
              f"and train on windows of {window} tokens: lower val_tokens or prepare more data")
     return dict(name=name, chunks=chunks, first_window=np.concatenate([[0], np.cumsum(windows_per_chunk)]),
-                n_windows=int(windows_per_chunk.sum()), val=val)
+                n_windows=int(windows_per_chunk.sum()), val=val,
+                checksums=[entry['sha256'] for entry in read_manifest(folder)['chunks']])
 
 
 def row_plan(n_sources, rows_per_step):
@@ -140,6 +145,17 @@ def row_plan(n_sources, rows_per_step):
         rows = source == s
         slot[rows] = np.arange(rows.sum())
     return source, slot
+
+
+def plan_digest(data, plan):
+    """A fingerprint of every token the run trains and validates on: the row plan, the seed, the windows (block_size,
+    each source's chunks by checksum, the held-out rows) and the document separator. Runs with the same digest see the
+    same rows in the same order, whatever their model: analyze.py --compare checks it before pairing two runs."""
+    source, slot = plan
+    digest = hashlib.sha256(source.astype(np.int64).tobytes() + slot.astype(np.int64).tobytes())
+    sources_used = [None if src is None else [src['name'], src['checksums']] for src in data]
+    digest.update(json.dumps([seed, block_size, val_tokens, eval_rows, eos_id, sources_used]).encode())
+    return digest.hexdigest()[:16]
 
 
 def rank_rows(step, micro_step, rank, world_size):
@@ -225,6 +241,8 @@ def main():
     provenance = run_provenance([os.path.join(data_dir, sources[i]) for i in used])  # the command, the tokenizer
     plan = row_plan(len(sources), micro_batch_size * grad_accum_steps * world_size)
     check_repeats(data, plan, master)
+    data_plan = plan_digest(data, plan)
+    weights_seed = seed if init_seed < 0 else init_seed
 
     # model
     config = ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
@@ -232,7 +250,7 @@ def main():
                          model_type=model_type)
     if block_size > max_seq_len:
         fail(f"block_size={block_size} exceeds max_seq_len={max_seq_len}")
-    torch.manual_seed(seed)
+    torch.manual_seed(weights_seed)
     model = create_model(config, device=device, dtype=torch.float32, attention=attention, fused=fused,
                          gradient_checkpointing=gradient_checkpointing, checkpoint_blocks=checkpoint_blocks)
     ds_dir = os.path.join(out_dir, 'ds_checkpoint')
@@ -255,6 +273,11 @@ def main():
     if resuming:  # from the newest portable checkpoint, whatever the number of ranks that wrote it
         if state['model_config'] != {**state['model_config'], **config.__dict__}:
             fail(f"{path} was trained with another model config; use another out_dir or resume=''")
+        for key, value in (('seed', seed), ('init_seed', weights_seed)):
+            if state.get(key, value) != value:  # a checkpoint from before init_seed records neither
+                fail(f"{path} was trained with {key}={state[key]}, this run has {key}={value}: resuming would change "
+                     f"its {'data order' if key == 'seed' else 'Gumbel noise'} midway; pass --{key}={state[key]}, or use "
+                     "another out_dir")
         if state['optimizer_state_dict'] is None:
             fail(f"{path} holds no optimizer state (written before resumable DeepSpeed checkpoints): resume with "
                  f"the same number of GPUs from {ds_dir} using an older train.py, or start fresh with resume=''")
@@ -284,7 +307,8 @@ def main():
         extra = {'loss_ema': loss_ema, 'skipped_updates': skipped_steps, 'tokens': step * tokens_per_step,
                  'rows_per_step': micro_batch_size * grad_accum_steps * world_size, 'world_size': world_size,
                  'data_dir': data_dir, 'val_tokens': val_tokens, 'block_size': block_size,  # eval.py's perplexity
-                 'init_from': init_from, **provenance}                                    # reads the same windows
+                 'init_from': init_from, 'seed': seed, 'init_seed': weights_seed,         # reads the same windows
+                 'data_plan': data_plan, **provenance}
         if use_deepspeed and ds_checkpoint:
             engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
         optimizer_state = export_training_state(engine, optimizer, model, backend)  # every rank: collectives
@@ -317,6 +341,13 @@ def main():
         print(f"MFU counts {model_flops_per_token / 1e9:.2f} GFLOP a token (6N + causal "
               f"attention over whole {block_size}-token rows); the recomputed blocks and the loss's second head "
               f"forward run {100 * extra:.1f}% more, uncounted")
+        run_tokens = max_steps * tokens_per_step
+        print(projected_cost(model_flops_per_token, run_tokens, f", {run_tokens / n_params:.1f} per parameter"))
+        print(f"seed {seed} (data plan {data_plan}), init_seed {weights_seed} (weights, Gumbel noise)")
+        with open(os.path.join(out_dir, 'train_log.jsonl'), 'a') as f:  # what analyze.py --compare pairs runs by
+            f.write(json.dumps({'step': start_step, 'run': {
+                'model_type': model_type, 'parameters': n_params, 'seed': seed, 'init_seed': weights_seed,
+                'data_plan': data_plan, 'tokens_per_step': tokens_per_step, 'max_steps': max_steps}}) + '\n')
 
     def evaluate():
         engine.eval()
@@ -350,8 +381,9 @@ def main():
             group['lr'] = lr
         micro_batches = [get_batch(data, plan, step, micro_step, rank, world_size)
                          for micro_step in range(grad_accum_steps)]
+        noise_seeds = micro_batch_seeds(weights_seed, step, grad_accum_steps, rank, world_size)
         loss, grad_norm, applied = optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, autocast,
-                                                  seeds=micro_batch_seeds(seed, step, grad_accum_steps, rank, world_size))
+                                                  seeds=noise_seeds)
 
         done, spike = step + 1, False
         if not applied:  # no logging for it, but the stop signal and the checkpoint interval below still apply

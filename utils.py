@@ -141,6 +141,7 @@ def chatml(messages, add_generation_prompt=True):
 
 A100_PEAK_FLOPS = 312e12     # dense bf16: the card SPEC.md budgets for
 USD_PER_GPU_HOUR = 1.64      # SPEC.md's rental price of an 80 GB A100/H100
+PROJECTED_MFU = 0.4          # for costs printed before anything is measured; the run's own log lines then measure it
 
 # SPEC.md's pre-training plan (train.py's defaults): it sizes what prepare.py tokenizes by default
 PLAN = dict(sources=('math', 'stem', 'code'), mixture_baseline=(0.70, 0.25, 0.05), mixture_anneal=(0.85, 0.10, 0.05),
@@ -155,14 +156,24 @@ def planned_rows(max_steps, rows_per_step, mixture_baseline, mixture_anneal, ann
             for b, a in zip(mixture_baseline, mixture_anneal)]
 
 
-def plan_budgets(margin=0.01):
+def plan_budgets(margin=0.01, **changes):
     """Tokens to prepare per source so that the plan never repeats a window: its expected rows x block_size, 1% more
     for the random draw of each row's source (3.6 standard deviations for code, the smallest), plus the held-out
-    slice. At 10.24B tokens: math 7.55B, STEM 2.28B, code 0.52B."""
-    rows = planned_rows(PLAN['max_steps'], PLAN['rows_per_step'], PLAN['mixture_baseline'], PLAN['mixture_anneal'],
-                        PLAN['anneal_start'])
-    return {name: int(math.ceil(n * PLAN['block_size'] * (1 + margin))) + PLAN['val_tokens']
-            for name, n in zip(PLAN['sources'], rows)}
+    slice. At 10.24B tokens: math 7.55B, STEM 2.28B, code 0.52B. `changes` replace PLAN's values (another run's
+    max_steps, say)."""
+    plan = {**PLAN, **changes}
+    rows = planned_rows(plan['max_steps'], plan['rows_per_step'], plan['mixture_baseline'], plan['mixture_anneal'],
+                        plan['anneal_start'])
+    return {name: int(math.ceil(n * plan['block_size'] * (1 + margin))) + plan['val_tokens']
+            for name, n in zip(plan['sources'], rows)}
+
+
+def projected_cost(model_flops_per_token, tokens, detail=''):
+    """The line a run prints before it starts: A100-hours and dollars for `tokens` at PROJECTED_MFU of the card's dense
+    bf16 peak (model.flops_per_token counts the work)."""
+    hours = model_flops_per_token * tokens / (PROJECTED_MFU * A100_PEAK_FLOPS) / 3600
+    return (f"projected cost: {hours:.1f} A100-hours, ${hours * USD_PER_GPU_HOUR:,.0f} at {PROJECTED_MFU:.0%} MFU and "
+            f"${USD_PER_GPU_HOUR}/h ({tokens:,} tokens{detail})")
 
 
 def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0):

@@ -94,19 +94,23 @@ def test_causality_audit_zero_for_vanilla_not_for_polyglu(tmp_path, data_dir):
     assert all(change > 0 for change in audit['relative_change_per_layer'])
 
 
-def test_loss_comparison_at_equal_tokens(tmp_path, data_dir):
+def test_two_runs_compared_at_equal_tokens(tmp_path):
     for name, offset in (('poly', 0.0), ('vanilla', 0.25)):
         os.makedirs(tmp_path / name)
         with open(tmp_path / name / 'train_log.jsonl', 'w') as f:
             for step in range(1, 11):
                 f.write(json.dumps({'step': step, 'train/tokens': 1000 * step, 'train/loss': 5 - 0.1 * step + offset})
                         + '\n')
-            f.write(json.dumps({'step': 10, 'train/tokens': 10_000, 'val/loss': 4.0}) + '\n')  # not a train point
-    summary = run_analyze(args(checkpoint(tmp_path, 'c'), data_dir, str(tmp_path / 'f'),
-                               compare=f"{tmp_path / 'poly'},{tmp_path / 'vanilla'}"))
-    assert summary['comparison']['loss_difference_at_end'] == pytest.approx(-0.25)
-    assert summary['comparison']['mean_loss_difference_last_10pct'] == pytest.approx(-0.25)
-    assert os.path.getsize(tmp_path / 'f' / 'loss_comparison.png') > 1000
+            f.write(json.dumps({'step': 10, 'train/tokens': 10_000, 'val/loss': 4.0 + offset}) + '\n')
+    import analyze
+    analyze = importlib.reload(analyze)
+    configure(vars(analyze), [f"--compare={tmp_path / 'poly'},{tmp_path / 'vanilla'}", f"--output={tmp_path / 'f'}"])
+    analyze.main()  # training logs only: no checkpoint is read
+    comparison = json.load(open(tmp_path / 'f' / 'summary.json'))['comparison']
+    assert comparison['train_loss']['mean'] == pytest.approx(-0.25) and comparison['train_loss']['ci95'] is None
+    assert comparison['validation']['domains']['loss']['mean'] == pytest.approx(-0.25)
+    assert comparison['data_plans'].startswith('not recorded') and 'no interval exists' in comparison['verdict']
+    assert sorted(os.listdir(tmp_path / 'f')) == ['loss_comparison.png', 'summary.json']
 
 
 def test_bad_input(tmp_path, data_dir):

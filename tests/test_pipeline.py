@@ -54,11 +54,10 @@ def test_demo_pipeline(tmp_path):
     report = json.load(open(tmp_path / 'results/demo/eval.json'))
     assert set(report['results']) == {'demo_arith_mc', 'demo_arith_gen'}
     assert set(report['perplexity']) == {'math', 'stem', 'code'} and report['perplexity']['math']['perplexity'] < 100
-    out = run('analyze.py', 'config/tiny_analyze.py', '--max_tokens=2000', '--compare=checkpoints/demo,checkpoints/demo',
-              cwd=tmp_path)
+    out = run('analyze.py', 'config/tiny_analyze.py', '--max_tokens=2000', cwd=tmp_path)
     summary = json.load(open(tmp_path / 'figures/demo/summary.json'))
-    assert summary['comparison']['loss_difference_at_end'] == 0.0 and summary['causality_audit']['mean_kl'] > 0
-    assert len([f for f in os.listdir(tmp_path / 'figures/demo') if f.endswith('.png')]) == 9
+    assert summary['causality_audit']['mean_kl'] > 0
+    assert len([f for f in os.listdir(tmp_path / 'figures/demo') if f.endswith('.png')]) == 8
     # chat through stdin: ChatML turns, each reply ended by <|im_end|> (never printed) or max_new_tokens, then EOF
     sft_checkpoint = 'checkpoints/demo/portable_sft_final.pt'
     out, err = run('sample.py', f'--checkpoint={sft_checkpoint}', '--max_new_tokens=40', cwd=tmp_path, stderr=True,

@@ -1,0 +1,13 @@
+# The ablation's CPU miniature: the demo's 7M-parameter tiny model (config/tiny.py, on the data `make demo` prepares),
+# both arms x 2 seeds x 30 steps. It proves the pipeline (paired data, resume and skip, the comparison), not the answer:
+#   make ablation SEEDS=2 ABLATION_CONFIG=config/tiny_ablation.py ABLATION_DIR=checkpoints/demo/ablation
+exec(open('config/tiny.py').read())  # the demo's model, data and CPU settings; then what differs from it
+block_size = 64                      # 128 tokens a step: the head over 151,669 tokens is most of a CPU step
+micro_batch_size = 2
+max_steps = 30
+warmup_steps = 5
+log_interval = 2
+eval_interval = 10
+checkpoint_interval = 10
+keep_checkpoints = 1
+out_dir = 'checkpoints/demo/ablation/polyglu-seed1'
