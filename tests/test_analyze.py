@@ -1,6 +1,5 @@
 import importlib
 import json
-import math
 import os
 
 import numpy as np
