@@ -153,32 +153,33 @@ def test_compare_refuses_what_is_not_paired(tmp_path):
 
 @pytest.mark.slow
 def test_make_ablation_miniature(tmp_path):
-    """The README's command at the tiny config: 2 arms x 2 seeds x 30 steps, the comparison; a re-run skips the finished
-    runs and resumes an unfinished one from its checkpoint."""
+    """The README's command at the tiny config, 2 arms x 2 seeds x 30 steps, stopped in its first run, resumed, then
+    rerun: the comparison of paired runs, and a rerun that skips the finished ones."""
     data = str(tmp_path / 'data')
     for i, name in enumerate(('math', 'stem', 'code')):  # the tiny model's full vocabulary, the real EOS
         synthetic.write_source(data, name, seed=i, manifest_eos=M.EOS_ID, eos=M.EOS_ID)
     runs = tmp_path / 'ablation'
-    make = ['make', '--no-print-directory', '-C', ROOT, 'ablation', 'SEEDS=2', 'ABLATION_CONFIG=config/tiny_ablation.py',
-            f'ABLATION_DIR={runs}', f'ARGS=--data_dir={data}', f'PY={sys.executable}']
 
-    def run():
-        result = subprocess.run(make, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result.stdout
+    def make(args=''):
+        command = ['make', '--no-print-directory', '-C', ROOT, 'ablation', 'SEEDS=2', f'ABLATION_DIR={runs}',
+                   'ABLATION_CONFIG=config/tiny_ablation.py', f'ARGS=--data_dir={data} {args}', f'PY={sys.executable}']
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
-    out = run()
-    plans = set(re.findall(r'data plan ([0-9a-f]{16})', out))
-    assert len(plans) == 1 and len(re.findall(r'done: 30 steps', out)) == 4
+    stopped = make('--stop_after_steps=20')  # what Ctrl-C does too: a checkpoint, then train.py exits cleanly
+    assert stopped.returncode != 0 and f'{runs}/polyglu-seed1 stopped before its end: make ablation resumes it' in \
+        stopped.stdout and not os.path.exists(runs / 'vanilla-seed1'), stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    result = make()
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert 'resumed from step 20' in out and len(re.findall(r'done: 30 steps', out)) == 4
+    assert len(set(re.findall(r'data plan ([0-9a-f]{16})', out))) == 1
     comparison = json.load(open(runs / 'comparison' / 'summary.json'))['comparison']
     assert comparison['pairs'] == 2 and comparison['data_plans'] == 'identical'
     assert [arm['init_seeds'] for arm in comparison['arms']] == [[1, 2], [1, 2]]
-    assert set(comparison['validation']['domains']) == {'math', 'stem', 'code', 'loss'}
+    assert list(comparison['validation']['domains']) == ['math', 'stem', 'code', 'loss']
     assert comparison['verdict'] in out and os.path.isfile(runs / 'comparison' / 'loss_comparison.png')
 
-    os.remove(runs / 'vanilla-seed2' / 'portable_final.pt')  # as if stopped after its checkpoint at step 20
     shutil.rmtree(runs / 'comparison')
-    out = run()
-    assert out.count('finished, skipped') == 3 and 'resumed from step 20' in out
-    again = json.load(open(runs / 'comparison' / 'summary.json'))['comparison']
-    assert again['validation']['domains']['loss'] == comparison['validation']['domains']['loss']  # resumed exactly
+    rerun = make()
+    assert rerun.returncode == 0 and rerun.stdout.count('finished, skipped') == 4 and 'train.py' not in rerun.stdout
+    assert json.load(open(runs / 'comparison' / 'summary.json'))['comparison'] == comparison
