@@ -65,7 +65,7 @@ def configure(namespace, argv=None):
             if not os.path.isfile(arg):
                 available = sorted(f"config/{f}" for f in os.listdir('config')) if os.path.isdir('config') else []
                 fail(f"config file {arg} not found; available: {', '.join(available) or 'none'}")
-            file_globals = {}
+            file_globals = {'__file__': arg}  # a config may build on another beside it (config/tiny_ablation.py)
             with open(arg) as f:
                 exec(compile(f.read(), arg, 'exec'), file_globals)
             for key, value in file_globals.items():

@@ -1,7 +1,8 @@
 # The ablation's CPU miniature: the demo's 7M-parameter tiny model (config/tiny.py, on the data `make demo` prepares),
 # both arms x 2 seeds x 30 steps. It proves the pipeline (paired data, resume and skip, the comparison), not the answer:
 #   make ablation SEEDS=2 ABLATION_CONFIG=config/tiny_ablation.py ABLATION_DIR=checkpoints/demo/ablation
-exec(open('config/tiny.py').read())  # the demo's model, data and CPU settings; then what differs from it
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'tiny.py')).read())  # the demo's model, data and CPU settings
 block_size = 64                      # 128 tokens a step: the head over 151,669 tokens is most of a CPU step
 micro_batch_size = 2
 max_steps = 30

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from configurator import configure
@@ -61,3 +63,15 @@ def test_config_file_errors(tmp_path):
     path.write_text("max_iters = '5'\n")
     with pytest.raises(SystemExit, match="max_iters must be int like its default 100, got str '5'"):
         configure(defaults(), [str(path)])
+
+
+def test_every_config_file_loads_into_its_script():
+    """A misspelt key in any config/*.py is caught here, not at the start of a paid run."""
+    import importlib
+    from conftest import ROOT
+    folder = os.path.join(ROOT, 'config')
+    for name in sorted(os.listdir(folder)):
+        script = next((s for s in ('bench', 'sft', 'eval', 'analyze') if s in name), 'train')
+        module = importlib.import_module(script)
+        settings = configure(dict(vars(module)), [os.path.join(folder, name)])
+        assert settings, name
