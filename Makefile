@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# the venv's Python after `make setup`, else the machine's own (a bare CUDA image with torch runs gpu-check and ablation)
+ANY_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 DEMO := data/demo
 DEMO_PREPARE := --output_base=$(DEMO)/tokenized --tokenizer=packaged
@@ -37,10 +39,10 @@ test: setup
 	$(PY) -m pytest -q
 
 # bench.py --gpu_check=True: the CUDA tests, the full-size step on every attention kernel, train.py stopped and resumed,
-# exact generation; table, JSON and log in results/gpu_check/ ($$GPU_CHECK_DIR). The venv's Python after `make setup`,
-# else the machine's own: a bare CUDA image with torch, numpy and pytest runs it too. GPU_CHECK_DRY=1: on the CPU, tiny.
+# exact generation; table, JSON and log in results/gpu_check/ ($$GPU_CHECK_DIR). A bare CUDA image with torch, numpy and
+# pytest runs it too. GPU_CHECK_DRY=1: on the CPU, tiny.
 gpu-check:
-	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bench.py --gpu_check=True
+	@$(ANY_PY) bench.py --gpu_check=True
 
 # PolyGLU against VanillaLM (README, "Is PolyGLU better?"): both arms x SEEDS init seeds on the same data, one run after
 # another, each in $(ABLATION_DIR)/{arm}-seed{n}; a finished run is skipped, an interrupted one resumes; then the paired
@@ -49,7 +51,7 @@ gpu-check:
 SEEDS ?= 3
 ABLATION_CONFIG ?= config/ablation.py
 ABLATION_DIR ?= checkpoints/ablation
-LAUNCH ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+LAUNCH ?= $(ANY_PY)
 ARGS ?=
 
 ablation:
@@ -62,7 +64,7 @@ ablation:
 		test -f $$run/portable_final.pt || { echo "$$run stopped before its end: make ablation resumes it"; exit 1; }; \
 	done; done
 	@runs() { seq -s, -f "$(ABLATION_DIR)/$$1-seed%g" $(SEEDS); }; \
-		$(if $(wildcard $(PY)),$(PY),$(PYTHON)) analyze.py --compare="polyglu=$$(runs polyglu) vanilla=$$(runs vanilla)" \
+		$(ANY_PY) analyze.py --compare="polyglu=$$(runs polyglu) vanilla=$$(runs vanilla)" \
 		--output=$(ABLATION_DIR)/comparison
 
 clean:
