@@ -289,7 +289,7 @@ def verdict(first, second, metric, tokens, n, mean, ci):
     if ci[0] <= 0 <= ci[1]:
         return (f"{difference} (95% CI {ci[0]:+.4f} to {ci[1]:+.4f}, {n} paired seeds): the interval includes zero, so "
                 "these runs cannot tell the arms apart")
-    lower, higher = (first, second) if ci[1] < 0 else (second, first)
+    lower = first if ci[1] < 0 else second
     return (f"{difference} (95% CI {ci[0]:+.4f} to {ci[1]:+.4f}, {n} paired seeds): the interval excludes zero; "
             f"{lower} has the lower {metric}, at this one scale, data mix and learning rate")
 
@@ -378,9 +378,9 @@ def comparison_figure(comparison, arms, curves, grid, folder):
 def print_comparison(comparison):
     first, second = (arm['name'] for arm in comparison['arms'])
     print(f"{comparison['difference']} over {comparison['pairs']} pair(s), data plans {comparison['data_plans']}:")
-    train = comparison['train_loss']
-    print(f"  training loss at {comparison['tokens_compared'][1]:,.0f} tokens (the mean of the last "
-          f"{comparison['smoothing_points']} logged step{'s' * (comparison['smoothing_points'] > 1)}): {stated(comparison['pairs'], train['mean'], train['ci95'])}")
+    train, window = comparison['train_loss'], comparison['smoothing_points']
+    print(f"  training loss at {comparison['tokens_compared'][1]:,.0f} tokens (the mean of the last {window} logged "
+          f"step{'s' * (window > 1)}): {stated(comparison['pairs'], train['mean'], train['ci95'])}")
     validation = comparison.get('validation', {})
     for domain, stats in validation.get('domains', {}).items():
         print(f"  validation {domain} at {validation['tokens']:,} tokens: "
