@@ -43,6 +43,12 @@ def test_ablation_config_is_a_budget_sized_pair():
         hours, dollars = re.search(r'([\d.]+) A100-hours, \$(\d+) at 40% MFU', cost).groups()
         assert 4 < float(hours) < 6 and 5 <= int(dollars) <= 15, cost  # measured: 5.0 h, $8 a run
     assert settings['model_type'] == 'polyglu' and settings['init_seed'] == -1  # the arm and seed come from make
+    import bench  # config/bench_ablation.py times this run's step and prices its tokens at the measured rate
+    timed = configure(dict(vars(bench)), [os.path.join(ROOT, 'config', 'bench_ablation.py')])
+    assert timed['token_budget'] == tokens
+    for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'd_ff', 'block_size', 'micro_batch_size', 'fused',
+                'gradient_checkpointing', 'backend', 'dtype'):
+        assert timed[key] == settings[key], key
 
 
 def trained_tokens(data_dir, out_dir, **overrides):
