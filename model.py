@@ -687,14 +687,24 @@ def enable_gradient_checkpointing(model, blocks=-1):
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
     return model
 
+
+HEAD_ROWS_MULTIPLE = 128
+
+
 def chunked_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_index=-100):
     """Mean next-token loss over the targets that are not ignore_index, computing the head in chunks of
     chunk_size positions, each checkpointed: the [B*T, vocab] logits (5 GB in fp32 for 16 x 4,096 x 151,669)
     never exist at once, only one chunk's, in the forward and again in the backward."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    vocab_size = head_weight.shape[0]
+    # Qwen3's 151,669 rows leave every head GEMM unaligned, and cuBLAS then falls back to sm75 kernels: on an H200 they
+    # took 42% of a pretrain step (make gpu-check's profile). Zero rows up to a multiple of HEAD_ROWS_MULTIPLE align it;
+    # their logits are sliced off before the softmax, so the loss and the gradients are the unpadded ones.
+    padded_weight = F.pad(head_weight, (0, 0, 0, -vocab_size % HEAD_ROWS_MULTIPLE))
 
     def chunk_loss(h, t):
-        return F.cross_entropy(F.linear(h, head_weight).float(), t, ignore_index=ignore_index, reduction='sum')
+        logits = F.linear(h, padded_weight)[:, :vocab_size].float()
+        return F.cross_entropy(logits, t, ignore_index=ignore_index, reduction='sum')
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):

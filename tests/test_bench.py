@@ -210,8 +210,10 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     stages = report['stages']
     assert {name: s['status'] for name, s in stages.items()} == {
         'cuda tests': 'skipped', 'training step': 'ok', 'train, stop, resume': 'ok', 'generation': 'ok'}
-    assert stages['cuda tests']['skipped'] == 6
-    assert [r['model_type'] for r in stages['training step']['results']] == ['polyglu', 'vanilla']
+    assert stages['cuda tests']['skipped'] == 7
+    polyglu, vanilla = stages['training step']['results']
+    assert (polyglu['model_type'], vanilla['model_type']) == ('polyglu', 'vanilla')
+    assert f"PolyGLU {polyglu['tokens_per_s']:,.0f} tokens/s" in stages['training step']['summary']
     train = stages['train, stop, resume']
     assert sorted(map(int, train['losses_resumed'])) == list(range(1, 7)) and train['max_loss_difference'] < 1e-4
     assert train['losses_uninterrupted']['6'] < train['losses_uninterrupted']['1']  # the check's data is learnable
