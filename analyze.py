@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import ACTIVATION_NAMES, EOS_ID, PolyGLU, enable_segment_pooling, load_checkpoint, packed_hidden_states
-from utils import HUB_TOKENIZER, command_line, get_tokenizer, held_out_split, open_chunks, resolve_device
+from model import ACTIVATION_NAMES, EOS_ID, PolyGLU
+from utils import (HUB_TOKENIZER, command_line, enable_segment_pooling, get_tokenizer, held_out_split, load_checkpoint,
+                   open_chunks, packed_hidden_states, resolve_device)
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)

@@ -48,8 +48,9 @@ from torch._dynamo.utils import counters
 
 from configurator import configure
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, available_attention, count_parameters,
-                   create_model, cu_seqlens_from_eos, flops_per_token, recompute_flops_per_token, save_checkpoint)
-from utils import LAUNCHER_GRACE_S, init_distributed, make_engine, optimizer_step, peak_flops, resolve_device
+                   create_model, cu_seqlens_from_eos, flops_per_token, recompute_flops_per_token)
+from utils import (LAUNCHER_GRACE_S, init_distributed, make_engine, optimizer_step, peak_flops, resolve_device,
+                   save_checkpoint)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUN_CONFIG = os.path.join(ROOT, 'config', 'pretrain.py')

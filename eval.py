@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (EOS_ID, attention_name, cu_seqlens_from_eos, enable_segment_pooling, generate_cached, generate_exact,
-                   gumbel_routing, load_checkpoint, packed_hidden_states, whole_row_pooling)
-from utils import (chatml, checkpoint_tokenizer, command_line, file_digest, fine_tuned, get_tokenizer, held_out_split,
-                   open_chunks, read_manifest, resolve_device)
+from model import EOS_ID, attention_name, cu_seqlens_from_eos
+from utils import (chatml, checkpoint_tokenizer, command_line, enable_segment_pooling, file_digest, fine_tuned,
+                   generate_cached, generate_exact, get_tokenizer, gumbel_routing, held_out_split, load_checkpoint,
+                   open_chunks, packed_hidden_states, read_manifest, resolve_device, whole_row_pooling)
 
 # -----------------------------------------------------------------------------
 # config

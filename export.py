@@ -20,9 +20,9 @@ import subprocess
 
 import torch
 
-from model import ACTIVATION_NAMES, HUB_PREFIX, EOS_ID, count_parameters, load_checkpoint
-from utils import (HUB_TOKENIZER, checkpoint_tokenizer, file_digest, fine_tuned, get_tokenizer, hub_failure, load_dotenv,
-                   quiet_hub, read_manifest)
+from model import ACTIVATION_NAMES, EOS_ID, count_parameters
+from utils import (HUB_PREFIX, HUB_TOKENIZER, checkpoint_tokenizer, file_digest, fine_tuned, get_tokenizer,
+                   hub_failure, load_checkpoint, load_dotenv, quiet_hub, read_manifest)
 
 # -----------------------------------------------------------------------------
 # config

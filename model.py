@@ -10,18 +10,11 @@ Reading order:
   3. create / save / load helpers, parameter counts, FLOPs per token, routing entropy.
   4. generation, exact (a full forward per token) or with an approximate key/value cache: eval.py and sample.py.
 """
-import collections
 import inspect
-import itertools
-import json
 import math
-import os
-import pickle
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache, partial
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -310,26 +303,6 @@ def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
     return out.view(B, T, H, D).to(out_dtype)
 
 
-def segment_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
-    """The same contract as sdpa_attention for one packed row, one causal SDPA call per segment: no [T, T] mask
-    (which costs T^2 bytes: 268 MB at 16K tokens). For packed evaluation where flash-attn is absent."""
-    if cu_seqlens is None or q.shape[0] != 1:
-        return sdpa_attention(q, k, v, cu_seqlens, max_seqlen)
-    bounds = segment_bounds(cu_seqlens)
-    return torch.cat([sdpa_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
-
-
-segment_bounds_cache = []  # [cu_seqlens, its Python list]: every layer of one forward asks for the same bounds
-
-
-def segment_bounds(cu_seqlens):
-    """cu_seqlens as a list, computed once per forward rather than once per layer (on a GPU each .tolist() waits for
-    the device)."""
-    if not segment_bounds_cache or segment_bounds_cache[0] is not cu_seqlens:
-        segment_bounds_cache[:] = [cu_seqlens, cu_seqlens.tolist()]
-    return segment_bounds_cache[1]
-
-
 document_bias_cache = []  # [(cu_seqlens, bias)]: the last batch's bias, shared by all its layers
 
 
@@ -469,103 +442,6 @@ def enable_flash_attention(model, kernel=flash_attention):
         if isinstance(m, GQA):
             m.attend = kernel
     return model
-
-
-def segment_forward(frozen_forward, ffn, x, cu_seqlens=None):
-    """PolyGLU over a packed row, one segment at a time: each segment is routed on its own mean, exactly as if
-    it ran alone, and no [tokens, d_ff, K] routing tensor is ever built. last_logits holds every segment's
-    routing logits, [segments, 1, d_ff, K]. Without cu_seqlens it is the frozen forward."""
-    if cu_seqlens is None:
-        return frozen_forward(x)
-    B, T, C = x.shape
-    flat, bounds = x.reshape(1, B * T, C), segment_bounds(cu_seqlens)
-    outputs, logits = [], []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        outputs.append(frozen_forward(flat[:, start:end]))
-        logits.append(ffn.last_logits)
-    ffn.last_logits = torch.cat(logits)
-    return torch.cat(outputs, dim=1).view(B, T, C)
-
-
-def packed_hidden_states(model, sequences):
-    """Final hidden states of several token sequences packed into one row [1, T], each at RoPE positions 0.. as if
-    it ran alone (so the row may be longer than max_seq_len). With enable_segment_pooling every sequence's
-    attention and gate see only itself: the packed forward computes what separate forwards would.
-    -> (hidden [T, d_model], offsets: where each sequence starts, and T at the end)."""
-    lengths = [len(s) for s in sequences]
-    if max(lengths) > model.config.max_seq_len:
-        raise ValueError(f"a packed sequence of {max(lengths)} tokens exceeds max_seq_len={model.config.max_seq_len}")
-    device = model.embeddings.weight.device
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    idx = torch.tensor(np.concatenate(sequences), dtype=torch.long, device=device)[None]
-    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
-    flat = torch.arange(idx.shape[1], device=device)
-    positions = flat - cu_seqlens[:-1].long()[torch.searchsorted(cu_seqlens[1:].long(), flat, right=True)]
-    rope = (model.rope.cosines[positions], model.rope.sins[positions])
-    x = model.embeddings(idx)
-    for block in model.model_core:
-        x = block(x, rope, cu_seqlens, max(lengths))
-    return model.rmsnorm(x)[0], offsets
-
-
-def enable_segment_pooling(model, attention='auto'):
-    """For evaluation, generation and analysis: route each cu_seqlens segment on its own mean (a wrapper around
-    the frozen forward, never an edit of PolyGLU), and attend per segment: on CUDA through flash-attn or torch's
-    varlen kernel where attention_kernel finds one, else one SDPA call per segment (never a dense [T, T] mask or bias,
-    T^2 per packed row). Training keeps the frozen whole-row mean."""
-    kernel = attention_kernel(model.embeddings.weight.device, attention)
-    if kernel in (sdpa_attention, efficient_sdpa_attention):
-        kernel = segment_attention
-    for m in model.modules():
-        if isinstance(m, PolyGLU) and not isinstance(m.forward, partial):
-            m.forward = partial(segment_forward, m.forward, m)
-        if isinstance(m, GQA):
-            m.attend = kernel
-    return model
-
-
-@contextmanager
-def whole_row_pooling(model):
-    """Within: the frozen whole-row gate mean (training's) even where enable_segment_pooling routes per segment, so a
-    held-out window is scored exactly as train.py's validation scores it: document-masked attention, one gate mean
-    per row."""
-    patched = [(m, m.forward) for m in model.modules() if isinstance(m, PolyGLU)
-               and isinstance(m.forward, partial) and m.forward.func is segment_forward]
-    for m, forward in patched:
-        m.forward = forward.args[0]
-    try:
-        yield model
-    finally:
-        for m, forward in patched:
-            m.forward = forward
-
-
-@contextmanager
-def gumbel_routing(model, seeds):
-    """Within: PolyGLU routes as the author's frozen class ran at evaluation, where its forward calls gumbel_softmax
-    with no train/eval switch: g = softmax((logits + G) / tau), G ~ Gumbel(0, 1), one draw per sequence and neuron.
-    seeds: one per segment of the next forward (segment_forward routes segments in order, once per layer), each its own
-    generator, so a segment draws exactly what it would alone in train mode after torch.manual_seed(seed), whatever
-    it is packed with. A wrapper like enable_segment_pooling: the frozen class is not edited."""
-    device = model.embeddings.weight.device
-    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
-
-    def noisy(ffn):
-        turns = itertools.cycle(generators)
-
-        def routing_weights(logits):  # torch's gumbel_softmax, hard=False, with the segment's own generator
-            gumbels = -torch.empty_like(logits).exponential_(generator=next(turns)).log()
-            return torch.softmax((logits + gumbels) / ffn.tau, dim=-1)
-        return routing_weights
-
-    polyglus = [m for m in model.modules() if isinstance(m, PolyGLU)]
-    for m in polyglus:
-        m.routing_weights = noisy(m)
-    try:
-        yield model
-    finally:
-        for m in polyglus:
-            del m.routing_weights  # the class's deterministic routing again
 
 
 def rms_norm(x, weight, eps):
@@ -727,7 +603,7 @@ class LanguageModelLoss(nn.Module):
         return chunked_cross_entropy(hidden, self.model.embeddings.weight, targets, self.chunk_size)
 
 # =============================================================================
-# Create, save, load; counts and FLOPs; routing entropy
+# Create; weights into the model; counts and FLOPs; routing entropy
 # =============================================================================
 
 def create_model(config, device='cpu', dtype=torch.float32, attention='auto', gradient_checkpointing=False,
@@ -772,146 +648,6 @@ def optimizer_groups(model, weight_decay):
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
-def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=None, master_weights=None, **extra):
-    """Portable checkpoint {model_state_dict (float32), optimizer_state_dict, scheduler_state_dict, step, tau,
-    model_config}, written to a temporary name and renamed: a crash never leaves a half file under `path`. The state
-    dict has the author's keys, the tied head stored once (torch.save keeps the sharing). master_weights: {parameter
-    name: float32 tensor} to store instead of the module's values (DeepSpeed bf16 keeps the fp32 masters apart)."""
-    weights = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
-               for k, v in model.state_dict().items() if k != 'output_head.weight'}
-    weights.update(master_weights or {})
-    weights['output_head.weight'] = weights['embeddings.weight']
-    state = {
-        'model_state_dict': weights,
-        'optimizer_state_dict': optimizer_state,
-        'scheduler_state_dict': scheduler_state,
-        'step': int(step),
-        'tau': model.tau,
-        'model_config': asdict(model.config),
-        **extra,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-HUB_PREFIX = 'hf:'  # --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B
-
-
-def pick_checkpoint_file(names, where):
-    """The checkpoint among a folder's or hub repo's files: a .safetensors if there is one, else the .pt (the newest
-    portable_*.pt of a run folder: portable_final.pt, else the highest step)."""
-    safetensors = sorted(n for n in names if n.endswith('.safetensors'))
-    if safetensors:
-        return 'model.safetensors' if 'model.safetensors' in safetensors else safetensors[0]
-    pts = [n for n in names if n.endswith('.pt')]
-    if not pts:
-        raise SystemExit(f"error: no .safetensors or .pt checkpoint in {where}")
-    step = lambda n: (n.endswith('_final.pt'), int(''.join(c for c in n if c.isdigit()) or -1))  # noqa: E731
-    return max(pts, key=step)
-
-
-def hub_checkpoint(repo_id):
-    """Download a hub repo's checkpoint file (and its tokenizer.json, if it ships one) into the Hugging Face cache
-    (HF_TOKEN from the environment or .env; HF_HUB_OFFLINE=1 uses the cache only) -> the checkpoint's local path. A
-    failure is one line: the id, the cause, the fix (utils.hub_failure)."""
-    from huggingface_hub import hf_hub_download, is_offline_mode, list_repo_files, snapshot_download
-    from utils import hub_failure, load_dotenv, quiet_hub
-    load_dotenv()
-    token = os.environ.get('HF_TOKEN')
-    try:
-        with quiet_hub():
-            if is_offline_mode():
-                names = os.listdir(snapshot_download(repo_id, token=token, local_files_only=True))
-            else:
-                names = list_repo_files(repo_id, token=token)
-            path = hf_hub_download(repo_id, pick_checkpoint_file(names, f'{HUB_PREFIX}{repo_id}'), token=token)
-            if 'tokenizer.json' in names:  # beside the checkpoint in the snapshot: sample.py and eval.py find it there
-                hf_hub_download(repo_id, 'tokenizer.json', token=token)
-            return path
-    except Exception as e:  # every way a hub call fails; pick_checkpoint_file's own SystemExit passes through
-        raise SystemExit(hub_failure(e, repo_id))
-
-
-def checkpoint_file(spec):
-    """A checkpoint path, a folder holding one, or hf:owner/name -> the local file to read."""
-    if spec.startswith(HUB_PREFIX):
-        return hub_checkpoint(spec[len(HUB_PREFIX):])
-    if os.path.isdir(spec):
-        return os.path.join(spec, pick_checkpoint_file(os.listdir(spec), spec))
-    if not os.path.isfile(spec):
-        raise SystemExit(f"error: checkpoint {spec} not found (train.py writes checkpoints/portable_*.pt; a hub id "
-                         f"reads {HUB_PREFIX}owner/name)")
-    return spec
-
-
-class NotRun:
-    """Stands in for a class that a checkpoint's pickle names and weights_only refuses (the author's optimizer entry
-    holds DeepSpeed objects). It keeps the arguments and state it is given; no code of the named class is imported or
-    run."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def torch_load_weights_only(path):
-    """torch.load(weights_only=True, mmap=True: the optimizer tensors are never read). When the pickle names classes
-    that weights_only refuses, each is replaced by NotRun, never imported: the model weights load, nothing runs."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True), []
-    except pickle.UnpicklingError:
-        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        with torch.serialization.safe_globals([(NotRun, name) for name in foreign]):
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=True), foreign
-
-
-def read_checkpoint(path):
-    """The weights and metadata of any checkpoint file we read -> (state dict, info). Formats:
-    the project's portable .pt {model_state_dict, model_config, step, tau, ...}; the author's portable .pt
-    {model: bf16 state dict, optimizer, scheduler, step, tau}; a .safetensors state dict (the tied head possibly
-    stored once). Nothing pickled is executed."""
-    info = {'file': path}
-    try:
-        if path.endswith('.safetensors'):
-            from safetensors import safe_open
-            with safe_open(path, framework='pt') as f:
-                weights = {k: f.get_tensor(k) for k in f.keys()}
-                metadata = f.metadata() or {}
-            info['format'] = 'safetensors'
-            for key, value in metadata.items():  # export.py's: step, tau, model_config, stage, ... as JSON values
-                if key != 'format':
-                    try:
-                        info[key] = json.loads(value)
-                    except ValueError:
-                        info[key] = value
-            return weights, info
-        state, foreign = torch_load_weights_only(path)
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
-    if isinstance(state, dict) and isinstance(state.get('model_state_dict'), dict):
-        info['format'] = 'portable'
-        weights = state['model_state_dict']
-    elif isinstance(state, dict) and isinstance(state.get('model'), dict):
-        info['format'] = 'author portable'
-        weights = state['model']
-    else:
-        raise SystemExit(f"error: {path} is not a PolychromaticLM checkpoint (expected a portable .pt with "
-                         "model_state_dict or model, or a .safetensors state dict)")
-    if foreign:
-        print(f"{path}: read the weights; its pickle names {len(foreign)} classes that were not run "
-              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
-    info.update({k: v for k, v in state.items() if k not in ('model', 'model_state_dict', 'optimizer',
-                                                              'optimizer_state_dict', 'scheduler', 'scheduler_state_dict')})
-    return weights, info
-
-
 def infer_config(weights, path):
     """The ModelConfig a state dict of the author's names implies: vocab and d_model from the embedding, layers from
     model_core.{i}, head_dim from the QK-norm width, heads from W_q/W_k, d_ff from W_gate, max_seq_len from the RoPE
@@ -941,13 +677,12 @@ def infer_config(weights, path):
     return ModelConfig(**values)
 
 
-def load_checkpoint(path, device='cpu', config=None):
-    """Load any checkpoint read_checkpoint reads (a path, a folder, or hf:owner/name) -> (model in eval mode, info
-    {file, format, step, tau, and the file's other metadata}). Built without flash attention so it loads on any
-    machine. A file without a config gets one inferred from its shapes; `config`, if given, is what the caller
-    expects: a different architecture is one clear error line instead of a state-dict traceback."""
-    path = checkpoint_file(path)
-    weights, info = read_checkpoint(path)
+def model_from_weights(weights, info, config=None):
+    """A state dict of the author's names (as utils.read_checkpoint returns it, with its info) in a PolychromaticLM ->
+    (model, info with step, tau, model_config). A state dict without a config gets one inferred from its shapes;
+    `config`, if given, is what the caller expects: a different architecture is one clear error line instead of a
+    state-dict traceback. Built without any patch, so it loads on any machine."""
+    path = info['file']
     prefix = next((p for p in ('_orig_mod.', 'module.') if all(k.startswith(p) for k in weights)), '')
     weights = {k[len(prefix):]: v for k, v in weights.items()}  # saved from a compiled or wrapped module
     saved_config = config_from_dict(info['model_config']) if 'model_config' in info else infer_config(weights, path)
@@ -990,7 +725,7 @@ def load_checkpoint(path, device='cpu', config=None):
     else:
         info['tau'] = None
     info['model_config'] = asdict(saved_config)
-    return model.to(device).eval(), info
+    return model, info
 
 
 def count_parameters(config):
@@ -1042,166 +777,3 @@ def routing_entropy(model):
         stats['routing/entropy_mean'] = sum(entropies) / len(entropies)
         stats['routing/entropy_frac_mean'] = stats['routing/entropy_mean'] / max_entropy
     return stats
-
-# =============================================================================
-# Generation (eval.py's generated answers, sample.py's text and chat)
-# =============================================================================
-
-def sampler(temperature=0.0, top_k=0, seed=1337):
-    """-> pick(logits [n, vocab]) -> n token ids: the argmax at temperature 0, else a draw from softmax(logits /
-    temperature) over the top_k logits (0: all), from one CPU generator seeded here, so a seed gives the same draws on
-    any device."""
-    if temperature <= 0:
-        return lambda logits: logits.argmax(-1).tolist()
-    generator = torch.Generator().manual_seed(seed)
-
-    def pick(logits):
-        logits = logits.float().cpu() / temperature
-        values, indices = torch.topk(logits, top_k) if 0 < top_k < logits.shape[-1] else (logits, None)
-        draws = torch.multinomial(values.softmax(-1), 1, generator=generator)
-        return (draws if indices is None else indices.gather(-1, draws))[:, 0].tolist()
-    return pick
-
-
-@torch.no_grad()
-def generate_exact(model, prompts, budget, pick=sampler(), stop=None):
-    """Exact generation. A new token moves the gate's mean and so the FFN output of every earlier position in every
-    layer: no key/value can be reused, and every step is a full forward of each unfinished sequence alone, packed
-    together (the model wrapped by enable_segment_pooling). prompts: [(ids, max new tokens)]; a sequence keeps its
-    last max_seq_len tokens. Yields (i, token, finished) as each token comes (token None for a request of 0 new
-    tokens); request i finishes at its maximum, at EOS, or when stop(i, its generated ids) is true. Continuous batching:
-    a request joins while the pack's full lengths fit in `budget` tokens, so answers arrive one by one from the first
-    minutes, not all at the end."""
-    max_len = model.config.max_seq_len
-    sequences = [list(ids)[-max_len:] for ids, _ in prompts]
-    generated = [[] for _ in prompts]
-    waiting = collections.deque(range(len(prompts)))
-    full_length = lambda i: min(max_len, len(sequences[i]) + prompts[i][1] - len(generated[i]))  # noqa: E731
-    active = []
-    while waiting or active:
-        while waiting and (not active or sum(map(full_length, active)) + full_length(waiting[0]) <= budget):
-            i = waiting.popleft()
-            if prompts[i][1] > 0:
-                active.append(i)
-            else:
-                yield i, None, True
-        if not active:
-            continue
-        hidden, offsets = packed_hidden_states(model, [sequences[i] for i in active])
-        last = torch.as_tensor(offsets[1:] - 1, device=hidden.device)
-        tokens = pick(F.linear(hidden[last], model.embeddings.weight).float())
-        still = []
-        for i, token in zip(active, tokens):
-            generated[i].append(token)
-            sequences[i] = (sequences[i] + [token])[-max_len:]
-            finished = len(generated[i]) >= prompts[i][1] or token == EOS_ID or bool(stop and stop(i, generated[i]))
-            if not finished:
-                still.append(i)
-            yield i, token, finished
-        active = still
-
-
-def step_routing(ffn):
-    """The routing weights [d_ff, K] of a PolyGLU's last forward (one sequence); None for SwiGLU."""
-    return torch.softmax(ffn.last_logits.float() / ffn.tau, -1)[0, -1] if isinstance(ffn, PolyGLU) else None
-
-
-@torch.no_grad()
-def full_pass(model, ids):
-    """A full forward of one sequence that records, per layer, the keys/values and the FFN input sum (the state an
-    incremental step continues from) and the routing weights, through the frozen modules' attend/pool hooks."""
-    n_layers = len(model.model_core)
-    state = {'k': [None] * n_layers, 'v': [None] * n_layers, 'sum': [None] * n_layers, 'n': len(ids)}
-    originals = [(block.gqa.attend, getattr(block.ffn, 'pool', None)) for block in model.model_core]
-
-    def recording_attend(layer, attend):
-        def hook(q, k, v, cu_seqlens, max_seqlen):
-            state['k'][layer], state['v'][layer] = k, v
-            return attend(q, k, v, cu_seqlens, max_seqlen)
-        return hook
-
-    def recording_pool(layer, pool):
-        def hook(x, cu_seqlens):
-            state['sum'][layer] = x.float().sum(1)
-            return pool(x, cu_seqlens)
-        return hook
-
-    for layer, (block, (attend, pool)) in enumerate(zip(model.model_core, originals)):
-        block.gqa.attend = recording_attend(layer, attend)
-        if pool is not None:
-            block.ffn.pool = recording_pool(layer, pool)
-    try:
-        hidden = model.hidden_states(torch.tensor([ids], device=model.embeddings.weight.device))
-    finally:
-        for block, (attend, pool) in zip(model.model_core, originals):
-            block.gqa.attend = attend
-            if pool is not None:
-                block.ffn.pool = pool
-    state['routing'] = [step_routing(block.ffn) for block in model.model_core]
-    return hidden[0, -1], state
-
-
-@torch.no_grad()
-def cached_step(model, token, state):
-    """One new token through every layer with the cached keys/values (stale: computed under the routing of the last
-    refresh) and the running gate mean. -> (final hidden of the token, max routing change since the refresh)."""
-    position = state['n']
-    cos, sin = (t[position:position + 1] for t in model.rope(position + 1))
-    x = model.embeddings(torch.tensor([[token]], device=model.embeddings.weight.device))
-    drift = 0.0
-    for layer, block in enumerate(model.model_core):
-        attn, h = block.gqa, block.rmsnorm_1(x)
-        q = RoPE.rotate(attn.rmsnorm_q(attn.W_q(h).view(1, 1, attn.n_heads, attn.head_dim)), cos, sin)
-        k = RoPE.rotate(attn.rmsnorm_k(attn.W_k(h).view(1, 1, attn.n_kv_heads, attn.head_dim)), cos, sin)
-        v = attn.W_v(h).view(1, 1, attn.n_kv_heads, attn.head_dim)
-        state['k'][layer] = torch.cat([state['k'][layer], k], 1)
-        state['v'][layer] = torch.cat([state['v'][layer], v], 1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), state['k'][layer].transpose(1, 2),
-                                             state['v'][layer].transpose(1, 2), enable_gqa=True)
-        x = x + attn.W_o(out.transpose(1, 2).reshape(1, 1, -1))
-        h = block.rmsnorm_2(x)
-        if not isinstance(block.ffn, PolyGLU):
-            x = x + block.ffn(h)
-            continue
-        state['sum'][layer] = state['sum'][layer] + h.float().sum(1)
-        mean = (state['sum'][layer] / (position + 1)).to(h.dtype)[:, None]
-        pool, block.ffn.pool = block.ffn.pool, (lambda _x, _cu: mean)
-        try:
-            x = x + block.ffn(h)
-        finally:
-            block.ffn.pool = pool
-        drift = max(drift, (step_routing(block.ffn) - state['routing'][layer]).abs().max().item())
-    state['n'] += 1
-    return model.rmsnorm(x)[0, -1], drift
-
-
-@torch.no_grad()
-def generate_cached(model, prompts, refresh_threshold, pick=sampler(), stop=None, stats=None):
-    """Approximate generation with a key/value cache, one request at a time: the keys/values and the gate's running
-    mean carry on from the last full forward, which is redone when any routing weight has moved more than
-    refresh_threshold since (so no routing weight strays further from it unrefreshed). Same prompts, events and stops
-    as generate_exact; a request also ends at max_seq_len. stats, a dict, counts 'refreshes' and 'cached_steps'."""
-    stats = {} if stats is None else stats
-    stats.setdefault('refreshes', 0)
-    stats.setdefault('cached_steps', 0)
-    for i, (ids, max_new) in enumerate(prompts):
-        if max_new <= 0:
-            yield i, None, True
-            continue
-        ids = list(ids)[-model.config.max_seq_len:]
-        hidden, state = full_pass(model, ids)
-        generated = []
-        while True:
-            token = pick(F.linear(hidden, model.embeddings.weight).float()[None])[0]
-            generated.append(token)
-            ids.append(token)
-            finished = len(generated) >= max_new or token == EOS_ID or bool(stop and stop(i, generated)) or \
-                len(ids) >= model.config.max_seq_len
-            yield i, token, finished
-            if finished:
-                break
-            hidden, drift = cached_step(model, token, state)
-            stats['cached_steps'] += 1
-            if drift > refresh_threshold:
-                hidden, state = full_pass(model, ids)
-                stats['refreshes'] += 1

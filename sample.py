@@ -19,8 +19,9 @@ import time
 
 import torch
 
-from model import EOS_ID, enable_segment_pooling, generate_cached, generate_exact, load_checkpoint, sampler
-from utils import chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, resolve_device
+from model import EOS_ID
+from utils import (chatml, checkpoint_tokenizer, enable_segment_pooling, fine_tuned, generate_cached, generate_exact,
+                   get_tokenizer, load_checkpoint, resolve_device, sampler)
 
 # -----------------------------------------------------------------------------
 # config

@@ -22,12 +22,12 @@ import time
 import numpy as np
 import torch
 
-from model import (EOS_ID, LanguageModelLoss, attention_name, cu_seqlens_from_eos, flops_per_token, load_checkpoint,
-                   routing_entropy, save_checkpoint, wrap_model)
+from model import (EOS_ID, LanguageModelLoss, attention_name, cu_seqlens_from_eos, flops_per_token, routing_entropy,
+                   wrap_model)
 from utils import (catch_stop_signals, close_distributed, cosine_lr, end_of_session, export_training_state,
-                   import_training_state, init_distributed, init_wandb, make_engine, micro_batch_seeds, optimizer_step,
-                   projected_cost, prune_checkpoints, read_manifest, report_save, resolve_device, resume_state,
-                   run_provenance, verified_chunk)
+                   import_training_state, init_distributed, init_wandb, load_checkpoint, make_engine,
+                   micro_batch_seeds, optimizer_step, projected_cost, prune_checkpoints, read_manifest, report_save,
+                   resolve_device, resume_state, run_provenance, save_checkpoint, verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)

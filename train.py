@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, count_parameters, create_model,
-                   cu_seqlens_from_eos, flops_per_token, load_checkpoint, recompute_flops_per_token, routing_entropy,
-                   save_checkpoint)
+                   cu_seqlens_from_eos, flops_per_token, recompute_flops_per_token, routing_entropy)
 from utils import (catch_stop_signals, close_distributed, cosine_lr, end_of_session, export_training_state,
-                   held_out_split, import_training_state, init_distributed, init_wandb, make_engine, micro_batch_seeds,
-                   open_chunks, optimizer_step, peak_flops, projected_cost, prune_checkpoints, read_manifest, report_save,
-                   resolve_device, resume_state, run_provenance, trim_log)
+                   held_out_split, import_training_state, init_distributed, init_wandb, load_checkpoint, make_engine,
+                   micro_batch_seeds, open_chunks, optimizer_step, peak_flops, projected_cost, prune_checkpoints,
+                   read_manifest, report_save, resolve_device, resume_state, run_provenance, save_checkpoint, trim_log)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are SPEC.md's full run; config/*.py and --key=value override them

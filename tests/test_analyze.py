@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import model as M
+import utils as U
 import synthetic
 from configurator import configure
 from conftest import small_config
@@ -39,7 +40,7 @@ def checkpoint(tmp_path, name, alpha=None, gate=True, strong_gate=False, **overr
                 block.ffn.gate_net[2].weight.zero_()
                 block.ffn.gate_net[2].bias.zero_()
     path = str(tmp_path / f'{name}.pt')
-    M.save_checkpoint(path, model, step=5, val_tokens=1000)
+    U.save_checkpoint(path, model, step=5, val_tokens=1000)
     return path
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 import model as M
+import utils as U
 import synthetic
 
 
@@ -34,7 +35,7 @@ def test_both_author_formats_give_the_logits_of_the_same_weights(author, capsys)
     idx = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
     expected = direct_logits(weights, idx)
     for kind, path in paths.items():
-        model, info = M.load_checkpoint(path)
+        model, info = U.load_checkpoint(path)
         assert (info['format'], info['tau']) == ({'pt': 'author portable', 'safetensors': 'safetensors'}[kind], 0.1)
         assert info['model_config'] == {**info['model_config'], 'vocab_size': 512, 'd_model': 32, 'n_layers': 2,
                                         'n_heads': 4, 'n_kv_heads': 2, 'd_ff': 64, 'max_seq_len': 96}
@@ -44,7 +45,7 @@ def test_both_author_formats_give_the_logits_of_the_same_weights(author, capsys)
     out = capsys.readouterr().out
     assert 'names 3 classes that were not run' in out  # DeepSpeed's LossScaler, ZeroStageEnum, fragment_address
     assert 'records no tau; using 0.1' in out            # the safetensors file has no tau
-    _, info = M.load_checkpoint(paths['pt'])
+    _, info = U.load_checkpoint(paths['pt'])
     assert info['step'] == 19_531
     with safe_open(paths['safetensors'], framework='pt') as f:
         assert 'output_head.weight' not in f.keys()      # the tied head stored once
@@ -52,7 +53,7 @@ def test_both_author_formats_give_the_logits_of_the_same_weights(author, capsys)
 
 def test_our_state_dict_moves_to_the_author_key_for_key(author):
     weights, _ = author
-    model, _ = M.load_checkpoint(author[1]['pt'])
+    model, _ = U.load_checkpoint(author[1]['pt'])
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in weights.items()}
 
 
@@ -72,7 +73,7 @@ def test_pickled_code_in_the_optimizer_entry_never_runs(tmp_path):
     torch.save({'model': weights, 'optimizer': {'hook': Payload(marker)}, 'step': 3, 'tau': 0.5}, tmp_path / 'a.pt')
     with pytest.raises(pickle.UnpicklingError):  # what plain weights_only does with it
         torch.load(tmp_path / 'a.pt', weights_only=True)
-    model, info = M.load_checkpoint(str(tmp_path / 'a.pt'))
+    model, info = U.load_checkpoint(str(tmp_path / 'a.pt'))
     assert not os.path.exists(marker) and info['step'] == 3 and model.tau == 0.5
 
 
@@ -82,7 +83,7 @@ def damaged(tmp_path, name, change):
     path = str(tmp_path / f'{name}.pt')
     torch.save({'model': weights, 'step': 1, 'tau': 0.1}, path)
     with pytest.raises(SystemExit) as error:
-        M.load_checkpoint(path)
+        U.load_checkpoint(path)
     message = str(error.value)
     assert '\n' not in message and message.startswith(f'error: {path}')
     return message
@@ -108,12 +109,12 @@ def test_architecture_inferred_from_shapes(tmp_path):
     del weights['rope.cosines'], weights['rope.sins']  # without the table, max_seq_len is SPEC's 4,096
     path = str(tmp_path / 'w.pt')
     torch.save({'model': weights, 'step': 1, 'tau': 0.2}, path)
-    model, info = M.load_checkpoint(path)
+    model, info = U.load_checkpoint(path)
     config = model.config
     assert (config.vocab_size, config.d_model, config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim,
             config.d_ff, config.max_seq_len) == (300, 48, 3, 6, 3, 8, 80, 4096)
     with pytest.raises(SystemExit, match=r"different model than configured.*'d_model': \(1024, 48\)"):
-        M.load_checkpoint(path, config=M.ModelConfig())
+        U.load_checkpoint(path, config=M.ModelConfig())
 
 
 def test_vanilla_state_dict_loads(tmp_path):
@@ -122,7 +123,7 @@ def test_vanilla_state_dict_loads(tmp_path):
     from safetensors.torch import save_file
     weights = {k: v for k, v in model.state_dict().items() if k != 'output_head.weight'}
     save_file(weights, str(tmp_path / 'vanilla.safetensors'))
-    loaded, info = M.load_checkpoint(str(tmp_path / 'vanilla.safetensors'))
+    loaded, info = U.load_checkpoint(str(tmp_path / 'vanilla.safetensors'))
     assert loaded.config.model_type == 'vanilla' and info['tau'] is None
     idx = torch.arange(16)[None]
     with torch.no_grad():
@@ -150,7 +151,7 @@ def test_hub_id_fetches_the_safetensors_else_the_pt(author, monkeypatch, tmp_pat
     (tmp_path / '.env').write_text('HF_TOKEN=hf_from_dotenv\n')
     for repo_id, kind in (('tylerxdurden/PolyChromaticLM-1.0-instruct-0.6B', 'safetensors'),
                           ('tylerxdurden/PolyChromaticLM-1.0-base-0.6B', 'author portable')):
-        _, info = M.load_checkpoint(f'hf:{repo_id}')
+        _, info = U.load_checkpoint(f'hf:{repo_id}')
         assert info['format'] == kind
     assert calls == [('tylerxdurden/PolyChromaticLM-1.0-instruct-0.6B', 'model.safetensors', 'hf_from_dotenv'),
                      ('tylerxdurden/PolyChromaticLM-1.0-base-0.6B', 'checkpoint_step_19531.pt', 'hf_from_dotenv')]
@@ -170,7 +171,7 @@ def test_hub_download_faults_are_one_line(fault, monkeypatch, capsys, caplog):
         monkeypatch.setattr(huggingface_hub, 'list_repo_files', listing)
         monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
         with pytest.raises(SystemExit) as stop:
-            M.load_checkpoint('hf:someone/model')
+            U.load_checkpoint('hf:someone/model')
         message = str(stop.value)
         assert message.startswith('error: download of hf:someone/model failed: ') and '\n' not in message
         assert re.search(synthetic.HUB_FAULTS[fault], message), message
@@ -182,7 +183,7 @@ def test_a_repo_without_weights_is_one_line(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
     monkeypatch.setattr(huggingface_hub, 'list_repo_files', lambda repo_id, token=None: ['README.md'])
     with pytest.raises(SystemExit, match=r'no \.safetensors or \.pt checkpoint in hf:someone/weightless'):
-        M.load_checkpoint('hf:someone/weightless')
+        U.load_checkpoint('hf:someone/weightless')
 
 
 def fake_hub_cache(cache, repo_id, files):
@@ -207,10 +208,10 @@ def test_hub_id_offline_reads_the_cache(author, monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
     monkeypatch.setattr(huggingface_hub, 'list_repo_files', None)  # offline: never asked
-    model, info = M.load_checkpoint('hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B')
+    model, info = U.load_checkpoint('hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B')
     assert info['file'].endswith('author_final.pt') and info['step'] == 19_531
     with pytest.raises(SystemExit, match='HF_HUB_OFFLINE is set and it is not in the local cache'):
-        M.load_checkpoint('hf:tylerxdurden/PolyChromaticLM-1.0-instruct-0.6B')
+        U.load_checkpoint('hf:tylerxdurden/PolyChromaticLM-1.0-instruct-0.6B')
 
 
 def test_folder_picks_its_checkpoint(tmp_path, author):
@@ -218,7 +219,7 @@ def test_folder_picks_its_checkpoint(tmp_path, author):
     model = M.create_model(M.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48,
                                          max_seq_len=16))
     for step in (5, 10):
-        M.save_checkpoint(str(tmp_path / f'portable_{step}.pt'), model, step=step)
-    assert M.load_checkpoint(str(tmp_path))[1]['step'] == 10
-    M.save_checkpoint(str(tmp_path / 'portable_final.pt'), model, step=12)
-    assert M.load_checkpoint(str(tmp_path))[1]['step'] == 12
+        U.save_checkpoint(str(tmp_path / f'portable_{step}.pt'), model, step=step)
+    assert U.load_checkpoint(str(tmp_path))[1]['step'] == 10
+    U.save_checkpoint(str(tmp_path / 'portable_final.pt'), model, step=12)
+    assert U.load_checkpoint(str(tmp_path))[1]['step'] == 12

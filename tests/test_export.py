@@ -14,6 +14,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import model as M
+import utils as U
 import synthetic
 import utils
 from configurator import configure
@@ -79,8 +80,8 @@ def test_export_reads_back_with_the_checkpoints_logits_in_the_authors_layout(tra
     assert layout(f'{tmp_path}/release/model.safetensors') == layout(author)
     assert 'output_head.weight' not in layout(author)
     # read back: bf16 weights, the checkpoint's logits at bf16, its step and tau, the tokenizer found beside it
-    original, info = M.load_checkpoint(checkpoint)
-    reloaded, reloaded_info = M.load_checkpoint(f'{tmp_path}/release')
+    original, info = U.load_checkpoint(checkpoint)
+    reloaded, reloaded_info = U.load_checkpoint(f'{tmp_path}/release')
     assert torch.equal(logits(reloaded), logits(rounded(original)))
     assert (reloaded_info['step'], reloaded_info['tau'], reloaded_info['tokens']) == (10, info['tau'], 10 * 8 * 32)
     assert utils.checkpoint_tokenizer(reloaded_info) == f'{tmp_path}/release/tokenizer.json'
@@ -94,7 +95,7 @@ def test_export_reads_back_with_the_checkpoints_logits_in_the_authors_layout(tra
     assert config['tokenizer'] == 'a local tokenizer.json (copied here)'
     # float32: no rounding at all
     export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/fp32', f'--tokenizer={tokenizer}', '--dtype=float32'])
-    assert torch.equal(logits(M.load_checkpoint(f'{tmp_path}/fp32')[0]), logits(M.load_checkpoint(checkpoint)[0]))
+    assert torch.equal(logits(U.load_checkpoint(f'{tmp_path}/fp32')[0]), logits(U.load_checkpoint(checkpoint)[0]))
 
 
 def test_the_authors_checkpoint_exports_to_the_authors_file(tmp_path, trained):
@@ -118,9 +119,9 @@ def test_a_mocked_hub_repo_of_the_export_loads_with_the_same_logits(trained, tmp
     fetched = []
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda repo_id, filename, token=None:
                         fetched.append(filename) or str(tmp_path / 'release' / filename))
-    model, info = M.load_checkpoint('hf:me/tiny')
+    model, info = U.load_checkpoint('hf:me/tiny')
     assert fetched == ['model.safetensors', 'tokenizer.json']
-    assert torch.equal(logits(model), logits(M.load_checkpoint(f'{tmp_path}/release')[0]))
+    assert torch.equal(logits(model), logits(U.load_checkpoint(f'{tmp_path}/release')[0]))
     assert utils.checkpoint_tokenizer(info).endswith('release/tokenizer.json')
 
 
@@ -177,7 +178,7 @@ def test_the_card_states_what_was_measured_and_by_which_command(trained, tmp_pat
     assert 'No benchmark was run on these weights' in bare and '## Routing' not in bare and 'Perplexity' not in bare
     # results measured on other weights are refused
     other = str(tmp_path / 'other.pt')
-    M.save_checkpoint(other, M.create_model(M.ModelConfig(**DIMS)), step=3)
+    U.save_checkpoint(other, M.create_model(M.ModelConfig(**DIMS)), step=3)
     with pytest.raises(SystemExit, match=r"other\.pt.*, not .*portable_final\.pt: a card shows only figures measured .*"
                                          r"run eval\.py on it, or drop --eval_results="):
         export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/x', f'--tokenizer={tokenizer}',

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import utils as U
 from conftest import small_config
 
 
@@ -242,8 +243,8 @@ def test_checkpoint_round_trip(tmp_path, config):
     optimizer = torch.optim.AdamW(model.parameters())
     idx = torch.randint(0, config.vocab_size, (2, 16))
     path = str(tmp_path / 'portable_42.pt')
-    M.save_checkpoint(path, model, step=42, optimizer_state=optimizer.state_dict())
-    loaded, info = M.load_checkpoint(path)
+    U.save_checkpoint(path, model, step=42, optimizer_state=optimizer.state_dict())
+    loaded, info = U.load_checkpoint(path)
     assert (info['step'], info['tau']) == (42, pytest.approx(0.73))
     assert loaded.tau == pytest.approx(0.73) and not loaded.training
     torch.testing.assert_close(loaded(idx), model.eval()(idx), rtol=0, atol=0)
@@ -255,30 +256,30 @@ def test_checkpoint_round_trip(tmp_path, config):
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path, config):
     with pytest.raises(SystemExit, match='not found'):
-        M.load_checkpoint(str(tmp_path / 'missing.pt'))
+        U.load_checkpoint(str(tmp_path / 'missing.pt'))
     garbage = tmp_path / 'garbage.pt'
     garbage.write_bytes(b'not a checkpoint at all')
     with pytest.raises(SystemExit, match='not a readable checkpoint'):
-        M.load_checkpoint(str(garbage))
+        U.load_checkpoint(str(garbage))
     foreign = tmp_path / 'foreign.pt'
     torch.save({'weights': torch.zeros(3)}, foreign)
     with pytest.raises(SystemExit, match='not a PolychromaticLM checkpoint'):
-        M.load_checkpoint(str(foreign))
+        U.load_checkpoint(str(foreign))
     vanilla = str(tmp_path / 'vanilla.pt')
-    M.save_checkpoint(vanilla, M.create_model(small_config(model_type='vanilla')), step=1)
+    U.save_checkpoint(vanilla, M.create_model(small_config(model_type='vanilla')), step=1)
     with pytest.raises(SystemExit, match="different model than configured.*model_type.*'polyglu', 'vanilla'"):
-        M.load_checkpoint(vanilla, config=config)
+        U.load_checkpoint(vanilla, config=config)
     truncated = tmp_path / 'truncated.pt'
     good = str(tmp_path / 'good.pt')
-    M.save_checkpoint(good, M.create_model(config), step=1)
+    U.save_checkpoint(good, M.create_model(config), step=1)
     truncated.write_bytes(open(good, 'rb').read()[:2000])
     with pytest.raises(SystemExit, match='not a readable checkpoint'):
-        M.load_checkpoint(str(truncated))
+        U.load_checkpoint(str(truncated))
     tampered = torch.load(good, weights_only=True)
     tampered['model_state_dict']['model_core.0.polyglu.alpha'] = torch.zeros(64, 4)
     torch.save(tampered, tmp_path / 'tampered.pt')
     with pytest.raises(SystemExit, match=r'wrong shape.*model_core\.0\.polyglu\.alpha: checkpoint \(64, 4\) vs model \(128, 4\)'):
-        M.load_checkpoint(str(tmp_path / 'tampered.pt'))
+        U.load_checkpoint(str(tmp_path / 'tampered.pt'))
 
 
 def test_flops_per_token_full_model():
@@ -290,7 +291,7 @@ def test_flops_per_token_full_model():
 def test_segment_attention_equals_the_masked_path(config):
     attn, rope, x, (cu_seqlens, max_seqlen) = attention_inputs(config)
     masked = attn(x, rope, cu_seqlens, max_seqlen)
-    attn.attend = M.segment_attention
+    attn.attend = U.segment_attention
     torch.testing.assert_close(attn(x, rope, cu_seqlens, max_seqlen), masked, rtol=1e-5, atol=1e-6)
 
 

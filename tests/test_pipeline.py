@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT
 import model as M
+import utils as U
 
 
 def run(*args, cwd, stdin=None, stderr=False):
@@ -40,14 +41,14 @@ def test_demo_pipeline(tmp_path):
     losses = [float(x) for x in re.findall(r'\| loss (\d+\.\d+) \|', out)]
     assert losses[0] > 7.0 and losses[-1] < 6.0  # ln(151,669) = 11.9
     assert 'already trained to max_steps=60' in run(*train, cwd=tmp_path)  # a re-run reuses the result
-    model, info = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_final.pt'))
+    model, info = U.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_final.pt'))
     step, tau = info['step'], info['tau']
     assert step == 60 and tau == pytest.approx(0.1) and model.config.d_model == 48
     out = run('sft.py', 'config/tiny_sft.py', '--init_from=checkpoints/demo/portable_final.pt', '--block_size=64',
               '--eval_interval=1000', cwd=tmp_path)
     validation = [float(v) for v in re.findall(r'validation loss (\d+\.\d+) per assistant token', out)]
     assert len(validation) == 2 and validation[1] < validation[0] - 0.5
-    tau = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_sft_final.pt'))[1]['tau']
+    tau = U.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_sft_final.pt'))[1]['tau']
     assert tau == 0.1
     run('eval.py', 'config/tiny_eval.py', '--checkpoint=checkpoints/demo/portable_sft_final.pt', '--limit=8',
         '--perplexity_tokens=1000', cwd=tmp_path)
@@ -75,5 +76,5 @@ def test_demo_pipeline(tmp_path):
     assert re.search(r'SFT data, `sft`: `local` \(data/demo/raw/sft.jsonl\); [\d,]+ tokens prepared', card)
     assert "The base's data, `math`" in card and "The base's data, `sft`" not in card
     assert re.search(r'Command: `sft\.py config/tiny_sft\.py --init_from=', card)
-    reloaded, info = M.load_checkpoint(str(tmp_path / 'checkpoints/demo/export'))
-    assert info['stage'] == 'sft' and info['step'] == M.load_checkpoint(str(tmp_path / sft_checkpoint))[1]['step']
+    reloaded, info = U.load_checkpoint(str(tmp_path / 'checkpoints/demo/export'))
+    assert info['stage'] == 'sft' and info['step'] == U.load_checkpoint(str(tmp_path / sft_checkpoint))[1]['step']

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import eval as E
 import model as M
+import utils as U
 import sample as S
 from configurator import configure
 from conftest import small_config
@@ -33,7 +34,7 @@ def setup(tmp_path_factory):
             block.ffn.alpha.normal_(std=2.0)
             block.ffn.gate_net[0].weight.normal_(std=1.0)
     checkpoint = str(folder / 'portable_sft_final.pt')
-    M.save_checkpoint(checkpoint, model, step=7, stage='sft')
+    U.save_checkpoint(checkpoint, model, step=7, stage='sft')
     return checkpoint, tok
 
 
@@ -51,8 +52,8 @@ def test_greedy_sample_is_evals_exact_generation(setup, monkeypatch, capsys):
     prompt = 'w5 w17 w230 w9'
     out = run([f'--checkpoint={checkpoint}', f'--prompt={prompt}', '--chat=False', '--temperature=0',
                '--max_new_tokens=12'], monkeypatch, capsys)
-    model, _ = M.load_checkpoint(checkpoint)
-    expected = E.generate_texts(M.enable_segment_pooling(model), tok, [(tok.encode(prompt).ids, [], 12)], 4096)[0]
+    model, _ = U.load_checkpoint(checkpoint)
+    expected = E.generate_texts(U.enable_segment_pooling(model), tok, [(tok.encode(prompt).ids, [], 12)], 4096)[0]
     assert out.out.rstrip('\n') == prompt + expected and len(expected.split()) == 12
     assert re.search(r'12 new tokens in [\d.]+s: [\d.]+ tokens/s \(exact generation on cpu\)', out.err)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model as M
+import utils as U
 import prepare
 import synthetic
 from configurator import configure
@@ -39,7 +40,7 @@ def pretrained(tmp_path_factory):
         model = M.create_model(M.ModelConfig(model_type=model_type, **TINY))
         model.set_tau(0.1)
         paths[model_type] = str(folder / f'{model_type}.pt')
-        M.save_checkpoint(paths[model_type], model, step=1000)
+        U.save_checkpoint(paths[model_type], model, step=1000)
     return paths
 
 
@@ -66,7 +67,7 @@ def training_loss(sft_module, checkpoint, n_rows=8):
     train_ids = np.flatnonzero(~sft_module.held_out_problems(problems, sft_module.val_fraction))
     order = np.random.default_rng([sft_module.seed, 0]).permutation(train_ids)
     rows = sft_module.pack(starts, np.minimum(lengths, 65), order, 65)[:n_rows]
-    model, _ = M.load_checkpoint(checkpoint)
+    model, _ = U.load_checkpoint(checkpoint)
     x, y, cu_seqlens, max_seqlen = sft_module.to_device([sft_module.row_arrays(tokens, masks, r) for r in rows])
     with torch.no_grad():
         return M.LanguageModelLoss(model)(x, y, cu_seqlens, max_seqlen).item()
@@ -80,7 +81,7 @@ def test_sft_lowers_assistant_loss_with_tau_frozen(sft_data, pretrained, tmp_pat
     validation = [float(v) for v in re.findall(r'validation loss (\d+\.\d+) per assistant token', out)]
     assert len(validation) == 2 and validation[1] < validation[0]
     assert set(re.findall(r'\| tau (\S+) \|', out)) == {'0.1'}
-    tau = M.load_checkpoint(str(tmp_path / 'portable_sft_final.pt'))[1]['tau']
+    tau = U.load_checkpoint(str(tmp_path / 'portable_sft_final.pt'))[1]['tau']
     assert tau == 0.1
 
 
@@ -203,7 +204,7 @@ def test_sft_starts_from_the_author_formats(kind, sft_data, tmp_path, capsys):
     run_sft(sft_args(sft_data, path, str(tmp_path / 'sft')))
     step = {'pt': 19_531, 'safetensors': 0}[kind]
     assert f'SFT from {path} (pre-training step {step}, tau 0.1)' in capsys.readouterr().out
-    model, info = M.load_checkpoint(str(tmp_path / 'sft' / 'portable_sft_final.pt'))
+    model, info = U.load_checkpoint(str(tmp_path / 'sft' / 'portable_sft_final.pt'))
     assert info['init_from'] == path and info['tau'] == 0.1
     moved = (model.embeddings.weight - weights['embeddings.weight'].float()).abs().max().item()
     assert 0 < moved < 0.1  # fine-tuned from the author's weights, not from a fresh init (std 0.5 apart)
@@ -298,7 +299,7 @@ def test_resume_refuses_another_init_from_and_skips_a_damaged_checkpoint(sft_dat
     out = str(tmp_path / 'run')
     run_sft(sft_args(sft_data, pretrained['polyglu'], out, stop_after_steps=2, checkpoint_interval=1))
     other = str(tmp_path / 'other.pt')  # a checkpoint of another size: before, a 34-line size-mismatch traceback
-    M.save_checkpoint(other, M.create_model(M.ModelConfig(**{**TINY, 'd_model': 48})), step=1)
+    U.save_checkpoint(other, M.create_model(M.ModelConfig(**{**TINY, 'd_model': 48})), step=1)
     same = str(tmp_path / 'same.pt')    # the same size: before, a silent continuation of the other run's weights
     shutil.copy(pretrained['polyglu'], same)
     for init_from in (other, same):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import model as M
+import utils as U
 import synthetic
 from conftest import ROOT, small_config
 from configurator import configure
@@ -159,7 +160,7 @@ def test_nan_guard_skips_then_stops(data_dir, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert 'step 3: non-finite loss nan or grad norm nan: update skipped (1 in a row, 1 in all)' in out
     assert 'update skipped (3 in a row, 4 in all)' in out
-    model, info = M.load_checkpoint(str(tmp_path / 'portable_10.pt'))
+    model, info = U.load_checkpoint(str(tmp_path / 'portable_10.pt'))
     step = info['step']
     assert step == 10 and all(torch.isfinite(p).all() for p in model.parameters())
 
