@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID, PolyGLU
-from utils import (HUB_TOKENIZER, command_line, enable_segment_pooling, get_tokenizer, held_out_split, load_checkpoint,
+from utils import (HUB_TOKENIZER, command_line, enable_segment_pooling, get_tokenizer, held_out_windows, load_checkpoint,
                    open_chunks, packed_hidden_states, resolve_device)
 
 matplotlib.use('Agg')
@@ -53,10 +54,6 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 
-def fail(message):
-    raise SystemExit(f"error: {message}")
-
-
 def entropy(probs):
     return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
 
@@ -68,11 +65,10 @@ def domain_windows(name, path, model, held_tokens):
     (text the model never trained on) or from a local .txt/.jsonl file."""
     window = min(seq_len, model.config.max_seq_len) + 1
     if os.path.isdir(path):
-        chunks = open_chunks(path, EOS_ID, model.config.vocab_size)
-        _, held = held_out_split([c.size for c in chunks], held_tokens)
-        regions = held if sum(hi - lo for _, lo, hi in held) >= window else [(len(chunks) - 1, 0, chunks[-1].size)]
-        windows = [np.asarray(chunks[c][start:start + window], dtype=np.int64)
-                   for c, lo, hi in regions for start in range(lo, hi - window + 1, window - 1)]
+        chunks, _ = open_chunks(path, EOS_ID, model.config.vocab_size)
+        starts = held_out_windows(chunks, held_tokens, window - 1)[1] or [  # too small to hold out: the last chunk
+            (len(chunks) - 1, start) for start in range(0, chunks[-1].size - window + 1, window - 1)]
+        windows = [np.asarray(chunks[c][start:start + window], dtype=np.int64) for c, start in starts]
     elif os.path.isfile(path):
         tok = get_tokenizer(tokenizer, model.config.vocab_size)
         with open(path, encoding='utf-8', errors='replace') as f:
@@ -204,7 +200,7 @@ def read_log(path):
     elif path.endswith('.pt'):
         path = os.path.join(os.path.dirname(path), 'train_log.jsonl')
     if not os.path.isfile(path):
-        fail(f"no training log at {path}: train.py writes train_log.jsonl into its out_dir")
+        fail(f"no training log at {path}: train.py writes train_log.jsonl into its out_dir, sft.py sft_log.jsonl")
     train, validation, run = {}, {}, {}
     with open(path) as f:
         for entry in map(json.loads, filter(str.strip, f)):
@@ -564,6 +560,5 @@ def write_summary(summary):
 
 
 if __name__ == '__main__':
-    from configurator import configure
     configure(globals())
     main()

@@ -46,10 +46,10 @@ import numpy as np
 import torch
 from torch._dynamo.utils import counters
 
-from configurator import configure
+from configurator import config_keys, configure
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, available_attention, count_parameters,
                    create_model, cu_seqlens_from_eos, flops_per_token, recompute_flops_per_token)
-from utils import (LAUNCHER_GRACE_S, init_distributed, make_engine, optimizer_step, peak_flops, resolve_device,
+from utils import (LAUNCHER_GRACE_S, init_distributed, make_engine, train_step, peak_flops, resolve_device,
                    save_checkpoint)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -59,7 +59,7 @@ RUN_CONFIG = os.path.join(ROOT, 'config', 'pretrain.py')
 def run_settings(config_file=RUN_CONFIG):
     """train.py's settings as `train.py config_file` sees them: its defaults, then the file."""
     import train
-    settings = {k: v for k, v in vars(train).items() if not k.startswith('_')}
+    settings = {k: getattr(train, k) for k in config_keys(vars(train))}
     configure(settings, [config_file])
     return settings
 
@@ -83,7 +83,7 @@ dtype = RUN['dtype']
 attention = RUN['attention']  # or 'all': every kernel available here, side by side
 fused = RUN['fused']
 gradient_checkpointing = RUN['gradient_checkpointing']
-checkpoint_blocks = RUN['checkpoint_blocks']
+recompute_blocks = RUN['recompute_blocks']
 loss_chunk_size = RUN['loss_chunk_size']
 peak_flops_override = RUN['peak_flops_override']
 steps = 10
@@ -121,7 +121,7 @@ def model_config(model_type, layers=None):
 
 
 def recomputed_blocks():
-    return (checkpoint_blocks if checkpoint_blocks >= 0 else n_layers) if gradient_checkpointing else 0
+    return (recompute_blocks if recompute_blocks >= 0 else n_layers) if gradient_checkpointing else 0
 
 
 def saved_kib_per_token(model_type, kernel='auto', tokens=256):
@@ -149,7 +149,7 @@ def measure(model_type, kernel='auto'):
     config = model_config(model_type)
     torch.manual_seed(seed)
     model = create_model(config, device=device, attention=kernel, gradient_checkpointing=gradient_checkpointing,
-                         fused=fused, checkpoint_blocks=checkpoint_blocks)
+                         fused=fused, recompute_blocks=recompute_blocks)
     kernel_name = attention_name(model)
     engine, optimizer, autocast = make_engine(LanguageModelLoss(model, loss_chunk_size), model, backend, dtype,
                                               zero_stage, micro_batch_size, 1, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8)
@@ -158,7 +158,7 @@ def measure(model_type, kernel='auto'):
     batches = [batch(rng) for _ in range(2)]
 
     def step(i):
-        optimizer_step(engine, optimizer, model, [batches[i % 2]], backend, 1.0, autocast)
+        train_step(engine, optimizer, model, [batches[i % 2]], backend, 1.0, autocast)
 
     for i in range(warmup):
         step(i)
@@ -258,7 +258,7 @@ def main(kernels=None):
                 except torch.OutOfMemoryError as e:  # the answer to "does the run fit", not a reason to stop
                     out_of_memory.append(f"{model_type} on {kernel}")
                     print(f"{model_type} on {kernel}: out of memory ({str(e).splitlines()[0][:160]}): raise "
-                          "checkpoint_blocks or lower micro_batch_size (README, Troubleshooting)")
+                          "recompute_blocks or lower micro_batch_size (README, Troubleshooting)")
                     gc.collect()
                     torch.cuda.empty_cache()
         if not results:
@@ -318,7 +318,7 @@ def print_timings(results):
 # make gpu-check
 
 DRY_SIZE = dict(vocab_size=1024, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256, block_size=128,
-                micro_batch_size=2, loss_chunk_size=64, checkpoint_blocks=1, fused=False, steps=2, warmup=1,
+                micro_batch_size=2, loss_chunk_size=64, recompute_blocks=1, fused=False, steps=2, warmup=1,
                 device='cpu', dtype='float32', backend='torch')
 CHECK_STEPS = dict(steps=5, warmup=2)  # timed steps of each model and kernel: the check fits 7 minutes of an H100
 TRAIN_STEPS, STOP_AT = 6, 3      # the resume check: an uninterrupted run against one stopped at STOP_AT and resumed
@@ -443,7 +443,7 @@ def stage_train(work, dry):
     eos = EOS_ID if vocab_size > EOS_ID else 1
     write_check_data(os.path.join(work, 'data'), eos)
     sizes = {k: globals()[k] for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff',
-                                       'block_size', 'micro_batch_size', 'loss_chunk_size', 'checkpoint_blocks',
+                                       'block_size', 'micro_batch_size', 'loss_chunk_size', 'recompute_blocks',
                                        'fused', 'device', 'dtype', 'backend', 'zero_stage')}
     settings = dict(sizes, max_seq_len=max(block_size, 4096), eos_id=eos, data_dir=os.path.join(work, 'data'),
                     max_steps=TRAIN_STEPS, grad_accum_steps=1, warmup_steps=1, learning_rate=1e-3, min_lr=1e-4,

@@ -2,20 +2,24 @@
 Exec-style config, nanoGPT's way with real errors. A stage script defines its defaults as module globals,
 then calls configure(globals()):
 
-    $ python train.py config/pretrain.py --max_iters=100 --wandb_log=False
+    $ python train.py config/pretrain.py --max_steps=100 --wandb_log=False
+    $ python train.py --help                  # every key, its default and its comment
 
 Each config file (plain Python assigning globals) is exec'd in order, then each --key=value is parsed with
 ast.literal_eval (a bare word stays a string). Keys must exist among the defaults and values must have the
 default's type (an int is accepted where a float is expected). Mistakes end the run with one line that
-names the key and the fix. `--local_rank=N`, which the deepspeed launcher appends, is accepted.
+names the key and the fix (a renamed key names its new name). `--local_rank=N`, which the deepspeed launcher appends,
+is accepted. It also holds `fail`, the one-line error every script ends a bad run with.
 """
 import ast
 import difflib
+import itertools
 import os
 import sys
 
 LAUNCHER_KEYS = ('local_rank',)  # added by `deepspeed` / torch.distributed launchers; read from env instead
 CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
+RENAMED = {'checkpoint_blocks': 'recompute_blocks'}  # old key -> new: an old command line gets the new name
 
 
 def config_keys(namespace):
@@ -25,10 +29,13 @@ def config_keys(namespace):
 
 
 def fail(message):
+    """End the run with one line that names the problem and the fix."""
     raise SystemExit(f"error: {message}")
 
 
 def nearest(key, keys):
+    if RENAMED.get(key) in keys:
+        return f"did you mean '{RENAMED[key]}'? ({key} was renamed)"
     match = difflib.get_close_matches(key, keys, n=1)
     return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(sorted(keys))}"
 
@@ -55,12 +62,36 @@ def parse_value(raw, default):
         return raw
 
 
+def usage(namespace, keys):
+    """--help: the script's summary, then every config key with its current value and the comment beside it in the
+    script (and the comment lines under it)."""
+    lines, comments = [], {}
+    path = namespace.get('__file__')
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        key = line.split('=', 1)[0].strip() if '=' in line and not line.startswith((' ', '#')) else None
+        if key in keys and key not in comments:
+            notes = [line.split('  # ', 1)[1]] if '  # ' in line else []
+            notes += [more.strip()[2:] for more in itertools.takewhile(lambda l: l.startswith(' ') and
+                                                                       l.strip().startswith('#'), lines[i + 1:])]
+            comments[key] = ' '.join(notes)
+    summary = (namespace.get('__doc__') or '').strip().split('\n\n')[0]
+    width = min(40, max(len(f"--{k}={namespace[k]!r}") for k in keys))
+    return '\n'.join([summary, '', 'config keys (--key=value, or a config/*.py file assigning them):'] +
+                     [f"  {f'--{k}={namespace[k]!r}':<{width}}  {comments.get(k, '')}".rstrip() for k in keys])
+
+
 def configure(namespace, argv=None):
     """Apply config files and --key=value overrides to `namespace` (a script's globals()).
     Returns {key: value} of the final config, for logging."""
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(namespace)
     for arg in argv:
+        if arg in ('--help', '-h'):
+            print(usage(namespace, keys))
+            sys.exit(0)
         if not arg.startswith('--'):
             if not os.path.isfile(arg):
                 available = sorted(f"config/{f}" for f in os.listdir('config')) if os.path.isdir('config') else []

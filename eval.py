@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from configurator import config_keys, configure, fail
 from model import EOS_ID, attention_name, cu_seqlens_from_eos
 from utils import (chatml, checkpoint_tokenizer, command_line, enable_segment_pooling, file_digest, fine_tuned,
-                   generate_cached, generate_exact, get_tokenizer, gumbel_routing, held_out_split, load_checkpoint,
-                   open_chunks, packed_hidden_states, read_manifest, resolve_device, whole_row_pooling)
+                   generate_cached, generate_exact, get_tokenizer, gumbel_routing, held_out_windows, load_checkpoint,
+                   open_chunks, packed_hidden_states, resolve_device, whole_row_pooling)
 
 # -----------------------------------------------------------------------------
 # config
@@ -76,10 +77,6 @@ device = 'auto'
 dtype = 'auto'
 attention = 'auto'           # CUDA kernel for packed rows: flash-attn, else torch's varlen_attn, else SDPA per segment
 # -----------------------------------------------------------------------------
-
-
-def fail(message):
-    raise SystemExit(f"error: {message}")
 
 
 # The model cards (lm-eval 0.4.11; paper_reporting/base_pretrained__performance.md and sft__performance.md in
@@ -537,10 +534,8 @@ def held_out_perplexity(model, folder, held_tokens, max_tokens, context):
     windows of `context` + 1 tokens from the start of the held-out slice, `context` apart, each row alone with its
     documents masked from each other in attention (cu_seqlens from EOS) and the frozen whole-row gate mean. On the
     same windows the loss equals train.py's validation loss."""
-    chunks = open_chunks(folder, EOS_ID, model.config.vocab_size)
-    _, held = held_out_split([c.size for c in chunks], held_tokens)
-    windows = [(c, start) for c, lo, hi in held for start in range(lo, hi - context, context)]
-    windows = windows[:max(1, max_tokens // context)]
+    chunks, _ = open_chunks(folder, EOS_ID, model.config.vocab_size)
+    _, windows = held_out_windows(chunks, held_tokens, context, max(1, max_tokens // context))
     total, count = 0.0, 0
     device = model.embeddings.weight.device
     with whole_row_pooling(model):
@@ -564,7 +559,7 @@ def author_perplexity(model, folder, context, windows=AUTHOR_WINDOWS, min_chunk=
     tokens at i * stride, stride = (len - (S+1)) // n, S = `context`; each window one sequence with full causal
     attention (no document masking) and one gate mean; loss in float32 from the model's logits; perplexity = exp(mean
     loss over every scored token). -> None when the chunk holds fewer than 2 (S+1) tokens."""
-    chunks = open_chunks(folder, EOS_ID, model.config.vocab_size)
+    chunks, manifest = open_chunks(folder, EOS_ID, model.config.vocab_size)
     index = next((c for c in reversed(range(len(chunks))) if chunks[c].size >= min_chunk), len(chunks) - 1)
     chunk, span = chunks[index], chunks[index].size - (context + 1)
     n = min(windows, span // (context + 1)) if span > 0 else 0
@@ -576,7 +571,7 @@ def author_perplexity(model, folder, context, windows=AUTHOR_WINDOWS, min_chunk=
     scored = score(model, [(ids[:1], ids[1:]) for ids in rows], batch_tokens, os.path.basename(folder))
     loss = -sum(log_prob for log_prob, _ in scored) / (n * context)
     return {'protocol': 'author', 'loss': loss, 'perplexity': math.exp(loss), 'tokens': n * context, 'windows': n,
-            'stride': stride, 'context': context, 'chunk': read_manifest(folder)['chunks'][index]['file'],
+            'stride': stride, 'context': context, 'chunk': manifest['chunks'][index]['file'],
             'dtype': str(model.embeddings.weight.dtype).replace('torch.', '')}
 
 # -----------------------------------------------------------------------------
@@ -675,8 +670,7 @@ def main():
     report = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'format': state['format'],
               'step': step, 'tau': tau,
               'model_config': state['model_config'], 'chat': use_chat, 'scoring': scoring, 'complete': False,
-              'config': {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
-                         and isinstance(v, (int, float, bool, str, tuple))}}
+              'config': {k: globals()[k] for k in config_keys(globals())}}
     results = {}
     if task_names:
         print(f"prompts: {'ChatML (chat=True), few-shot as turns, stopping at <|im_end|>' if use_chat else 'plain'}; "
@@ -763,6 +757,5 @@ def domain_perplexity(model, state):
 
 
 if __name__ == '__main__':
-    from configurator import configure
     configure(globals())
     main()

@@ -20,6 +20,7 @@ import subprocess
 
 import torch
 
+from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID, count_parameters
 from utils import (HUB_PREFIX, HUB_TOKENIZER, checkpoint_tokenizer, file_digest, fine_tuned, get_tokenizer,
                    hub_failure, load_checkpoint, load_dotenv, quiet_hub, read_manifest)
@@ -41,10 +42,6 @@ public = False               # a new repo is private unless True
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 PROJECT = 'PolychromaticLM'
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def fail(message):
-    raise SystemExit(f"error: {message}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -364,6 +361,5 @@ def main():
 
 
 if __name__ == '__main__':
-    from configurator import configure
     configure(globals())
     main()

@@ -607,26 +607,26 @@ class LanguageModelLoss(nn.Module):
 # =============================================================================
 
 def create_model(config, device='cpu', dtype=torch.float32, attention='auto', gradient_checkpointing=False,
-                 fused=False, checkpoint_blocks=-1):
+                 fused=False, recompute_blocks=-1):
     """Build the model (initialised per SPEC.md) on a device and dtype, with the optional wrappers."""
     model = PolychromaticLM(config).to(device=device, dtype=dtype)
-    return wrap_model(model, attention, gradient_checkpointing, fused, checkpoint_blocks)
+    return wrap_model(model, attention, gradient_checkpointing, fused, recompute_blocks)
 
 
-def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=False, checkpoint_blocks=-1):
+def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=False, recompute_blocks=-1):
     """Apply the optional wrappers to a built model: on CUDA the attention kernel of attention_kernel (on the CPU the
     frozen SDPA path; all compute the same masked attention), the fused kernels, and recomputation of the first
-    checkpoint_blocks blocks (-1: all) when gradient_checkpointing is on."""
-    if not -1 <= checkpoint_blocks <= len(model.model_core):
-        raise SystemExit(f"error: checkpoint_blocks must be -1 (all) or 0..{len(model.model_core)}, got {checkpoint_blocks}")
-    if checkpoint_blocks > 0 and not gradient_checkpointing:
-        raise SystemExit(f"error: checkpoint_blocks={checkpoint_blocks} does nothing without gradient_checkpointing=True: "
-                         "set it too, or drop checkpoint_blocks")
+    recompute_blocks blocks (-1: all) when gradient_checkpointing is on."""
+    if not -1 <= recompute_blocks <= len(model.model_core):
+        raise SystemExit(f"error: recompute_blocks must be -1 (all) or 0..{len(model.model_core)}, got {recompute_blocks}")
+    if recompute_blocks > 0 and not gradient_checkpointing:
+        raise SystemExit(f"error: recompute_blocks={recompute_blocks} does nothing without gradient_checkpointing=True: "
+                         "set it too, or drop recompute_blocks")
     enable_flash_attention(model, attention_kernel(model.embeddings.weight.device, attention))
     if fused:
         enable_fused_kernels(model)
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model, checkpoint_blocks)
+        enable_gradient_checkpointing(model, recompute_blocks)
     return model
 
 

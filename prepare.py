@@ -28,6 +28,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from configurator import configure, fail
 from model import EOS_ID, ModelConfig
 from utils import HUB_TOKENIZER, get_tokenizer, load_dotenv, plan_budgets, read_manifest
 
@@ -75,9 +76,6 @@ IM_START, IM_END = 151_644, 151_645
 THINK_START, THINK_END = 151_667, 151_668  # Qwen3's <think> and </think>
 SKIP_REASONS = ('malformed', 'tool', 'extra_trace')  # why an SFT row is not a conversation; -1, -2, -3 as lengths
 
-
-def fail(message):
-    raise SystemExit(f"error: {message}")
 
 # -----------------------------------------------------------------------------
 # rows: the hub (streaming) or local jsonl/parquet files, as an iterator of dicts
@@ -727,7 +725,6 @@ def run_benchmark():
 
 
 if __name__ == '__main__':
-    from configurator import configure
     configure(globals())
     if verify:
         manifest = verify_folder(verify)

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from configurator import configure, fail
 from model import EOS_ID
 from utils import (chatml, checkpoint_tokenizer, enable_segment_pooling, fine_tuned, generate_cached, generate_exact,
                    get_tokenizer, load_checkpoint, resolve_device, sampler)
@@ -41,10 +42,6 @@ device = 'auto'
 dtype = 'auto'
 attention = 'auto'
 # -----------------------------------------------------------------------------
-
-
-def fail(message):
-    raise SystemExit(f"error: {message}")
 
 
 def read_prompt():
@@ -182,6 +179,5 @@ def main():
 
 
 if __name__ == '__main__':
-    from configurator import configure
     configure(globals())
     main()

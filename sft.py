@@ -22,12 +22,13 @@ import time
 import numpy as np
 import torch
 
-from model import (EOS_ID, LanguageModelLoss, attention_name, cu_seqlens_from_eos, flops_per_token, routing_entropy,
-                   wrap_model)
-from utils import (catch_stop_signals, close_distributed, cosine_lr, end_of_session, export_training_state,
-                   import_training_state, init_distributed, init_wandb, load_checkpoint, make_engine,
-                   micro_batch_seeds, optimizer_step, projected_cost, prune_checkpoints, read_manifest, report_save,
-                   resolve_device, resume_state, run_provenance, save_checkpoint, verified_chunk)
+from configurator import configure, fail
+from model import EOS_ID, LanguageModelLoss, attention_name, flops_per_token, routing_entropy, wrap_model
+from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, count_bad_step, end_of_session,
+                   import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry, make_engine,
+                   micro_batch_seeds, peak_flops, projected_cost, rank_rows, read_manifest, resolve_device,
+                   resume_state, run_provenance, save_run, set_learning_rate, step_line, to_device, train_step,
+                   trim_log, verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -57,10 +58,12 @@ device = 'auto'
 dtype = 'auto'
 attention = 'auto'           # CUDA kernel: 'auto' = flash-attn if installed, else torch's varlen_attn, else 'sdpa'
 gradient_checkpointing = False
-checkpoint_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
+recompute_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
 fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
 loss_chunk_size = 2048
 seed = 1337
+max_bad_steps = 10           # non-finite loss/grad steps in a row before the run stops
+peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
 log_interval = 10
 eval_interval = 200
 checkpoint_interval = 500
@@ -71,10 +74,6 @@ wandb_log = False
 wandb_project = 'polychromatic'
 wandb_run_name = 'sft'
 # -----------------------------------------------------------------------------
-
-
-def fail(message):
-    raise SystemExit(f"error: {message}")
 
 
 def load_conversations():
@@ -154,14 +153,84 @@ def row_arrays(tokens, masks, row):
     return ids, mask
 
 
-def to_device(batch):
-    """rows of (ids, mask) -> x, targets (-100 where the target is not an assistant token), cu_seqlens."""
-    ids = torch.from_numpy(np.stack([ids for ids, _ in batch]))
-    mask = torch.from_numpy(np.stack([mask for _, mask in batch]).astype(bool))
-    x, y = ids[:, :-1].contiguous(), ids[:, 1:].clone()
-    y[~mask[:, 1:]] = -100
-    cu_seqlens, max_seqlen = cu_seqlens_from_eos(x)
-    return x.to(device), y.to(device), cu_seqlens.to(device), max_seqlen
+def plan_rows(lengths, problems, world_size):
+    """Every epoch's packed training rows, the held-out rows, and what the banner reports of them."""
+    capacity = block_size + 1  # x and y are the row shifted by one
+    too_long = lengths > capacity
+    if long_conversations == 'truncate':
+        lengths = np.minimum(lengths, capacity)  # keeps the beginning: the end of the assistant turn is cut
+        keep = np.ones(len(lengths), dtype=bool)
+    else:
+        keep = ~too_long
+    held_out = held_out_problems(problems, val_fraction)
+    train_ids, val_ids = np.flatnonzero(keep & ~held_out), np.flatnonzero(keep & held_out)
+    return lengths, train_ids, val_ids, int(too_long.sum())
+
+
+def load_model(is_master):
+    """The pre-trained checkpoint, wrapped for training, tau frozen."""
+    model, pretrained = load_checkpoint(init_from)
+    if model.config.model_type != model_type:
+        fail(f"{init_from} is a {model.config.model_type} model but model_type={model_type!r}: fix model_type or "
+             "pick the matching checkpoint")
+    if block_size > model.config.max_seq_len:
+        fail(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    wrap_model(model.to(device).train(), attention, gradient_checkpointing, fused, recompute_blocks)
+    model.set_tau(tau)
+    return model, pretrained
+
+
+def resume_run(path, state, model, loss_engine, optimizer, rows_per_step, world_size, is_master):
+    """Continue from the newest SFT checkpoint, on any number of ranks with the same global batch -> its step."""
+    if state.get('init_from') != init_from:
+        fail(f"{out_dir} holds an SFT run from init_from={state.get('init_from')!r} ({path}), not {init_from!r}: "
+             "use a new out_dir, or resume='' to start over from the new init_from")
+    check_resume(path, state, backend, rows_per_step, f"{micro_batch_size} x {grad_accum_steps} x {world_size} ranks")
+    model.load_state_dict(state['model_state_dict'])
+    import_training_state(loss_engine, optimizer, model, backend, state['optimizer_state_dict'])
+    if state['step'] and is_master:
+        print(f"resumed from SFT step {state['step']}")
+        trim_log(os.path.join(out_dir, 'sft_log.jsonl'), state['step'])
+    return state['step']
+
+
+@torch.no_grad()
+def evaluate(loss_engine, autocast, tokens, masks, val_rows, rank, world_size):
+    """Validation loss per assistant token over the held-out conversations."""
+    loss_engine.eval()
+    total, count = 0.0, 0
+    full, partial = val_rows[:-1], val_rows[-1:]  # only the last row may be shorter; it runs alone
+    batches = [full[i:i + micro_batch_size] for i in range(0, len(full), micro_batch_size)] + [partial]
+    for batch in batches[rank::world_size]:  # sharded over the ranks, the sums all-reduced
+        x, y, cu_seqlens, max_seqlen = batch_to_device(tokens, masks, batch)
+        n = int((y != -100).sum())
+        if n:
+            with autocast:
+                total += loss_engine(x, y, cu_seqlens, max_seqlen).item() * n
+            count += n
+    total, count = all_reduce_sums([total, count], world_size, device)
+    loss_engine.train()
+    return total / max(1, count)
+
+
+def batch_to_device(tokens, masks, batch):
+    """Packed rows -> x, targets (-100 where the target is not an assistant token), cu_seqlens."""
+    ids, trained = zip(*(row_arrays(tokens, masks, row) for row in batch))
+    return to_device(np.stack(ids), device, trained=np.stack(trained))
+
+
+def step_batches(tokens, masks, rows, step, rank, world_size):
+    """This rank's micro-batches of a step, and each one's loss weight: its share of the step's assistant tokens, so
+    that the step's gradient is that of the mean per assistant token over the whole step (every rank's rows are known
+    here, so no communication)."""
+    micro_batches = [batch_to_device(tokens, masks, [rows[i] for i in rank_rows(step, micro_step, rank, world_size,
+                                                                               micro_batch_size, grad_accum_steps)])
+                     for micro_step in range(grad_accum_steps)]
+    rows_per_step = micro_batch_size * grad_accum_steps * world_size
+    step_targets = sum(int(row_arrays(tokens, masks, r)[1][1:].sum()) for r in rows[step * rows_per_step:
+                                                                                     (step + 1) * rows_per_step])
+    return micro_batches, [int((y != -100).sum()) * grad_accum_steps * world_size / max(1, step_targets)
+                           for _, y, _, _ in micro_batches]
 
 
 def main():
@@ -170,171 +239,94 @@ def main():
     if long_conversations not in ('truncate', 'skip'):
         fail(f"long_conversations must be 'truncate' or 'skip', got {long_conversations!r}")
     rank, world_size, device = init_distributed(backend, device)
-    master = rank == 0
+    is_master = rank == 0
+    if is_master:
+        os.makedirs(out_dir, exist_ok=True)
 
     # data: conversations, the held-out slice, the packing of every epoch
     tokens, masks, starts, lengths, problems = load_conversations()
     provenance = run_provenance([data_dir])  # the command, the tokenizer: sample.py and export.py read them
-    capacity = block_size + 1  # x and y are the row shifted by one
-    too_long = lengths > capacity
-    if long_conversations == 'truncate':
-        lengths = np.minimum(lengths, capacity)  # keeps the beginning: the end of the assistant turn is cut
-        keep = np.ones(len(starts), dtype=bool)
-    else:
-        keep = ~too_long
-    held_out = held_out_problems(problems, val_fraction)
-    train_ids, val_ids = np.flatnonzero(keep & ~held_out), np.flatnonzero(keep & held_out)
-    rows = []
-    for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(train_ids)
-        rows += pack(starts, lengths, order, capacity)
-    val_rows = pack(starts, lengths, val_ids, capacity, keep_partial=True)
+    lengths, train_ids, val_ids, too_long = plan_rows(lengths, problems, world_size)
+    rows = [row for epoch in range(epochs)
+            for row in pack(starts, lengths, np.random.default_rng([seed, epoch]).permutation(train_ids), block_size + 1)]
+    val_rows = pack(starts, lengths, val_ids, block_size + 1, keep_partial=True)
     rows_per_step = micro_batch_size * grad_accum_steps * world_size
-    max_steps = len(rows) // rows_per_step
+    tokens_per_step, max_steps = rows_per_step * block_size, len(rows) // rows_per_step
     if max_steps == 0:
         fail(f"{len(rows)} packed rows are fewer than one step's {rows_per_step}: lower micro_batch_size or "
              "grad_accum_steps, or prepare more conversations")
-    assistant_tokens = int(sum(piece(masks, s, n).sum() for s, n in zip(starts[train_ids], lengths[train_ids])))
 
-    # model: the pre-trained checkpoint, tau frozen
-    model, pretrained = load_checkpoint(init_from)
-    pretrain_step, pretrain_tau = pretrained['step'], pretrained['tau']
-    if model.config.model_type != model_type:
-        fail(f"{init_from} is a {model.config.model_type} model but model_type={model_type!r}: fix model_type or "
-             "pick the matching checkpoint")
-    if block_size > model.config.max_seq_len:
-        fail(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    wrap_model(model.to(device).train(), attention, gradient_checkpointing, fused, checkpoint_blocks)
-    model.set_tau(tau)
-    engine, optimizer, autocast = make_engine(
+    model, pretrained = load_model(is_master)
+    loss_engine, optimizer, autocast = make_engine(
         LanguageModelLoss(model, loss_chunk_size), model, backend, dtype, zero_stage, micro_batch_size,
         grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps)
-
-    start_step, ds_dir = 0, os.path.join(out_dir, 'ds_checkpoint_sft')
     path, state = resume_state(out_dir, 'portable_sft_') if resume else (None, None)
-    if state is not None:  # on any number of ranks with the same global batch
-        if state.get('init_from') != init_from:
-            fail(f"{out_dir} holds an SFT run from init_from={state.get('init_from')!r} ({path}), not {init_from!r}: "
-                 "use a new out_dir, or resume='' to start over from the new init_from")
-        per_parameter = isinstance(state['optimizer_state_dict'], dict) and 'master' in state['optimizer_state_dict']
-        if state['optimizer_state_dict'] is None or per_parameter != (backend == 'deepspeed'):
-            fail(f"{path} holds no optimizer state for backend={backend!r}: resume with the backend that wrote it, or "
-                 "start fresh with resume=''")
-        if state.get('rows_per_step', rows_per_step) != rows_per_step:
-            fail(f"{path} was fine-tuned with {state['rows_per_step']} rows a step, this run has {rows_per_step}: keep "
-                 "micro_batch_size x grad_accum_steps x ranks so the packing and schedule continue")
-        model.load_state_dict(state['model_state_dict'])
-        import_training_state(engine, optimizer, model, backend, state['optimizer_state_dict'])
-        start_step = state['step']
-        if start_step >= max_steps:
-            print(f"already fine-tuned to {max_steps} steps; nothing to do")
-            return
-        if start_step and master:
-            print(f"resumed from SFT step {start_step}")
-    if master:
-        print(f"SFT from {init_from} (pre-training step {pretrain_step}, tau {pretrain_tau}) | "
+    start_step = resume_run(path, state, model, loss_engine, optimizer, rows_per_step, world_size, is_master) \
+        if state is not None else 0
+    if start_step >= max_steps:
+        print(f"already fine-tuned to {max_steps} steps; nothing to do")
+        return
+    flops_per_step = flops_per_token(model.config, block_size) * tokens_per_step
+    if is_master:
+        assistant_tokens = int(sum(piece(masks, s, n).sum() for s, n in zip(starts[train_ids], lengths[train_ids])))
+        print(f"SFT from {init_from} (pre-training step {pretrained['step']}, tau {pretrained['tau']}) | "
               f"{len(train_ids):,} conversations ({assistant_tokens:,} assistant tokens), {len(val_ids):,} held out | "
-              f"{int(too_long.sum()):,} longer than {capacity} tokens ({long_conversations}) | {epochs} epochs = "
-              f"{max_steps:,} steps of {rows_per_step * block_size:,} tokens | {backend} {device} {dtype} | attention "
+              f"{too_long:,} longer than {block_size + 1} tokens ({long_conversations}) | {epochs} epochs = "
+              f"{max_steps:,} steps of {tokens_per_step:,} tokens | {backend} {device} {dtype} | attention "
               f"{attention_name(model)}")
-        print(projected_cost(flops_per_token(model.config, block_size), max_steps * rows_per_step * block_size,
+        print(projected_cost(flops_per_step / tokens_per_step, max_steps * tokens_per_step,
                              f", {len(np.unique(problems[train_ids])):,} problems"))
+    bad_steps = {'in_a_row': 0, 'skipped': 0}
+    ds_dir = os.path.join(out_dir, 'ds_checkpoint_sft') if backend == 'deepspeed' and ds_checkpoint else None
+    log_path, peak = os.path.join(out_dir, 'sft_log.jsonl'), peak_flops(device, peak_flops_override) * world_size
 
     def save(step, final=False):
-        save_start = time.perf_counter()
-        scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
-                           'warmup_steps': warmup_steps, 'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
-        if backend == 'deepspeed' and ds_checkpoint:
-            engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
-        optimizer_state = export_training_state(engine, optimizer, model, backend)  # every rank: collectives
-        masters = optimizer_state['master'] if backend == 'deepspeed' else None  # fp32, where the module may be bf16
-        if master:
-            name = 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'
-            save_checkpoint(os.path.join(out_dir, name), model, step, master_weights=masters,
-                            optimizer_state=optimizer_state, scheduler_state=scheduler_state, init_from=init_from,
-                            stage='sft', rows_per_step=rows_per_step, world_size=world_size, **provenance)
-            prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
-            report_save(step, os.path.join(out_dir, name), time.perf_counter() - save_start,
-                        os.path.join(ds_dir, f'step_{step}') if backend == 'deepspeed' and ds_checkpoint else None)
+        save_run(os.path.join(out_dir, 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'), step,
+                 loss_engine, optimizer, model, backend, is_master, keep_checkpoints, ds_dir,
+                 (learning_rate, min_lr, warmup_steps, max_steps), init_from=init_from, stage='sft',
+                 rows_per_step=rows_per_step, world_size=world_size, **provenance)
 
-    def evaluate():
-        """Validation loss per assistant token over the held-out conversations."""
-        engine.eval()
-        total, count = 0.0, 0
-        full, partial = val_rows[:-1], val_rows[-1:]  # only the last row may be shorter; it runs alone
-        batches = [full[i:i + micro_batch_size] for i in range(0, len(full), micro_batch_size)] + [partial]
-        with torch.no_grad(), autocast:
-            for batch in batches[rank::world_size]:  # sharded over the ranks, the sums all-reduced
-                x, y, cu_seqlens, max_seqlen = to_device([row_arrays(tokens, masks, r) for r in batch])
-                n = int((y != -100).sum())
-                if n:
-                    total += engine(x, y, cu_seqlens, max_seqlen).item() * n
-                    count += n
-        if world_size > 1:
-            sums = torch.tensor([total, count], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(sums)
-            total, count = sums.tolist()
-        engine.train()
-        return total / max(1, count)
+    def validate(done):
+        val_loss = evaluate(loss_engine, autocast, tokens, masks, val_rows, rank, world_size)
+        if is_master:
+            print(f"step {done}: validation loss {val_loss:.4f} per assistant token")
+            log_entry(log_path, wandb_run, done, {'train/tokens': done * tokens_per_step, 'val/loss': val_loss})
 
     stop_signal = catch_stop_signals()
-    wandb_run = init_wandb(wandb_log and master, wandb_project, wandb_run_name, globals())
-
+    wandb_run = init_wandb(wandb_log and is_master, wandb_project, wandb_run_name, globals())
     if not start_step and eval_interval:
-        val_loss = evaluate()
-        if master:
-            print(f"step 0: validation loss {val_loss:.4f} per assistant token")
-    engine.train()
-    timer, last_logged, bad_in_a_row = time.perf_counter(), start_step, 0
+        validate(0)
+    loss_engine.train()
+    timer, last_logged = time.perf_counter(), start_step
     for step in range(start_step, max_steps):
         if any(getattr(b.ffn, 'tau', tau) != tau for b in model.model_core):
             fail(f"tau moved away from {tau} during SFT")  # frozen, and checked: nothing may anneal it here
-        lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        micro_batches, targets = [], []
-        for micro_step in range(grad_accum_steps):
-            first = ((step * grad_accum_steps + micro_step) * world_size + rank) * micro_batch_size
-            micro_batches.append(to_device([row_arrays(tokens, masks, r)
-                                            for r in rows[first:first + micro_batch_size]]))
-            targets.append(int((micro_batches[-1][1] != -100).sum()))
-        # the mean per assistant token of the whole step: each micro-batch's mean weighted by its share of the step's
-        # targets (every rank's rows are known here, so no communication)
-        step_rows = rows[step * rows_per_step:(step + 1) * rows_per_step]
-        step_targets = sum(int(row_arrays(tokens, masks, r)[1][1:].sum()) for r in step_rows)
-        weights = [n * grad_accum_steps * world_size / max(1, step_targets) for n in targets]
-        loss, grad_norm, applied = optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip,
-                                                  autocast, weights, micro_batch_seeds(seed, step, grad_accum_steps, rank,
-                                                                                       world_size))
-        bad_in_a_row = 0 if applied else bad_in_a_row + 1
-        if not applied:
-            print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped")
-            if bad_in_a_row >= 10:
-                fail(f"10 non-finite steps in a row at step {step}: stopping; the last checkpoint is intact")
+        lr = set_learning_rate(optimizer, step, learning_rate, warmup_steps, max_steps, min_lr)
+        micro_batches, weights = step_batches(tokens, masks, rows, step, rank, world_size)
+        loss, grad_norm, applied = train_step(loss_engine, optimizer, model, micro_batches, backend, grad_clip,
+                                              autocast, weights, micro_batch_seeds(seed, step, grad_accum_steps, rank,
+                                                                                   world_size))
+        count_bad_step(applied, step, loss, grad_norm, bad_steps, max_bad_steps, out_dir, is_master)
         done = step + 1
-        if master and (done % log_interval == 0 or done == max_steps):
+        if applied and is_master and (done % log_interval == 0 or done == max_steps):
             elapsed, steps_timed = time.perf_counter() - timer, done - last_logged
-            tokens_per_sec = steps_timed * rows_per_step * block_size / elapsed
-            metrics = {'sft/loss': loss, 'sft/lr': lr, 'sft/grad_norm': grad_norm,
-                       'sft/tokens_per_sec': tokens_per_sec, **routing_entropy(model)}
-            eta = (max_steps - done) * elapsed / steps_timed
-            print(f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | tau {model.tau} | "
-                  f"grad {grad_norm:.2f} | {tokens_per_sec / 1e3:.1f}k tok/s | {elapsed / steps_timed:.2f}s/step | "
-                  f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
-            if wandb_run:
-                wandb_run.log(metrics, step=done)
+            mfu = flops_per_step * steps_timed / elapsed / peak if peak else None
+            metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
+                       'train/tokens_per_sec': steps_timed * tokens_per_step / elapsed, 'train/mfu': mfu,
+                       'train/skipped_steps': bad_steps['skipped'], 'train/tokens': done * tokens_per_step,
+                       **routing_entropy(model)}
+            print(step_line(done, max_steps, loss, lr, tau, grad_norm, metrics['train/tokens_per_sec'], mfu,
+                            elapsed / steps_timed), flush=True)
+            log_entry(log_path, wandb_run, done, metrics)
             timer, last_logged = time.perf_counter(), done
         if eval_interval and (done % eval_interval == 0 or done == max_steps):
-            val_loss = evaluate()
-            if master:
-                print(f"step {done}: validation loss {val_loss:.4f} per assistant token")
-                if wandb_run:
-                    wandb_run.log({'sft/val_loss': val_loss}, step=done)
+            validate(done)
         stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
         if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
             save(done)
             if stop_reason:
-                print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
+                if is_master:
+                    print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
                 return
     save(max_steps, final=True)
     if wandb_run:
@@ -342,7 +334,6 @@ def main():
 
 
 if __name__ == '__main__':
-    from configurator import configure
     configure(globals())
     main()
     close_distributed()

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import time
 from dataclasses import asdict
 from functools import partial
 
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (EOS_ID, GQA, ModelConfig, PolyGLU, attention_kernel, efficient_sdpa_attention, model_from_weights,
-                   sdpa_attention)
+from configurator import config_keys, fail
+from model import (EOS_ID, GQA, ModelConfig, PolyGLU, attention_kernel, cu_seqlens_from_eos, efficient_sdpa_attention,
+                   model_from_weights, sdpa_attention)
 
 HUB_TOKENIZER = 'Qwen/Qwen3-0.6B-Base'
 SPECIAL_IDS = {'<|endoftext|>': EOS_ID, '<|im_start|>': 151_644, '<|im_end|>': 151_645}
@@ -107,7 +109,7 @@ def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
     elif os.path.exists(name):
         path = os.path.join(name, 'tokenizer.json') if os.path.isdir(name) else name
         if not os.path.isfile(path):
-            raise SystemExit(f"error: no tokenizer.json in {name}; point tokenizer= at the file or its folder")
+            fail(f"no tokenizer.json in {name}; point tokenizer= at the file or its folder")
         tokenizer = Tokenizer.from_file(path)
     else:
         load_dotenv()
@@ -119,13 +121,13 @@ def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
                              "tokenizer, or give a local tokenizer.json)")
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > vocab_size:
-        raise SystemExit(f"error: tokenizer '{name}' has {size:,} tokens but the model's vocab_size is "
-                         f"{vocab_size:,}; use the Qwen3 tokenizer or raise vocab_size")
+        fail(f"tokenizer '{name}' has {size:,} tokens but the model's vocab_size is "
+             f"{vocab_size:,}; use the Qwen3 tokenizer or raise vocab_size")
     if vocab_size == ModelConfig.vocab_size:  # the real vocabulary: the special ids must be Qwen3's
         for token, expected in SPECIAL_IDS.items():
             if tokenizer.token_to_id(token) != expected:
-                raise SystemExit(f"error: tokenizer '{name}' maps {token} to {tokenizer.token_to_id(token)}, "
-                                 f"expected {expected}: it is not the Qwen3 tokenizer")
+                fail(f"tokenizer '{name}' maps {token} to {tokenizer.token_to_id(token)}, "
+                     f"expected {expected}: it is not the Qwen3 tokenizer")
     return tokenizer
 
 
@@ -218,13 +220,13 @@ def read_manifest(folder, missing_hint='run prepare.py for it'):
     import json
     path = os.path.join(folder, 'manifest.json')
     if not os.path.isfile(path):
-        raise SystemExit(f"error: missing data folder {folder} (no manifest.json): {missing_hint}")
+        fail(f"missing data folder {folder} (no manifest.json): {missing_hint}")
     try:
         with open(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: {path} is not valid JSON ({type(e).__name__} at {getattr(e, 'pos', '?')}): re-run "
-                         "prepare.py with the same arguments to rewrite it, or restore the file")
+        fail(f"{path} is not valid JSON ({type(e).__name__} at {getattr(e, 'pos', '?')}): re-run "
+             "prepare.py with the same arguments to rewrite it, or restore the file")
 
 
 def file_digest(path):
@@ -256,8 +258,8 @@ def verified_chunk(folder, entry, key='file', checksum='sha256'):
     if cache.get(entry[key]) == stamp:
         return file
     if file_digest(file) != entry[checksum]:
-        raise SystemExit(f"error: {file} fails its manifest checksum (corrupted or foreign chunk): delete it and re-run "
-                         f"prepare.py with the same arguments (`python prepare.py --verify={folder}` checks them all)")
+        fail(f"{file} fails its manifest checksum (corrupted or foreign chunk): delete it and re-run "
+             f"prepare.py with the same arguments (`python prepare.py --verify={folder}` checks them all)")
     cache[entry[key]] = stamp
     try:  # a read-only data folder just re-verifies next time
         with open(cache_path + '.tmp', 'w') as f:
@@ -270,40 +272,42 @@ def verified_chunk(folder, entry, key='file', checksum='sha256'):
 
 def open_chunks(folder, eos_id, vocab_size, missing_hint='run prepare.py for it'):
     """Memory-mapped uint32 chunks of a prepare.py folder, after the manifest checks (format, EOS, complete,
-    vocabulary, every file's size) and each chunk's checksum (verified_chunk): one clear line for anything wrong."""
+    vocabulary, every file's size) and each chunk's checksum (verified_chunk): one clear line for anything wrong.
+    -> (chunks, manifest)."""
     import numpy as np
     manifest = read_manifest(folder, missing_hint)
     path = os.path.join(folder, 'manifest.json')
     if manifest.get('format') != 'polychromatic-tokens-v1' or manifest.get('eos_id') != eos_id:
-        raise SystemExit(f"error: {path} is foreign (format {manifest.get('format')!r}, eos {manifest.get('eos_id')}); "
-                         f"expected prepare.py's polychromatic-tokens-v1 with eos {eos_id}")
+        fail(f"{path} is foreign (format {manifest.get('format')!r}, eos {manifest.get('eos_id')}); "
+             f"expected prepare.py's polychromatic-tokens-v1 with eos {eos_id}")
     if not manifest.get('complete'):
-        raise SystemExit(f"error: {folder} is incomplete: finish its prepare.py run first (it resumes)")
+        fail(f"{folder} is incomplete: finish its prepare.py run first (it resumes)")
     if manifest['vocab_size'] > vocab_size:
-        raise SystemExit(f"error: {folder} was tokenized with {manifest['vocab_size']:,} tokens, more than "
-                         f"vocab_size={vocab_size:,}")
+        fail(f"{folder} was tokenized with {manifest['vocab_size']:,} tokens, more than "
+             f"vocab_size={vocab_size:,}")
     chunks = []
     for entry in manifest['chunks']:
         file = os.path.join(folder, entry['file'])
         size = os.path.getsize(file) if os.path.isfile(file) else -1
         if size != 4 * entry['tokens']:
-            raise SystemExit(f"error: {file} has {size:,} bytes, its manifest says {4 * entry['tokens']:,}: truncated "
-                             f"or foreign chunk (check with `python prepare.py --verify={folder}`)")
+            fail(f"{file} has {size:,} bytes, its manifest says {4 * entry['tokens']:,}: truncated "
+                 f"or foreign chunk (check with `python prepare.py --verify={folder}`)")
         chunks.append(np.memmap(verified_chunk(folder, entry), dtype=np.uint32, mode='r'))
-    return chunks
+    return chunks, manifest
 
 
-def held_out_split(lengths, val_tokens):
-    """Hold out the last val_tokens of a source, across its last chunks if need be. -> (trainable length of each
-    chunk, [(chunk, start, end)] held-out regions in order). train.py never trains on them; eval.py scores them."""
-    lengths, held, remaining = list(lengths), [], val_tokens
+def held_out_windows(chunks, val_tokens, context, max_windows=None):
+    """The held-out end of a source, its last val_tokens (across its last chunks if need be), as windows of context + 1
+    tokens, context apart -> (each chunk's trainable length, [(chunk, start)] at most max_windows). train.py validates
+    on these windows and never trains on them; eval.py's perplexity and analyze.py score the same ones."""
+    lengths, windows, remaining = [c.size for c in chunks], [], val_tokens
     for c in reversed(range(len(lengths))):
         take = min(remaining, lengths[c])
-        held.insert(0, (c, lengths[c] - take, lengths[c]))
+        windows[:0] = [(c, start) for start in range(lengths[c] - take, lengths[c] - context, context)]
         lengths[c], remaining = lengths[c] - take, remaining - take
         if not remaining:
             break
-    return lengths, held
+    return lengths, windows[:max_windows]
 
 # -----------------------------------------------------------------------------
 # what train.py and sft.py share: distributed set-up, the engine, one optimizer step, checkpoint files
@@ -318,23 +322,23 @@ def resolve_device(device, dtype):
             torch.cuda.is_available()
             torch.cuda.device_count()
         why = '; '.join(str(w.message).splitlines()[0] for w in caught) or 'no CUDA device or driver'
-        raise SystemExit(f"error: device={device!r} but CUDA is not available ({why[:200]}): fix the driver/torch build, "
-                         "or run on the CPU with --device=cpu")
+        fail(f"device={device!r} but CUDA is not available ({why[:200]}): fix the driver/torch build, "
+             "or run on the CPU with --device=cpu")
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     dtype = ('bfloat16' if device.startswith('cuda') else 'float32') if dtype == 'auto' else dtype
     if dtype not in ('bfloat16', 'float32'):
-        raise SystemExit(f"error: dtype must be 'bfloat16', 'float32' or 'auto', got {dtype!r}")
+        fail(f"dtype must be 'bfloat16', 'float32' or 'auto', got {dtype!r}")
     return device, dtype
 
 
 def init_distributed(backend, device):
     """-> (rank, world_size, device). With DeepSpeed and no launcher, one process of a world of one."""
     if backend not in ('deepspeed', 'torch'):
-        raise SystemExit(f"error: backend must be 'deepspeed' or 'torch', got {backend!r}")
+        fail(f"backend must be 'deepspeed' or 'torch', got {backend!r}")
     if backend == 'torch':
         if int(os.environ.get('WORLD_SIZE', '1')) > 1:
-            raise SystemExit(f"error: backend='torch' runs one process, but WORLD_SIZE={os.environ['WORLD_SIZE']}: "
-                             "use backend='deepspeed' for several processes")
+            fail(f"backend='torch' runs one process, but WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+                 "use backend='deepspeed' for several processes")
         return 0, 1, device
     for key, value in (('RANK', '0'), ('WORLD_SIZE', '1'), ('LOCAL_RANK', '0'), ('MASTER_ADDR', '127.0.0.1'),
                        ('MASTER_PORT', '29500')):
@@ -373,8 +377,8 @@ def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, 
         autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
         return objective, optimizer, autocast
     if zero_stage not in (0, 1, 2):
-        raise SystemExit(f"error: zero_stage must be 0, 1 or 2, got {zero_stage}: ZeRO-3 partitions the weights, and "
-                         "the tied head and the fused kernels read whole weights")
+        fail(f"zero_stage must be 0, 1 or 2, got {zero_stage}: ZeRO-3 partitions the weights, and "
+             "the tied head and the fused kernels read whole weights")
     if zero_stage == 0 and dtype == 'bfloat16':  # DeepSpeed 0.19.8's engine raises NotImplementedError for the mix
         raise SystemExit("error: zero_stage=0 with dtype='bfloat16' would accumulate gradients in bf16 (DeepSpeed runs "
                          "fp32 accumulation only under ZeRO): use zero_stage=1 (on one GPU the same memory as 0), or "
@@ -391,8 +395,9 @@ def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, 
     return engine, optimizer, nullcontext()
 
 
-def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, autocast, weights=None, seeds=None):
-    """Forward/backward over the micro-batches, then one clipped update. -> (loss, grad norm, applied).
+def train_step(loss_engine, optimizer, model, micro_batches, backend, grad_clip, autocast, weights=None, seeds=None):
+    """One training step: forward and backward over the micro-batches, then one clipped update. -> (loss, grad norm,
+    applied).
     weights: each micro-batch's mean loss is scaled by its weight (default 1), so that the step's gradient is that of
     the mean of weight x loss over micro-batches and ranks (sft.py: the mean per assistant token of the step). The
     returned loss is that mean, over all ranks. A non-finite loss or gradient norm skips the update (DeepSpeed: its
@@ -403,12 +408,12 @@ def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, 
         if seed is not None:  # the Gumbel noise of this micro-batch: the same whichever rank runs it
             torch.manual_seed(seed)
         if backend == 'deepspeed':
-            loss = engine(x, y, cu_seqlens, max_seqlen) * weight
-            engine.backward(loss)
-            engine.step()  # the update happens at the accumulation boundary only
+            loss = loss_engine(x, y, cu_seqlens, max_seqlen) * weight
+            loss_engine.backward(loss)
+            loss_engine.step()  # the update happens at the accumulation boundary only
         else:
             with autocast:
-                loss = engine(x, y, cu_seqlens, max_seqlen) * weight
+                loss = loss_engine(x, y, cu_seqlens, max_seqlen) * weight
             (loss / len(micro_batches)).backward()
         losses.append(loss.detach().float())
     loss = torch.stack(losses).mean()
@@ -417,8 +422,8 @@ def optimizer_step(engine, optimizer, model, micro_batches, backend, grad_clip, 
         loss /= torch.distributed.get_world_size()
     loss = loss.item()
     if backend == 'deepspeed':
-        grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        return loss, grad_norm, engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
+        grad_norm = float(loss_engine.get_global_grad_norm() or 0.0)
+        return loss, grad_norm, loss_engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
     applied = math.isfinite(loss) and math.isfinite(grad_norm)
     if applied:
@@ -523,13 +528,12 @@ def init_wandb(enabled, project, name, namespace):
     except ImportError:
         raise SystemExit("error: wandb_log=True but wandb is not installed: pip install -r requirements.txt, or pass "
                          "--wandb_log=False")
-    settings = {k: v for k, v in namespace.items() if not k.startswith('_') and k.islower()
-                and isinstance(v, (int, float, bool, str, tuple)) and 'token' not in k.lower()}
+    settings = {k: namespace[k] for k in config_keys(namespace) if 'token' not in k.lower()}
     try:
         return wandb.init(project=project, name=name, config=settings)
     except Exception as e:  # no login on a fresh pod: fail before the first step, in one line
-        raise SystemExit(f"error: wandb could not start ({type(e).__name__}: {str(e).splitlines()[0][:160]}): run "
-                         "`wandb login`, or set WANDB_MODE=offline, or pass --wandb_log=False")
+        fail(f"wandb could not start ({type(e).__name__}: {str(e).splitlines()[0][:160]}): run "
+             "`wandb login`, or set WANDB_MODE=offline, or pass --wandb_log=False")
 
 
 def peak_flops(device, override=0.0):
@@ -615,6 +619,109 @@ def prune_checkpoints(out_dir, prefix, ds_dir, keep):
         for step in tags[:-keep]:
             shutil.rmtree(os.path.join(ds_dir, f'step_{step}'), ignore_errors=True)
 
+
+def to_device(rows, device, eos_id=EOS_ID, trained=None):
+    """Rows [B, block_size + 1] of token ids -> (x, y, cu_seqlens, max_seqlen) on device: y is x shifted by one, and
+    -100 (no loss) where `trained` [B, block_size + 1] (SFT's assistant mask) is false."""
+    rows = torch.from_numpy(rows.astype(np.int64))
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()
+    if trained is not None:
+        y[~torch.from_numpy(trained.astype(bool))[:, 1:]] = -100
+    cu_seqlens, max_seqlen = cu_seqlens_from_eos(x, eos_id)
+    return x.to(device), y.to(device), cu_seqlens.to(device), max_seqlen
+
+
+def rank_rows(step, micro_step, rank, world_size, micro_batch_size, grad_accum_steps):
+    """The global rows one rank trains on in one micro-step: micro-step m of rank r takes the (m * world_size + r)-th
+    block of micro_batch_size rows of the step, so 2 ranks x grad_accum 1 train what 1 rank x grad_accum 2 trains."""
+    first = ((step * grad_accum_steps + micro_step) * world_size + rank) * micro_batch_size
+    return range(first, first + micro_batch_size)
+
+
+def check_resume(path, state, backend, rows_per_step, batch_layout):
+    """What a run checks before it continues from `state`, its newest checkpoint: an optimizer state of this backend,
+    and the same global batch (rows a step; batch_layout says how this run makes its own), so that the data order and
+    the schedule continue."""
+    if state['optimizer_state_dict'] is None:
+        fail(f"{path} holds no optimizer state: start fresh with resume=''")
+    per_parameter = isinstance(state['optimizer_state_dict'], dict) and 'master' in state['optimizer_state_dict']
+    if per_parameter != (backend == 'deepspeed'):
+        fail(f"{path} was written by a {'DeepSpeed' if per_parameter else 'torch'} run: resume it with "
+             f"backend={'deepspeed' if per_parameter else 'torch'}, or start fresh with resume=''")
+    saved_rows = state.get('rows_per_step', rows_per_step)
+    if saved_rows != rows_per_step:
+        fail(f"{path} was trained with {saved_rows} rows a step, this run has {batch_layout} = {rows_per_step}: keep "
+             "the global batch (e.g. --grad_accum_steps) so the data order and schedule continue")
+
+
+def set_learning_rate(optimizer, step, learning_rate, warmup_steps, max_steps, min_lr):
+    lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    return lr
+
+
+def count_bad_step(applied, step, loss, grad_norm, bad_steps, max_bad_steps, out_dir, is_master):
+    """bad_steps {'in_a_row', 'skipped'} after a step whose update was applied, or skipped for a non-finite loss or
+    gradient norm; max_bad_steps skipped in a row stop the run, whose last checkpoint is intact."""
+    if applied:
+        bad_steps['in_a_row'] = 0
+        return
+    bad_steps['in_a_row'] += 1
+    bad_steps['skipped'] += 1
+    if is_master:
+        print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped "
+              f"({bad_steps['in_a_row']} in a row, {bad_steps['skipped']} in all)")
+    if bad_steps['in_a_row'] >= max_bad_steps:
+        fail(f"{bad_steps['in_a_row']} non-finite steps in a row at step {step}: stopping; the last good checkpoint in "
+             f"{out_dir} is intact (lower learning_rate or check the data, then resume)")
+
+
+def step_line(done, max_steps, loss, lr, tau, grad_norm, tokens_per_sec, mfu, seconds_per_step, entropy=None):
+    """The progress line of a logged step, ending with the ETA at the current pace."""
+    eta = (max_steps - done) * seconds_per_step
+    return (f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | tau {round(tau, 3):g} | grad {grad_norm:.2f} | "
+            f"{tokens_per_sec / 1e3:.1f}k tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+            + (f"routing H {100 * entropy:.1f}% | " if entropy is not None else '')
+            + f"{seconds_per_step:.2f}s/step | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m")
+
+
+def log_entry(log_path, wandb_run, step, metrics):
+    """One entry of a run's jsonl log (analyze.py reads it) and, with wandb on, of its wandb run."""
+    with open(log_path, 'a') as f:
+        f.write(json.dumps({'step': step, **metrics}) + '\n')
+    if wandb_run:
+        wandb_run.log(metrics, step=step)
+
+
+def all_reduce_sums(values, world_size, device):
+    """Each rank's partial sums -> the sums over all ranks (float64)."""
+    if world_size == 1:
+        return list(values)
+    sums = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(sums)
+    return sums.tolist()
+
+
+def save_run(path, step, engine, optimizer, model, backend, is_master, keep_checkpoints, ds_dir, schedule, **extra):
+    """Every rank (the ZeRO state is gathered by collectives): the portable checkpoint at `path`, resumable on any
+    number of ranks, its older numbered siblings pruned to keep_checkpoints; with ds_dir, DeepSpeed's own checkpoint
+    there too. schedule: (learning_rate, min_lr, warmup_steps, max_steps)."""
+    save_start = time.perf_counter()
+    learning_rate, min_lr, warmup_steps, max_steps = schedule
+    scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr, 'warmup_steps': warmup_steps,
+                       'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
+    if ds_dir:
+        engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
+    optimizer_state = export_training_state(engine, optimizer, model, backend)
+    master_weights = optimizer_state['master'] if backend == 'deepspeed' else None  # fp32; the module may be bf16
+    if is_master:
+        save_checkpoint(path, model, step, master_weights=master_weights, optimizer_state=optimizer_state,
+                        scheduler_state=scheduler_state, **extra)
+        prefix = os.path.basename(path).rsplit('_', 1)[0] + '_'
+        prune_checkpoints(os.path.dirname(path), prefix, ds_dir or '', keep_checkpoints)
+        report_save(step, path, time.perf_counter() - save_start, os.path.join(ds_dir, f'step_{step}') if ds_dir else None)
+
 # =============================================================================
 # Checkpoint files and the hub
 # =============================================================================
@@ -654,7 +761,7 @@ def pick_checkpoint_file(names, where):
         return 'model.safetensors' if 'model.safetensors' in safetensors else safetensors[0]
     pts = [n for n in names if n.endswith('.pt')]
     if not pts:
-        raise SystemExit(f"error: no .safetensors or .pt checkpoint in {where}")
+        fail(f"no .safetensors or .pt checkpoint in {where}")
     step = lambda n: (n.endswith('_final.pt'), int(''.join(c for c in n if c.isdigit()) or -1))  # noqa: E731
     return max(pts, key=step)
 
@@ -687,8 +794,8 @@ def checkpoint_file(spec):
     if os.path.isdir(spec):
         return os.path.join(spec, pick_checkpoint_file(os.listdir(spec), spec))
     if not os.path.isfile(spec):
-        raise SystemExit(f"error: checkpoint {spec} not found (train.py writes checkpoints/portable_*.pt; a hub id "
-                         f"reads {HUB_PREFIX}owner/name)")
+        fail(f"checkpoint {spec} not found (train.py writes checkpoints/portable_*.pt; a hub id "
+             f"reads {HUB_PREFIX}owner/name)")
     return spec
 
 
@@ -740,7 +847,7 @@ def read_checkpoint(path):
             return weights, info
         state, foreign = torch_load_weights_only(path)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
     if isinstance(state, dict) and isinstance(state.get('model_state_dict'), dict):
         info['format'] = 'portable'
         weights = state['model_state_dict']
@@ -748,8 +855,8 @@ def read_checkpoint(path):
         info['format'] = 'author portable'
         weights = state['model']
     else:
-        raise SystemExit(f"error: {path} is not a PolychromaticLM checkpoint (expected a portable .pt with "
-                         "model_state_dict or model, or a .safetensors state dict)")
+        fail(f"{path} is not a PolychromaticLM checkpoint (expected a portable .pt with "
+             "model_state_dict or model, or a .safetensors state dict)")
     if foreign:
         print(f"{path}: read the weights; its pickle names {len(foreign)} classes that were not run "
               f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")

@@ -6,6 +6,6 @@ exec(open(os.path.join(os.path.dirname(__file__), 'ablation.py')).read(), _ablat
 for _key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'block_size', 'micro_batch_size',
              'backend', 'zero_stage', 'device', 'dtype', 'attention', 'fused', 'gradient_checkpointing'):
     globals()[_key] = _ablation[_key]
-checkpoint_blocks = -1          # no block is recomputed (config/pretrain.py's 8 would be refused without checkpointing)
+recompute_blocks = -1          # no block is recomputed (config/pretrain.py's 8 would be refused without checkpointing)
 token_budget = (_ablation['max_steps'] * _ablation['micro_batch_size'] * _ablation['grad_accum_steps']
                 * _ablation['block_size'])

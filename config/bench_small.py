@@ -14,4 +14,4 @@ dtype = 'float32'
 backend = 'torch'
 fused = False
 gradient_checkpointing = False
-checkpoint_blocks = -1
+recompute_blocks = -1

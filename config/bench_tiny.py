@@ -14,4 +14,4 @@ dtype = 'float32'
 backend = 'torch'
 fused = False                 # compiling takes longer than this size's steps
 gradient_checkpointing = False
-checkpoint_blocks = -1
+recompute_blocks = -1

@@ -41,10 +41,10 @@ attention = 'auto'             # 'auto': flash-attn if installed, else torch's v
 # 206 GB of activations at 16 x 4,096 x 28 blocks; 33.5 KiB with the compiled kernels, 63 GB. Neither fits an 80 GB
 # card beside ~12 GB of weights, gradients and AdamW state, so some blocks recompute their activations (~1/3 more
 # compute each). With the fused kernels, recomputing 8 of the 28 blocks keeps the activations under 50 GB (unfused it
-# takes 23). Not yet checked against a GPU's peak memory: out of memory at the first step means raise checkpoint_blocks.
+# takes 23). Not yet checked against a GPU's peak memory: out of memory at the first step means raise recompute_blocks.
 fused = True
 gradient_checkpointing = True
-checkpoint_blocks = 8
+recompute_blocks = 8
 
 out_dir = 'checkpoints'
 resume = 'auto'

@@ -49,7 +49,7 @@ def test_bench_through_deepspeed_with_the_pretrain_settings():
     """README's card check (DeepSpeed, fused kernels, partial checkpointing) on CPU; a subprocess, as DeepSpeed
     initialises torch.distributed once per process."""
     result = subprocess.run([sys.executable, 'bench.py', 'config/bench_tiny.py', '--backend=deepspeed', '--fused=True',
-                             '--gradient_checkpointing=True', '--checkpoint_blocks=1'], cwd=ROOT, capture_output=True,
+                             '--gradient_checkpointing=True', '--recompute_blocks=1'], cwd=ROOT, capture_output=True,
                             text=True, timeout=600, env={**os.environ, 'MASTER_PORT': str(28_500 + os.getpid() % 1000)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert '(cpu, float32, deepspeed, ZeRO-1)' in result.stdout
@@ -96,12 +96,12 @@ def test_fused_kernels_keep_less_for_the_backward(capsys):
     assert bench.activation_gb(kib, 28) == pytest.approx((28 * 64 * 2 / 1024 + kib) * 1024 * tokens / 1e9)
 
 
-def run_models(config, dtype, fused, checkpoint_blocks=None):
+def run_models(config, dtype, fused, recompute_blocks=None):
     """Output and all parameter gradients of one forward/backward from the same weights and Gumbel noise."""
     torch.manual_seed(0)
     state = M.create_model(config).state_dict()
-    model = M.create_model(config, dtype=dtype, fused=fused, gradient_checkpointing=checkpoint_blocks is not None,
-                           checkpoint_blocks=checkpoint_blocks or 0).train()
+    model = M.create_model(config, dtype=dtype, fused=fused, gradient_checkpointing=recompute_blocks is not None,
+                           recompute_blocks=recompute_blocks or 0).train()
     model.load_state_dict(state)
     idx = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(2))
     torch.manual_seed(1)
@@ -115,8 +115,8 @@ def run_models(config, dtype, fused, checkpoint_blocks=None):
 def test_fused_kernels_equal_frozen_forward_cpu(model_type):
     config = small_config(model_type=model_type)
     reference = run_models(config, torch.float32, fused=False)
-    for checkpoint_blocks in (None, 1):
-        for fused, ref in zip(run_models(config, torch.float32, True, checkpoint_blocks), reference):
+    for recompute_blocks in (None, 1):
+        for fused, ref in zip(run_models(config, torch.float32, True, recompute_blocks), reference):
             torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
     # in bf16 the fused kernels (float32 inside) are no further from the float32 reference than the frozen math
     for fused, eager, ref in zip(run_models(config, torch.bfloat16, True), run_models(config, torch.bfloat16, False),
@@ -136,8 +136,8 @@ def test_pretrain_config_recomputes_the_fewest_blocks_that_fit():
     assert train.gradient_checkpointing and (bench.micro_batch_size, bench.block_size, bench.fused) == (16, 4096, True)
     kib = {r['model_type']: r['saved_kib_per_token'] for r in bench.main()}
     for model_type in kib:  # the VanillaLM baseline runs with the same config
-        assert bench.activation_gb(kib[model_type], train.checkpoint_blocks) <= bench.activation_budget_gb
-    assert bench.activation_gb(kib['polyglu'], train.checkpoint_blocks - 1) > bench.activation_budget_gb
+        assert bench.activation_gb(kib[model_type], train.recompute_blocks) <= bench.activation_budget_gb
+    assert bench.activation_gb(kib['polyglu'], train.recompute_blocks - 1) > bench.activation_budget_gb
 
 
 @pytest.mark.slow
@@ -162,10 +162,10 @@ def test_bench_defaults_are_read_from_the_pretrain_config(tmp_path):
     bench, train = importlib.reload(bench), importlib.reload(train)
     configure(vars(train), ['config/pretrain.py'])
     for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'block_size', 'micro_batch_size',
-                'fused', 'gradient_checkpointing', 'checkpoint_blocks', 'loss_chunk_size', 'zero_stage', 'backend',
+                'fused', 'gradient_checkpointing', 'recompute_blocks', 'loss_chunk_size', 'zero_stage', 'backend',
                 'dtype', 'device', 'attention'):
         assert getattr(bench, key) == getattr(train, key), key
-    assert (bench.micro_batch_size, bench.fused, bench.checkpoint_blocks, bench.zero_stage) == (16, True, 8, 1)
+    assert (bench.micro_batch_size, bench.fused, bench.recompute_blocks, bench.zero_stage) == (16, True, 8, 1)
     edited = tmp_path / 'pretrain.py'
     edited.write_text(open(os.path.join(ROOT, 'config', 'pretrain.py')).read() + '\nmicro_batch_size = 12\n')
     assert bench.run_settings(str(edited))['micro_batch_size'] == 12
@@ -186,9 +186,9 @@ def test_bench_default_runs_the_pretrain_settings_shrunk(capsys):
     assert polyglu['model_type'] == 'polyglu' and polyglu['tokens_per_s'] > 0
 
 
-def test_bench_checkpoint_blocks_without_checkpointing_is_one_line():
-    with pytest.raises(SystemExit, match='checkpoint_blocks=1 does nothing without gradient_checkpointing=True'):
-        load_bench('--checkpoint_blocks=1').main()
+def test_bench_recompute_blocks_without_checkpointing_is_one_line():
+    with pytest.raises(SystemExit, match='recompute_blocks=1 does nothing without gradient_checkpointing=True'):
+        load_bench('--recompute_blocks=1').main()
 
 
 def test_gpu_check_without_cuda_is_one_line(tmp_path):
@@ -237,5 +237,5 @@ def test_a_configuration_out_of_memory_is_reported_and_the_rest_measured(monkeyp
     polyglu, = bench.main()
     out = capsys.readouterr().out
     assert polyglu['model_type'] == 'polyglu' and bench.out_of_memory == ['vanilla on auto']
-    assert 'vanilla on auto: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): raise checkpoint_blocks' in out
+    assert 'vanilla on auto: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): raise recompute_blocks' in out
     assert 'step-time ratio' not in out

@@ -82,7 +82,7 @@ def test_training_step_on_each_kernel_gives_the_same_loss():
     results = {}
     for name in M.available_attention():
         model = M.create_model(config, device='cuda', attention=name, fused=True, gradient_checkpointing=True,
-                               checkpoint_blocks=1).train()
+                               recompute_blocks=1).train()
         model.load_state_dict(state)
         torch.manual_seed(1)
         with torch.autocast('cuda', dtype=torch.bfloat16):

@@ -217,7 +217,7 @@ def test_gradient_checkpointing_same_gradients(config):
     grads = []
     for checkpointed, blocks in ((False, -1), (True, -1), (True, 1)):
         torch.manual_seed(1)
-        model = M.create_model(config, gradient_checkpointing=checkpointed, checkpoint_blocks=blocks).train()
+        model = M.create_model(config, gradient_checkpointing=checkpointed, recompute_blocks=blocks).train()
         wrapped = [isinstance(block.forward, functools.partial) for block in model.model_core]
         assert wrapped == {(False, -1): [False, False], (True, -1): [True, True], (True, 1): [True, False]}[
             checkpointed, blocks]
@@ -226,8 +226,8 @@ def test_gradient_checkpointing_same_gradients(config):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
     torch.testing.assert_close(grads[0], grads[2])
-    with pytest.raises(SystemExit, match='checkpoint_blocks must be -1 .all. or 0..2, got 3'):
-        M.create_model(config, gradient_checkpointing=True, checkpoint_blocks=3)
+    with pytest.raises(SystemExit, match='recompute_blocks must be -1 .all. or 0..2, got 3'):
+        M.create_model(config, gradient_checkpointing=True, recompute_blocks=3)
 
 
 def test_longer_than_context_is_a_clear_error(config):
@@ -416,9 +416,9 @@ def test_flash_attn_without_its_fa2_functions_is_not_available(monkeypatch):
     assert M.flash_available()
 
 
-def test_checkpoint_blocks_without_checkpointing_is_one_line(config):
-    with pytest.raises(SystemExit, match='checkpoint_blocks=1 does nothing without gradient_checkpointing=True'):
-        M.create_model(config, checkpoint_blocks=1)
+def test_recompute_blocks_without_checkpointing_is_one_line(config):
+    with pytest.raises(SystemExit, match='recompute_blocks=1 does nothing without gradient_checkpointing=True'):
+        M.create_model(config, recompute_blocks=1)
 
 
 def test_mfu_count_and_what_it_leaves_out():

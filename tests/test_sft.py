@@ -1,5 +1,6 @@
 import contextlib
 import importlib
+import json
 import os
 import re
 
@@ -68,7 +69,7 @@ def training_loss(sft_module, checkpoint, n_rows=8):
     order = np.random.default_rng([sft_module.seed, 0]).permutation(train_ids)
     rows = sft_module.pack(starts, np.minimum(lengths, 65), order, 65)[:n_rows]
     model, _ = U.load_checkpoint(checkpoint)
-    x, y, cu_seqlens, max_seqlen = sft_module.to_device([sft_module.row_arrays(tokens, masks, r) for r in rows])
+    x, y, cu_seqlens, max_seqlen = sft_module.batch_to_device(tokens, masks, rows)
     with torch.no_grad():
         return M.LanguageModelLoss(model)(x, y, cu_seqlens, max_seqlen).item()
 
@@ -88,13 +89,13 @@ def test_sft_lowers_assistant_loss_with_tau_frozen(sft_data, pretrained, tmp_pat
 def test_tau_is_asserted_not_just_set(sft_data, pretrained, tmp_path, monkeypatch):
     import sft
     sft = importlib.reload(sft)
-    real_step = sft.optimizer_step
+    real_step = sft.train_step
 
     def annealing_step(engine, optimizer, model, *args):
         model.update_tau(5, 10)  # something anneals tau behind SFT's back
         return real_step(engine, optimizer, model, *args)
 
-    monkeypatch.setattr(sft, 'optimizer_step', annealing_step)
+    monkeypatch.setattr(sft, 'train_step', annealing_step)
     configure(vars(sft), sft_args(sft_data, pretrained['polyglu'], str(tmp_path)))
     with pytest.raises(SystemExit, match='tau moved away from 0.1 during SFT'):
         sft.main()
@@ -106,7 +107,7 @@ def test_no_gradient_at_masked_positions(sft_data):
     sft.data_dir, sft.device = sft_data, 'cpu'
     tokens, masks, starts, lengths, _ = sft.load_conversations()
     rows = sft.pack(starts, np.minimum(lengths, 65), np.arange(6), 65)[:2]
-    x, y, cu_seqlens, max_seqlen = sft.to_device([sft.row_arrays(tokens, masks, r) for r in rows])
+    x, y, cu_seqlens, max_seqlen = sft.batch_to_device(tokens, masks, rows)
     assert (y != -100).any() and (y == -100).any()
     model = M.create_model(M.ModelConfig(**TINY))
     hidden = model.hidden_states(x, cu_seqlens, max_seqlen).detach().requires_grad_()
@@ -235,7 +236,7 @@ def test_step_loss_is_the_mean_per_assistant_token(sft_data):
     sft.data_dir, sft.device = sft_data, 'cpu'
     tokens, masks, starts, lengths, _ = sft.load_conversations()
     rows = sft.pack(starts, np.minimum(lengths, 65), np.arange(len(starts)), 65)
-    batches = [sft.to_device([sft.row_arrays(tokens, masks, r)]) for r in rows[:2]]
+    batches = [sft.batch_to_device(tokens, masks, [r]) for r in rows[:2]]
     counts = [int((y != -100).sum()) for _, y, _, _ in batches]
     assert counts[0] != counts[1]
     torch.manual_seed(0)
@@ -246,7 +247,7 @@ def test_step_loss_is_the_mean_per_assistant_token(sft_data):
     class Capture(torch.optim.SGD):
         def step(self):
             captured.append(model.embeddings.weight.grad.clone())
-    loss, _, _ = utils.optimizer_step(objective, Capture(model.parameters(), lr=0.0), model, batches, 'torch', 1e9,
+    loss, _, _ = utils.train_step(objective, Capture(model.parameters(), lr=0.0), model, batches, 'torch', 1e9,
                                       contextlib.nullcontext(), [n * 2 / sum(counts) for n in counts])
     # by hand: the sum of every assistant token's loss over the step's count of them
     total = sum(objective(*b) * n for b, n in zip(batches, counts)) / sum(counts)
@@ -288,9 +289,10 @@ def test_two_rank_sft_resumes_on_one_rank(sft_data, pretrained, tmp_path):
         return [float(x) for x in re.findall(r'\| loss (\d+\.\d+) \|', result.stdout)], result.stdout
 
     whole, _ = run('whole', 1, grad_accum_steps=2)
-    first, _ = run('moved', 2, grad_accum_steps=1, stop_after_steps=3)
+    first, two_ranks = run('moved', 2, grad_accum_steps=1, stop_after_steps=3)
     second, out = run('moved', 1, grad_accum_steps=2)
     assert 'resumed from SFT step 3' in out and len(whole) >= 6
+    assert two_ranks.count('stop_after_steps=3: checkpoint saved at step 3') == 1  # rank 0 alone prints
     np.testing.assert_allclose(first + second, whole, rtol=1e-5)
 
 
@@ -313,3 +315,36 @@ def test_resume_refuses_another_init_from_and_skips_a_damaged_checkpoint(sft_dat
     run_sft(sft_args(sft_data, pretrained['polyglu'], out))
     printed = capsys.readouterr().out
     assert 'portable_sft_2.pt is damaged' in printed and 'resumed from SFT step 1' in printed
+
+
+def test_nan_guard_skips_then_stops_after_max_bad_steps(sft_data, pretrained, tmp_path, capsys, monkeypatch):
+    """sft.py's non-finite steps, as train.py's: skipped and counted, and max_bad_steps in a row stop the run."""
+    import sft
+    calls = []
+
+    class Poisoned(M.LanguageModelLoss):
+        def forward(self, *args):
+            calls.append(1)
+            loss = super().forward(*args)
+            return loss * float('nan') if len(calls) >= 3 else loss  # eval_interval=0: a forward is a micro-batch
+
+    module = importlib.reload(sft)
+    monkeypatch.setattr(module, 'LanguageModelLoss', Poisoned)
+    configure(vars(module), sft_args(sft_data, pretrained['polyglu'], str(tmp_path), eval_interval=0, max_bad_steps=2,
+                                     grad_accum_steps=1))
+    with pytest.raises(SystemExit, match=r'2 non-finite steps in a row at step 3: stopping; the last good checkpoint'):
+        module.main()
+    assert 'step 2: non-finite loss nan or grad norm nan: update skipped (1 in a row, 1 in all)' in capsys.readouterr().out
+
+
+def test_sft_writes_a_log_that_analyze_reads(sft_data, pretrained, tmp_path):
+    """sft_log.jsonl, in train_log.jsonl's format: analyze.py reads an SFT run as it reads a pre-training run."""
+    import analyze
+    run_sft(sft_args(sft_data, pretrained['polyglu'], str(tmp_path), log_interval=1, eval_interval=2))
+    entries = [json.loads(line) for line in open(tmp_path / 'sft_log.jsonl')]
+    steps = [e['step'] for e in entries if 'train/loss' in e]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4
+    validated = sorted({0, *range(2, len(steps) + 1, 2), len(steps)})  # before step 1, every 2 steps, at the end
+    assert [e['step'] for e in entries if 'val/loss' in e] == validated
+    log = analyze.read_log(str(tmp_path / 'sft_log.jsonl'))
+    assert len(log['points']) == len(steps) and len(log['validation']) == len(validated)

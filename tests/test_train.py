@@ -50,7 +50,7 @@ def test_tiny_run_learns(data_dir, tmp_path, capsys):
 def test_learning_rate_schedule():
     import train
     train = importlib.reload(train)
-    lr = lambda step: train.cosine_lr(step, train.learning_rate, train.warmup_steps, train.max_steps,  # noqa: E731
+    lr = lambda step: U.cosine_lr(step, train.learning_rate, train.warmup_steps, train.max_steps,  # noqa: E731
                                       train.min_lr)
     assert lr(0) == pytest.approx(1e-4 / 2000)
     assert lr(1999) == pytest.approx(1e-4)
@@ -99,8 +99,8 @@ def test_same_global_batch_on_any_number_of_ranks(data_dir):
     assert steps[1] == steps[2] == steps[4]
     source, slot = plan
     assert len(set(zip(source.tolist(), slot.tolist()))) == len(source)  # a window is used once
-    train.grad_accum_steps = 2  # 8 rows a step: step 3 is rows 24-31, micro-step 1 of rank 0 its third pair
-    assert list(train.rank_rows(3, 1, 0, 2)) == [28, 29] and list(train.rank_rows(3, 1, 1, 2)) == [30, 31]
+    # micro-batch 2, grad_accum 2, 2 ranks: 8 rows a step, so step 3 is rows 24-31, micro-step 1 of rank 0 its third pair
+    assert list(U.rank_rows(3, 1, 0, 2, 2, 2)) == [28, 29] and list(U.rank_rows(3, 1, 1, 2, 2, 2)) == [30, 31]
 
 
 def test_chunked_loss_equals_full_loss():
@@ -214,7 +214,7 @@ def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path):
         np.testing.assert_allclose(deepspeed_losses[stage], reference, rtol=1e-4)
     # the GPU run's settings: bf16 weights under DeepSpeed, compiled kernels, the first block recomputed
     bf16 = run('bf16', backend='deepspeed', dtype='bfloat16', fused=True, gradient_checkpointing=True,
-               checkpoint_blocks=1)
+               recompute_blocks=1)
     np.testing.assert_allclose(losses(bf16), reference, rtol=2e-3)
     masters = torch.load(tmp_path / 'bf16' / 'portable_final.pt', weights_only=True)['model_state_dict']
     weight = masters['model_core.0.polyglu.W_gate.weight']  # the fp32 masters, not the module's bf16 rounding of them

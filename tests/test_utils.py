@@ -115,7 +115,7 @@ model = M.create_model(M.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_he
 engine, optimizer, autocast = utils.make_engine(M.LanguageModelLoss(model), model, 'deepspeed', 'bfloat16', 1, 2, 2, 1.0,
                                                 1e-3, 0.1, (0.9, 0.95), 1e-8)
 x = torch.randint(0, 64, (2, 16))
-loss, grad_norm, applied = utils.optimizer_step(engine, optimizer, model, [(x, x, None, None)] * 2, 'deepspeed', 1.0, autocast)
+loss, grad_norm, applied = utils.train_step(engine, optimizer, model, [(x, x, None, None)] * 2, 'deepspeed', 1.0, autocast)
 print('RESULT', type(engine.optimizer).__name__, engine.get_data_types(),
       sorted({str(t.dtype) for t in engine.optimizer.fp32_groups_gradients_flat}), applied)
 """
