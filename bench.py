@@ -47,10 +47,10 @@ import torch
 from torch._dynamo.utils import counters
 
 from configurator import config_keys, configure
-from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, available_attention, count_parameters,
-                   create_model, cu_seqlens_from_eos, flops_per_token, recompute_flops_per_token)
-from utils import (LAUNCHER_GRACE_S, init_distributed, make_engine, train_step, peak_flops, resolve_device,
-                   save_checkpoint)
+from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, available_attention, create_model,
+                   cu_seqlens_from_eos)
+from utils import (LAUNCHER_GRACE_S, count_parameters, flops_per_token, init_distributed, make_engine, peak_flops,
+                   recompute_flops_per_token, resolve_device, save_checkpoint, train_step)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUN_CONFIG = os.path.join(ROOT, 'config', 'pretrain.py')

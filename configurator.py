@@ -67,12 +67,13 @@ def usage(namespace, keys):
     script (and the comment lines under it)."""
     lines, comments = [], {}
     path = namespace.get('__file__')
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            lines = f.read().splitlines()
+    for source in (path, os.path.join(os.path.dirname(path or '.'), 'config', 'pretrain.py')):  # the run's plan
+        if source and os.path.isfile(source):
+            with open(source) as f:
+                lines += f.read().splitlines()
     for i, line in enumerate(lines):
         key = line.split('=', 1)[0].strip() if '=' in line and not line.startswith((' ', '#')) else None
-        if key in keys and key not in comments:
+        if key in keys and not comments.get(key):  # the script's comment, else the plan's (config/pretrain.py)
             notes = [line.split('  # ', 1)[1]] if '  # ' in line else []
             notes += [more.strip()[2:] for more in itertools.takewhile(lambda l: l.startswith(' ') and
                                                                        l.strip().startswith('#'), lines[i + 1:])]

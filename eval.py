@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from configurator import config_keys, configure, fail
 from model import EOS_ID, attention_name, cu_seqlens_from_eos
-from utils import (chatml, checkpoint_tokenizer, command_line, enable_segment_pooling, file_digest, fine_tuned,
-                   generate_cached, generate_exact, get_tokenizer, gumbel_routing, held_out_windows, load_checkpoint,
-                   open_chunks, packed_hidden_states, resolve_device, whole_row_pooling)
+from utils import (chatml, checkpoint_tokenizer, command_line, count_parameters, enable_segment_pooling, file_digest,
+                   fine_tuned, generate_cached, generate_exact, get_tokenizer, gumbel_routing, held_out_windows,
+                   load_checkpoint, open_chunks, packed_hidden_states, resolve_device, whole_row_pooling)
 
 # -----------------------------------------------------------------------------
 # config
@@ -579,7 +579,6 @@ def author_perplexity(model, folder, context, windows=AUTHOR_WINDOWS, min_chunk=
 def generation_flops(model, prompt_tokens, new_tokens):
     """Forward FLOPs of exact generation of one request: step t runs all prompt + t tokens through the blocks
     (2 x non-embedding parameters each, plus causal attention 2 * n_layers * d * length) and the head once."""
-    from model import count_parameters
     config = model.config
     block_params = count_parameters(config)[0] - config.vocab_size * config.d_model  # the lookup is no matmul
     lengths = prompt_tokens + np.arange(new_tokens)

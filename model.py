@@ -1,18 +1,17 @@
 """
-PolychromaticLM: a ~600M decoder-only transformer whose FFN layers use PolyGLU.
+PolychromaticLM: a ~600M decoder-only transformer whose FFN layers use PolyGLU (per-neuron routing over ReLU, Tanh,
+SiLU and GELU). This file is the model and nothing else: it imports none of the project's other files.
 
-Reading order:
-  1. the frozen architecture (ModelConfig, RMSNorm, RoPE, GQA, PolyGLU, SwiGLU, TransformerBlock,
-     PolychromaticLM). Parameter names, shapes, init and forward math are fixed by SPEC.md and pinned by
-     tests/test_model.py: wrap them, never edit them.
-  2. document masking (cu_seqlens from EOS) and the wrappers applied from outside: flash attention,
-     block gradient checkpointing.
-  3. create / save / load helpers, parameter counts, FLOPs per token, routing entropy.
-  4. generation, exact (a full forward per token) or with an approximate key/value cache: eval.py and sample.py.
+  1. The frozen architecture: ModelConfig, RMSNorm, RoPE, GQA, PolyGLU, SwiGLU, TransformerBlock, PolychromaticLM.
+     Class and parameter names, shapes, init and forward math are the author's (docs/SPEC.md; the published
+     checkpoints depend on them), pinned by tests/test_model.py: wrap them, never edit them.
+  2. The patches, applied from outside: document masking (cu_seqlens from EOS), the CUDA attention kernels, the
+     compiled elementwise kernels, block recomputation, and the training loss (the tied head in checkpointed chunks).
+  3. create_model / wrap_model, and a state dict into the model (model_from_weights; utils.py reads the files).
 """
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache, partial
 
 import torch
@@ -94,6 +93,13 @@ class RoPE(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def document_mask(cu_seqlens, B, T, device):
+    """[B, T, T]: query i may attend key j when j <= i and both lie in one document (cu_seqlens: see sdpa_attention)."""
+    positions = torch.arange(B * T, device=device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True).view(B, T)
+    return (doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
 def sdpa_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
     """Causal attention with PyTorch SDPA; with cu_seqlens, a block-diagonal causal mask so that no token
     attends across a document boundary. q: [B, T, H, D], k/v: [B, T, H_kv, D] -> [B, T, H, D].
@@ -102,18 +108,14 @@ def sdpa_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
     if cu_seqlens is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
-        B, T = q.shape[0], q.shape[2]
-        positions = torch.arange(B * T, device=q.device)
-        doc = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True).view(B, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        mask = (doc[:, :, None] == doc[:, None, :]) & causal
+        mask = document_mask(cu_seqlens, q.shape[0], q.shape[2], q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
     return out.transpose(1, 2)
 
 
 class GQA(nn.Module):
     """Grouped-query attention with QK-norm and RoPE. `self.attend` is the attention kernel; the flash patch
-    swaps it per instance (see enable_flash_attention), the projections and their math stay as they are."""
+    swaps it per instance (see set_attention_kernel), the projections and their math stay as they are."""
 
     def __init__(self, config):
         super().__init__()
@@ -312,10 +314,8 @@ def document_bias(cu_seqlens, B, T, dtype, device):
     (0.5 GB at 16 x 4,096 in bf16), not one per layer."""
     if document_bias_cache and document_bias_cache[0][0] is cu_seqlens and document_bias_cache[0][1].dtype == dtype:
         return document_bias_cache[0][1]
-    positions = torch.arange(B * T, device=device)
-    doc = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True).view(B, T)
-    allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    bias = torch.zeros(B, 1, T, T, dtype=dtype, device=device).masked_fill_(~allowed[:, None], float('-inf'))
+    allowed = document_mask(cu_seqlens, B, T, device)[:, None]
+    bias = torch.zeros(B, 1, T, T, dtype=dtype, device=device).masked_fill_(~allowed, float('-inf'))
     document_bias_cache[:] = [(cu_seqlens, bias)]
     return bias
 
@@ -435,9 +435,9 @@ def attention_name(model):
                 getattr(attend, '__name__', str(attend)))
 
 
-def enable_flash_attention(model, kernel=flash_attention):
-    """Route every GQA of the model through flash-attn (or another kernel of the same contract: varlen_attention,
-    efficient_sdpa_attention); the frozen GQA is untouched (its `attend` kernel is swapped per instance)."""
+def set_attention_kernel(model, kernel):
+    """Route every GQA of the model through an attention kernel of sdpa_attention's contract (flash_attention,
+    varlen_attention, efficient_sdpa_attention); the frozen GQA is untouched (its `attend` is swapped per instance)."""
     for m in model.modules():
         if isinstance(m, GQA):
             m.attend = kernel
@@ -603,7 +603,7 @@ class LanguageModelLoss(nn.Module):
         return chunked_cross_entropy(hidden, self.model.embeddings.weight, targets, self.chunk_size)
 
 # =============================================================================
-# Create; weights into the model; counts and FLOPs; routing entropy
+# Create, wrap, and a state dict into the model
 # =============================================================================
 
 def create_model(config, device='cpu', dtype=torch.float32, attention='auto', gradient_checkpointing=False,
@@ -622,7 +622,7 @@ def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=Fals
     if recompute_blocks > 0 and not gradient_checkpointing:
         raise SystemExit(f"error: recompute_blocks={recompute_blocks} does nothing without gradient_checkpointing=True: "
                          "set it too, or drop recompute_blocks")
-    enable_flash_attention(model, attention_kernel(model.embeddings.weight.device, attention))
+    set_attention_kernel(model, attention_kernel(model.embeddings.weight.device, attention))
     if fused:
         enable_fused_kernels(model)
     if gradient_checkpointing:
@@ -630,68 +630,11 @@ def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=Fals
     return model
 
 
-def config_from_dict(values):
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SystemExit(f"error: unknown model config field(s) {unknown}; known: {sorted(known)}")
-    return ModelConfig(**values)
-
-
-def optimizer_groups(model, weight_decay):
-    """AdamW groups: weight decay on >=2-D parameters except PolyGLU's alpha (decaying it pulls routing back to
-    uniform, the prototype's mistake); 1-D parameters (norms, beta, biases) never decay."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and not name.endswith('.alpha') else no_decay).append(p)
-    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-
-
-def infer_config(weights, path):
-    """The ModelConfig a state dict of the author's names implies: vocab and d_model from the embedding, layers from
-    model_core.{i}, head_dim from the QK-norm width, heads from W_q/W_k, d_ff from W_gate, max_seq_len from the RoPE
-    table when present. rope_theta and norm_eps cannot be read off shapes: SPEC.md's values."""
-    def shape(key):
-        if key not in weights:
-            raise SystemExit(f"error: {path} has no tensor {key!r}: not a PolychromaticLM state dict "
-                             f"(its first keys: {list(weights)[:4]})")
-        return tuple(weights[key].shape)
-    vocab_size, d_model = shape('embeddings.weight')
-    n_layers = 1 + max((int(k.split('.')[1]) for k in weights if k.startswith('model_core.')), default=-1)
-    head_dim, = shape('model_core.0.gqa.rmsnorm_q.gama')
-    ffn = 'polyglu' if 'model_core.0.polyglu.alpha' in weights else 'swiglu'
-    values = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
-                  n_heads=shape('model_core.0.gqa.W_q.weight')[0] // head_dim,
-                  n_kv_heads=shape('model_core.0.gqa.W_k.weight')[0] // head_dim,
-                  d_ff=shape(f'model_core.0.{ffn}.W_gate.weight')[0],
-                  model_type='polyglu' if ffn == 'polyglu' else 'vanilla')
-    if ffn == 'polyglu':
-        values.update(n_activations=shape('model_core.0.polyglu.alpha')[1],
-                      gate_hidden=shape('model_core.0.polyglu.gate_net.0.weight')[0])
-    if 'rope.cosines' in weights:
-        values['max_seq_len'] = shape('rope.cosines')[0]
-    if d_model != values['n_heads'] * head_dim:
-        raise SystemExit(f"error: {path}: W_q has {values['n_heads'] * head_dim} rows for d_model {d_model} and "
-                         f"head_dim {head_dim}; not this architecture")
-    return ModelConfig(**values)
-
-
-def model_from_weights(weights, info, config=None):
-    """A state dict of the author's names (as utils.read_checkpoint returns it, with its info) in a PolychromaticLM ->
-    (model, info with step, tau, model_config). A state dict without a config gets one inferred from its shapes;
-    `config`, if given, is what the caller expects: a different architecture is one clear error line instead of a
-    state-dict traceback. Built without any patch, so it loads on any machine."""
-    path = info['file']
-    prefix = next((p for p in ('_orig_mod.', 'module.') if all(k.startswith(p) for k in weights)), '')
-    weights = {k[len(prefix):]: v for k, v in weights.items()}  # saved from a compiled or wrapped module
-    saved_config = config_from_dict(info['model_config']) if 'model_config' in info else infer_config(weights, path)
-    if config is not None and asdict(config) != asdict(saved_config):
-        diffs = {k: (v, getattr(saved_config, k)) for k, v in asdict(config).items()
-                 if getattr(saved_config, k) != v}
-        raise SystemExit(f"error: {path} holds a different model than configured; "
-                         f"(configured, checkpoint): {diffs}. Fix the config or pick the right checkpoint")
-    model = PolychromaticLM(saved_config)
+def model_from_weights(weights, config, path):
+    """A state dict of the author's names, read from `path` (utils.read_checkpoint), in a PolychromaticLM of `config`:
+    the tied head filled in when stored once, the RoPE tables checked against ours, every shape checked, each mismatch
+    one line. Built without any patch, so it loads on any machine."""
+    model = PolychromaticLM(config)
     # the tied head: a file may store it once, under either name
     if 'output_head.weight' not in weights and 'embeddings.weight' in weights:
         weights['output_head.weight'] = weights['embeddings.weight']
@@ -701,7 +644,7 @@ def model_from_weights(weights, info, config=None):
         table = weights.get(f'rope.{name}')
         ours = getattr(model.rope, name)
         if table is not None and table.shape == ours.shape and (table.float() - ours).abs().max() > 1e-2:
-            raise SystemExit(f"error: {path}'s RoPE table rope.{name} differs from theta={saved_config.rope_theta} by "
+            raise SystemExit(f"error: {path}'s RoPE table rope.{name} differs from theta={config.rope_theta} by "
                              f"{(table.float() - ours).abs().max():.3f}: another rope_theta or rotation convention")
         if table is None or table.shape == ours.shape:
             weights[f'rope.{name}'] = ours
@@ -716,64 +659,4 @@ def model_from_weights(weights, info, config=None):
     if not torch.equal(weights['embeddings.weight'], weights['output_head.weight']):
         raise SystemExit(f"error: {path} has an output head that differs from its embedding; this model ties them")
     model.load_state_dict(weights)
-    info.setdefault('step', 0)
-    if saved_config.model_type == 'polyglu':
-        if info.get('tau') is None:
-            print(f"{path} records no tau; using 0.1, the end of the pre-training anneal")
-            info['tau'] = 0.1
-        model.set_tau(info['tau'])
-    else:
-        info['tau'] = None
-    info['model_config'] = asdict(saved_config)
-    return model, info
-
-
-def count_parameters(config):
-    """(total, routing) parameter counts without allocating the weights (meta device). The tied head counts
-    once; routing = PolyGLU's alpha, beta and gate networks."""
-    with torch.device('meta'):
-        model = PolychromaticLM(config)
-    total = sum(p.numel() for p in model.parameters())
-    routing = sum(p.numel() for name, p in model.named_parameters()
-                  if name.split('.')[-1] in ('alpha', 'beta') or '.gate_net.' in name)
-    return total, routing
-
-
-def flops_per_token(config, seq_len=None, n_params=None):
-    """Training FLOPs per token, the count MFU divides by (model FLOPs): 6N for the matmuls (forward + backward; the
-    tied head counts once, as a matmul, though the lookup is none) plus causal attention over whole rows of seq_len,
-    6 * n_layers * d_attn * seq_len (QK^T and AV, half the square). Not counted: the blocks that gradient
-    checkpointing recomputes and the loss chunks' second head forward (recompute_flops_per_token), nor the attention
-    that document masking skips (short documents need less). MFU is therefore the useful work, not what the GPU ran."""
-    seq_len = seq_len or config.max_seq_len
-    n_params = n_params or count_parameters(config)[0]
-    return 6 * n_params + 6 * config.n_layers * config.n_heads * config.head_dim * seq_len
-
-
-def recompute_flops_per_token(config, seq_len, recomputed_blocks):
-    """The forward FLOPs a training step runs again and flops_per_token leaves out: each recomputed block's forward
-    (2 x its parameters, plus causal attention 2 * d_attn * seq_len) and the head in every loss chunk (2 * d * V)."""
-    block_params = (count_parameters(config)[0] - config.vocab_size * config.d_model) / config.n_layers
-    block = 2 * block_params + 2 * config.n_heads * config.head_dim * seq_len
-    return recomputed_blocks * block + 2 * config.d_model * config.vocab_size
-
-
-def routing_entropy(model):
-    """Routing entropy per layer (nats, and as a fraction of ln K) of the last forward's routing distribution
-    softmax(logits / tau) (the Gumbel-free distribution the samples come from), averaged over sequences and
-    neurons. A flat dict ready for wandb; empty for VanillaLM or before the first forward."""
-    stats = {}
-    entropies = []
-    for i, block in enumerate(model.model_core):
-        ffn = block.ffn
-        if not isinstance(ffn, PolyGLU) or ffn.last_logits is None:
-            continue
-        log_probs = torch.log_softmax(ffn.last_logits.float() / ffn.tau, dim=-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1).mean().item()
-        entropies.append(entropy)
-        stats[f'routing/entropy_layer_{i:02d}'] = entropy
-    if entropies:
-        max_entropy = math.log(model.config.n_activations)
-        stats['routing/entropy_mean'] = sum(entropies) / len(entropies)
-        stats['routing/entropy_frac_mean'] = stats['routing/entropy_mean'] / max_entropy
-    return stats
+    return model

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from configurator import configure, fail
-from model import EOS_ID, LanguageModelLoss, attention_name, flops_per_token, routing_entropy, wrap_model
-from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, count_bad_step, end_of_session,
-                   import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry, make_engine,
-                   micro_batch_seeds, peak_flops, projected_cost, rank_rows, read_manifest, resolve_device,
-                   resume_state, run_provenance, save_run, set_learning_rate, step_line, to_device, train_step,
-                   trim_log, verified_chunk)
+from model import EOS_ID, LanguageModelLoss, attention_name, wrap_model
+from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, count_bad_step,
+                   end_of_session, flops_per_token, import_training_state, init_distributed, init_wandb,
+                   load_checkpoint, log_entry, make_engine, micro_batch_seeds, peak_flops, projected_cost, rank_rows,
+                   read_manifest, resolve_device, resume_state, routing_entropy, run_provenance, save_run,
+                   set_learning_rate, step_line, to_device, train_step, trim_log, verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)

@@ -23,54 +23,59 @@ import numpy as np
 import torch
 
 from configurator import configure, fail
-from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, count_parameters, create_model,
-                   flops_per_token, recompute_flops_per_token, routing_entropy)
-from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, count_bad_step, end_of_session,
-                   held_out_windows, import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry,
-                   make_engine, micro_batch_seeds, open_chunks, peak_flops, projected_cost, rank_rows, resolve_device,
-                   resume_state, run_provenance, save_run, set_learning_rate, step_line, to_device, train_step, trim_log)
+from model import EOS_ID, LanguageModelLoss, ModelConfig, attention_name, create_model
+from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, count_bad_step,
+                   count_parameters, end_of_session, flops_per_token, held_out_windows, import_training_state,
+                   init_distributed, init_wandb, load_checkpoint, log_entry, make_engine, micro_batch_seeds,
+                   open_chunks, peak_flops, projected_cost, rank_rows, recompute_flops_per_token, resolve_device,
+                   resume_state, routing_entropy, run_plan, run_provenance, save_run, set_learning_rate, step_line,
+                   to_device, train_step, trim_log)
 
 # -----------------------------------------------------------------------------
-# config: the defaults are SPEC.md's full run; config/*.py and --key=value override them
+# config: the full run's plan, with system settings that run anywhere (the CPU, plain PyTorch); config/*.py and
+# --key=value override them
 # I/O
 out_dir = 'checkpoints'
 data_dir = 'data/tokenized'
 resume = 'auto'              # 'auto': continue from the newest complete checkpoint if there is one; '' = fresh
 init_from = ''               # start from these weights (a path, a folder or hf:owner/name) with a fresh optimizer and schedule
+# the full run's plan: its model, data, batch and schedule have one home, config/pretrain.py, read here as the
+# defaults (`python train.py --help` prints the values)
+_plan = run_plan()
 # model (ModelConfig fields)
-model_type = 'polyglu'       # 'polyglu' | 'vanilla' (the SwiGLU baseline)
-vocab_size = 151_669
-d_model = 1024
-n_layers = 28
-n_heads = 16
-n_kv_heads = 8
-d_ff = 4096
-max_seq_len = 4096
-rope_theta = 10_000.0
+model_type = _plan['model_type']
+vocab_size = _plan['vocab_size']
+d_model = _plan['d_model']
+n_layers = _plan['n_layers']
+n_heads = _plan['n_heads']
+n_kv_heads = _plan['n_kv_heads']
+d_ff = _plan['d_ff']
+max_seq_len = _plan['max_seq_len']
 # data
-sources = ('math', 'stem', 'code')
-mixture_baseline = (0.70, 0.25, 0.05)
-mixture_anneal = (0.85, 0.10, 0.05)
-anneal_start = 0.8           # fraction of max_steps after which the annealed mixture is used
-block_size = 4096
+sources = _plan['sources']
+mixture_baseline = _plan['mixture_baseline']
+mixture_anneal = _plan['mixture_anneal']
+anneal_start = _plan['anneal_start']
+block_size = _plan['block_size']
+val_tokens = _plan['val_tokens']
+# optimisation
+micro_batch_size = _plan['micro_batch_size']
+grad_accum_steps = _plan['grad_accum_steps']
+max_steps = _plan['max_steps']
+learning_rate = _plan['learning_rate']
+min_lr = _plan['min_lr']
+warmup_steps = _plan['warmup_steps']
+weight_decay = _plan['weight_decay']
+beta1 = _plan['beta1']
+beta2 = _plan['beta2']
+adam_eps = _plan['adam_eps']
+grad_clip = _plan['grad_clip']
+tau_start = _plan['tau_start']
+tau_end = _plan['tau_end']
+rope_theta = 10_000.0
 eos_id = EOS_ID
-val_tokens = 2_000_000       # held out at the end of each source
 eval_rows = 64               # validation rows per source
 allow_repeats = True         # False: a source that would repeat windows (too little data prepared) stops the run at start
-# optimisation
-micro_batch_size = 16
-grad_accum_steps = 8
-max_steps = 19_531           # ~10B tokens at 512K tokens a step
-learning_rate = 1e-4
-min_lr = 1e-5
-warmup_steps = 2000
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-adam_eps = 1e-8
-grad_clip = 1.0
-tau_start = 1.0
-tau_end = 0.1
 # system
 backend = 'deepspeed'        # 'deepspeed' | 'torch' (plain PyTorch: CPU tests, demo, or one GPU)
 zero_stage = 1

@@ -8,7 +8,7 @@ import math
 import os
 import pickle
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from functools import partial
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import config_keys, fail
-from model import (EOS_ID, GQA, ModelConfig, PolyGLU, attention_kernel, cu_seqlens_from_eos, efficient_sdpa_attention,
+from model import (EOS_ID, GQA, ModelConfig, PolychromaticLM, PolyGLU, attention_kernel, cu_seqlens_from_eos, efficient_sdpa_attention,
                    model_from_weights, sdpa_attention)
 
 HUB_TOKENIZER = 'Qwen/Qwen3-0.6B-Base'
@@ -156,9 +156,20 @@ A100_PEAK_FLOPS = 312e12     # dense bf16: the card SPEC.md budgets for
 USD_PER_GPU_HOUR = 1.64      # SPEC.md's rental price of an 80 GB A100/H100
 PROJECTED_MFU = 0.4          # for costs printed before anything is measured; the run's own log lines then measure it
 
-# SPEC.md's pre-training plan (train.py's defaults): it sizes what prepare.py tokenizes by default
-PLAN = dict(sources=('math', 'stem', 'code'), mixture_baseline=(0.70, 0.25, 0.05), mixture_anneal=(0.85, 0.10, 0.05),
-            anneal_start=0.8, max_steps=19_531, rows_per_step=16 * 8, block_size=4096, val_tokens=2_000_000)
+PLAN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'pretrain.py')
+PLAN_KEYS = ('model_type', 'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'max_seq_len', 'sources',
+             'mixture_baseline', 'mixture_anneal', 'anneal_start', 'block_size', 'val_tokens', 'micro_batch_size',
+             'grad_accum_steps', 'max_steps', 'learning_rate', 'min_lr', 'warmup_steps', 'weight_decay', 'beta1',
+             'beta2', 'adam_eps', 'grad_clip', 'tau_start', 'tau_end')
+
+
+def run_plan():
+    """The full pre-training run's plan, from its one home, config/pretrain.py: the model, the data mixture, the batch
+    and the schedule. train.py's defaults; prepare.py sizes the data by it (plan_budgets)."""
+    values = {}
+    with open(PLAN_FILE) as f:
+        exec(compile(f.read(), PLAN_FILE, 'exec'), values)
+    return {key: values[key] for key in PLAN_KEYS}
 
 
 def planned_rows(max_steps, rows_per_step, mixture_baseline, mixture_anneal, anneal_start):
@@ -172,13 +183,64 @@ def planned_rows(max_steps, rows_per_step, mixture_baseline, mixture_anneal, ann
 def plan_budgets(margin=0.01, **changes):
     """Tokens to prepare per source so that the plan never repeats a window: its expected rows x block_size, 1% more
     for the random draw of each row's source (3.6 standard deviations for code, the smallest), plus the held-out
-    slice. At 10.24B tokens: math 7.55B, STEM 2.28B, code 0.52B. `changes` replace PLAN's values (another run's
-    max_steps, say)."""
-    plan = {**PLAN, **changes}
-    rows = planned_rows(plan['max_steps'], plan['rows_per_step'], plan['mixture_baseline'], plan['mixture_anneal'],
-                        plan['anneal_start'])
+    slice. At 10.24B tokens: math 7.55B, STEM 2.28B, code 0.52B. `changes` replace run_plan()'s values (another
+    run's max_steps, say)."""
+    plan = {**run_plan(), **changes}
+    rows = planned_rows(plan['max_steps'], plan['micro_batch_size'] * plan['grad_accum_steps'],
+                        plan['mixture_baseline'], plan['mixture_anneal'], plan['anneal_start'])
     return {name: int(math.ceil(n * plan['block_size'] * (1 + margin))) + plan['val_tokens']
             for name, n in zip(plan['sources'], rows)}
+
+
+def count_parameters(config):
+    """(total, routing) parameter counts without allocating the weights (meta device). The tied head counts
+    once; routing = PolyGLU's alpha, beta and gate networks."""
+    with torch.device('meta'):
+        model = PolychromaticLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    routing = sum(p.numel() for name, p in model.named_parameters()
+                  if name.split('.')[-1] in ('alpha', 'beta') or '.gate_net.' in name)
+    return total, routing
+
+
+def flops_per_token(config, seq_len=None, n_params=None):
+    """Training FLOPs per token, the count MFU divides by (model FLOPs): 6N for the matmuls (forward + backward; the
+    tied head counts once, as a matmul, though the lookup is none) plus causal attention over whole rows of seq_len,
+    6 * n_layers * d_attn * seq_len (QK^T and AV, half the square). Not counted: the blocks that gradient
+    checkpointing recomputes and the loss chunks' second head forward (recompute_flops_per_token), nor the attention
+    that document masking skips (short documents need less). MFU is therefore the useful work, not what the GPU ran."""
+    seq_len = seq_len or config.max_seq_len
+    n_params = n_params or count_parameters(config)[0]
+    return 6 * n_params + 6 * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+def recompute_flops_per_token(config, seq_len, recomputed_blocks):
+    """The forward FLOPs a training step runs again and flops_per_token leaves out: each recomputed block's forward
+    (2 x its parameters, plus causal attention 2 * d_attn * seq_len) and the head in every loss chunk (2 * d * V)."""
+    block_params = (count_parameters(config)[0] - config.vocab_size * config.d_model) / config.n_layers
+    block = 2 * block_params + 2 * config.n_heads * config.head_dim * seq_len
+    return recomputed_blocks * block + 2 * config.d_model * config.vocab_size
+
+
+def routing_entropy(model):
+    """Routing entropy per layer (nats, and as a fraction of ln K) of the last forward's routing distribution
+    softmax(logits / tau) (the Gumbel-free distribution the samples come from), averaged over sequences and
+    neurons. A flat dict ready for wandb; empty for VanillaLM or before the first forward."""
+    stats = {}
+    entropies = []
+    for i, block in enumerate(model.model_core):
+        ffn = block.ffn
+        if not isinstance(ffn, PolyGLU) or ffn.last_logits is None:
+            continue
+        log_probs = torch.log_softmax(ffn.last_logits.float() / ffn.tau, dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1).mean().item()
+        entropies.append(entropy)
+        stats[f'routing/entropy_layer_{i:02d}'] = entropy
+    if entropies:
+        max_entropy = math.log(model.config.n_activations)
+        stats['routing/entropy_mean'] = sum(entropies) / len(entropies)
+        stats['routing/entropy_frac_mean'] = stats['routing/entropy_mean'] / max_entropy
+    return stats
 
 
 def projected_cost(model_flops_per_token, tokens, detail=''):
@@ -364,6 +426,16 @@ def close_distributed():
         dist.destroy_process_group()
 
 
+def optimizer_groups(model, weight_decay):
+    """AdamW groups: weight decay on >=2-D parameters except PolyGLU's alpha (decaying it pulls routing back to
+    uniform, the prototype's mistake); 1-D parameters (norms, beta, biases) never decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and not name.endswith('.alpha') else no_decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
 def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, grad_accum_steps, grad_clip,
                 learning_rate, weight_decay, betas, eps):
     """AdamW (alpha and 1-D parameters exempt from decay) under DeepSpeed ZeRO or plain PyTorch.
@@ -371,7 +443,6 @@ def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, 
     from contextlib import nullcontext
 
 
-    from model import optimizer_groups
     optimizer = torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
     if backend == 'torch':
         autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
@@ -864,11 +935,68 @@ def read_checkpoint(path):
                                                               'optimizer_state_dict', 'scheduler', 'scheduler_state_dict')})
     return weights, info
 
+def config_from_dict(values):
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        fail(f"unknown model config field(s) {unknown}; known: {sorted(known)}")
+    return ModelConfig(**values)
+
+
+def infer_config(weights, path):
+    """The ModelConfig a state dict of the author's names implies: vocab and d_model from the embedding, layers from
+    model_core.{i}, head_dim from the QK-norm width, heads from W_q/W_k, d_ff from W_gate, max_seq_len from the RoPE
+    table when present. rope_theta and norm_eps cannot be read off shapes: SPEC.md's values."""
+    def shape(key):
+        if key not in weights:
+            fail(f"{path} has no tensor {key!r}: not a PolychromaticLM state dict "
+                 f"(its first keys: {list(weights)[:4]})")
+        return tuple(weights[key].shape)
+    vocab_size, d_model = shape('embeddings.weight')
+    n_layers = 1 + max((int(k.split('.')[1]) for k in weights if k.startswith('model_core.')), default=-1)
+    head_dim, = shape('model_core.0.gqa.rmsnorm_q.gama')
+    ffn = 'polyglu' if 'model_core.0.polyglu.alpha' in weights else 'swiglu'
+    values = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                  n_heads=shape('model_core.0.gqa.W_q.weight')[0] // head_dim,
+                  n_kv_heads=shape('model_core.0.gqa.W_k.weight')[0] // head_dim,
+                  d_ff=shape(f'model_core.0.{ffn}.W_gate.weight')[0],
+                  model_type='polyglu' if ffn == 'polyglu' else 'vanilla')
+    if ffn == 'polyglu':
+        values.update(n_activations=shape('model_core.0.polyglu.alpha')[1],
+                      gate_hidden=shape('model_core.0.polyglu.gate_net.0.weight')[0])
+    if 'rope.cosines' in weights:
+        values['max_seq_len'] = shape('rope.cosines')[0]
+    if d_model != values['n_heads'] * head_dim:
+        fail(f"{path}: W_q has {values['n_heads'] * head_dim} rows for d_model {d_model} and "
+             f"head_dim {head_dim}; not this architecture")
+    return ModelConfig(**values)
+
+
 def load_checkpoint(path, device='cpu', config=None):
     """Load any checkpoint read_checkpoint reads (a path, a folder, or hf:owner/name) -> (model in eval mode, info
-    {file, format, step, tau, model_config, and the file's other metadata}); `config`: see model.model_from_weights."""
+    {file, format, step, tau, model_config, and the file's other metadata}). A file without a config gets one inferred
+    from its shapes; `config`, if given, is what the caller expects: a different architecture is one clear error line
+    instead of a state-dict traceback."""
     weights, info = read_checkpoint(checkpoint_file(path))
-    model, info = model_from_weights(weights, info, config)
+    path = info['file']
+    prefix = next((p for p in ('_orig_mod.', 'module.') if all(k.startswith(p) for k in weights)), '')
+    weights = {k[len(prefix):]: v for k, v in weights.items()}  # saved from a compiled or wrapped module
+    saved_config = config_from_dict(info['model_config']) if 'model_config' in info else infer_config(weights, path)
+    if config is not None and asdict(config) != asdict(saved_config):
+        diffs = {k: (v, getattr(saved_config, k)) for k, v in asdict(config).items()
+                 if getattr(saved_config, k) != v}
+        fail(f"{path} holds a different model than configured; "
+             f"(configured, checkpoint): {diffs}. Fix the config or pick the right checkpoint")
+    model = model_from_weights(weights, saved_config, path)
+    info.setdefault('step', 0)
+    if saved_config.model_type == 'polyglu':
+        if info.get('tau') is None:
+            print(f"{path} records no tau; using 0.1, the end of the pre-training anneal")
+            info['tau'] = 0.1
+        model.set_tau(info['tau'])
+    else:
+        info['tau'] = None
+    info['model_config'] = asdict(saved_config)
     return model.to(device).eval(), info
 
 

@@ -1,7 +1,7 @@
 # The full PolychromaticLM pre-training run of SPEC.md on one 80 GB GPU (A100/H100):
 #   deepspeed train.py config/pretrain.py
-# ~10B tokens = 19,531 steps x (16 x 8 x 4,096) tokens. Every value here but the memory settings at the end equals
-# train.py's default and is written out so that this file is the record of the run.
+# ~10B tokens = 19,531 steps x (16 x 8 x 4,096) tokens. This file is the run's plan and its one home: train.py takes
+# its model, data, batch and schedule values (utils.PLAN_KEYS) as defaults, and prepare.py sizes the data by them.
 model_type = 'polyglu'          # 'vanilla' for the SwiGLU baseline (VanillaLM)
 vocab_size = 151_669
 d_model = 1024
@@ -12,14 +12,16 @@ d_ff = 4096
 max_seq_len = 4096
 
 data_dir = 'data/tokenized'
+sources = ('math', 'stem', 'code')
 mixture_baseline = (0.70, 0.25, 0.05)  # math, stem, code for the first 80% of steps
 mixture_anneal = (0.85, 0.10, 0.05)    # ... and for the last 20%
-anneal_start = 0.8
+anneal_start = 0.8                     # the fraction of max_steps after which the annealed mixture is used
 block_size = 4096
+val_tokens = 2_000_000                 # held out at the end of each source
 
 micro_batch_size = 16
 grad_accum_steps = 8
-max_steps = 19_531
+max_steps = 19_531              # ~10B tokens at 512K tokens a step
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_steps = 2000

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import model as M
+import utils as U
 import synthetic
 from configurator import configure
 from conftest import ROOT
@@ -36,10 +37,10 @@ def test_ablation_config_is_a_budget_sized_pair():
     for arm in ARMS:
         config = M.ModelConfig(**{k: settings[k] for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
                                                            'd_ff', 'max_seq_len')}, model_type=arm)
-        parameters = M.count_parameters(config)[0]
+        parameters = U.count_parameters(config)[0]
         assert 120e6 < parameters < 130e6  # the 125M class
         assert 19.9 < tokens / parameters < 20.1
-        cost = projected_cost(M.flops_per_token(config, settings['block_size'], parameters), tokens)
+        cost = projected_cost(U.flops_per_token(config, settings['block_size'], parameters), tokens)
         hours, dollars = re.search(r'([\d.]+) A100-hours, \$(\d+) at 40% MFU', cost).groups()
         assert 4 < float(hours) < 6 and 5 <= int(dollars) <= 15, cost  # measured: 5.0 h, $8 a run
     assert settings['model_type'] == 'polyglu' and settings['init_seed'] == -1  # the arm and seed come from make
@@ -57,7 +58,7 @@ def trained_tokens(data_dir, out_dir, **overrides):
     train = importlib.reload(train)
     configure(vars(train), synthetic.train_args(data_dir, out_dir, **overrides))
     rows, to_device = [], train.to_device
-    train.to_device = lambda r: rows.append(r.copy()) or to_device(r)
+    train.to_device = lambda r, *args: rows.append(r.copy()) or to_device(r, *args)
     train.main()
     log = [json.loads(line) for line in open(os.path.join(out_dir, 'train_log.jsonl'))]
     weights = torch.load(os.path.join(out_dir, 'portable_final.pt'), weights_only=True)['model_state_dict']

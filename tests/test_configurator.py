@@ -1,8 +1,13 @@
+import importlib
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
-from configurator import configure
+from configurator import config_keys, configure
+from conftest import ROOT
 
 
 def defaults():
@@ -75,3 +80,31 @@ def test_every_config_file_loads_into_its_script():
         module = importlib.import_module(script)
         settings = configure(dict(vars(module)), [os.path.join(folder, name)])
         assert settings, name
+
+
+@pytest.mark.parametrize('script', ['prepare', 'train', 'sft', 'eval', 'analyze', 'bench', 'sample', 'export'])
+def test_help_lists_every_key_with_its_default_and_comment(script, capsys):
+    """A researcher's first move, `python train.py --help`: every config key, its default and the comment beside it
+    (it once answered 'error: argument --help needs a value')."""
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_status:
+        configure(vars(module), ['--help'])
+    assert exit_status.value.code == 0
+    out = capsys.readouterr().out
+    for key in config_keys(vars(module)):
+        assert f"--{key}={getattr(module, key)!r}" in out
+    assert out.startswith(module.__doc__.strip().split('\n\n')[0])
+
+
+def test_help_through_the_command_line_and_comments():
+    result = subprocess.run([sys.executable, 'train.py', '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"--max_steps=19531 +~10B tokens at 512K tokens a step", result.stdout)  # the plan's comment
+    assert re.search(r"--max_bad_steps=10 +non-finite loss/grad steps in a row before the run stops", result.stdout)
+
+
+def test_a_renamed_key_names_its_new_name():
+    namespace = {'recompute_blocks': -1}
+    with pytest.raises(SystemExit, match=r"unknown config key 'checkpoint_blocks' .*did you mean 'recompute_blocks'\? "
+                                         r"\(checkpoint_blocks was renamed\)"):
+        configure(namespace, ['--checkpoint_blocks=8'])

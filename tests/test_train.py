@@ -60,7 +60,7 @@ def test_learning_rate_schedule():
 
 def test_weight_decay_groups():
     model = M.PolychromaticLM(small_config())
-    decay, no_decay = M.optimizer_groups(model, 0.1)
+    decay, no_decay = U.optimizer_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay['params']}
     exempt = {names[id(p)] for p in no_decay['params']}
