@@ -423,6 +423,46 @@ def neuron_map(probs, layer, folder):
     save(fig, folder, f'neuron_map_layer_{layer:02d}.png')
 
 
+def routing_figures(per_layer, beta, domain_means, n_layers):
+    """routing_entropy.png (static and on text, and the collapsed neurons), gate_contribution.png (β and what the gate
+    adds over α) and domain_routing.png, per layer."""
+    K = len(ACTIVATION_NAMES)
+    x = np.arange(n_layers)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for key, label in (('static', 'static (α)'), ('dynamic', 'with the gate, on text')):
+        mean, std = np.array(per_layer[f'{key}_entropy_mean']), np.array(per_layer[f'{key}_entropy_std'])
+        ax.plot(x, mean, marker='o', label=label)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.axhline(math.log(K), color='gray', linestyle='--', label='max ln 4')
+    ax.set(xlabel='layer', ylabel='routing entropy (nats)', title='Routing entropy per layer (mean ± std)')
+    ax.legend()
+    ax2.plot(x, per_layer['collapsed_fraction_static'], marker='o', label='static')
+    ax2.plot(x, per_layer['collapsed_fraction_dynamic'], marker='o', label='on text')
+    ax2.set(xlabel='layer', ylabel=f'fraction of neurons, entropy < {collapse_threshold}', ylim=(-0.02, 1.02),
+            title='Collapsed neurons')
+    ax2.legend()
+    save(fig, output, 'routing_entropy.png')
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for k, name in enumerate(ACTIVATION_NAMES):
+        ax.plot(x, beta[:, k].numpy(), marker='o', label=name)
+    ax.set(xlabel='layer', ylabel='β', title='Gate scale β per activation')
+    ax.legend()
+    ax2.plot(x, per_layer['kl_dynamic_vs_static'], marker='o', color='C3')
+    ax2.set(xlabel='layer', ylabel='KL(routing on text ‖ static)', title="What the gate adds over α")
+    save(fig, output, 'gate_contribution.png')
+
+    fig, axes = plt.subplots(1, K, figsize=(13, 3.4), sharey=True)
+    for k, ax in enumerate(axes):
+        for name, means in domain_means.items():
+            ax.plot(x, means[:, k], marker='.', label=name)
+        ax.set(title=ACTIVATION_NAMES[k], xlabel='layer')
+    axes[0].set_ylabel('mean routing weight')
+    axes[-1].legend()
+    fig.suptitle('Routing by domain')
+    save(fig, output, 'domain_routing.png')
+
+
 def main():
     global device
     device, _ = resolve_device(device, dtype)
@@ -511,40 +551,7 @@ def main():
         summary['routing_entropy_mean_nats'] = float(dynamic_entropy.mean())  # the model card's 0.0004 nats
         summary['routing_entropy_mean_fraction'] = float(dynamic_entropy.mean() / math.log(K))
 
-        x = np.arange(n_layers)
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-        for key, label in (('static', 'static (α)'), ('dynamic', 'with the gate, on text')):
-            mean, std = np.array(per_layer[f'{key}_entropy_mean']), np.array(per_layer[f'{key}_entropy_std'])
-            ax.plot(x, mean, marker='o', label=label)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-        ax.axhline(math.log(K), color='gray', linestyle='--', label='max ln 4')
-        ax.set(xlabel='layer', ylabel='routing entropy (nats)', title='Routing entropy per layer (mean ± std)')
-        ax.legend()
-        ax2.plot(x, per_layer['collapsed_fraction_static'], marker='o', label='static')
-        ax2.plot(x, per_layer['collapsed_fraction_dynamic'], marker='o', label='on text')
-        ax2.set(xlabel='layer', ylabel=f'fraction of neurons, entropy < {collapse_threshold}', ylim=(-0.02, 1.02),
-                title='Collapsed neurons')
-        ax2.legend()
-        save(fig, output, 'routing_entropy.png')
-
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-        for k, name in enumerate(ACTIVATION_NAMES):
-            ax.plot(x, beta[:, k].numpy(), marker='o', label=name)
-        ax.set(xlabel='layer', ylabel='β', title='Gate scale β per activation')
-        ax.legend()
-        ax2.plot(x, per_layer['kl_dynamic_vs_static'], marker='o', color='C3')
-        ax2.set(xlabel='layer', ylabel='KL(routing on text ‖ static)', title="What the gate adds over α")
-        save(fig, output, 'gate_contribution.png')
-
-        fig, axes = plt.subplots(1, K, figsize=(13, 3.4), sharey=True)
-        for k, ax in enumerate(axes):
-            for name, means in domain_means.items():
-                ax.plot(x, means[:, k], marker='.', label=name)
-            ax.set(title=ACTIVATION_NAMES[k], xlabel='layer')
-        axes[0].set_ylabel('mean routing weight')
-        axes[-1].legend()
-        fig.suptitle('Routing by domain')
-        save(fig, output, 'domain_routing.png')
+        routing_figures(per_layer, beta, domain_means, n_layers)
         print(f"routing entropy on text: {summary['routing_entropy_mean_nats']:.2e} nats on average "
               f"({100 * summary['routing_entropy_mean_fraction']:.3f}% of ln 4); "
               f"collapsed neurons (< {collapse_threshold} nats): "

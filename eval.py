@@ -623,6 +623,56 @@ def write_report(report):
     os.replace(f'{output}.tmp', output)
 
 
+def run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report):
+    """The harness tasks (with tasks=paper, the author's protocol and its noisy-routing repeats), each finished task and
+    its samples written at once; answers kept in a store that a rerun of the same command reuses. -> results."""
+    results = {}
+    print(f"prompts: {'ChatML (chat=True), few-shot as turns, stopping at <|im_end|>' if use_chat else 'plain'}; "
+          f"scoring: {scoring}" + (" (the author's wrapper: tasks=paper)" if paper else ''))
+    store = None
+    if resume:
+        store = answers_path(state, tok, {'dtype': dtype, 'device': device.split(':')[0],
+                                          'attention': attention_name(model), 'generation': generation,
+                                          'refresh_threshold': refresh_threshold if generation == 'cached' else None,
+                                          'max_gen_toks': max_gen_toks})
+    lm = make_lm(model, tok, use_chat, store, author=paper)
+    if store:
+        print(f"answers kept in {store} ({lm.stored:,} there; the same command rerun reuses them)")
+    manager = task_manager(task_names)
+    runs = [(task, None if num_fewshot < 0 else num_fewshot, '') for task in task_names]
+    if paper:
+        runs += [(task, shots, f'@{shots}-shot') for task, shots in PAPER_STATED_SHOTS.items()]
+    try:
+        for task, shots, suffix in runs:
+            run = evaluate_task(lm, manager, task, shots, use_chat, log_samples)
+            if log_samples:
+                report.setdefault('samples', {}).update(
+                    write_samples({name + suffix: records for name, records in run.pop('samples', {}).items()},
+                                  output))
+            merge_results(results, run, suffix)
+            report.update({key: results.get(key) for key in ('results', 'n-shot', 'versions')})
+            write_report(report)  # a finished task and its samples are on disk at once
+        if paper and paper_routing_seeds:
+            report['paper_routing'] = {'seeds': paper_routing_seeds, 'results': {}}
+            for noise_seed in range(paper_routing_seeds):
+                lm.noise_seed = noise_seed
+                for task in task_names:
+                    run = evaluate_task(lm, manager, task, None, use_chat)
+                    report['paper_routing']['results'].setdefault(task, []).append(run['results'][task])
+                    write_report(report)
+            lm.noise_seed = None
+    finally:
+        lm.close()
+    report['answers_reused'] = lm.answered
+    if lm.answered:
+        print(f"{lm.answered:,} requests answered from {store}, not recomputed")
+    from lm_eval.utils import make_table
+    print(make_table(results))
+    if log_samples:
+        print(f"per-sample logs: {', '.join(report['samples'].values())}")
+    return results
+
+
 def main():
     global device, dtype
     if prompt:
@@ -670,51 +720,7 @@ def main():
               'step': step, 'tau': tau,
               'model_config': state['model_config'], 'chat': use_chat, 'scoring': scoring, 'complete': False,
               'config': {k: globals()[k] for k in config_keys(globals())}}
-    results = {}
-    if task_names:
-        print(f"prompts: {'ChatML (chat=True), few-shot as turns, stopping at <|im_end|>' if use_chat else 'plain'}; "
-              f"scoring: {scoring}" + (" (the author's wrapper: tasks=paper)" if paper else ''))
-        store = None
-        if resume:
-            store = answers_path(state, tok, {'dtype': dtype, 'device': device.split(':')[0],
-                                              'attention': attention_name(model), 'generation': generation,
-                                              'refresh_threshold': refresh_threshold if generation == 'cached' else None,
-                                              'max_gen_toks': max_gen_toks})
-        lm = make_lm(model, tok, use_chat, store, author=paper)
-        if store:
-            print(f"answers kept in {store} ({lm.stored:,} there; the same command rerun reuses them)")
-        manager = task_manager(task_names)
-        runs = [(task, None if num_fewshot < 0 else num_fewshot, '') for task in task_names]
-        if paper:
-            runs += [(task, shots, f'@{shots}-shot') for task, shots in PAPER_STATED_SHOTS.items()]
-        try:
-            for task, shots, suffix in runs:
-                run = evaluate_task(lm, manager, task, shots, use_chat, log_samples)
-                if log_samples:
-                    report.setdefault('samples', {}).update(
-                        write_samples({name + suffix: records for name, records in run.pop('samples', {}).items()},
-                                      output))
-                merge_results(results, run, suffix)
-                report.update({key: results.get(key) for key in ('results', 'n-shot', 'versions')})
-                write_report(report)  # a finished task and its samples are on disk at once
-            if paper and paper_routing_seeds:
-                report['paper_routing'] = {'seeds': paper_routing_seeds, 'results': {}}
-                for noise_seed in range(paper_routing_seeds):
-                    lm.noise_seed = noise_seed
-                    for task in task_names:
-                        run = evaluate_task(lm, manager, task, None, use_chat)
-                        report['paper_routing']['results'].setdefault(task, []).append(run['results'][task])
-                        write_report(report)
-                lm.noise_seed = None
-        finally:
-            lm.close()
-        report['answers_reused'] = lm.answered
-        if lm.answered:
-            print(f"{lm.answered:,} requests answered from {store}, not recomputed")
-        from lm_eval.utils import make_table
-        print(make_table(results))
-        if log_samples:
-            print(f"per-sample logs: {', '.join(report['samples'].values())}")
+    results = run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report) if task_names else {}
     if perplexity:
         report['perplexity'] = domain_perplexity(model, state)
     if compare_paper or paper:

@@ -701,8 +701,9 @@ def run_benchmark():
     global output_base, num_proc, max_tokens
     if not input:
         fail("benchmark needs --input= local jsonl/parquet files")
+    name = source if source in SOURCES else 'math'  # the files' schema and the label: --source=code for code files
     files = local_files(input)
-    texts = [t for t in (row_text(r, 'text') for r in local_rows(files)) if t]
+    texts = [t for t in (row_text(r, SOURCES[name][0]['field']) for r in local_rows(files)) if t]
     init_worker(tokenizer)
     start = time.perf_counter()
     n = sum(len(e.ids) + 1 for e in worker_tokenizer.encode_batch(texts, add_special_tokens=False))
@@ -713,9 +714,9 @@ def run_benchmark():
         with tempfile.TemporaryDirectory() as tmp:
             output_base, num_proc, max_tokens = tmp, procs, 10**12
             start = time.perf_counter()
-            manifest = prepare_source('math')
+            manifest = prepare_source(name)
             rates[procs] = manifest['total_tokens'] / (time.perf_counter() - start)
-    print(f"\nbenchmark on {n:,} tokens ({len(texts):,} documents), {cores} cores:")
+    print(f"\nbenchmark on {n:,} tokens ({len(texts):,} {name} documents), {cores} cores:")
     print(f"  tokenizer encode_batch, 1 core (ceiling): {ceiling:,.0f} tokens/s")
     for procs, rate in rates.items():
         print(f"  prepare.py num_proc={procs}: {rate:,.0f} tokens/s ({rate / procs / ceiling:.0%} of the ceiling "

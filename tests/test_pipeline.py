@@ -1,6 +1,8 @@
-"""The demo pipeline end to end, smaller: embedded sample -> prepare (real Qwen3 tokenizer) -> train -> sft ->
-eval (the harness on the sample's local tasks, held-out perplexity) -> analyze -> chat with the SFT model through stdin
--> export it, and read the export back."""
+"""The demo exactly as `make demo` runs it (the Makefile's own recipe, in a temporary folder): embedded sample ->
+prepare (real Qwen3 tokenizer) -> train -> sft -> eval (the harness on the sample's local tasks, held-out perplexity)
+-> analyze -> a chat turn with the SFT model -> its export, read back. Then README's demo table against the files the
+demo wrote: the demo is seeded and runs float32 on the CPU, so token counts must be exact and each loss or perplexity
+equal to README's figure within one unit of its last printed digit (another CPU may round differently)."""
 import json
 import os
 import re
@@ -10,56 +12,85 @@ import sys
 import pytest
 
 from conftest import ROOT
-import model as M
 import utils as U
+
+ENV = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
 
 
 def run(*args, cwd, stdin=None, stderr=False):
-    env = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
-    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env,
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=ENV,
                             input=stdin)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return (result.stdout, result.stderr) if stderr else result.stdout
 
 
+def readme_row(stage):
+    """The `| stage | command | output | measured |` row of README's demo table."""
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        return re.search(rf'^\| {stage} \| .*$', f.read(), re.M).group(0)
+
+
+def matches(figure, value):
+    """README's figure (as printed: '1.94', '56.1') against the measured value, within one unit of its last digit."""
+    decimals = len(figure.split('.')[1]) if '.' in figure else 0
+    return abs(float(figure) - value) <= 1.01 * 10 ** -decimals
+
+
 @pytest.mark.slow
-def test_demo_pipeline(tmp_path):
+def test_demo_and_readme_figures(tmp_path):
     for name in ('model.py', 'utils.py', 'configurator.py', 'prepare.py', 'train.py', 'sft.py', 'eval.py',
-                 'analyze.py', 'sample.py', 'export.py'):
+                 'analyze.py', 'sample.py', 'export.py', 'Makefile', 'config'):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
-    os.symlink(os.path.join(ROOT, 'config'), tmp_path / 'config')
-    run('prepare.py', '--sample=data/demo/raw', cwd=tmp_path)
-    for source in ('math', 'stem', 'code', 'sft'):
-        out = run('prepare.py', f'--source={source}', f'--input=data/demo/raw/{source}.jsonl',
-                  '--output_base=data/demo/tokenized', '--tokenizer=packaged', '--num_proc=2', cwd=tmp_path)
-        assert re.search(rf'{source}: [\d,]+ (tokens|conversations)', out)
+    # the venv is this interpreter's: -o keeps make from building one
+    demo = subprocess.run(['make', '-o', '.venv/.installed', 'demo', f'PY={sys.executable}'], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900, env=ENV)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    out = demo.stdout
+
+    # prepare: exact token counts
+    tokens = {s: json.load(open(tmp_path / f'data/demo/tokenized/{s}/manifest.json'))['total_tokens']
+              for s in ('math', 'stem', 'code', 'sft')}
+    assert ' / '.join(f"{round(n / 1000)}K" for n in tokens.values()) + ' tokens' in readme_row('prepare')
     assert re.search(r'sft: 400 conversations of 400 problems, [\d,]+ tokens .* 0 malformed, 400 tool', out)
-    out = run('prepare.py', '--verify=data/demo/tokenized/math', cwd=tmp_path)
-    assert 'OK' in out
-    train = ['train.py', 'config/tiny.py', '--max_steps=60', '--eval_interval=60', '--checkpoint_interval=30']
-    out = run(*train, cwd=tmp_path)
-    losses = [float(x) for x in re.findall(r'\| loss (\d+\.\d+) \|', out)]
+    assert 'SFT: 400 conversations of 400 problems, 400 tool rows skipped' in readme_row('prepare')
+    assert 'OK' in run('prepare.py', '--verify=data/demo/tokenized/math', cwd=tmp_path)
+
+    # train: 200 steps; the last step's loss and validation
+    log = [json.loads(line) for line in open(tmp_path / 'checkpoints/demo/train_log.jsonl')]
+    losses = [e['train/loss'] for e in log if 'train/loss' in e]
     assert losses[0] > 7.0 and losses[-1] < 6.0  # ln(151,669) = 11.9
-    assert 'already trained to max_steps=60' in run(*train, cwd=tmp_path)  # a re-run reuses the result
+    loss, validation = re.search(r'→ ([\d.]+) at step 200, validation ([\d.]+)', readme_row('train')).groups()
+    assert matches(loss, losses[-1]) and matches(validation, [e['val/loss'] for e in log if 'val/loss' in e][-1])
+    assert 'already trained to max_steps=200' in run('train.py', 'config/tiny.py', cwd=tmp_path)  # a re-run reuses it
     model, info = U.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_final.pt'))
-    step, tau = info['step'], info['tau']
-    assert step == 60 and tau == pytest.approx(0.1) and model.config.d_model == 48
-    out = run('sft.py', 'config/tiny_sft.py', '--init_from=checkpoints/demo/portable_final.pt', '--block_size=64',
-              '--eval_interval=1000', cwd=tmp_path)
-    validation = [float(v) for v in re.findall(r'validation loss (\d+\.\d+) per assistant token', out)]
-    assert len(validation) == 2 and validation[1] < validation[0] - 0.5
-    tau = U.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_sft_final.pt'))[1]['tau']
-    assert tau == 0.1
-    run('eval.py', 'config/tiny_eval.py', '--checkpoint=checkpoints/demo/portable_sft_final.pt', '--limit=8',
-        '--perplexity_tokens=1000', cwd=tmp_path)
+    assert info['step'] == 200 and info['tau'] == pytest.approx(0.1) and model.config.d_model == 48
+
+    # sft: the held-out assistant loss before and after
+    log = [json.loads(line) for line in open(tmp_path / 'checkpoints/demo/sft_log.jsonl')]
+    validation = [e['val/loss'] for e in log if 'val/loss' in e]
+    assert validation[-1] < validation[0] - 0.5
+    steps = max(e['step'] for e in log)
+    assert f'sft.py config/tiny_sft.py` ({steps} steps, τ = 0.1)' in readme_row('sft')
+    before, after = re.search(r'held-out assistant loss \(20 held-out problems\) ([\d.]+) → ([\d.]+)',
+                              readme_row('sft')).groups()
+    assert matches(before, validation[0]) and matches(after, validation[-1])
+    assert U.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_sft_final.pt'))[1]['tau'] == 0.1
+
+    # eval: the harness tasks and the held-out perplexity
     report = json.load(open(tmp_path / 'results/demo/eval.json'))
     assert set(report['results']) == {'demo_arith_mc', 'demo_arith_gen'}
-    assert set(report['perplexity']) == {'math', 'stem', 'code'} and report['perplexity']['math']['perplexity'] < 100
-    out = run('analyze.py', 'config/tiny_analyze.py', '--max_tokens=2000', cwd=tmp_path)
+    figures = re.search(r'math ([\d.]+), STEM ([\d.]+), code ([\d.]+)', readme_row('eval')).groups()
+    for figure, name in zip(figures, ('math', 'stem', 'code')):
+        assert matches(figure, report['perplexity'][name]['perplexity']), (name, figure, report['perplexity'][name])
+
+    # analyze
     summary = json.load(open(tmp_path / 'figures/demo/summary.json'))
     assert summary['causality_audit']['mean_kl'] > 0
     assert len([f for f in os.listdir(tmp_path / 'figures/demo') if f.endswith('.png')]) == 8
-    # chat through stdin: ChatML turns, each reply ended by <|im_end|> (never printed) or max_new_tokens, then EOF
+
+    # chat: the demo's turn, then two turns through stdin, each reply ended by <|im_end|> (never printed) or
+    # max_new_tokens, then EOF
+    assert re.search(r'^assistant> .+$', out, re.M)
     sft_checkpoint = 'checkpoints/demo/portable_sft_final.pt'
     out, err = run('sample.py', f'--checkpoint={sft_checkpoint}', '--max_new_tokens=40', cwd=tmp_path, stderr=True,
                    stdin='Ana shares 47 pencils among 5 friends. How many each?\nAnd how many are left?\n')
@@ -67,14 +98,14 @@ def test_demo_pipeline(tmp_path):
     assert len(replies) == 2 and all(replies) and '<|im_end|>' not in ''.join(replies)
     assert re.search(r'chat, temperature 0.8, top_k 200, exact generation', err)  # chat: the SFT model's default
     assert re.search(r'[\d,]+ new tokens in [\d.]+s: [\d.]+ tokens/s', err)
+
     # the export reads back with the SFT checkpoint's logits, its tokenizer beside it
-    out = run('export.py', f'--checkpoint={sft_checkpoint}', '--out_dir=checkpoints/demo/export', cwd=tmp_path)
-    assert 'read back with identical logits' in out
+    assert 'read back with identical logits' in demo.stdout
     card = open(tmp_path / 'checkpoints/demo/export/README.md').read()
     assert re.search(r'Fine-tuned \(SFT, loss on the assistant tokens of ChatML conversations\) for \d+ steps of 4 '
                      r'packed conversation rows, from `checkpoints/demo/portable_final.pt`', card)
     assert re.search(r'SFT data, `sft`: `local` \(data/demo/raw/sft.jsonl\); [\d,]+ tokens prepared', card)
     assert "The base's data, `math`" in card and "The base's data, `sft`" not in card
-    assert re.search(r'Command: `sft\.py config/tiny_sft\.py --init_from=', card)
+    assert re.search(r'Command: `sft\.py config/tiny_sft\.py`', card)
     reloaded, info = U.load_checkpoint(str(tmp_path / 'checkpoints/demo/export'))
     assert info['stage'] == 'sft' and info['step'] == U.load_checkpoint(str(tmp_path / sft_checkpoint))[1]['step']
