@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID, PolyGLU
-from utils import (HUB_TOKENIZER, command_line, enable_segment_pooling, get_tokenizer, held_out_windows, load_checkpoint,
-                   open_chunks, packed_hidden_states, resolve_device)
+from utils import (HUB_TOKENIZER, command_line, enable_segment_pooling, get_tokenizer, held_out_windows,
+                   load_checkpoint, open_chunks, packed_hidden_states, resolve_device)
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)

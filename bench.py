@@ -151,14 +151,14 @@ def measure(model_type, kernel='auto'):
     model = create_model(config, device=device, attention=kernel, gradient_checkpointing=gradient_checkpointing,
                          fused=fused, recompute_blocks=recompute_blocks)
     kernel_name = attention_name(model)
-    engine, optimizer, autocast = make_engine(LanguageModelLoss(model, loss_chunk_size), model, backend, dtype,
-                                              zero_stage, micro_batch_size, 1, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8)
-    engine.train()
+    loss_engine, optimizer, autocast = make_engine(LanguageModelLoss(model, loss_chunk_size), model, backend, dtype,
+                                                   zero_stage, micro_batch_size, 1, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8)
+    loss_engine.train()
     rng = np.random.default_rng(seed)
     batches = [batch(rng) for _ in range(2)]
 
     def step(i):
-        train_step(engine, optimizer, model, [batches[i % 2]], backend, 1.0, autocast)
+        train_step(loss_engine, optimizer, model, [batches[i % 2]], backend, 1.0, autocast)
 
     for i in range(warmup):
         step(i)
@@ -197,8 +197,8 @@ def measure(model_type, kernel='auto'):
         memory = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS
         outside = None
     if backend == 'deepspeed':
-        engine.destroy()  # its hooks would otherwise keep this model and its optimizer state alive beside the next
-    del engine, optimizer, model
+        loss_engine.destroy()  # its hooks would otherwise keep this model and its optimizer state alive beside the next
+    del loss_engine, optimizer, model
     gc.collect()
     if device.startswith('cuda'):
         torch.cuda.empty_cache()

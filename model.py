@@ -618,10 +618,11 @@ def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=Fals
     frozen SDPA path; all compute the same masked attention), the fused kernels, and recomputation of the first
     recompute_blocks blocks (-1: all) when gradient_checkpointing is on."""
     if not -1 <= recompute_blocks <= len(model.model_core):
-        raise SystemExit(f"error: recompute_blocks must be -1 (all) or 0..{len(model.model_core)}, got {recompute_blocks}")
+        raise SystemExit(f"error: recompute_blocks must be -1 (all) or 0..{len(model.model_core)}, "
+                         f"got {recompute_blocks}")
     if recompute_blocks > 0 and not gradient_checkpointing:
-        raise SystemExit(f"error: recompute_blocks={recompute_blocks} does nothing without gradient_checkpointing=True: "
-                         "set it too, or drop recompute_blocks")
+        raise SystemExit(f"error: recompute_blocks={recompute_blocks} does nothing without "
+                         "gradient_checkpointing=True: set it too, or drop recompute_blocks")
     set_attention_kernel(model, attention_kernel(model.embeddings.weight.device, attention))
     if fused:
         enable_fused_kernels(model)

@@ -1,4 +1,14 @@
-"""The few helpers more than one stage needs: .env secrets, the tokenizer, the cosine schedule."""
+"""
+What more than one stage script needs, so that each stage shares only this file and model.py. In order:
+  - secrets (.env), the hub's errors, the tokenizer, ChatML;
+  - the run plan (run_plan reads config/pretrain.py, its one home), parameter counts, FLOPs, the projected cost;
+  - prepared token chunks (the manifest checks) and the held-out windows;
+  - distributed set-up, the engine, one training step, the training state on any number of ranks, stop signals;
+  - the run mechanics train.py and sft.py share: saving, the resume checks, the learning rate, bad steps, the step line
+    and the log;
+  - checkpoint files and the hub: reading every format, loading into the model, saving;
+  - packed evaluation and generation: segment pooling, exact and cached generation (eval.py, sample.py, analyze.py).
+"""
 import collections
 import contextlib
 import importlib.util
@@ -439,7 +449,8 @@ def optimizer_groups(model, weight_decay):
 def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, grad_accum_steps, grad_clip,
                 learning_rate, weight_decay, betas, eps):
     """AdamW (alpha and 1-D parameters exempt from decay) under DeepSpeed ZeRO or plain PyTorch.
-    Returns (engine, optimizer, autocast): call engine(idx, targets, cu_seqlens, max_seqlen) for the loss."""
+    Returns (loss_engine, optimizer, autocast): call loss_engine(idx, targets, cu_seqlens, max_seqlen) for the loss;
+    it is the loss module itself under backend='torch', DeepSpeed's engine around it under 'deepspeed'."""
     from contextlib import nullcontext
 
 
@@ -462,8 +473,8 @@ def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, 
         # without it DeepSpeed 0.19.8 sums the micro-batches' gradients in bf16 (the model's dtype); with it, ZeRO-1
         # runs its BF16_Optimizer, which accumulates in fp32 beside the fp32 master weights
         ds_config['data_types'] = {'grad_accum_dtype': 'fp32'}
-    engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=ds_config)
-    return engine, optimizer, nullcontext()
+    loss_engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=ds_config)
+    return loss_engine, optimizer, nullcontext()
 
 
 def train_step(loss_engine, optimizer, model, micro_batches, backend, grad_clip, autocast, weights=None, seeds=None):
@@ -514,7 +525,7 @@ def micro_batch_seeds(seed, step, grad_accum_steps, rank, world_size):
     return [step_seed(seed, step, micro_step * world_size + rank) for micro_step in range(grad_accum_steps)]
 
 
-def export_training_state(engine, optimizer, model, backend):
+def export_training_state(loss_engine, optimizer, model, backend):
     """The optimizer state in a form that loads on any number of ranks. The torch path: its state_dict. DeepSpeed: per
     parameter name, the fp32 master weight and Adam's two moments gathered whole from the ZeRO partitions, and Adam's
     step. A collective under ZeRO: every rank calls it (it holds the whole state in host memory: 12 bytes a parameter).
@@ -523,7 +534,7 @@ def export_training_state(engine, optimizer, model, backend):
     if backend == 'torch':
         return optimizer.state_dict()
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    zero = engine.optimizer
+    zero = loss_engine.optimizer
     zero._hp_optimizer_states_linked = False  # DeepSpeed links the moments lazily, and may have done so before they existed
     zero._lazy_init_hp_params_optimizer_state()
     base = zero.optimizer
@@ -536,13 +547,13 @@ def export_training_state(engine, optimizer, model, backend):
                            for n, p in named.items()}}
 
 
-def import_training_state(engine, optimizer, model, backend, state):
+def import_training_state(loss_engine, optimizer, model, backend, state):
     """Load export_training_state's result into a fresh engine on this run's number of ranks."""
     if backend == 'torch':
         optimizer.load_state_dict(state)
         return
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    zero = engine.optimizer
+    zero = loss_engine.optimizer
     base = zero.optimizer
     for group in base.param_groups:  # Adam's state exists only after a first step: create it, then fill it
         for flat in group['params']:
@@ -774,7 +785,7 @@ def all_reduce_sums(values, world_size, device):
     return sums.tolist()
 
 
-def save_run(path, step, engine, optimizer, model, backend, is_master, keep_checkpoints, ds_dir, schedule, **extra):
+def save_run(path, step, loss_engine, optimizer, model, backend, is_master, keep_checkpoints, ds_dir, schedule, **extra):
     """Every rank (the ZeRO state is gathered by collectives): the portable checkpoint at `path`, resumable on any
     number of ranks, its older numbered siblings pruned to keep_checkpoints; with ds_dir, DeepSpeed's own checkpoint
     there too. schedule: (learning_rate, min_lr, warmup_steps, max_steps)."""
@@ -783,8 +794,8 @@ def save_run(path, step, engine, optimizer, model, backend, is_master, keep_chec
     scheduler_state = {'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr, 'warmup_steps': warmup_steps,
                        'max_steps': max_steps, 'schedule': 'linear warmup + cosine'}
     if ds_dir:
-        engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
-    optimizer_state = export_training_state(engine, optimizer, model, backend)
+        loss_engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step, **extra})
+    optimizer_state = export_training_state(loss_engine, optimizer, model, backend)
     master_weights = optimizer_state['master'] if backend == 'deepspeed' else None  # fp32; the module may be bf16
     if is_master:
         save_checkpoint(path, model, step, master_weights=master_weights, optimizer_state=optimizer_state,
