@@ -428,3 +428,25 @@ def test_mfu_count_and_what_it_leaves_out():
     assert extra == 8 * (2 * block_params + 2 * 1024 * 4096) + 2 * 1024 * 151_669
     # 8 recomputed blocks 7.5% and the loss chunks' second head forward 7.2% of the 4.29 GFLOP counted
     assert round(100 * extra / U.flops_per_token(config), 1) == 14.7
+
+
+def test_model_py_is_the_model_alone():
+    """model.py imports none of the project's files (no import circle through utils.py) and stays under 700 lines;
+    train.py's and sft.py's main() read in one sitting (the run mechanics live in utils.py)."""
+    import ast
+    import os
+
+    from conftest import ROOT
+    source = open(os.path.join(ROOT, 'model.py')).read()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split('.')[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split('.')[0])
+    ours = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith('.py')}
+    assert not imported & ours and len(source.splitlines()) <= 700
+    for script in ('train.py', 'sft.py'):
+        main = next(node for node in ast.parse(open(os.path.join(ROOT, script)).read()).body
+                    if isinstance(node, ast.FunctionDef) and node.name == 'main')
+        assert main.end_lineno - main.lineno + 1 <= 100, script
