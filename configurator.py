@@ -19,6 +19,7 @@ import sys
 
 LAUNCHER_KEYS = ('local_rank',)  # added by `deepspeed` / torch.distributed launchers; read from env instead
 CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
+PLAN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'pretrain.py')  # the full run's plan
 RENAMED = {'checkpoint_blocks': 'recompute_blocks'}  # old key -> new: an old command line gets the new name
 
 
@@ -62,12 +63,21 @@ def parse_value(raw, default):
         return raw
 
 
+def config_file_values(path):
+    """A config file's plain values: the file is exec'd with __file__ set (a config may build on one beside it, as
+    config/tiny_ablation.py does); modules and helper functions are left out."""
+    file_globals = {'__file__': path}
+    with open(path) as f:
+        exec(compile(f.read(), path, 'exec'), file_globals)
+    return {k: v for k, v in file_globals.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)}
+
+
 def usage(namespace, keys):
     """--help: the script's summary, then every config key with its current value and the comment beside it in the
     script (and the comment lines under it)."""
     lines, comments = [], {}
     path = namespace.get('__file__')
-    for source in (path, os.path.join(os.path.dirname(path or '.'), 'config', 'pretrain.py')):  # the run's plan
+    for source in (path, PLAN_FILE):  # the script's comments, then the run plan's
         if source and os.path.isfile(source):
             with open(source) as f:
                 lines += f.read().splitlines()
@@ -97,12 +107,7 @@ def configure(namespace, argv=None):
             if not os.path.isfile(arg):
                 available = sorted(f"config/{f}" for f in os.listdir('config')) if os.path.isdir('config') else []
                 fail(f"config file {arg} not found; available: {', '.join(available) or 'none'}")
-            file_globals = {'__file__': arg}  # a config may build on another beside it (config/tiny_ablation.py)
-            with open(arg) as f:
-                exec(compile(f.read(), arg, 'exec'), file_globals)
-            for key, value in file_globals.items():
-                if key.startswith('_') or not isinstance(value, CONFIG_TYPES):
-                    continue  # modules, helper functions
+            for key, value in config_file_values(arg).items():
                 if key not in keys:
                     fail(f"{arg}: unknown config key '{key}'; {nearest(key, keys)}")
                 namespace[key] = checked(key, value, namespace[key], arg)

@@ -576,7 +576,8 @@ def chunked_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_
     # Qwen3's 151,669 rows leave every head GEMM unaligned, and cuBLAS then falls back to sm75 kernels: on an H200 they
     # took 42% of a pretrain step (make gpu-check's profile). Zero rows up to a multiple of HEAD_ROWS_MULTIPLE align it;
     # their logits are sliced off before the softmax, so the loss and the gradients are the unpadded ones.
-    padded_weight = F.pad(head_weight, (0, 0, 0, -vocab_size % HEAD_ROWS_MULTIPLE))
+    padding = -vocab_size % HEAD_ROWS_MULTIPLE
+    padded_weight = F.pad(head_weight, (0, 0, 0, padding)) if padding else head_weight  # no copy when aligned
 
     def chunk_loss(h, t):
         logits = F.linear(h, padded_weight)[:, :vocab_size].float()

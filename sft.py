@@ -24,11 +24,11 @@ import torch
 
 from configurator import configure, fail
 from model import EOS_ID, LanguageModelLoss, attention_name, wrap_model
-from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, count_bad_step,
-                   end_of_session, flops_per_token, import_training_state, init_distributed, init_wandb,
-                   load_checkpoint, log_entry, make_engine, micro_batch_seeds, peak_flops, projected_cost, rank_rows,
-                   read_manifest, resolve_device, resume_state, routing_entropy, run_provenance, save_run,
-                   set_learning_rate, step_line, to_device, train_step, trim_log, verified_chunk)
+from utils import (all_reduce_sums, catch_stop_signals, check_resume, checkpoint_or_stop, close_distributed,
+                   count_bad_step, end_of_session, flops_per_token, import_training_state, init_distributed,
+                   init_wandb, load_checkpoint, log_entry, make_engine, micro_batch_seeds, peak_flops, projected_cost,
+                   rank_rows, read_manifest, resolve_device, resume_state, run_provenance, save_run, set_learning_rate,
+                   step_report, to_device, train_step, trim_log, verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -153,8 +153,9 @@ def row_arrays(tokens, masks, row):
     return ids, mask
 
 
-def plan_rows(lengths, problems, world_size):
-    """Every epoch's packed training rows, the held-out rows, and what the banner reports of them."""
+def split_conversations(lengths, problems):
+    """The conversations to train on and to hold out, by problem, after long_conversations is applied -> (lengths,
+    training ids, held-out ids, how many were longer than a row)."""
     capacity = block_size + 1  # x and y are the row shifted by one
     too_long = lengths > capacity
     if long_conversations == 'truncate':
@@ -167,7 +168,7 @@ def plan_rows(lengths, problems, world_size):
     return lengths, train_ids, val_ids, int(too_long.sum())
 
 
-def load_model(is_master):
+def load_model():
     """The pre-trained checkpoint, wrapped for training, tau frozen."""
     model, pretrained = load_checkpoint(init_from)
     if model.config.model_type != model_type:
@@ -246,7 +247,7 @@ def main():
     # data: conversations, the held-out slice, the packing of every epoch
     tokens, masks, starts, lengths, problems = load_conversations()
     provenance = run_provenance([data_dir])  # the command, the tokenizer: sample.py and export.py read them
-    lengths, train_ids, val_ids, too_long = plan_rows(lengths, problems, world_size)
+    lengths, train_ids, val_ids, too_long = split_conversations(lengths, problems)
     rows = [row for epoch in range(epochs)
             for row in pack(starts, lengths, np.random.default_rng([seed, epoch]).permutation(train_ids), block_size + 1)]
     val_rows = pack(starts, lengths, val_ids, block_size + 1, keep_partial=True)
@@ -256,7 +257,7 @@ def main():
         fail(f"{len(rows)} packed rows are fewer than one step's {rows_per_step}: lower micro_batch_size or "
              "grad_accum_steps, or prepare more conversations")
 
-    model, pretrained = load_model(is_master)
+    model, pretrained = load_model()
     loss_engine, optimizer, autocast = make_engine(
         LanguageModelLoss(model, loss_chunk_size), model, backend, dtype, zero_stage, micro_batch_size,
         grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps)
@@ -309,25 +310,16 @@ def main():
         count_bad_step(applied, step, loss, grad_norm, bad_steps, max_bad_steps, out_dir, is_master)
         done = step + 1
         if applied and is_master and (done % log_interval == 0 or done == max_steps):
-            elapsed, steps_timed = time.perf_counter() - timer, done - last_logged
-            mfu = flops_per_step * steps_timed / elapsed / peak if peak else None
-            metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
-                       'train/tokens_per_sec': steps_timed * tokens_per_step / elapsed, 'train/mfu': mfu,
-                       'train/skipped_steps': bad_steps['skipped'], 'train/tokens': done * tokens_per_step,
-                       **routing_entropy(model)}
-            print(step_line(done, max_steps, loss, lr, tau, grad_norm, metrics['train/tokens_per_sec'], mfu,
-                            elapsed / steps_timed), flush=True)
+            metrics, line = step_report(model, done, max_steps, loss, lr, tau, grad_norm, time.perf_counter() - timer,
+                                        done - last_logged, tokens_per_step, flops_per_step, peak, bad_steps['skipped'])
+            print(line, flush=True)
             log_entry(log_path, wandb_run, done, metrics)
             timer, last_logged = time.perf_counter(), done
         if eval_interval and (done % eval_interval == 0 or done == max_steps):
             validate(done)
-        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
-        if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
-            save(done)
-            if stop_reason:
-                if is_master:
-                    print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
-                return
+        if checkpoint_or_stop(save, done, max_steps, checkpoint_interval,
+                              end_of_session(stop_signal, stop_after_steps, done - start_step, world_size), is_master):
+            return
     save(max_steps, final=True)
     if wandb_run:
         wandb_run.finish()

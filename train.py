@@ -24,11 +24,11 @@ import torch
 
 from configurator import configure, fail
 from model import EOS_ID, LanguageModelLoss, ModelConfig, attention_name, create_model
-from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, count_bad_step,
-                   count_parameters, end_of_session, flops_per_token, held_out_windows, import_training_state,
-                   init_distributed, init_wandb, load_checkpoint, log_entry, make_engine, micro_batch_seeds,
-                   open_chunks, peak_flops, projected_cost, rank_rows, recompute_flops_per_token, resolve_device,
-                   resume_state, routing_entropy, run_plan, run_provenance, save_run, set_learning_rate, step_line,
+from utils import (all_reduce_sums, catch_stop_signals, check_resume, checkpoint_or_stop, close_distributed,
+                   count_bad_step, count_parameters, end_of_session, flops_per_token, held_out_windows,
+                   import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry, make_engine,
+                   micro_batch_seeds, open_chunks, peak_flops, projected_cost, rank_rows, recompute_flops_per_token,
+                   resolve_device, resume_state, run_plan, run_provenance, save_run, set_learning_rate, step_report,
                    to_device, train_step, trim_log)
 
 # -----------------------------------------------------------------------------
@@ -363,30 +363,19 @@ def main():
                 print(f"step {step}: loss spike {loss:.4f} > {spike_factor} x running mean {loss_ema:.4f}")
 
         if applied and is_master and (done % log_interval == 0 or done == max_steps or spike):
-            elapsed, steps_timed = time.perf_counter() - timer, done - last_logged
-            mfu = flops_per_step * steps_timed / elapsed / peak if peak else None
-            metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
-                       'train/tokens_per_sec': steps_timed * tokens_per_step / elapsed, 'train/mfu': mfu,
-                       'train/skipped_steps': bad_steps['skipped'], 'train/tokens': done * tokens_per_step,
-                       'train/loss_spike': float(spike), **routing_entropy(model)}
-            if device.startswith('cuda'):
-                metrics['train/gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
-            print(step_line(done, max_steps, loss, lr, tau, grad_norm, metrics['train/tokens_per_sec'], mfu,
-                            elapsed / steps_timed, metrics.get('routing/entropy_frac_mean')), flush=True)
-            log_entry(log_path, wandb_run, done, metrics)
+            metrics, line = step_report(model, done, max_steps, loss, lr, tau, grad_norm, time.perf_counter() - timer,
+                                        done - last_logged, tokens_per_step, flops_per_step, peak, bad_steps['skipped'])
+            print(line, flush=True)
+            log_entry(log_path, wandb_run, done, {**metrics, 'train/loss_spike': float(spike)})
             timer, last_logged = time.perf_counter(), done
         if eval_interval and (done % eval_interval == 0 or done == max_steps):
             losses = evaluate(loss_engine, autocast, data, rank, world_size)
             if is_master:
                 print(f"step {done}: validation " + ' | '.join(f"{k[4:]} {v:.4f}" for k, v in losses.items()))
                 log_entry(log_path, wandb_run, done, {'train/tokens': done * tokens_per_step, **losses})
-        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
-        if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
-            save(done)
-            if stop_reason:
-                if is_master:
-                    print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
-                return
+        if checkpoint_or_stop(save, done, max_steps, checkpoint_interval,
+                              end_of_session(stop_signal, stop_after_steps, done - start_step, world_size), is_master):
+            return
     save(max_steps, final=True)
     if is_master:
         print(f"done: {max_steps} steps in {(time.perf_counter() - run_start) / 60:.1f} min, "

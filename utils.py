@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import config_keys, fail
+from configurator import PLAN_FILE, config_file_values, config_keys, fail
 from model import (EOS_ID, GQA, ModelConfig, PolychromaticLM, PolyGLU, attention_kernel, cu_seqlens_from_eos, efficient_sdpa_attention,
                    model_from_weights, sdpa_attention)
 
@@ -166,7 +166,6 @@ A100_PEAK_FLOPS = 312e12     # dense bf16: the card SPEC.md budgets for
 USD_PER_GPU_HOUR = 1.64      # SPEC.md's rental price of an 80 GB A100/H100
 PROJECTED_MFU = 0.4          # for costs printed before anything is measured; the run's own log lines then measure it
 
-PLAN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'pretrain.py')
 PLAN_KEYS = ('model_type', 'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'max_seq_len', 'sources',
              'mixture_baseline', 'mixture_anneal', 'anneal_start', 'block_size', 'val_tokens', 'micro_batch_size',
              'grad_accum_steps', 'max_steps', 'learning_rate', 'min_lr', 'warmup_steps', 'weight_decay', 'beta1',
@@ -176,9 +175,7 @@ PLAN_KEYS = ('model_type', 'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv
 def run_plan():
     """The full pre-training run's plan, from its one home, config/pretrain.py: the model, the data mixture, the batch
     and the schedule. train.py's defaults; prepare.py sizes the data by it (plan_budgets)."""
-    values = {}
-    with open(PLAN_FILE) as f:
-        exec(compile(f.read(), PLAN_FILE, 'exec'), values)
+    values = config_file_values(PLAN_FILE)
     return {key: values[key] for key in PLAN_KEYS}
 
 
@@ -696,7 +693,7 @@ def prune_checkpoints(out_dir, prefix, ds_dir, keep):
     import shutil
     for step in numbered_checkpoints(out_dir, prefix)[:-keep]:
         os.remove(os.path.join(out_dir, f'{prefix}{step}.pt'))
-    if os.path.isdir(ds_dir):
+    if ds_dir and os.path.isdir(ds_dir):
         tags = sorted(int(t[5:]) for t in os.listdir(ds_dir) if t.startswith('step_') and t[5:].isdigit())
         for step in tags[:-keep]:
             shutil.rmtree(os.path.join(ds_dir, f'step_{step}'), ignore_errors=True)
@@ -759,13 +756,34 @@ def count_bad_step(applied, step, loss, grad_norm, bad_steps, max_bad_steps, out
              f"{out_dir} is intact (lower learning_rate or check the data, then resume)")
 
 
-def step_line(done, max_steps, loss, lr, tau, grad_norm, tokens_per_sec, mfu, seconds_per_step, entropy=None):
-    """The progress line of a logged step, ending with the ETA at the current pace."""
-    eta = (max_steps - done) * seconds_per_step
-    return (f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | tau {round(tau, 3):g} | grad {grad_norm:.2f} | "
+def step_report(model, done, max_steps, loss, lr, tau, grad_norm, elapsed, steps_timed, tokens_per_step,
+                flops_per_step, peak, skipped):
+    """A logged step: its metrics (the log's and wandb's keys; MFU where the device's peak is known, peak memory on
+    CUDA) and its progress line, which ends with the ETA at the pace since the last logged step."""
+    tokens_per_sec, seconds_per_step = steps_timed * tokens_per_step / elapsed, elapsed / steps_timed
+    mfu = flops_per_step * steps_timed / elapsed / peak if peak else None
+    metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
+               'train/tokens_per_sec': tokens_per_sec, 'train/mfu': mfu, 'train/skipped_steps': skipped,
+               'train/tokens': done * tokens_per_step, **routing_entropy(model)}
+    if model.embeddings.weight.is_cuda:
+        metrics['train/gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
+    entropy, eta = metrics.get('routing/entropy_frac_mean'), (max_steps - done) * seconds_per_step
+    line = (f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | tau {round(tau, 3):g} | grad {grad_norm:.2f} | "
             f"{tokens_per_sec / 1e3:.1f}k tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
             + (f"routing H {100 * entropy:.1f}% | " if entropy is not None else '')
             + f"{seconds_per_step:.2f}s/step | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m")
+    return metrics, line
+
+
+def checkpoint_or_stop(save, done, max_steps, checkpoint_interval, stop_reason, is_master):
+    """After a step: save at the checkpoint interval, or when this session must end (stop_reason: a signal, or
+    stop_after_steps) -> whether to end it now. The last step's save is the caller's (the final checkpoint)."""
+    if done >= max_steps or not (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
+        return False
+    save(done)
+    if stop_reason and is_master:
+        print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
+    return bool(stop_reason)
 
 
 def log_entry(log_path, wandb_run, step, metrics):
@@ -801,7 +819,7 @@ def save_run(path, step, loss_engine, optimizer, model, backend, is_master, keep
         save_checkpoint(path, model, step, master_weights=master_weights, optimizer_state=optimizer_state,
                         scheduler_state=scheduler_state, **extra)
         prefix = os.path.basename(path).rsplit('_', 1)[0] + '_'
-        prune_checkpoints(os.path.dirname(path), prefix, ds_dir or '', keep_checkpoints)
+        prune_checkpoints(os.path.dirname(path), prefix, ds_dir, keep_checkpoints)
         report_save(step, path, time.perf_counter() - save_start, os.path.join(ds_dir, f'step_{step}') if ds_dir else None)
 
 # =============================================================================
