@@ -6,7 +6,8 @@ SiLU and GELU). This file is the model and nothing else: it imports none of the 
      Class and parameter names, shapes, init and forward math are the author's (docs/SPEC.md; the published
      checkpoints depend on them), pinned by tests/test_model.py: wrap them, never edit them.
   2. The patches, applied from outside: document masking (cu_seqlens from EOS), the CUDA attention kernels, the
-     compiled elementwise kernels, block recomputation, and the training loss (the tied head in checkpointed chunks).
+     compiled elementwise kernels, whole-block compilation, block recomputation, and the training loss (the tied head
+     in checkpointed chunks, or fused with liger-kernel).
   3. create_model / wrap_model, and a state dict into the model (model_from_weights; utils.py reads the files).
 """
 import inspect
@@ -399,13 +400,49 @@ def varlen_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
     return out.view(B, T, H, D).to(out_dtype)
 
 
-# attention='auto' takes the first that is available on CUDA; on the CPU the frozen SDPA path always runs
-ATTENTION_KERNELS = {'flash_attn': flash_attention, 'varlen': varlen_attention, 'sdpa': efficient_sdpa_attention}
+def fa4_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    """varlen_attention on FlashAttention-4, for Hopper (sm90) and Blackwell (sm100): torch's own registration
+    (torch.nn.attention.activate_flash_attention_impl('FA4')) routes the kernels under varlen_attn to flash-attn-4's
+    flash_attn.cute, compiled just in time by the CuTe DSL, with no nvcc and no build. The registration is process-wide;
+    attention_kernel switches it on for this kernel and off for the others."""
+    return varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+
+
+def fa4_available():
+    """flash-attn-4 (flash_attn.cute), torch's FA4 registration, varlen_attn and an sm90/sm100 card."""
+    if not varlen_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
+        return False
+    import importlib.util
+    try:
+        from torch.nn.attention import list_flash_attention_impls
+        return 'FA4' in list_flash_attention_impls() and importlib.util.find_spec('flash_attn.cute') is not None
+    except ImportError:  # torch without the registry, or a flash_attn without .cute
+        return False
+
+
+def use_fa4(on):
+    """Switch torch's FA4 registration on (attention='fa4') or back to its bundled FA2 (every other kernel)."""
+    try:
+        from torch.nn.attention import activate_flash_attention_impl, current_flash_attention_impl
+        from torch.nn.attention import restore_flash_attention_impl
+    except ImportError:
+        return
+    if on and current_flash_attention_impl() != 'FA4':
+        activate_flash_attention_impl('FA4')
+    elif not on and current_flash_attention_impl() == 'FA4':
+        restore_flash_attention_impl()
+
+
+# attention='auto' takes the first that is available on CUDA; on the CPU the frozen SDPA path always runs. 'fa4' is
+# chosen by name only: no GPU has measured it yet (README, "Speed levers").
+ATTENTION_KERNELS = {'flash_attn': flash_attention, 'varlen': varlen_attention, 'sdpa': efficient_sdpa_attention,
+                     'fa4': fa4_attention}
 
 
 def available_attention():
     """The CUDA attention kernels this machine can run, in the order attention='auto' prefers them."""
-    checks = {'flash_attn': flash_available, 'varlen': varlen_available, 'sdpa': torch.cuda.is_available}
+    checks = {'flash_attn': flash_available, 'varlen': varlen_available, 'sdpa': torch.cuda.is_available,
+              'fa4': fa4_available}
     return [name for name in ATTENTION_KERNELS if checks[name]()]
 
 
@@ -419,18 +456,22 @@ def attention_kernel(device, attention='auto'):
         return sdpa_attention
     available = available_attention()
     if attention == 'auto':
-        return ATTENTION_KERNELS[available[0]]
+        attention = available[0]
     if attention not in available:
         hint = {'flash_attn': 'install flash-attn (requirements-gpu.txt)',
-                'varlen': 'it needs torch >= 2.10 and an sm80+ card (A100, H100)'}.get(attention, '')
+                'varlen': 'it needs torch >= 2.10 and an sm80+ card (A100, H100)',
+                'fa4': 'it needs `pip install flash-attn-4`, torch >= 2.13 and an sm90/sm100 card (H100, B200)'
+                }.get(attention, '')
         raise SystemExit(f"error: attention={attention!r} is not available here ({hint}); available: "
                          f"{', '.join(available)}, or attention='auto'")
+    use_fa4(attention == 'fa4')
     return ATTENTION_KERNELS[attention]
 
 
 def attention_name(model):
     """The name of the kernel a model's attention runs on, for the banners."""
     attend = model.model_core[0].gqa.attend
+    attend = getattr(attend, 'kernel', attend)  # under compile_blocks, the kernel inside its graph break
     return next((name for name, kernel in ATTENTION_KERNELS.items() if kernel is attend),
                 getattr(attend, '__name__', str(attend)))
 
@@ -474,6 +515,26 @@ def polyglu_mix_backward(gate, up, g, grad_h):
             grad_g.to(g.dtype))
 
 
+def polyglu_mix_backward_lean(gate, up, g, grad_h):
+    """polyglu_mix_backward without its [..., K] stacks (lean_mix=True): each activation and slope is computed once and
+    used where it is, and grad_g is K reductions over the tokens, so no [tokens, d_ff, K] float32 tensor exists (in
+    today's compiled function Inductor keeps two: 4 GiB each a layer at 16 x 4,096). The same operations in the same
+    order: bit-identical in float32 eagerly wherever d_ff is a multiple of 16 (4,096 is), tests/test_model.py."""
+    x, u, dh, w = gate.float(), up.float(), grad_h.float(), g.float()
+    tanh, sigmoid = torch.tanh(x), torch.sigmoid(x)
+    cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
+    pdf = torch.exp(-0.5 * x * x) * 0.3989422804014327
+    acts = (F.relu(x), tanh, x * sigmoid, x * cdf)
+    slopes = ((x > 0).float(), 1.0 - tanh * tanh, sigmoid * (1.0 + x * (1.0 - sigmoid)), cdf + x * pdf)
+    weights = w.unbind(-1)
+    mix = weights[0] * acts[0] + weights[1] * acts[1] + weights[2] * acts[2] + weights[3] * acts[3]
+    slope = weights[0] * slopes[0] + weights[1] * slopes[1] + weights[2] * slopes[2] + weights[3] * slopes[3]
+    dh_u = dh * u
+    grad_g = torch.stack([(dh_u * act).sum_to_size(weights[0].shape) for act in acts], dim=-1)
+    return ((mix * u).to(grad_h.dtype), (dh * u * slope).to(gate.dtype), (dh * mix).to(up.dtype),
+            grad_g.to(g.dtype))
+
+
 def swiglu_mix(gate, up, g=None):
     return F.silu(gate) * up
 
@@ -492,7 +553,10 @@ compiled_functions = {}
 def compiled(function):
     # static shapes, the fastest kernels: each shape, dtype and grad mode compiles once (a training run sees ~10: the
     # norms over d_model and over head_dim, train and eval). Past the recompile limit (default 8) a call silently runs
-    # eager, float32 copies and all, so the limit is raised.
+    # eager, float32 copies and all, so the limit is raised. Inside a compiled block the function is traced as it is: a
+    # lookup in this dict would put a guard on its length into every block's graph, and each new entry would recompile.
+    if torch.compiler.is_compiling():
+        return function
     if function not in compiled_functions:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         compiled_functions[function] = torch.compile(function, dynamic=False)
@@ -526,21 +590,21 @@ def fused_norm_forward(norm, x):
     return compiled(rms_norm)(x, norm.gama, norm.eps)
 
 
-def fused_polyglu_forward(ffn, x, cu_seqlens=None):
+def fused_polyglu_forward(ffn, x, cu_seqlens=None, mix_backward=polyglu_mix_backward):
     """PolyGLU.forward with the four activations, their routed mix and the product with the up projection as one
     compiled function forward and one backward (FusedGLUDown). The routing (and its Gumbel noise) runs as in the frozen
     forward, uncompiled, so the same seed draws the same noise."""
     logits = ffn.routing_logits(ffn.pool(x, cu_seqlens))
     ffn.last_logits = logits.detach()
     g = ffn.routing_weights(logits).to(x.dtype)
-    return FusedGLUDown.apply(ffn.W_gate(x), ffn.W_up(x), g, ffn.W_down.weight, polyglu_mix, polyglu_mix_backward)
+    return FusedGLUDown.apply(ffn.W_gate(x), ffn.W_up(x), g, ffn.W_down.weight, polyglu_mix, mix_backward)
 
 
 def fused_swiglu_forward(ffn, x, cu_seqlens=None):
     return FusedGLUDown.apply(ffn.W_gate(x), ffn.W_up(x), None, ffn.W_down.weight, swiglu_mix, swiglu_mix_backward)
 
 
-def enable_fused_kernels(model):
+def enable_fused_kernels(model, lean_mix=False):
     """torch.compile the elementwise work of every block, PolyGLU's mix (VanillaLM's SiLU product, for a fair
     baseline) and the RMSNorms, as per-instance patches like the flash patch: the frozen classes are untouched
     and tests compare the result with them. Measured (bench.py --memory_only, bf16, full size): the tensors a block
@@ -549,7 +613,8 @@ def enable_fused_kernels(model):
         if isinstance(m, RMSNorm):
             m.forward = partial(fused_norm_forward, m)
         elif isinstance(m, PolyGLU):
-            m.forward = partial(fused_polyglu_forward, m)
+            m.forward = partial(fused_polyglu_forward, m,
+                                mix_backward=polyglu_mix_backward_lean if lean_mix else polyglu_mix_backward)
         elif isinstance(m, SwiGLU):
             m.forward = partial(fused_swiglu_forward, m)
     return model
@@ -564,7 +629,46 @@ def enable_gradient_checkpointing(model, blocks=-1):
     return model
 
 
+def enable_block_compilation(model):
+    """torch.compile every block's frozen forward whole (compile_blocks=True): RoPE, the QK-norms, the residuals and the
+    FFN's elementwise work fuse across module boundaries. Two things change every step and must not recompile: tau
+    and the document boundaries. So the attention kernel and PolyGLU's routing_weights (which reads tau, and draws
+    the Gumbel noise with the same RNG calls as the frozen forward) run eagerly inside graph breaks, and the boundaries
+    reach the kernel beside the graph, not through it: the block's wrapper keeps this batch's (cu_seqlens, max_seqlen)
+    in `documents` and the compiled forward is called without them (a tensor of another length, or another max_seqlen,
+    in its arguments would be a guard). A recomputed block re-runs the wrapper with the same arguments. The graphs: one
+    set for training and one for evaluation (tests/test_model.py counts them over steps of different tau and
+    boundaries)."""
+    documents = [None, None]
+    for block in model.model_core:
+        kernel = block.gqa.attend
+
+        def attend(q, k, v, cu_seqlens=None, max_seqlen=None, kernel=kernel):
+            return kernel(q, k, v, *documents)
+        block.gqa.attend = torch.compiler.disable(attend)
+        block.gqa.attend.kernel = kernel
+        if isinstance(block.ffn, PolyGLU):
+            block.ffn.routing_weights = torch.compiler.disable(block.ffn.routing_weights)
+        compiled_forward = torch.compile(block.forward, dynamic=False)
+
+        def forward(x, rope, cu_seqlens=None, max_seqlen=None, compiled_forward=compiled_forward):
+            documents[:] = [cu_seqlens, max_seqlen]
+            return compiled_forward(x, rope)
+        block.forward = forward
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return model
+
+
 HEAD_ROWS_MULTIPLE = 128
+
+
+def padded_head(head_weight):
+    """The tied head with zero rows up to a multiple of HEAD_ROWS_MULTIPLE -> (weight, the real vocabulary size).
+    Qwen3's 151,669 rows leave every head GEMM unaligned, and cuBLAS then falls back to sm75 kernels: on an H200 they
+    took 42% of a pretrain step (make gpu-check's profile). The pad rows' logits never reach the softmax."""
+    vocab_size = head_weight.shape[0]
+    padding = -vocab_size % HEAD_ROWS_MULTIPLE
+    return (F.pad(head_weight, (0, 0, 0, padding)) if padding else head_weight), vocab_size  # no copy when aligned
 
 
 def chunked_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_index=-100):
@@ -572,12 +676,7 @@ def chunked_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_
     chunk_size positions, each checkpointed: the [B*T, vocab] logits (5 GB in fp32 for 16 x 4,096 x 151,669)
     never exist at once, only one chunk's, in the forward and again in the backward."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    vocab_size = head_weight.shape[0]
-    # Qwen3's 151,669 rows leave every head GEMM unaligned, and cuBLAS then falls back to sm75 kernels: on an H200 they
-    # took 42% of a pretrain step (make gpu-check's profile). Zero rows up to a multiple of HEAD_ROWS_MULTIPLE align it;
-    # their logits are sliced off before the softmax, so the loss and the gradients are the unpadded ones.
-    padding = -vocab_size % HEAD_ROWS_MULTIPLE
-    padded_weight = F.pad(head_weight, (0, 0, 0, padding)) if padding else head_weight  # no copy when aligned
+    padded_weight, vocab_size = padded_head(head_weight)  # the pad rows' logits are sliced off before the softmax
 
     def chunk_loss(h, t):
         logits = F.linear(h, padded_weight)[:, :vocab_size].float()
@@ -591,33 +690,81 @@ def chunked_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_
     return total / (targets != ignore_index).sum().clamp(min=1)
 
 
+def liger_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_index=-100):
+    """chunked_cross_entropy's loss on liger-kernel's fused linear cross-entropy (loss_kernel='liger'). Per chunk of
+    positions one head GEMM, then one Triton pass over the vocabulary that writes the loss and, in place of the logits,
+    their gradient, then the two gradient GEMMs: the backward only scales what the forward computed, so there is no
+    second head forward and no float32 logits. The head's gradient is accumulated in float32 over the whole micro-batch
+    (accum_dtype), rounded to the weight's dtype once. The head is padded as chunked_cross_entropy pads it (aligned
+    GEMMs), and a bias of -inf on the pad rows gives them exactly zero probability and zero gradient.
+    Why liger and not cut-cross-entropy: its GEMMs are cuBLAS's (the aligned Hopper kernels the padding buys), its
+    float32 weight-gradient accumulation is an argument, and it is released monthly; CCE computes the logits in its own
+    Triton matmul. On the CPU it runs under Triton's interpreter (TRITON_INTERPRET=1), which is how the suite tests it."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    padded_weight, vocab_size = padded_head(head_weight)
+    logits_dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
+                    else padded_weight.dtype)  # a bias of another dtype would promote every chunk's logits
+    bias = torch.zeros(padded_weight.shape[0], dtype=logits_dtype, device=hidden.device)
+    bias[vocab_size:] = float('-inf')
+    # liger sizes its chunks as BT / ceil(V / (chunk_mem_const * H)); this constant makes them ~chunk_size positions
+    chunk_mem_const = max(1, padded_weight.shape[0] * chunk_size // (hidden.shape[0] * hidden.shape[1]))
+    total = LigerFusedLinearCrossEntropyFunction.apply(
+        hidden, padded_weight, targets, bias, None, ignore_index, 0.0, 0.0, 'sum', None, False, torch.float32,
+        False, False, False, None, None, chunk_mem_const)[0]
+    return total / (targets != ignore_index).sum().clamp(min=1)  # 'sum': a micro-batch with no target gives 0, not NaN
+
+
+LOSS_KERNELS = {'chunked': chunked_cross_entropy, 'liger': liger_cross_entropy}
+
+
+def check_loss_kernel(loss_kernel, device):
+    """One line for a loss kernel this machine cannot run."""
+    if loss_kernel not in LOSS_KERNELS:
+        raise SystemExit(f"error: loss_kernel must be one of {', '.join(LOSS_KERNELS)}, got {loss_kernel!r}")
+    if loss_kernel == 'liger':
+        import importlib.util
+        import os
+        if importlib.util.find_spec('liger_kernel') is None:
+            raise SystemExit("error: loss_kernel='liger' needs liger-kernel: pip install -r requirements.txt")
+        if not str(device).startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
+            raise SystemExit("error: loss_kernel='liger' runs its Triton kernels on CUDA (on the CPU only under "
+                             "TRITON_INTERPRET=1, slowly, for tests): use loss_kernel='chunked' here")
+
+
 class LanguageModelLoss(nn.Module):
     """The training objective as a module, so an engine (DeepSpeed) can call it: hidden states of the frozen
-    model, then the tied head and cross-entropy in checkpointed chunks. `self.model` is the PolychromaticLM."""
+    model, then the tied head and cross-entropy in chunks (loss_kernel: 'chunked', checkpointed, the reference; or
+    'liger', fused). `self.model` is the PolychromaticLM."""
 
-    def __init__(self, model, chunk_size=2048):
+    def __init__(self, model, chunk_size=2048, loss_kernel='chunked'):
         super().__init__()
-        self.model, self.chunk_size = model, chunk_size
+        check_loss_kernel(loss_kernel, model.embeddings.weight.device)
+        self.model, self.chunk_size, self.loss = model, chunk_size, LOSS_KERNELS[loss_kernel]
 
     def forward(self, idx, targets, cu_seqlens=None, max_seqlen=None):
         hidden = self.model.hidden_states(idx, cu_seqlens, max_seqlen)
-        return chunked_cross_entropy(hidden, self.model.embeddings.weight, targets, self.chunk_size)
+        return self.loss(hidden, self.model.embeddings.weight, targets, self.chunk_size)
 
 # =============================================================================
 # Create, wrap, and a state dict into the model
 # =============================================================================
 
 def create_model(config, device='cpu', dtype=torch.float32, attention='auto', gradient_checkpointing=False,
-                 fused=False, recompute_blocks=-1):
+                 fused=False, recompute_blocks=-1, lean_mix=False, compile_blocks=False):
     """Build the model (initialised per SPEC.md) on a device and dtype, with the optional wrappers."""
     model = PolychromaticLM(config).to(device=device, dtype=dtype)
-    return wrap_model(model, attention, gradient_checkpointing, fused, recompute_blocks)
+    return wrap_model(model, attention, gradient_checkpointing, fused, recompute_blocks, lean_mix, compile_blocks)
 
 
-def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=False, recompute_blocks=-1):
+def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=False, recompute_blocks=-1, lean_mix=False,
+               compile_blocks=False):
     """Apply the optional wrappers to a built model: on CUDA the attention kernel of attention_kernel (on the CPU the
-    frozen SDPA path; all compute the same masked attention), the fused kernels, and recomputation of the first
-    recompute_blocks blocks (-1: all) when gradient_checkpointing is on."""
+    frozen SDPA path; all compute the same masked attention), the fused kernels (lean_mix: their PolyGLU backward
+    without stacks), whole-block compilation, and recomputation of the first recompute_blocks blocks (-1: all) when
+    gradient_checkpointing is on."""
+    if lean_mix and not fused:
+        raise SystemExit("error: lean_mix=True rewrites the fused kernels' PolyGLU backward: set fused=True too")
     if not -1 <= recompute_blocks <= len(model.model_core):
         raise SystemExit(f"error: recompute_blocks must be -1 (all) or 0..{len(model.model_core)}, "
                          f"got {recompute_blocks}")
@@ -626,7 +773,9 @@ def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=Fals
                          "gradient_checkpointing=True: set it too, or drop recompute_blocks")
     set_attention_kernel(model, attention_kernel(model.embeddings.weight.device, attention))
     if fused:
-        enable_fused_kernels(model)
+        enable_fused_kernels(model, lean_mix)
+    if compile_blocks:
+        enable_block_compilation(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model, recompute_blocks)
     return model
