@@ -61,6 +61,10 @@ gradient_checkpointing = False
 recompute_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
 fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
 loss_chunk_size = 2048
+loss_kernel = 'chunked'      # the speed levers of train.py, off until measured: 'liger' fuses the head and the loss
+lean_mix = False
+compile_blocks = False
+fused_adamw = False
 seed = 1337
 max_bad_steps = 10           # non-finite loss/grad steps in a row before the run stops
 peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
@@ -176,7 +180,8 @@ def load_model():
              "pick the matching checkpoint")
     if block_size > model.config.max_seq_len:
         fail(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    wrap_model(model.to(device).train(), attention, gradient_checkpointing, fused, recompute_blocks)
+    wrap_model(model.to(device).train(), attention, gradient_checkpointing, fused, recompute_blocks, lean_mix,
+               compile_blocks)
     model.set_tau(tau)
     return model, pretrained
 
@@ -259,8 +264,8 @@ def main():
 
     model, pretrained = load_model()
     loss_engine, optimizer, autocast = make_engine(
-        LanguageModelLoss(model, loss_chunk_size), model, backend, dtype, zero_stage, micro_batch_size,
-        grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps)
+        LanguageModelLoss(model, loss_chunk_size, loss_kernel), model, backend, dtype, zero_stage, micro_batch_size,
+        grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps, fused_adamw)
     path, state = resume_state(out_dir, 'portable_sft_') if resume else (None, None)
     start_step = resume_run(path, state, model, loss_engine, optimizer, rows_per_step, world_size, is_master) \
         if state is not None else 0

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -81,11 +82,18 @@ backend = 'deepspeed'        # 'deepspeed' | 'torch' (plain PyTorch: CPU tests, 
 zero_stage = 1
 device = 'auto'              # 'auto' = cuda if available, else cpu
 dtype = 'auto'               # 'auto' = bfloat16 on cuda, float32 on cpu
-attention = 'auto'           # CUDA kernel: 'auto' = flash-attn if installed, else torch's varlen_attn (sm80+), else 'sdpa'
+attention = 'auto'           # CUDA kernel: 'auto' = flash-attn if installed, else torch's varlen_attn (sm80+), else
+                             # 'sdpa'; 'fa4' (FlashAttention-4 through torch, sm90+) by name only
 gradient_checkpointing = False
 recompute_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
 fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
 loss_chunk_size = 2048
+# the speed levers, each off until a GPU has measured it faster and exact (README, "Speed levers"; make gpu-check)
+loss_kernel = 'chunked'      # 'chunked' (the head in checkpointed chunks, the reference) | 'liger' (fused linear + CE)
+lean_mix = False             # with fused: PolyGLU's backward without its [tokens, d_ff, 4] stacks (same float32 result)
+compile_blocks = False       # torch.compile each block whole; tau and the document boundaries stay outside its graphs
+fused_adamw = False          # torch's one-kernel AdamW in place of the multi-tensor one
+prefetch = False             # build the next step's batches on a thread, pinned, while this step runs (CUDA)
 seed = 1337                  # the data: which row trains on which window, in what order
 init_seed = -1               # the model: its initial weights and the Gumbel noise of its routing; -1 = seed
 peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
@@ -175,7 +183,24 @@ def window_tokens(src, slot):
 def get_batch(data, plan, step, micro_step, rank, world_size):
     source, slot = plan
     rows = rank_rows(step, micro_step, rank, world_size, micro_batch_size, grad_accum_steps)
-    return to_device(np.stack([window_tokens(data[source[i]], slot[i]) for i in rows]), device, eos_id)
+    return to_device(np.stack([window_tokens(data[source[i]], slot[i]) for i in rows]), device, eos_id, pinned=prefetch)
+
+
+def step_batches(data, plan, start_step, rank, world_size):
+    """Each step's micro-batches, in order from start_step. With prefetch, step s + 1's are read and copied on a
+    thread while step s runs; the rows are the same either way (a pure function of the step)."""
+    def build(step):
+        return [get_batch(data, plan, step, micro_step, rank, world_size) for micro_step in range(grad_accum_steps)]
+    if not prefetch:
+        yield from map(build, range(start_step, max_steps))
+        return
+    with ThreadPoolExecutor(1) as loader:
+        upcoming = loader.submit(build, start_step)
+        for step in range(start_step + 1, max_steps + 1):
+            batches = upcoming.result()
+            if step < max_steps:
+                upcoming = loader.submit(build, step)
+            yield batches
 
 
 def check_repeats(data, plan, is_master):
@@ -246,7 +271,8 @@ def build_model(is_master, resuming):
                          model_type=model_type)
     torch.manual_seed(weights_seed())
     model = create_model(config, device=device, dtype=torch.float32, attention=attention, fused=fused,
-                         gradient_checkpointing=gradient_checkpointing, recompute_blocks=recompute_blocks)
+                         gradient_checkpointing=gradient_checkpointing, recompute_blocks=recompute_blocks,
+                         lean_mix=lean_mix, compile_blocks=compile_blocks)
     if init_from and not resuming:  # before the engine: DeepSpeed copies the weights into its fp32 master copy
         source, source_info = load_checkpoint(init_from, config=config)
         model.load_state_dict(source.state_dict())
@@ -293,11 +319,12 @@ def describe_run(model, world_size, data_plan, start_step):
     print(f"model {model_type}: {n_params:,} parameters | {tokens_per_step:,} tokens a step "
           f"({micro_batch_size} x {grad_accum_steps} x {block_size} x {world_size} ranks) | {max_steps:,} steps "
           f"| backend {backend} | {device} {dtype} | attention {attention_name(model)} | fused {fused} | "
-          f"{recomputed} of {n_layers} blocks recomputed")
-    extra = recompute_flops_per_token(config, block_size, recomputed) / model_flops_per_token
-    print(f"MFU counts {model_flops_per_token / 1e9:.2f} GFLOP a token (6N + causal "
-          f"attention over whole {block_size}-token rows); the recomputed blocks and the loss's second head "
-          f"forward run {100 * extra:.1f}% more, uncounted")
+          f"{recomputed} of {n_layers} blocks recomputed | loss {loss_kernel} | lean_mix {lean_mix} | compile_blocks "
+          f"{compile_blocks} | fused_adamw {fused_adamw} | prefetch {prefetch}")
+    extra = recompute_flops_per_token(config, block_size, recomputed, loss_kernel) / model_flops_per_token
+    print(f"MFU counts {model_flops_per_token / 1e9:.2f} GFLOP a token (6N + causal attention over whole "
+          f"{block_size}-token rows); the recomputed blocks{' and the loss chunks’ second head forward' * (loss_kernel == 'chunked')} "
+          f"run {100 * extra:.1f}% more, uncounted")
     run_tokens = max_steps * tokens_per_step
     print(projected_cost(model_flops_per_token, run_tokens, f", {run_tokens / n_params:.1f} per parameter"))
     print(f"seed {seed} (data plan {data_plan}), init_seed {weights_seed()} (weights, Gumbel noise)")
@@ -321,8 +348,8 @@ def main():
     path, state = resume_state(out_dir, 'portable_') if resume else (None, None)
     model = build_model(is_master, resuming=state is not None)
     loss_engine, optimizer, autocast = make_engine(
-        LanguageModelLoss(model, loss_chunk_size), model, backend, dtype, zero_stage, micro_batch_size,
-        grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps)
+        LanguageModelLoss(model, loss_chunk_size, loss_kernel), model, backend, dtype, zero_stage, micro_batch_size,
+        grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps, fused_adamw)
     start_step, loss_ema, skipped = resume_run(path, state, model, loss_engine, optimizer, world_size, is_master) \
         if state is not None else (0, None, 0)
     if start_step >= max_steps:
@@ -347,11 +374,9 @@ def main():
     peak = peak_flops(device, peak_flops_override) * world_size
     loss_engine.train()
     timer, run_start, last_logged = time.perf_counter(), time.perf_counter(), start_step
-    for step in range(start_step, max_steps):
+    for step, micro_batches in zip(range(start_step, max_steps), step_batches(data, plan, start_step, rank, world_size)):
         tau = model.update_tau(step, max_steps - 1, tau_start, tau_end)  # the last step trains at tau_end
         lr = set_learning_rate(optimizer, step, learning_rate, warmup_steps, max_steps, min_lr)
-        micro_batches = [get_batch(data, plan, step, micro_step, rank, world_size)
-                         for micro_step in range(grad_accum_steps)]
         loss, grad_norm, applied = train_step(loss_engine, optimizer, model, micro_batches, backend, grad_clip, autocast,
                                               seeds=micro_batch_seeds(weights_seed(), step, grad_accum_steps, rank,
                                                                       world_size))

@@ -221,12 +221,13 @@ def flops_per_token(config, seq_len=None, n_params=None):
     return 6 * n_params + 6 * config.n_layers * config.n_heads * config.head_dim * seq_len
 
 
-def recompute_flops_per_token(config, seq_len, recomputed_blocks):
+def recompute_flops_per_token(config, seq_len, recomputed_blocks, loss_kernel='chunked'):
     """The forward FLOPs a training step runs again and flops_per_token leaves out: each recomputed block's forward
-    (2 x its parameters, plus causal attention 2 * d_attn * seq_len) and the head in every loss chunk (2 * d * V)."""
+    (2 x its parameters, plus causal attention 2 * d_attn * seq_len) and, with the chunked loss, the head again in
+    every chunk's backward (2 * d * V; the fused loss computes its gradient in the forward)."""
     block_params = (count_parameters(config)[0] - config.vocab_size * config.d_model) / config.n_layers
     block = 2 * block_params + 2 * config.n_heads * config.head_dim * seq_len
-    return recomputed_blocks * block + 2 * config.d_model * config.vocab_size
+    return recomputed_blocks * block + (2 * config.d_model * config.vocab_size if loss_kernel == 'chunked' else 0)
 
 
 def routing_entropy(model):
@@ -444,14 +445,16 @@ def optimizer_groups(model, weight_decay):
 
 
 def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, grad_accum_steps, grad_clip,
-                learning_rate, weight_decay, betas, eps):
-    """AdamW (alpha and 1-D parameters exempt from decay) under DeepSpeed ZeRO or plain PyTorch.
-    Returns (loss_engine, optimizer, autocast): call loss_engine(idx, targets, cu_seqlens, max_seqlen) for the loss;
-    it is the loss module itself under backend='torch', DeepSpeed's engine around it under 'deepspeed'."""
+                learning_rate, weight_decay, betas, eps, fused_adamw=False):
+    """AdamW (alpha and 1-D parameters exempt from decay) under DeepSpeed ZeRO or plain PyTorch; fused_adamw: torch's
+    one-kernel AdamW (fused=True) in place of its default multi-tensor one, also inside DeepSpeed, which then steps it
+    on its float32 master partitions. Returns (loss_engine, optimizer, autocast): call loss_engine(idx, targets,
+    cu_seqlens, max_seqlen) for the loss; it is the loss module itself under backend='torch', DeepSpeed's engine around
+    it under 'deepspeed'."""
     from contextlib import nullcontext
 
-
-    optimizer = torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps,
+                                  **({'fused': True} if fused_adamw else {}))
     if backend == 'torch':
         autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
         return objective, optimizer, autocast
@@ -465,7 +468,10 @@ def make_engine(objective, model, backend, dtype, zero_stage, micro_batch_size, 
     import deepspeed
     ds_config = {'train_micro_batch_size_per_gpu': micro_batch_size, 'gradient_accumulation_steps': grad_accum_steps,
                  'gradient_clipping': grad_clip, 'zero_optimization': {'stage': zero_stage},
-                 'bf16': {'enabled': dtype == 'bfloat16'}, 'steps_per_print': 10**12}
+                 'bf16': {'enabled': dtype == 'bfloat16'}, 'steps_per_print': 10**12,
+                 # its throughput timer synchronises the device at the start and end of every micro-step, to time what
+                 # train.py times itself: off, so that the host queues the next micro-batch while the GPU runs this one
+                 'timers': {'throughput': {'enabled': False}}}
     if dtype == 'bfloat16':
         # without it DeepSpeed 0.19.8 sums the micro-batches' gradients in bf16 (the model's dtype); with it, ZeRO-1
         # runs its BF16_Optimizer, which accumulates in fp32 beside the fp32 master weights
@@ -699,14 +705,18 @@ def prune_checkpoints(out_dir, prefix, ds_dir, keep):
             shutil.rmtree(os.path.join(ds_dir, f'step_{step}'), ignore_errors=True)
 
 
-def to_device(rows, device, eos_id=EOS_ID, trained=None):
+def to_device(rows, device, eos_id=EOS_ID, trained=None, pinned=False):
     """Rows [B, block_size + 1] of token ids -> (x, y, cu_seqlens, max_seqlen) on device: y is x shifted by one, and
-    -100 (no loss) where `trained` [B, block_size + 1] (SFT's assistant mask) is false."""
+    -100 (no loss) where `trained` [B, block_size + 1] (SFT's assistant mask) is false. The boundaries are found on the
+    host, so nothing here waits for the device. pinned (CUDA): copied from page-locked memory without blocking, so a
+    batch built ahead (train.py's prefetch) reaches the card while it still runs the step before."""
     rows = torch.from_numpy(rows.astype(np.int64))
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()
     if trained is not None:
         y[~torch.from_numpy(trained.astype(bool))[:, 1:]] = -100
     cu_seqlens, max_seqlen = cu_seqlens_from_eos(x, eos_id)
+    if pinned and str(device).startswith('cuda'):
+        return (*(t.pin_memory().to(device, non_blocking=True) for t in (x, y, cu_seqlens)), max_seqlen)
     return x.to(device), y.to(device), cu_seqlens.to(device), max_seqlen
 
 

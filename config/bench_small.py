@@ -6,6 +6,7 @@ n_kv_heads = 2
 d_ff = 1024
 block_size = 512
 micro_batch_size = 4
+grad_accum_steps = 1
 steps = 5
 warmup = 2
 loss_chunk_size = 256

@@ -7,6 +7,7 @@ n_kv_heads = 2
 d_ff = 256
 block_size = 128
 micro_batch_size = 2
+grad_accum_steps = 1           # a step of one micro-batch (the run has 8)
 steps = 2
 warmup = 1
 device = 'cpu'

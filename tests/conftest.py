@@ -10,6 +10,8 @@ sys.path.insert(0, ROOT)
 from model import ModelConfig  # noqa: E402
 
 torch.set_num_threads(2)
+if not torch.cuda.is_available():  # liger-kernel's Triton kernels run on the CPU only in Triton's interpreter; it is read
+    os.environ.setdefault('TRITON_INTERPRET', '1')  # when a kernel is defined, so before anything imports liger_kernel
 
 
 def small_config(**overrides):
