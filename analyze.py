@@ -50,6 +50,8 @@ smoothing = 0.05             # the compared training loss is the mean over this 
 device = 'auto'
 attention = 'auto'           # CUDA kernel for packed rows: flash-attn, else torch's varlen_attn, else SDPA per segment
 dtype = 'float32'
+precision = False            # also measure what bf16 training does to routing at tau 0.1 (bf16 copies of alpha, beta and
+                             # the gate network; the head's gradient summed over the loss chunks in bf16): README
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -159,6 +161,82 @@ def gumbel_noise_effect(model, windows):
         total += ids.shape[1]
     return {'sequences': min(audit_sequences, len(windows)), 'mean_kl': float(np.mean(kls)),
             'top1_agreement': agree / total}
+
+# -----------------------------------------------------------------------------
+# precision: what bf16 training does to routing at tau = 0.1
+
+ROUTING_PARAMETERS = ('.alpha', '.beta', '.gate_net.')
+
+
+def routing_agreement(probs, reference):
+    """Mean KL(reference || probs) over windows, layers and neurons, and how often their top activation agrees."""
+    kl = (reference * (reference.clamp_min(1e-30).log() - probs.clamp_min(1e-30).log())).sum(-1)
+    return {'kl': float(kl.mean()), 'top1_agreement': float((probs.argmax(-1) == reference.argmax(-1)).float().mean())}
+
+
+@torch.no_grad()
+def window_loss(model, windows):
+    return float(np.mean([F.cross_entropy(model(torch.tensor(w[:-1])[None])[0], torch.tensor(w[1:])).item()
+                          for w in windows[:audit_sequences]]))
+
+
+@torch.no_grad()
+def bf16_routing_effect(model, windows):
+    """Under DeepSpeed bf16 the module's alpha, beta and gate network are bf16 copies of the float32 masters, and the
+    routing divides their logits by tau: the same model with only those rounded to bf16, against float32."""
+    reference, loss = measure_routing(model, windows), window_loss(model, windows)
+    masters = {name: p.detach().clone() for name, p in model.named_parameters()
+               if any(key in name for key in ROUTING_PARAMETERS)}
+    try:
+        for name, p in model.named_parameters():
+            if name in masters:
+                p.copy_(p.bfloat16().float())
+        effect = {**routing_agreement(measure_routing(model, windows), reference),
+                  'loss_change': window_loss(model, windows) - loss}
+    finally:
+        for name, p in model.named_parameters():
+            if name in masters:
+                p.copy_(masters[name])
+    return effect
+
+
+def bf16_head_gradient_effect(windows, steps=20, learning_rate=1e-3, chunks=32):
+    """Under DeepSpeed bf16 the tied embedding's gradient from the loss is summed over a micro-batch's 32 loss chunks in
+    bf16, the weight's dtype (liger's loss sums it in float32). Two short trainings from the checkpoint on the same
+    windows, Gumbel noise and AdamW, with that sum in float32 and in bf16 over as many chunks: the head gradient's
+    relative error at the first step, and how far the bf16 run's routing and loss are from the float32 run's after
+    `steps` updates."""
+    rows = torch.tensor(np.stack(windows[:4]))
+    inputs, targets = rows[:, :-1], rows[:, 1:].reshape(-1)
+    chunk = -(-len(targets) // chunks)
+    results = []
+    for accumulate in (torch.float32, torch.bfloat16):
+        model = load_checkpoint(checkpoint)[0].train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+        head = model.embeddings.weight
+        for step in range(steps):
+            torch.manual_seed(seed + step)
+            hidden = model.hidden_states(inputs)
+            flat = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_()
+            head_grad, hidden_grad = torch.zeros_like(head, dtype=accumulate), []
+            for first in range(0, len(targets), chunk):  # chunked_cross_entropy's chunks, their head gradients summed
+                h = flat[first:first + chunk]
+                loss = F.cross_entropy(h @ head.T, targets[first:first + chunk], reduction='sum') / len(targets)
+                grad_head, grad_h = torch.autograd.grad(loss, (head, h))
+                head_grad += grad_head.to(accumulate)
+                hidden_grad.append(grad_h)
+            hidden.backward(torch.cat(hidden_grad).view_as(hidden))  # every other parameter, and the lookup's gradient
+            head.grad += head_grad.float()
+            first_gradient = head_grad.float() if step == 0 else first_gradient
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        enable_segment_pooling(model, attention)
+        results.append((first_gradient, measure_routing(model, windows), window_loss(model, windows)))
+    (grad32, routing32, loss32), (grad16, routing16, loss16) = results
+    return {'steps': steps, 'chunks': chunks, 'head_gradient_relative_error': float((grad16 - grad32).norm() /
+                                                                                    grad32.norm()),
+            **routing_agreement(routing16, routing32), 'loss_change': loss16 - loss32}
 
 # -----------------------------------------------------------------------------
 # comparison of training runs: two arms of paired runs (make ablation), or two runs
@@ -551,6 +629,15 @@ def main():
         summary['routing_entropy_mean_nats'] = float(dynamic_entropy.mean())  # the model card's 0.0004 nats
         summary['routing_entropy_mean_fraction'] = float(dynamic_entropy.mean() / math.log(K))
 
+        if precision:
+            first_domain = next(iter(windows.values()))
+            summary['precision'] = {'bf16_routing_parameters': bf16_routing_effect(model, first_domain),
+                                    'bf16_head_gradient_sum': bf16_head_gradient_effect(first_domain)}
+            for what, effect in summary['precision'].items():
+                print(f"precision, {what}: routing KL {effect['kl']:.2e} nats, top-1 agreement "
+                      f"{100 * effect['top1_agreement']:.2f}%, loss change {effect['loss_change']:+.5f}"
+                      + (f" after {effect['steps']} steps (head gradient off by {effect['head_gradient_relative_error']:.1e})"
+                         if 'steps' in effect else ''))
         routing_figures(per_layer, beta, domain_means, n_layers)
         print(f"routing entropy on text: {summary['routing_entropy_mean_nats']:.2e} nats on average "
               f"({100 * summary['routing_entropy_mean_fraction']:.3f}% of ln 4); "

@@ -44,9 +44,20 @@ attention = 'auto'             # 'auto': flash-attn if installed, else torch's v
 # card beside ~12 GB of weights, gradients and AdamW state, so some blocks recompute their activations (~1/3 more
 # compute each). With the fused kernels, recomputing 8 of the 28 blocks keeps the activations under 50 GB (unfused it
 # takes 23). Not yet checked against a GPU's peak memory: out of memory at the first step means raise recompute_blocks.
+# Measured on an H200 with these settings (chunked loss): 63.0 GiB peak allocated, 74.1 GiB reserved, so this is the
+# 80 GB card's setting (A100/H100 80 GB). A 141 GB H200 fits fewer recomputed blocks, each ~1/3 of a block's compute
+# faster: `make gpu-check` prints the count for the card it runs on (from its measured peak) and for an 80 GB card.
 fused = True
 gradient_checkpointing = True
 recompute_blocks = 8
+# The speed levers (README, "Speed levers"), each off until a GPU has measured it faster and exact: `make gpu-check`
+# times today's path beside each lever and all together, checks each against today's loss, gradients and update, and
+# prints the line to run on that card, e.g. `deepspeed train.py config/pretrain.py --loss_kernel=liger --lean_mix=True`.
+loss_kernel = 'chunked'        # 'liger': the head and the loss fused (no second head forward, float32 head gradient)
+lean_mix = False               # PolyGLU's fused backward without its [tokens, d_ff, 4] float32 stacks
+compile_blocks = False         # each block compiled whole
+fused_adamw = False            # torch's one-kernel AdamW
+prefetch = False               # the next step's batches read and copied while this step runs
 
 out_dir = 'checkpoints'
 resume = 'auto'

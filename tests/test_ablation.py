@@ -58,7 +58,7 @@ def trained_tokens(data_dir, out_dir, **overrides):
     train = importlib.reload(train)
     configure(vars(train), synthetic.train_args(data_dir, out_dir, **overrides))
     rows, to_device = [], train.to_device
-    train.to_device = lambda r, *args: rows.append(r.copy()) or to_device(r, *args)
+    train.to_device = lambda r, *args, **kwargs: rows.append(r.copy()) or to_device(r, *args, **kwargs)
     train.main()
     log = [json.loads(line) for line in open(os.path.join(out_dir, 'train_log.jsonl'))]
     weights = torch.load(os.path.join(out_dir, 'portable_final.pt'), weights_only=True)['model_state_dict']

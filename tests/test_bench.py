@@ -185,7 +185,8 @@ def test_bench_default_runs_the_pretrain_settings_shrunk(capsys):
                             '--device=cpu', '--dtype=float32', '--backend=torch', '--model_types=("polyglu",)'])
     polyglu, = bench.main()
     out = capsys.readouterr().out
-    assert 'fused=True' in out and 'checkpointing=True (8 of 9 blocks recomputed), loss chunk 2048' in out
+    assert 'x 8 micro-steps a step, fused=True' in out  # train.py's step: grad_accum_steps micro-batches, one update
+    assert 'checkpointing=True (8 of 9 blocks recomputed), loss chunked (chunk 2048)' in out
     assert polyglu['model_type'] == 'polyglu' and polyglu['tokens_per_s'] > 0
 
 
