@@ -322,9 +322,9 @@ def describe_run(model, world_size, data_plan, start_step):
           f"{recomputed} of {n_layers} blocks recomputed | loss {loss_kernel} | lean_mix {lean_mix} | compile_blocks "
           f"{compile_blocks} | fused_adamw {fused_adamw} | prefetch {prefetch}")
     extra = recompute_flops_per_token(config, block_size, recomputed, loss_kernel) / model_flops_per_token
+    again = 'the recomputed blocks' + (" and the loss chunks' second head forward" if loss_kernel == 'chunked' else '')
     print(f"MFU counts {model_flops_per_token / 1e9:.2f} GFLOP a token (6N + causal attention over whole "
-          f"{block_size}-token rows); the recomputed blocks{' and the loss chunks’ second head forward' * (loss_kernel == 'chunked')} "
-          f"run {100 * extra:.1f}% more, uncounted")
+          f"{block_size}-token rows); {again} run {100 * extra:.1f}% more, uncounted")
     run_tokens = max_steps * tokens_per_step
     print(projected_cost(model_flops_per_token, run_tokens, f", {run_tokens / n_params:.1f} per parameter"))
     print(f"seed {seed} (data plan {data_plan}), init_seed {weights_seed()} (weights, Gumbel noise)")

@@ -140,3 +140,25 @@ def test_analyze_runs_on_the_author_formats(kind, tmp_path, data_dir):
         p = torch.softmax(weights[f'model_core.{layer}.polyglu.alpha'].float() / 0.1, -1)
         entropy = -(p * p.log()).sum(-1).mean().item()
         assert summary['per_layer']['static_entropy_mean'][layer] == pytest.approx(entropy, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_precision_measures_what_bf16_rounding_does_at_tau_0_1(tmp_path, data_dir):
+    """alpha 1/3 and 1/3 + 1e-3 on two activations: bf16 (spacing 2^-9 there) rounds both to 0.33398, so the rounded
+    module routes a near-tie as a tie, a change that tau 0.1 magnifies tenfold; alphas bf16 holds exactly (0.5, 0.25),
+    with no gate, cannot move at all. The head-gradient sum in bf16 is off by bf16's rounding, not more."""
+    near_tie = [[1 / 3, 1 / 3 + 1e-3, 0.0, 0.0], [0.0, 1 / 3 + 1e-3, 1 / 3, 0.0]]
+    exact = [[0.5, 0.25, 0.0, 0.0], [0.0, 0.5, 0.25, 0.0]]
+    effects = {}
+    for name, alpha, gate in (('near_tie', near_tie, True), ('exact', exact, False)):
+        path = checkpoint(tmp_path, name, alpha=alpha, gate=gate)
+        state = torch.load(path, weights_only=True)
+        state['tau'] = 0.1
+        torch.save(state, path)
+        summary = run_analyze(args(path, data_dir, str(tmp_path / name), precision=True))
+        effects[name] = summary['precision']
+    routing = {name: effect['bf16_routing_parameters'] for name, effect in effects.items()}
+    assert routing['exact'] == {'kl': 0.0, 'top1_agreement': 1.0, 'loss_change': 0.0}
+    assert routing['near_tie']['kl'] > 1e-6 and routing['near_tie']['top1_agreement'] < 1.0
+    head = effects['near_tie']['bf16_head_gradient_sum']
+    assert head['steps'] == 20 and head['chunks'] == 32 and 1e-4 < head['head_gradient_relative_error'] < 2e-2

@@ -42,8 +42,9 @@ def test_attention_kernel_equals_the_masked_math_path_bf16(name):
     reference = output_and_grads(attn, rope, x, cu_seqlens, max_seqlen)  # float32, the frozen SDPA with its mask
     attn.to(torch.bfloat16)
     eager = output_and_grads(attn, rope, x.bfloat16(), cu_seqlens, max_seqlen)
-    attn.attend = M.ATTENTION_KERNELS[name]
+    attn.attend = M.attention_kernel('cuda', name)  # for 'fa4', torch's FA4 registration switched on (off again below)
     kernel = output_and_grads(attn, rope, x.bfloat16(), cu_seqlens, max_seqlen)
+    M.attention_kernel('cuda', 'sdpa')
     error = {what: ((r - reference).norm() / reference.norm()).item() for what, r in (('eager', eager), (name, kernel))}
     assert error[name] < max(2 * error['eager'], 1e-2), error
     unmasked = output_and_grads(attn, rope, x.bfloat16(), None, None)  # whole rows: attention crosses documents
@@ -128,3 +129,49 @@ def test_padded_head_is_exact_and_faster_at_the_real_vocab(monkeypatch):
     print(f"head, 4,096 positions x 151,669 rows, forward + backward: padded {1e3 * padded_s:.1f} ms, "
           f"unpadded {1e3 * plain_s:.1f} ms")
     assert padded_s < 0.8 * plain_s
+
+
+def test_liger_loss_equals_the_chunked_loss_at_the_real_vocab_bf16():
+    """loss_kernel='liger' on the card, Qwen3's 151,669 rows padded to 151,680, bf16: the chunked reference's loss and
+    gradients (to bf16's rounding), the head's gradient accumulated in float32."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 2048, 1024, device='cuda', dtype=torch.bfloat16)
+    head = (torch.randn(151_669, 1024, device='cuda') * 0.02).bfloat16()
+    targets = torch.randint(0, 151_669, (2, 2048), device='cuda')
+    targets[0, :100] = -100
+    results = {}
+    for name in ('chunked', 'liger'):
+        h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+        loss = M.LOSS_KERNELS[name](h, w, targets, 2048)
+        results[name] = (loss.float(), *(g.float() for g in torch.autograd.grad(loss, (h, w))))
+    torch.testing.assert_close(results['liger'][0], results['chunked'][0], rtol=2e-3, atol=2e-3)
+    for liger, chunked in zip(results['liger'][1:], results['chunked'][1:]):
+        assert ((liger - chunked).norm() / chunked.norm()).item() < 2e-2
+
+
+def test_each_lever_trains_as_the_default_path_bf16():
+    """A small model through LanguageModelLoss on the card, bf16 autocast, document-masked: each lever's loss and
+    gradient norm against today's path (fused kernels, a recomputed block, the chunked loss)."""
+    config = small_config(d_model=256, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    torch.manual_seed(0)
+    state = M.create_model(config).state_dict()
+    idx = torch.randint(1, 512, (2, 257), device='cuda')
+    idx[:, ::60] = 0
+    cu_seqlens, max_seqlen = M.cu_seqlens_from_eos(idx[:, :-1], eos_id=0)
+    results = {}
+    for name, lean_mix, compile_blocks, loss_kernel in (('today', False, False, 'chunked'),
+                                                         ('lean_mix', True, False, 'chunked'),
+                                                         ('compile_blocks', False, True, 'chunked'),
+                                                         ('liger', False, False, 'liger')):
+        model = M.create_model(config, device='cuda', fused=True, gradient_checkpointing=True, recompute_blocks=1,
+                               lean_mix=lean_mix, compile_blocks=compile_blocks).train()
+        model.load_state_dict(state)
+        torch.manual_seed(1)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            loss = M.LanguageModelLoss(model, 128, loss_kernel)(idx[:, :-1], idx[:, 1:], cu_seqlens, max_seqlen)
+        loss.backward()
+        results[name] = (loss.item(), torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+    loss, grads = results['today']
+    for name, (lever_loss, lever_grads) in results.items():
+        assert lever_loss == pytest.approx(loss, rel=1e-2), name
+        assert ((lever_grads - grads).norm() / grads.norm()).item() < 3e-2, name
