@@ -38,7 +38,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# bench.py --gpu_check=True: the CUDA tests, the full-size step on every attention kernel, train.py stopped and resumed,
+# bench.py --gpu_check=True: the CUDA tests, the speed levers side by side at full size, train.py stopped and resumed,
 # exact generation; table, JSON and log in results/gpu_check/ ($$GPU_CHECK_DIR). A bare CUDA image with torch, numpy and
 # pytest runs it too. GPU_CHECK_DRY=1: on the CPU, tiny.
 gpu-check:

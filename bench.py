@@ -6,11 +6,13 @@ The card check: training steps of config/pretrain.py's run, PolyGLU beside Vanil
     python bench.py config/bench_small.py       # CPU-sized
     python bench.py --memory_only=True          # what a block keeps for its backward (seconds, any device)
     python bench.py --profile=True              # the top entries of a profiled PolyGLU step
+    python bench.py --levers=True               # today's path, each speed lever alone and all together (lever_table)
     make gpu-check                              # = python bench.py --gpu_check=True: all a fresh GPU must pass
 
-The defaults are train.py's settings under config/pretrain.py (run_settings): the model, the micro-batch, the fused
-kernels, the recomputed blocks, the loss chunk, the backend, ZeRO stage, dtype and attention kernel. A config file or
---key=value shrinks or changes them. Times `steps` training steps (forward, backward, clipped AdamW update) after
+The defaults are train.py's settings under config/pretrain.py (run_settings): the model, the micro-batch and its
+grad_accum_steps, the fused kernels, the recomputed blocks, the loss chunk and kernel, the speed levers, the backend,
+ZeRO stage, dtype and attention kernel. A config file or --key=value shrinks or changes them. Times `steps` training
+steps (grad_accum_steps micro-batches, forward and backward, then one clipped AdamW update, as train.py) after
 `warmup` steps through the engine train.py uses (DeepSpeed with bf16 weights, plain PyTorch where DeepSpeed is not
 installed or on the CPU), on random tokens with a document separator every ~1,000 tokens (document masking on).
 Prints tokens/s; MFU (model FLOPs, model.flops_per_token) and HFU (with what is recomputed) against the card's dense
@@ -22,7 +24,8 @@ per token, and from it the activation memory of the micro-batch with and without
 figure that says how many blocks must be recomputed for a micro-batch to fit.
 
 gpu_check=True runs, in order, and writes a summary table, gpu_check.json and gpu_check.log to results/gpu_check/ (or
-$GPU_CHECK_DIR): the environment; the CUDA tests (tests/test_cuda.py); the full-size step on every attention kernel;
+$GPU_CHECK_DIR): the environment; the CUDA tests (tests/test_cuda.py); the lever table at full size, with the profile
+of its fastest exact configuration (profile.txt) and the settings it recommends for the card;
 train.py for a few steps on token chunks it writes itself, stopped and resumed, with the save of a full-size checkpoint
 timed; and exact generation at full size (eval.py --benchmark). It uses what is installed (DeepSpeed, flash-attn) and
 says what it skipped. Without CUDA it stops with exit status 2, unless GPU_CHECK_DRY=1 runs it all on the CPU at a tiny
@@ -360,7 +363,7 @@ def a100_hours(mfu, n_params):
 # make gpu-check
 
 DRY_SIZE = dict(vocab_size=1024, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256, block_size=128,
-                micro_batch_size=2, grad_accum_steps=2, loss_chunk_size=64, recompute_blocks=1, fused=False, steps=2,
+                micro_batch_size=2, grad_accum_steps=2, loss_chunk_size=64, recompute_blocks=1, fused=False, steps=1,
                 warmup=1,
                 device='cpu', dtype='float32', backend='torch')
 # timed steps of each lever, each of grad_accum_steps micro-batches (~9 s on an H200): the check fits 8 minutes
@@ -755,4 +758,8 @@ if __name__ == '__main__':
     configure(globals())
     if gpu_check:
         sys.exit(run_gpu_check())
-    main()
+    if levers:
+        setup()
+        lever_table()
+    else:
+        main()

@@ -401,36 +401,27 @@ def varlen_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
 
 
 def fa4_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
-    """varlen_attention on FlashAttention-4, for Hopper (sm90) and Blackwell (sm100): torch's own registration
-    (torch.nn.attention.activate_flash_attention_impl('FA4')) routes the kernels under varlen_attn to flash-attn-4's
-    flash_attn.cute, compiled just in time by the CuTe DSL, with no nvcc and no build. The registration is process-wide;
-    attention_kernel switches it on for this kernel and off for the others."""
+    """varlen_attention on FlashAttention-4 (sm90/sm100): torch's registration, activate_flash_attention_impl('FA4'),
+    puts flash-attn-4's flash_attn.cute (JIT-compiled by the CuTe DSL, no nvcc) under varlen_attn. It is process-wide:
+    attention_kernel switches it on for this kernel and off for the others (use_fa4)."""
     return varlen_attention(q, k, v, cu_seqlens, max_seqlen)
 
 
 def fa4_available():
-    """flash-attn-4 (flash_attn.cute), torch's FA4 registration, varlen_attn and an sm90/sm100 card."""
-    if not varlen_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
-        return False
     import importlib.util
-    try:
-        from torch.nn.attention import list_flash_attention_impls
-        return 'FA4' in list_flash_attention_impls() and importlib.util.find_spec('flash_attn.cute') is not None
-    except ImportError:  # torch without the registry, or a flash_attn without .cute
-        return False
+    import torch.nn.attention as attention
+    return (varlen_available() and torch.cuda.get_device_capability()[0] in (9, 10)
+            and 'FA4' in getattr(attention, 'list_flash_attention_impls', list)()
+            and importlib.util.find_spec('flash_attn') is not None and importlib.util.find_spec('flash_attn.cute') is not None)
 
 
 def use_fa4(on):
-    """Switch torch's FA4 registration on (attention='fa4') or back to its bundled FA2 (every other kernel)."""
-    try:
-        from torch.nn.attention import activate_flash_attention_impl, current_flash_attention_impl
-        from torch.nn.attention import restore_flash_attention_impl
-    except ImportError:
-        return
-    if on and current_flash_attention_impl() != 'FA4':
-        activate_flash_attention_impl('FA4')
-    elif not on and current_flash_attention_impl() == 'FA4':
-        restore_flash_attention_impl()
+    import torch.nn.attention as attention
+    current = getattr(attention, 'current_flash_attention_impl', lambda: None)()
+    if on and current != 'FA4':
+        attention.activate_flash_attention_impl('FA4')
+    elif not on and current == 'FA4':
+        attention.restore_flash_attention_impl()
 
 
 # attention='auto' takes the first that is available on CUDA; on the CPU the frozen SDPA path always runs. 'fa4' is
@@ -516,10 +507,9 @@ def polyglu_mix_backward(gate, up, g, grad_h):
 
 
 def polyglu_mix_backward_lean(gate, up, g, grad_h):
-    """polyglu_mix_backward without its [..., K] stacks (lean_mix=True): each activation and slope is computed once and
-    used where it is, and grad_g is K reductions over the tokens, so no [tokens, d_ff, K] float32 tensor exists (in
-    today's compiled function Inductor keeps two: 4 GiB each a layer at 16 x 4,096). The same operations in the same
-    order: bit-identical in float32 eagerly wherever d_ff is a multiple of 16 (4,096 is), tests/test_model.py."""
+    """polyglu_mix_backward without its [..., K] stacks (lean_mix=True): grad_g is K reductions over the tokens, so no
+    [tokens, d_ff, K] float32 tensor exists (Inductor keeps two of today's: 4 GiB each a layer at 16 x 4,096). The same
+    operations in the same order: bit-identical in float32 eagerly where d_ff is a multiple of 16 (4,096 is)."""
     x, u, dh, w = gate.float(), up.float(), grad_h.float(), g.float()
     tanh, sigmoid = torch.tanh(x), torch.sigmoid(x)
     cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
@@ -630,15 +620,12 @@ def enable_gradient_checkpointing(model, blocks=-1):
 
 
 def enable_block_compilation(model):
-    """torch.compile every block's frozen forward whole (compile_blocks=True): RoPE, the QK-norms, the residuals and the
-    FFN's elementwise work fuse across module boundaries. Two things change every step and must not recompile: tau
-    and the document boundaries. So the attention kernel and PolyGLU's routing_weights (which reads tau, and draws
-    the Gumbel noise with the same RNG calls as the frozen forward) run eagerly inside graph breaks, and the boundaries
-    reach the kernel beside the graph, not through it: the block's wrapper keeps this batch's (cu_seqlens, max_seqlen)
-    in `documents` and the compiled forward is called without them (a tensor of another length, or another max_seqlen,
-    in its arguments would be a guard). A recomputed block re-runs the wrapper with the same arguments. The graphs: one
-    set for training and one for evaluation (tests/test_model.py counts them over steps of different tau and
-    boundaries)."""
+    """torch.compile every block's frozen forward whole (compile_blocks=True), so RoPE, the norms, the residuals and the
+    FFN's elementwise work fuse across modules. tau and the document boundaries change every step and must not
+    recompile: the attention kernel and PolyGLU's routing_weights (tau, and the Gumbel noise drawn as the frozen forward
+    draws it) run eagerly in graph breaks, and the boundaries reach the kernel beside the graph (`documents`, set by the
+    block's wrapper; a tensor of another length in the graph's arguments would be a guard). One set of graphs for
+    training, one for evaluation (tests/test_levers.py counts them)."""
     documents = [None, None]
     for block in model.model_core:
         kernel = block.gqa.attend
@@ -691,15 +678,11 @@ def chunked_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_
 
 
 def liger_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_index=-100):
-    """chunked_cross_entropy's loss on liger-kernel's fused linear cross-entropy (loss_kernel='liger'). Per chunk of
-    positions one head GEMM, then one Triton pass over the vocabulary that writes the loss and, in place of the logits,
-    their gradient, then the two gradient GEMMs: the backward only scales what the forward computed, so there is no
-    second head forward and no float32 logits. The head's gradient is accumulated in float32 over the whole micro-batch
-    (accum_dtype), rounded to the weight's dtype once. The head is padded as chunked_cross_entropy pads it (aligned
-    GEMMs), and a bias of -inf on the pad rows gives them exactly zero probability and zero gradient.
-    Why liger and not cut-cross-entropy: its GEMMs are cuBLAS's (the aligned Hopper kernels the padding buys), its
-    float32 weight-gradient accumulation is an argument, and it is released monthly; CCE computes the logits in its own
-    Triton matmul. On the CPU it runs under Triton's interpreter (TRITON_INTERPRET=1), which is how the suite tests it."""
+    """chunked_cross_entropy's loss on liger-kernel's fused linear cross-entropy (loss_kernel='liger'; README says why
+    liger): per chunk one head GEMM, then one Triton pass that writes the loss and, over the logits, their gradient, so
+    the backward only scales it: no second head forward, no float32 logits, the head's gradient summed in float32 over
+    the micro-batch. The head is padded as chunked_cross_entropy pads it; a bias of -inf on the pad rows gives them
+    zero probability and zero gradient. The CPU runs it in Triton's interpreter (TRITON_INTERPRET=1), for tests."""
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     padded_weight, vocab_size = padded_head(head_weight)
@@ -719,17 +702,15 @@ LOSS_KERNELS = {'chunked': chunked_cross_entropy, 'liger': liger_cross_entropy}
 
 
 def check_loss_kernel(loss_kernel, device):
-    """One line for a loss kernel this machine cannot run."""
+    import importlib.util
+    import os
     if loss_kernel not in LOSS_KERNELS:
         raise SystemExit(f"error: loss_kernel must be one of {', '.join(LOSS_KERNELS)}, got {loss_kernel!r}")
-    if loss_kernel == 'liger':
-        import importlib.util
-        import os
-        if importlib.util.find_spec('liger_kernel') is None:
-            raise SystemExit("error: loss_kernel='liger' needs liger-kernel: pip install -r requirements.txt")
-        if not str(device).startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
-            raise SystemExit("error: loss_kernel='liger' runs its Triton kernels on CUDA (on the CPU only under "
-                             "TRITON_INTERPRET=1, slowly, for tests): use loss_kernel='chunked' here")
+    if loss_kernel == 'liger' and importlib.util.find_spec('liger_kernel') is None:
+        raise SystemExit("error: loss_kernel='liger' needs liger-kernel: pip install -r requirements.txt")
+    if loss_kernel == 'liger' and not str(device).startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
+        raise SystemExit("error: loss_kernel='liger' runs its Triton kernels on CUDA (on the CPU only under "
+                         "TRITON_INTERPRET=1, slowly, for tests): use loss_kernel='chunked' here")
 
 
 class LanguageModelLoss(nn.Module):
