@@ -531,7 +531,7 @@ def lever_table():
             available.update(changes)
             rows.append({'lever': name, 'changes': changes})
     if len([row for row in rows if 'changes' in row]) > 2:
-        if 'attention' in available:  # one kernel at a time: the fastest measured alone joins the others below
+        if 'attention' in available:  # 'all' keeps the configured kernel: the attention rows compare kernels alone
             del available['attention']
         rows.append({'lever': 'all', 'changes': available})
     for row in rows:
