@@ -227,7 +227,8 @@ def bf16_head_gradient_effect(windows, steps=20, learning_rate=1e-3, chunks=32):
                 hidden_grad.append(grad_h)
             hidden.backward(torch.cat(hidden_grad).view_as(hidden))  # every other parameter, and the lookup's gradient
             head.grad += head_grad.float()
-            first_gradient = head_grad.float() if step == 0 else first_gradient
+            if step == 0:
+                first_gradient = head_grad.float()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         model.eval()

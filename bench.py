@@ -166,15 +166,13 @@ def lever_settings(**changes):
 LEVER_KEYS = ('attention', 'fused', 'lean_mix', 'compile_blocks', 'loss_kernel', 'fused_adamw')
 
 
-def build(model_type, settings, config=None):
-    """A model of `settings` and its engine -> (model, loss_engine, optimizer, autocast)."""
-    model = create_model(config or model_config(model_type), device=device, attention=settings['attention'],
-                         gradient_checkpointing=gradient_checkpointing, fused=settings['fused'],
-                         recompute_blocks=recompute_blocks, lean_mix=settings['lean_mix'],
-                         compile_blocks=settings['compile_blocks'])
-    return (model, *make_engine(LanguageModelLoss(model, loss_chunk_size, settings['loss_kernel']), model, backend,
-                                dtype, zero_stage, micro_batch_size, grad_accum_steps, 1.0, 1e-4, 0.1, (0.9, 0.95),
-                                1e-8, settings['fused_adamw']))
+def lever_model(config, settings, blocks):
+    """A model of `config` with the wrappers of `settings` (lever_settings), the first `blocks` blocks recomputed, and
+    its loss module."""
+    model = create_model(config, device=device, attention=settings['attention'],
+                         gradient_checkpointing=gradient_checkpointing, fused=settings['fused'], recompute_blocks=blocks,
+                         lean_mix=settings['lean_mix'], compile_blocks=settings['compile_blocks'])
+    return model, LanguageModelLoss(model, loss_chunk_size, settings['loss_kernel'])
 
 
 def measure(model_type, kernel=None, **changes):
@@ -183,7 +181,10 @@ def measure(model_type, kernel=None, **changes):
     settings = lever_settings(**changes, **({'attention': kernel} if kernel else {}))
     config = model_config(model_type)
     torch.manual_seed(seed)
-    model, loss_engine, optimizer, autocast = build(model_type, settings, config)
+    model, loss_module = lever_model(config, settings, recompute_blocks)
+    loss_engine, optimizer, autocast = make_engine(loss_module, model, backend, dtype, zero_stage, micro_batch_size,
+                                                   grad_accum_steps, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8,
+                                                   settings['fused_adamw'])
     kernel_name = attention_name(model)
     loss_engine.train()
     rng = np.random.default_rng(seed)
@@ -471,13 +472,9 @@ def one_update(settings, run_dtype, data):
     vocabulary, through today's or a lever's path, from the same weights, batch and Gumbel noise (plain PyTorch:
     DeepSpeed changes no math)."""
     torch.manual_seed(seed)
-    model = create_model(model_config('polyglu', layers=2), device=device, attention=settings['attention'],
-                         gradient_checkpointing=gradient_checkpointing, fused=settings['fused'],
-                         recompute_blocks=min(recompute_blocks, 1), lean_mix=settings['lean_mix'],
-                         compile_blocks=settings['compile_blocks'])
-    loss_module, optimizer, autocast = make_engine(LanguageModelLoss(model, loss_chunk_size, settings['loss_kernel']),
-                                                   model, 'torch', run_dtype, 0, micro_batch_size, 1, 1.0, 1e-3, 0.1,
-                                                   (0.9, 0.95), 1e-8, settings['fused_adamw'])
+    model, loss_module = lever_model(model_config('polyglu', layers=2), settings, min(recompute_blocks, 1))
+    loss_module, optimizer, autocast = make_engine(loss_module, model, 'torch', run_dtype, 0, micro_batch_size, 1, 1.0,
+                                                   1e-3, 0.1, (0.9, 0.95), 1e-8, settings['fused_adamw'])
     before = torch.cat([p.detach().float().flatten() for p in model.parameters()])
     torch.manual_seed(seed + 1)
     with autocast:

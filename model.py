@@ -488,18 +488,23 @@ def polyglu_mix(gate, up, g):
             + g[..., 3] * F.gelu(gate)) * up
 
 
-def polyglu_mix_backward(gate, up, g, grad_h):
-    """The backward of h = polyglu_mix(gate, up, g), recomputing h on the way (for W_down's gradient) instead of
-    keeping it from the forward. Derivatives in float32: relu' = [x > 0], tanh' = 1 - tanh^2,
-    silu' = s (1 + x (1 - s)) with s = sigmoid(x), gelu' = Phi(x) + x phi(x). The K activations are stacked so that
-    grad_g is one reduction over the tokens (4 compiled kernels on CPU instead of 7). -> (h, grad_gate, grad_up,
-    grad_g)."""
-    x, u, dh, w = gate.float(), up.float(), grad_h.float(), g.float()
+def activations_and_slopes(x):
+    """The K activations of x (float32) and their derivatives: relu' = [x > 0], tanh' = 1 - tanh^2,
+    silu' = s (1 + x (1 - s)) with s = sigmoid(x), gelu' = Phi(x) + x phi(x). -> two tuples of K tensors."""
     tanh, sigmoid = torch.tanh(x), torch.sigmoid(x)
     cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
     pdf = torch.exp(-0.5 * x * x) * 0.3989422804014327
-    acts = torch.stack((F.relu(x), tanh, x * sigmoid, x * cdf), dim=-1)
-    slopes = torch.stack(((x > 0).float(), 1.0 - tanh * tanh, sigmoid * (1.0 + x * (1.0 - sigmoid)), cdf + x * pdf), -1)
+    return ((F.relu(x), tanh, x * sigmoid, x * cdf),
+            ((x > 0).float(), 1.0 - tanh * tanh, sigmoid * (1.0 + x * (1.0 - sigmoid)), cdf + x * pdf))
+
+
+def polyglu_mix_backward(gate, up, g, grad_h):
+    """The backward of h = polyglu_mix(gate, up, g), recomputing h on the way (for W_down's gradient) instead of
+    keeping it from the forward, with the derivatives in float32 (activations_and_slopes). The K activations are
+    stacked so that grad_g is one reduction over the tokens (4 compiled kernels on CPU instead of 7). -> (h, grad_gate,
+    grad_up, grad_g)."""
+    x, u, dh, w = gate.float(), up.float(), grad_h.float(), g.float()
+    acts, slopes = (torch.stack(terms, dim=-1) for terms in activations_and_slopes(x))
     mix, slope = (w * acts).sum(-1), (w * slopes).sum(-1)
     grad_g = ((dh * u)[..., None] * acts).sum_to_size(w.shape)
     return ((mix * u).to(grad_h.dtype), (dh * u * slope).to(gate.dtype), (dh * mix).to(up.dtype),
@@ -511,11 +516,7 @@ def polyglu_mix_backward_lean(gate, up, g, grad_h):
     [tokens, d_ff, K] float32 tensor exists (Inductor keeps two of today's: 4 GiB each a layer at 16 x 4,096). The same
     operations in the same order: bit-identical in float32 eagerly where d_ff is a multiple of 16 (4,096 is)."""
     x, u, dh, w = gate.float(), up.float(), grad_h.float(), g.float()
-    tanh, sigmoid = torch.tanh(x), torch.sigmoid(x)
-    cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
-    pdf = torch.exp(-0.5 * x * x) * 0.3989422804014327
-    acts = (F.relu(x), tanh, x * sigmoid, x * cdf)
-    slopes = ((x > 0).float(), 1.0 - tanh * tanh, sigmoid * (1.0 + x * (1.0 - sigmoid)), cdf + x * pdf)
+    acts, slopes = activations_and_slopes(x)
     weights = w.unbind(-1)
     mix = weights[0] * acts[0] + weights[1] * acts[1] + weights[2] * acts[2] + weights[3] * acts[3]
     slope = weights[0] * slopes[0] + weights[1] * slopes[1] + weights[2] * slopes[2] + weights[3] * slopes[3]
