@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from configurator import configure, fail
 from model import EOS_ID, ModelConfig
-from utils import HUB_TOKENIZER, get_tokenizer, load_dotenv, plan_budgets, read_manifest
+from utils import HUB_TOKENIZER, get_tokenizer, hold_folder, load_dotenv, plan_budgets, read_manifest
 
 # -----------------------------------------------------------------------------
 # config
@@ -354,7 +354,7 @@ def plan(name):
 def prepare_source(name):
     """Tokenize one source into {output_base}/{name}/, resuming from its manifest if one is there."""
     folder = os.path.join(output_base, name)
-    os.makedirs(folder, exist_ok=True)
+    hold_folder(folder)  # one prepare per folder: a second one stops here, naming this one
     for leftover in glob.glob(os.path.join(folder, '*.tmp')):
         os.remove(leftover)  # a half-written chunk or manifest of a killed run
     streams = plan(name)

@@ -25,10 +25,10 @@ import torch
 from configurator import configure, fail
 from model import EOS_ID, LanguageModelLoss, attention_name, wrap_model
 from utils import (all_reduce_sums, catch_stop_signals, check_resume, checkpoint_or_stop, close_distributed,
-                   count_bad_step, end_of_session, flops_per_token, import_training_state, init_distributed,
-                   init_wandb, load_checkpoint, log_entry, make_engine, micro_batch_seeds, peak_flops, projected_cost,
-                   rank_rows, read_manifest, resolve_device, resume_state, run_provenance, save_run, set_learning_rate,
-                   step_report, to_device, train_step, trim_log, verified_chunk)
+                   count_bad_step, end_of_session, flops_per_token, hold_folder, import_training_state,
+                   init_distributed, init_wandb, load_checkpoint, log_entry, make_engine, micro_batch_seeds,
+                   peak_flops, projected_cost, rank_rows, read_manifest, resolve_device, resume_state, run_provenance,
+                   save_run, set_learning_rate, step_report, to_device, train_step, trim_log, verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -247,11 +247,11 @@ def main():
     rank, world_size, device = init_distributed(backend, device)
     is_master = rank == 0
     if is_master:
-        os.makedirs(out_dir, exist_ok=True)
+        hold_folder(out_dir)  # one run per out_dir: a second one stops here, naming this one
 
     # data: conversations, the held-out slice, the packing of every epoch
     tokens, masks, starts, lengths, problems = load_conversations()
-    provenance = run_provenance([data_dir])  # the command, the tokenizer: sample.py and export.py read them
+    provenance = run_provenance([data_dir], globals())  # sample.py, eval.py and export.py read it
     lengths, train_ids, val_ids, too_long = split_conversations(lengths, problems)
     rows = [row for epoch in range(epochs)
             for row in pack(starts, lengths, np.random.default_rng([seed, epoch]).permutation(train_ids), block_size + 1)]

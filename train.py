@@ -26,7 +26,7 @@ import torch
 from configurator import configure, fail
 from model import EOS_ID, LanguageModelLoss, ModelConfig, attention_name, create_model
 from utils import (all_reduce_sums, catch_stop_signals, check_resume, checkpoint_or_stop, close_distributed,
-                   count_bad_step, count_parameters, end_of_session, flops_per_token, held_out_windows,
+                   count_bad_step, count_parameters, end_of_session, flops_per_token, held_out_windows, hold_folder,
                    import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry, make_engine,
                    micro_batch_seeds, open_chunks, peak_flops, projected_cost, rank_rows, recompute_flops_per_token,
                    resolve_device, resume_state, run_plan, run_provenance, save_run, set_learning_rate, step_report,
@@ -340,10 +340,10 @@ def main():
     rank, world_size, device = init_distributed(backend, device)
     is_master = rank == 0
     if is_master:
-        os.makedirs(out_dir, exist_ok=True)
+        hold_folder(out_dir)  # one run per out_dir: a second one stops here, naming this one
     tokens_per_step = micro_batch_size * grad_accum_steps * block_size * world_size
     data, plan, data_plan, folders = open_data(world_size, is_master)
-    provenance = run_provenance(folders)  # the command, the tokenizer
+    provenance = run_provenance(folders, globals())  # the command, the config, the commit
 
     path, state = resume_state(out_dir, 'portable_') if resume else (None, None)
     model = build_model(is_master, resuming=state is not None)

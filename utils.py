@@ -11,12 +11,14 @@ What more than one stage script needs, so that each stage shares only this file 
 """
 import collections
 import contextlib
+import errno
 import importlib.util
 import itertools
 import json
 import math
 import os
 import pickle
+import shutil
 import time
 from dataclasses import asdict, fields
 from functools import partial
@@ -278,11 +280,72 @@ def command_line():
     return shlex.join([os.path.basename(argv[0])] + argv[1:])
 
 
-def run_provenance(data_folders):
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRACKED_PACKAGES = ('torch', 'deepspeed', 'lm_eval', 'transformers', 'datasets', 'liger_kernel')
+
+
+def git_commit():
+    """{'commit': the code's git commit, 'dirty': uncommitted changes to tracked files}, or None outside a checkout."""
+    import subprocess
+    try:
+        run = lambda *args: subprocess.run(['git', *args], cwd=HERE, capture_output=True, text=True,  # noqa: E731
+                                           timeout=10, check=True).stdout.strip()
+        return {'commit': run('rev-parse', 'HEAD'), 'dirty': bool(run('status', '--porcelain', '--untracked-files=no'))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions():
+    """The installed versions of the libraries a result depends on (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = version(name.replace('_', '-'))
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_provenance(data_folders, namespace):
     """What a checkpoint records of how it was made, for sample.py, eval.py and export.py's model card: the command,
-    the prepared folders it read and the tokenizer they were prepared with."""
+    the whole resolved config (every key of the stage script, secrets never among them), the git commit and whether
+    the tree was dirty, the library versions, the prepared folders it read and the tokenizer they were prepared
+    with."""
     tokenizer = next((read_manifest(folder).get('tokenizer') for folder in data_folders), None)
-    return {'command': command_line(), 'data': list(data_folders), 'tokenizer': tokenizer}
+    config = {k: namespace[k] for k in config_keys(namespace) if 'token' not in k.lower()}
+    return {'command': command_line(), 'config': config, 'git': git_commit(), 'versions': package_versions(),
+            'data': list(data_folders), 'tokenizer': tokenizer}
+
+
+# -----------------------------------------------------------------------------
+# one run per folder (train.py, sft.py, prepare.py)
+
+HELD_FOLDERS = {}  # folder -> its open lock file: a lock lasts as long as its file stays open, so until this process ends
+
+
+def hold_folder(folder):
+    """Take {folder}/.lock for this process, or stop in one line naming the live run that holds it. The lock is the
+    kernel's (flock): it dies with its process, so a run killed with -9 or a lost pod never blocks a resume."""
+    import fcntl
+    import socket
+    os.makedirs(folder, exist_ok=True)
+    if os.path.realpath(folder) in HELD_FOLDERS:
+        return  # this process holds it already (a stage run twice in one process, as the tests do)
+    handle = open(os.path.join(folder, '.lock'), 'a+')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or 'a process that has not written its id yet'
+        handle.close()
+        fail(f"{folder} is in use by a live run ({holder}): stop that run, or give this one another folder")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{command_line()}\n")
+    handle.flush()
+    HELD_FOLDERS[os.path.realpath(folder)] = handle
 
 
 def read_manifest(folder, missing_hint='run prepare.py for it'):
@@ -854,10 +917,42 @@ def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=Non
         'model_config': asdict(model.config),
         **extra,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    previous = newest_checkpoint(folder)
+    needed = os.path.getsize(previous) if previous else 0  # the same model and optimizer: the same size again
+    if needed and shutil.disk_usage(folder).free < needed:
+        disk_full(path, needed, previous)
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:
+        # a full disk surfaces from torch.save as ENOSPC, or as its zip writer's 'iostream error' / 'unexpected pos'
+        full = getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or any(
+            text in str(e) for text in ('iostream error', 'unexpected pos', 'file write failed'))
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a half-written file would keep the disk full
+        if not full:
+            raise
+        disk_full(path, needed, previous, e)
     os.replace(tmp, path)
+
+
+def newest_checkpoint(folder):
+    """The newest *.pt in a folder, or None."""
+    paths = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith('.pt')]
+    return max(paths, key=os.path.getmtime, default=None)
+
+
+def disk_full(path, needed, previous, error=None):
+    """Stop in one line: what was being written, the room it needs and finds, and what a resume continues from."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    need = f"needs about {needed / 2 ** 20:,.1f} MiB" if needed else "did not fit"
+    intact = (f"the previous checkpoint {previous} is intact and `resume` continues from it" if previous else
+              "no earlier checkpoint is there, so a rerun starts from step 0")
+    fail(f"disk full: {path} {need}, {free / 2 ** 20:,.1f} MiB free"
+         + (f" ({type(error).__name__} while writing; its .tmp removed)" if error else ' (nothing written)')
+         + f"; {intact}: free space (or lower keep_checkpoints) and rerun the same command")
 
 
 HUB_PREFIX = 'hf:'  # --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B

@@ -34,3 +34,14 @@ def data_dir(tmp_path_factory):
     for i, name in enumerate(('math', 'stem', 'code')):
         synthetic.write_source(folder, name, seed=i)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def release_run_folders():
+    """Stage scripts run in this process hold their folders (utils.hold_folder) until it ends; a test's folders are
+    let go when the test ends, as a finished run's are when its process exits."""
+    yield
+    import utils
+    for handle in utils.HELD_FOLDERS.values():
+        handle.close()
+    utils.HELD_FOLDERS.clear()

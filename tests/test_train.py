@@ -2,6 +2,7 @@ import importlib
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def test_killed_and_resumed_run_is_exact(data_dir, tmp_path, capsys):
     assert losses(first) + losses(second) == whole_losses  # exact, not approximately
     for key, value in final_state(whole).items():
         assert torch.equal(value, final_state(parts)[key]), key
-    assert sorted(os.listdir(parts)) == ['portable_10.pt', 'portable_13.pt', 'portable_20.pt', 'portable_final.pt',
+    assert sorted(os.listdir(parts)) == ['.lock', 'portable_10.pt', 'portable_13.pt', 'portable_20.pt', 'portable_final.pt',
                                          'train_log.jsonl']
     import json
     logged = [json.loads(line) for line in open(os.path.join(parts, 'train_log.jsonl'))]
@@ -192,6 +193,118 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     assert process.returncode == 0
     step = int(re.search(r'signal 15: checkpoint saved at step (\d+)', out).group(1))
     assert os.path.isfile(tmp_path / f'portable_{step}.pt')
+
+
+def test_a_second_run_on_a_live_out_dir_stops_and_a_killed_one_never_blocks(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    args = synthetic.train_args(data_dir, str(out), max_steps=100_000, log_interval=1, eval_interval=0,
+                                checkpoint_interval=5)
+    first = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    for line in first.stdout:
+        if line.startswith('saved checkpoint at step 5'):
+            break
+    second = subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and 'step' not in second.stdout  # it stopped before training a step
+    assert re.fullmatch(rf"error: {out} is in use by a live run \(process {first.pid} on .*, started "
+                        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d: train\.py --data_dir=.*\): stop that run, or give this one "
+                        r"another folder", second.stderr.strip())
+    first.kill()  # -9: the lock dies with its process
+    first.wait()
+    third = subprocess.run([sys.executable, 'train.py', *args, '--stop_after_steps=2'], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert re.search(r'resumed from step [1-9]\d* ', third.stdout)
+
+
+def test_a_full_disk_is_one_line_and_the_resume_continues_exactly(data_dir, tmp_path, capsys, monkeypatch):
+    whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
+    run_train(synthetic.train_args(data_dir, whole, max_steps=20, log_interval=1, checkpoint_interval=5))
+    whole_losses = losses(capsys.readouterr().out)
+    saving = torch.save
+
+    def fills_the_disk(state, path):  # what torch.save does when the disk fills mid-write
+        if state['step'] == 10:
+            open(path, 'wb').write(b'PK' * 1000)
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 2048 vs 1932')
+        saving(state, path)
+    monkeypatch.setattr(U.torch, 'save', fills_the_disk)
+    with pytest.raises(SystemExit) as stopped:
+        run_train(synthetic.train_args(data_dir, parts, max_steps=20, log_interval=1, checkpoint_interval=5))
+    assert re.fullmatch(rf"error: disk full: {parts}/portable_10\.pt needs about [\d.]+ MiB, [\d,.]+ MiB free "
+                        r"\(RuntimeError while writing; its \.tmp removed\); the previous checkpoint "
+                        rf"{parts}/portable_5\.pt is intact and `resume` continues from it: free space \(or lower "
+                        r"keep_checkpoints\) and rerun the same command", str(stopped.value))
+    assert sorted(os.listdir(parts)) == ['.lock', 'portable_5.pt', 'train_log.jsonl']
+    first = capsys.readouterr().out
+    monkeypatch.setattr(U.torch, 'save', saving)
+    free = U.shutil.disk_usage(parts).free
+    monkeypatch.setattr(U.shutil, 'disk_usage', lambda folder: U.shutil._ntuple_diskusage(0, 0, 1000))
+    with pytest.raises(SystemExit, match=r'disk full: .*portable_10\.pt needs about [\d.]+ MiB, 0\.0 MiB free '
+                                         r'\(nothing written\)'):  # checked before it writes
+        run_train(synthetic.train_args(data_dir, parts, max_steps=20, log_interval=1, checkpoint_interval=5))
+    assert free > 0 and sorted(os.listdir(parts)) == ['.lock', 'portable_5.pt', 'train_log.jsonl']
+    monkeypatch.undo()
+    capsys.readouterr()
+    run_train(synthetic.train_args(data_dir, parts, max_steps=20, log_interval=1, checkpoint_interval=5))
+    second = capsys.readouterr().out
+    assert 'resumed from step 5' in second
+    assert losses(first)[:5] + losses(second) == whole_losses
+    for key, value in final_state(whole).items():
+        assert torch.equal(value, final_state(parts)[key]), key
+
+
+def in_a_small_tmpfs(folder, script):
+    """Run a shell script with a tmpfs mounted at `folder` (MOUNT SIZE and GROW SIZE lines in it mount and grow it),
+    in a user and mount namespace of its own, so no root is needed; None where this machine cannot."""
+    os.makedirs(folder, exist_ok=True)
+    script = re.sub(r'^MOUNT (\S+)$', rf'mount -t tmpfs -o size=\1 tmpfs {folder}', script, flags=re.M)
+    script = re.sub(r'^GROW (\S+)$', rf'mount -o remount,size=\1 {folder}', script, flags=re.M)
+    probe = subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
+                            f'mount -t tmpfs -o size=64k tmpfs {folder}'], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    return subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c', script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_is_one_line(data_dir, tmp_path):
+    """The same on a real small filesystem, where torch.save's own error is what a full disk gives."""
+    args = synthetic.train_args(data_dir, str(tmp_path / 'disk' / 'run'), max_steps=20, log_interval=1,
+                                checkpoint_interval=5)
+    reference = subprocess.run([sys.executable, 'train.py', *synthetic.train_args(
+        data_dir, str(tmp_path / 'whole'), max_steps=20, log_interval=1, checkpoint_interval=5)], cwd=ROOT,
+        capture_output=True, text=True, timeout=300)
+    size = os.path.getsize(tmp_path / 'whole' / 'portable_5.pt')
+    command = shlex.join([sys.executable, 'train.py', *args])
+    result = in_a_small_tmpfs(str(tmp_path / 'disk'), f"""
+MOUNT {size // 2}
+{command} > /dev/null 2> {tmp_path}/first.err
+ls -a {tmp_path}/disk/run > {tmp_path}/first.ls
+umount {tmp_path}/disk
+MOUNT {size * 3 // 2 + 65536}
+{command} > {tmp_path}/second.out 2> {tmp_path}/second.err
+GROW {size * 8}
+{command} > {tmp_path}/third.out
+cp {tmp_path}/disk/run/portable_final.pt {tmp_path}/final.pt
+""")
+    if result is None:
+        pytest.skip('no tmpfs can be mounted here (user namespaces are off); the ENOSPC test above covers the save')
+    assert result.returncode == 0, result.stderr[-2000:]
+    read = lambda name: open(tmp_path / name).read()  # noqa: E731
+    assert re.fullmatch(r"error: disk full: .*/portable_5\.pt did not fit, [\d.]+ MiB free \(RuntimeError while "
+                        r"writing; its \.tmp removed\); no earlier checkpoint is there, so a rerun starts from step 0: "
+                        r"free space \(or lower keep_checkpoints\) and rerun the same command\n", read('first.err'))
+    assert read('first.ls').split() == ['.', '..', '.lock', 'train_log.jsonl']
+    assert re.fullmatch(r"error: disk full: .*/portable_10\.pt needs about [\d.]+ MiB, [\d.]+ MiB free \(nothing "
+                        r"written\); the previous checkpoint .*/portable_5\.pt is intact and `resume` continues from "
+                        r"it: .*\n", read('second.err'))
+    assert 'resumed from step 5' in read('third.out')
+    assert losses(read('second.out'))[:5] + losses(read('third.out')) == losses(reference.stdout)
+    whole = final_state(tmp_path / 'whole')
+    for key, value in torch.load(tmp_path / 'final.pt', weights_only=True)['model_state_dict'].items():
+        assert torch.equal(value, whole[key]), key
 
 
 @pytest.mark.slow
