@@ -28,18 +28,21 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lm_eval.api.model import LM
 from tqdm import tqdm
 
 from configurator import config_keys, configure, fail
 from model import EOS_ID, attention_name, cu_seqlens_from_eos
 from utils import (chatml, checkpoint_tokenizer, command_line, count_parameters, enable_segment_pooling, file_digest,
-                   fine_tuned, generate_cached, generate_exact, get_tokenizer, gumbel_routing, held_out_windows,
-                   load_checkpoint, open_chunks, packed_hidden_states, resolve_device, whole_row_pooling)
+                   fine_tuned, generate_cached, generate_exact, get_tokenizer, git_commit, gumbel_routing,
+                   held_out_windows, load_checkpoint, open_chunks, package_versions, packed_hidden_states,
+                   resolve_device, sampler, whole_row_pooling)
 
 # -----------------------------------------------------------------------------
 # config
@@ -185,16 +188,18 @@ def cut(text, until):
     return text.replace('<|endoftext|>', '')
 
 
-def generate_texts(model, tok, prompts, budget, cached=False, desc='generate', record=None, progress=None):
-    """prompts: [(context ids, until strings, max new tokens)] -> greedy texts, cut at the first stop string: exact
-    (model.generate_exact, continuous batching) or, cached=True, model.generate_cached (approximate, one at a time).
-    record(i, text) is called as each request finishes, so an interrupted run keeps what it answered."""
+def generate_texts(model, tok, prompts, budget, cached=False, desc='generate', record=None, progress=None,
+                   pick=sampler()):
+    """prompts: [(context ids, until strings, max new tokens)] -> texts, cut at the first stop string: exact
+    (utils.generate_exact, continuous batching) or, cached=True, utils.generate_cached (approximate, one at a time).
+    pick: greedy, or one utils.sampler per prompt. record(i, text) is called as each request finishes, so an
+    interrupted run keeps what it answered."""
     outputs = [None] * len(prompts)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
     stop = lambda i, ids: stop_index(decode(ids), prompts[i][1]) >= 0  # noqa: E731
     requests, stats = [(ids, n) for ids, _, n in prompts], {}
-    events = (generate_cached(model, requests, refresh_threshold, stop=stop, stats=stats) if cached
-              else generate_exact(model, requests, budget, stop=stop))
+    events = (generate_cached(model, requests, refresh_threshold, pick, stop=stop, stats=stats) if cached
+              else generate_exact(model, requests, budget, pick, stop=stop))
     own_progress = progress is None
     if own_progress:
         progress = tqdm(total=len(prompts), desc=desc, unit='req', disable=len(prompts) < 8)
@@ -248,105 +253,181 @@ def read_answers(path):
     return answers
 
 
-def make_lm(model, tok, chat=False, store=None, author=False):
-    """The harness's LM. store: a jsonl path where every answer is appended as soon as it is computed and read back
-    first, so an interrupted evaluation rerun continues where it stopped. author: score loglikelihoods as the
-    author's wrapper did (score)."""
-    from lm_eval.api.model import LM
-    answers = read_answers(store) if store else {}
-    if store:
-        os.makedirs(os.path.dirname(store), exist_ok=True)
-    file = open(store, 'a') if store else None
+GENERATION_KEYS = ('until', 'max_gen_toks', 'do_sample', 'temperature', 'top_k')
+NEUTRAL_GENERATION = {'top_p': 1.0, 'num_beams': 1, 'num_return_sequences': 1}  # values that ask for nothing else
+MODEL_ARGS = ('checkpoint', 'dtype', 'device', 'attention', 'tokenizer', 'batch_tokens', 'max_gen_toks', 'generation',
+              'refresh_threshold', 'seed')  # the keys of eval.py that --model_args sets on the lm_eval command line
 
-    class PolychromaticEvalLM(LM):
-        """lm-evaluation-harness LM around the project's own model (no Hugging Face model classes). With chat, the
-        harness renders prompts through apply_chat_template (few-shot examples as turns) and generation also stops at
-        <|im_end|>, which ends every assistant turn in SFT."""
 
-        tokenizer_name = 'Qwen3-chatml'
-        noise_seed = None  # the author's Gumbel routing under this seed (paper_routing_seeds), None: deterministic
-        stored = len(answers)
-        answered = 0       # requests read back from the store rather than computed, this process
+def sampling(kwargs):
+    """A request's generation arguments -> (temperature, top_k): (0, 0) is greedy. As Hugging Face's generate reads
+    them: sampling only with do_sample=True, at temperature 1 and over the whole vocabulary unless they say otherwise.
+    Anything this cannot honour stops the run in one line naming it."""
+    for key, value in kwargs.items():
+        if key not in GENERATION_KEYS and NEUTRAL_GENERATION.get(key, object()) != value:
+            fail(f"generation argument {key}={value!r} cannot be honoured here (only {', '.join(GENERATION_KEYS)}): "
+                 "drop it from --gen_kwargs or the task's generation_kwargs")
+    temperature, top_k = float(kwargs.get('temperature', 1.0)), int(kwargs.get('top_k') or 0)
+    if not kwargs.get('do_sample'):
+        if temperature > 0 and 'temperature' in kwargs or top_k:
+            fail(f"generation arguments temperature={kwargs.get('temperature')}, top_k={kwargs.get('top_k')} without "
+                 "do_sample=True would decode greedily and score it as sampled: add do_sample=True, or drop them")
+        return 0.0, 0
+    if temperature < 0 or top_k < 0:
+        fail(f"generation arguments temperature={temperature} and top_k={top_k} must not be negative")
+    return temperature, top_k
 
-        def apply_chat_template(self, chat_history, add_generation_prompt=True):
-            return chatml(chat_history, add_generation_prompt)
 
-        def chat_template(self, chat_template=False):
-            return 'chatml' if chat_template else ''
+class HarnessLM(LM):
+    """lm-evaluation-harness LM around the project's own model (no Hugging Face model classes): eval.py's own runs and
+    the `lm_eval` command line (`python eval.py lm_eval --model polychromatic ...`) both score through it. With chat,
+    the harness renders prompts through apply_chat_template (few-shot examples as turns) and generation also stops at
+    <|im_end|>, which ends every assistant turn in SFT. store: a jsonl path where every answer is appended as soon as
+    it is computed and read back first, so an interrupted evaluation rerun continues where it stopped (the command
+    line's --use_cache does the same through the harness's cache hook). author: score loglikelihoods as the author's
+    wrapper did (score)."""
 
-        def answer(self, kind, requests, compute):
-            """Answers in request order: those in the store are read, compute(todo, record, progress) does the rest."""
-            keys = [hashlib.sha256(json.dumps([kind, request.args, author, self.noise_seed], sort_keys=True,
-                                              default=str).encode()).hexdigest() for request in requests]
-            todo = [i for i, key in enumerate(keys) if key not in answers]
-            self.answered += len(requests) - len(todo)
-            progress = tqdm(total=len(requests), initial=len(requests) - len(todo), unit='req', desc=kind)
+    tokenizer_name = 'Qwen3-chatml'
 
-            def record(j, value):
-                answers[keys[todo[j]]] = value
-                if file:
-                    file.write(json.dumps({'key': keys[todo[j]], 'value': value}) + '\n')
-                    file.flush()  # in the OS's hands: a killed process loses nothing it recorded
-            if todo:
-                compute(todo, record, progress)
-            progress.close()
-            return [answers[key] for key in keys]
+    def __init__(self, model, tok, chat=False, store=None, author=False, info=None):
+        super().__init__()
+        self.model, self.tok, self.chat, self.author, self.info = model, tok, chat, author, info or {}
+        self.noise_seed = None  # the author's Gumbel routing under this seed (paper_routing_seeds), None: deterministic
+        self.answers = read_answers(store) if store else {}
+        self.stored, self.answered = len(self.answers), 0  # answered: read back from the store, this process
+        if store:
+            os.makedirs(os.path.dirname(store), exist_ok=True)
+        self.file = open(store, 'a') if store else None
 
-        def close(self):
-            if file:
-                file.close()
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        from lm_eval.utils import simple_parse_args_string
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
-        def loglikelihood(self, requests, disable_tqdm=False):
-            def compute(todo, record, progress):
-                pairs = []
-                for i in todo:
-                    context, continuation = requests[i].args
-                    context_ids = tok.encode(context, add_special_tokens=False).ids if context else [EOS_ID]
-                    pairs.append((context_ids, tok.encode(continuation, add_special_tokens=False).ids))
-                score(model, pairs, batch_tokens, author=author, noise_seed=self.noise_seed, record=record,
-                      progress=progress)
-            return [tuple(answer) for answer in self.answer('loglikelihood', requests, compute)]
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """--model_args checkpoint=...,dtype=...: eval.py's own keys (MODEL_ARGS), checked as its command line checks
+        them; the harness's --device too. Its --batch_size has no say: requests are packed by batch_tokens."""
+        arguments = dict(arg_dict)
+        if (additional_config or {}).get('device') and 'device' not in arguments:
+            arguments['device'] = additional_config['device']
+        for key in arguments:
+            if key not in MODEL_ARGS:
+                fail(f"--model_args {key}= is not a setting of the polychromatic model; it takes "
+                     f"{', '.join(MODEL_ARGS)}")
+        configure(globals(), [f'--{key}={value}' for key, value in arguments.items()])
+        model, state = load_for_evaluation()
+        return cls(model, get_tokenizer(checkpoint_tokenizer(state, tokenizer), model.config.vocab_size), chat=False,
+                   info=state)
 
-        def loglikelihood_rolling(self, requests, disable_tqdm=False):
-            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    def get_model_info(self):
+        """What the harness records under config: the weights, by file and digest."""
+        if not self.info.get('file'):
+            return {}
+        return {'checkpoint': checkpoint, 'checkpoint_sha256': file_digest(self.info['file']),
+                'step': self.info.get('step'), 'tau': self.info.get('tau'), 'model_config': self.info.get('model_config')}
 
-            def compute(todo, record, progress):
-                pieces, owner = [], []
-                for j, i in enumerate(todo):
-                    ids = tok.encode(requests[i].args[0], add_special_tokens=False).ids
-                    for window in get_rolling_token_windows(token_list=ids, prefix_token=EOS_ID,
-                                                            max_seq_len=model.config.max_seq_len, context_len=1):
-                        pieces.append(make_disjoint_window(window))
-                        owner.append(j)
-                totals, left = [0.0] * len(todo), collections.Counter(owner)
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        self.chat = True  # ChatML prompts: generation stops at <|im_end|> too
+        return chatml(chat_history, add_generation_prompt)
 
-                def add(piece, result):  # a request is recorded once all its windows are scored
-                    j = owner[piece]
-                    totals[j] += result[0]
-                    left[j] -= 1
-                    if not left[j]:
-                        record(j, totals[j])
-                        progress.update(1)
-                score(model, pieces, batch_tokens, 'loglikelihood_rolling', author=author, noise_seed=self.noise_seed,
-                      record=add, progress=tqdm(disable=True))
-            return self.answer('loglikelihood_rolling', requests, compute)
+    def chat_template(self, chat_template=False):
+        return 'chatml' if chat_template else ''
 
-        def generate_until(self, requests, disable_tqdm=False):
-            def compute(todo, record, progress):
-                prompts = []
-                for i in todo:
-                    context, kwargs = requests[i].args
-                    until = kwargs.get('until', [])
-                    until = ([until] if isinstance(until, str) else list(until)) + (['<|im_end|>'] if chat else [])
-                    prompts.append((tok.encode(context, add_special_tokens=False).ids, until,
-                                    int(kwargs.get('max_gen_toks', max_gen_toks))))
-                outputs = generate_texts(model, tok, prompts, batch_tokens, generation == 'cached', record=record,
-                                         progress=progress)
-                if generation == 'cached' and compare_exact:
-                    compare_with_exact(model, tok, prompts[:compare_exact], outputs)
-            return self.answer('generate_until', requests, compute)
+    def answer(self, kind, requests, compute):
+        """Answers in request order: those in the store are read, compute(todo, record, progress) does the rest. The
+        n-th copy of a sampled request (a task's repeats) is a request of its own."""
+        copies, keys = collections.Counter(), []
+        for request in requests:
+            sampled = kind == 'generate_until' and sampling(request.args[1])[0] > 0
+            identity = [kind, request.args, self.author, self.noise_seed]
+            if sampled:
+                copies[json.dumps(request.args, sort_keys=True, default=str)] += 1
+                identity.append(copies[json.dumps(request.args, sort_keys=True, default=str)])
+            keys.append(hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest())
+        todo = [i for i, key in enumerate(keys) if key not in self.answers]
+        self.answered += len(requests) - len(todo)
+        progress = tqdm(total=len(requests), initial=len(requests) - len(todo), unit='req', desc=kind)
 
-    return PolychromaticEvalLM()
+        def record(j, value):
+            request = requests[todo[j]]
+            self.answers[keys[todo[j]]] = value
+            self.cache_hook.add_partial(kind, request.args, value)  # --use_cache: kept as it comes, not at the end
+            if self.file:
+                self.file.write(json.dumps({'key': keys[todo[j]], 'value': value}) + '\n')
+                self.file.flush()  # in the OS's hands: a killed process loses nothing it recorded
+        if todo:
+            compute(todo, record, progress, keys)
+        progress.close()
+        return [self.answers[key] for key in keys]
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+    def loglikelihood(self, requests, disable_tqdm=False):
+        def compute(todo, record, progress, keys):
+            pairs = []
+            for i in todo:
+                context, continuation = requests[i].args
+                context_ids = self.tok.encode(context, add_special_tokens=False).ids if context else [EOS_ID]
+                pairs.append((context_ids, self.tok.encode(continuation, add_special_tokens=False).ids))
+            score(self.model, pairs, batch_tokens, author=self.author, noise_seed=self.noise_seed, record=record,
+                  progress=progress)
+        return [tuple(answer) for answer in self.answer('loglikelihood', requests, compute)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        def compute(todo, record, progress, keys):
+            pieces, owner = [], []
+            for j, i in enumerate(todo):
+                ids = self.tok.encode(requests[i].args[0], add_special_tokens=False).ids
+                for window in get_rolling_token_windows(token_list=ids, prefix_token=EOS_ID,
+                                                        max_seq_len=self.model.config.max_seq_len, context_len=1):
+                    pieces.append(make_disjoint_window(window))
+                    owner.append(j)
+            totals, left = [0.0] * len(todo), collections.Counter(owner)
+
+            def add(piece, result):  # a request is recorded once all its windows are scored
+                j = owner[piece]
+                totals[j] += result[0]
+                left[j] -= 1
+                if not left[j]:
+                    record(j, totals[j])
+                    progress.update(1)
+            score(self.model, pieces, batch_tokens, 'loglikelihood_rolling', author=self.author,
+                  noise_seed=self.noise_seed, record=add, progress=tqdm(disable=True))
+        return self.answer('loglikelihood_rolling', requests, compute)
+
+    def generate_until(self, requests, disable_tqdm=False):
+        def compute(todo, record, progress, keys):
+            prompts, picks = [], []
+            for i in todo:
+                context, kwargs = requests[i].args
+                until = kwargs.get('until', [])
+                until = ([until] if isinstance(until, str) else list(until)) + (['<|im_end|>'] if self.chat else [])
+                prompts.append((self.tok.encode(context, add_special_tokens=False).ids, until,
+                                int(kwargs.get('max_gen_toks', max_gen_toks))))
+                # sample.py's sampler, seeded by the request (and its copy number): its draws do not depend on what
+                # it is batched with, nor on a resume
+                picks.append(sampler(*sampling(kwargs), seed=int(keys[i][:15], 16) ^ seed))
+            outputs = generate_texts(self.model, self.tok, prompts, batch_tokens, generation == 'cached',
+                                     record=record, progress=progress, pick=picks)
+            if generation == 'cached' and compare_exact:
+                compare_with_exact(self.model, self.tok, prompts[:compare_exact], outputs)
+        return self.answer('generate_until', requests, compute)
+
+
+def harness_command_line(arguments):
+    """`python eval.py lm_eval ARGS`: lm-evaluation-harness's own command line, every flag of it (--output_path,
+    --log_samples, --use_cache, --wandb_args, --hf_hub_log_args, --gen_kwargs ...), with this model registered as
+    `polychromatic` (lm-eval cannot import a model from another module by itself: its issues #1457, #1621)."""
+    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.api.registry import register_model
+    register_model('polychromatic')(HarnessLM)
+    sys.argv = ['lm_eval', *arguments]
+    cli_evaluate()
 
 
 def compare_with_exact(model, tok, prompts, outputs):
@@ -509,7 +590,7 @@ def paper_comparison(results, perplexity, column, prompts, scoring, routing=None
 def print_paper_comparison(comparison, model_label):
     column = comparison['model']
     print(f"\n{model_label} against the author's model card, {column} column (PolyChromaticLM-1.0-{column}-0.6B; "
-          "lm-eval 0.4.11 there, 0.4.13 here):")
+          f"lm-eval 0.4.11 there, {harness_version()} here):")
     print(f"{'benchmark':<23} {'metric':<10} {'shots':>5} {'prompts':<7} {'ours':>8} {'stderr':>6} {'noisy':>14} "
           f"{'card':>7} {'diff':>8}  protocol")
     show = lambda v, fmt: format(v, fmt) if v is not None else '-'  # noqa: E731
@@ -617,6 +698,11 @@ def run_benchmark(model):
     return seconds
 
 
+def harness_version():
+    from importlib.metadata import version
+    return version('lm_eval')
+
+
 def write_report(report):
     with open(f'{output}.tmp', 'w') as f:
         json.dump(report, f, indent=1, default=str)
@@ -635,7 +721,7 @@ def run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report):
                                           'attention': attention_name(model), 'generation': generation,
                                           'refresh_threshold': refresh_threshold if generation == 'cached' else None,
                                           'max_gen_toks': max_gen_toks})
-    lm = make_lm(model, tok, use_chat, store, author=paper)
+    lm = HarnessLM(model, tok, use_chat, store, author=paper, info=state)
     if store:
         print(f"answers kept in {store} ({lm.stored:,} there; the same command rerun reuses them)")
     manager = task_manager(task_names)
@@ -650,7 +736,7 @@ def run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report):
                     write_samples({name + suffix: records for name, records in run.pop('samples', {}).items()},
                                   output))
             merge_results(results, run, suffix)
-            report.update({key: results.get(key) for key in ('results', 'n-shot', 'versions')})
+            report.update({key: value for key, value in results.items() if key != 'samples'})  # all the harness's
             write_report(report)  # a finished task and its samples are on disk at once
         if paper and paper_routing_seeds:
             report['paper_routing'] = {'seeds': paper_routing_seeds, 'results': {}}
@@ -673,12 +759,22 @@ def run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report):
     return results
 
 
-def main():
+def load_for_evaluation():
+    """The checkpoint on the device, at the dtype, packed and exact (enable_segment_pooling) -> (model, its info)."""
     global device, dtype
+    device, dtype = resolve_device(device, dtype)
+    model, state = load_checkpoint(checkpoint)
+    model = model.to(device=device, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
+    enable_segment_pooling(model, attention)
+    print(f"{checkpoint} ({state['format']}): {model.config.model_type}, step {state['step']}, tau {state['tau']} | "
+          f"{device} {dtype} | attention {attention_name(model)}")
+    return model, state
+
+
+def main():
     if prompt:
         fail(f"--prompt moved to sample.py: python sample.py --checkpoint={checkpoint} --prompt=... (it streams, "
              "samples and chats)")
-    device, dtype = resolve_device(device, dtype)
     if generation not in ('exact', 'cached'):
         fail(f"generation must be 'exact' or 'cached', got {generation!r}")
     if perplexity_protocol not in ('validation', 'author'):
@@ -700,12 +796,8 @@ def main():
             os.remove(os.path.join(folder, '.write_test'))
         except OSError as e:
             fail(f"cannot write results to {output} ({e.strerror}); choose another --output")
-    model, state = load_checkpoint(checkpoint)
+    model, state = load_for_evaluation()
     step, tau = state['step'], state['tau']
-    model = model.to(device=device, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
-    enable_segment_pooling(model, attention)
-    print(f"{checkpoint} ({state['format']}): {model.config.model_type}, step {step}, tau {tau} | {device} {dtype} | "
-          f"attention {attention_name(model)}")
     if benchmark:  # random token ids: no tokenizer needed (gpu-check runs it on a machine without one)
         run_benchmark(model)
         return
@@ -719,7 +811,8 @@ def main():
     report = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'format': state['format'],
               'step': step, 'tau': tau,
               'model_config': state['model_config'], 'chat': use_chat, 'scoring': scoring, 'complete': False,
-              'config': {k: globals()[k] for k in config_keys(globals())}}
+              'eval_config': {k: globals()[k] for k in config_keys(globals())}, 'lm_eval_version': harness_version(),
+              'git': git_commit(), 'versions': package_versions()}
     results = run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report) if task_names else {}
     if perplexity:
         report['perplexity'] = domain_perplexity(model, state)
@@ -762,5 +855,8 @@ def domain_perplexity(model, state):
 
 
 if __name__ == '__main__':
-    configure(globals())
-    main()
+    if sys.argv[1:2] == ['lm_eval']:
+        harness_command_line(sys.argv[2:])
+    else:
+        configure(globals())
+        main()

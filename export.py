@@ -204,7 +204,7 @@ def metric_rows(results, shots):
 
 def eval_section(report):
     command = f"`{report['command']}`" if report.get('command') else \
-        "eval.py (this JSON records no command; its settings are under `config`)"
+        "eval.py (this JSON records no command; its settings are under `eval_config`)"
     lines = [f"Measured by {command} on `{report['checkpoint']}`: prompts "
              f"{'ChatML' if report.get('chat') else 'plain'}, scoring `{report.get('scoring', 'harness')}`"
              f"{'' if report.get('complete', True) else '; the evaluation was interrupted: finished tasks only'}.", '']

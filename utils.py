@@ -1271,6 +1271,14 @@ def sampler(temperature=0.0, top_k=0, seed=1337):
     return pick
 
 
+def pick_tokens(pick, logits, requests):
+    """pick: one sampler for every row, or a list of one per request (each request's own seeded draws, whatever it
+    is batched with) -> a token id for each row of logits [len(requests), vocab]."""
+    if callable(pick):
+        return pick(logits)
+    return [pick[i](logits[row:row + 1])[0] for row, i in enumerate(requests)]
+
+
 @torch.no_grad()
 def generate_exact(model, prompts, budget, pick=sampler(), stop=None):
     """Exact generation. A new token moves the gate's mean and so the FFN output of every earlier position in every
@@ -1279,7 +1287,7 @@ def generate_exact(model, prompts, budget, pick=sampler(), stop=None):
     last max_seq_len tokens. Yields (i, token, finished) as each token comes (token None for a request of 0 new
     tokens); request i finishes at its maximum, at EOS, or when stop(i, its generated ids) is true. Continuous batching:
     a request joins while the pack's full lengths fit in `budget` tokens, so answers arrive one by one from the first
-    minutes, not all at the end."""
+    minutes, not all at the end. pick: a sampler (utils.sampler), or a list of one per request."""
     max_len = model.config.max_seq_len
     sequences = [list(ids)[-max_len:] for ids, _ in prompts]
     generated = [[] for _ in prompts]
@@ -1297,7 +1305,7 @@ def generate_exact(model, prompts, budget, pick=sampler(), stop=None):
             continue
         hidden, offsets = packed_hidden_states(model, [sequences[i] for i in active])
         last = torch.as_tensor(offsets[1:] - 1, device=hidden.device)
-        tokens = pick(F.linear(hidden[last], model.embeddings.weight).float())
+        tokens = pick_tokens(pick, F.linear(hidden[last], model.embeddings.weight).float(), active)
         still = []
         for i, token in zip(active, tokens):
             generated[i].append(token)
@@ -1399,7 +1407,7 @@ def generate_cached(model, prompts, refresh_threshold, pick=sampler(), stop=None
         hidden, state = full_pass(model, ids)
         generated = []
         while True:
-            token = pick(F.linear(hidden, model.embeddings.weight).float()[None])[0]
+            token = pick_tokens(pick, F.linear(hidden, model.embeddings.weight).float()[None], [i])[0]
             generated.append(token)
             ids.append(token)
             finished = len(generated) >= max_new or token == EOS_ID or bool(stop and stop(i, generated)) or \
