@@ -255,8 +255,10 @@ def read_answers(path):
 
 GENERATION_KEYS = ('until', 'max_gen_toks', 'do_sample', 'temperature', 'top_k')
 NEUTRAL_GENERATION = {'top_p': 1.0, 'num_beams': 1, 'num_return_sequences': 1}  # values that ask for nothing else
-MODEL_ARGS = ('checkpoint', 'dtype', 'device', 'attention', 'tokenizer', 'batch_tokens', 'max_gen_toks', 'generation',
-              'refresh_threshold', 'seed')  # the keys of eval.py that --model_args sets on the lm_eval command line
+# eval.py's keys that --model_args sets on the lm_eval command line ('pretrained': checkpoint, as lm-eval spells it; it
+# also names --output_path's subfolder after the weights)
+MODEL_ARGS = ('checkpoint', 'pretrained', 'dtype', 'device', 'attention', 'tokenizer', 'batch_tokens', 'max_gen_toks',
+              'generation', 'refresh_threshold', 'seed')
 
 
 def sampling(kwargs):
@@ -315,6 +317,8 @@ class HarnessLM(LM):
             if key not in MODEL_ARGS:
                 fail(f"--model_args {key}= is not a setting of the polychromatic model; it takes "
                      f"{', '.join(MODEL_ARGS)}")
+        if 'pretrained' in arguments:
+            arguments['checkpoint'] = arguments.pop('pretrained')
         configure(globals(), [f'--{key}={value}' for key, value in arguments.items()])
         model, state = load_for_evaluation()
         return cls(model, get_tokenizer(checkpoint_tokenizer(state, tokenizer), model.config.vocab_size), chat=False,
@@ -812,7 +816,7 @@ def main():
               'step': step, 'tau': tau,
               'model_config': state['model_config'], 'chat': use_chat, 'scoring': scoring, 'complete': False,
               'eval_config': {k: globals()[k] for k in config_keys(globals())}, 'lm_eval_version': harness_version(),
-              'git': git_commit(), 'versions': package_versions()}
+              'git': git_commit(), 'library_versions': package_versions()}
     results = run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report) if task_names else {}
     if perplexity:
         report['perplexity'] = domain_perplexity(model, state)

@@ -314,7 +314,7 @@ def run_provenance(data_folders, namespace):
     with."""
     tokenizer = next((read_manifest(folder).get('tokenizer') for folder in data_folders), None)
     config = {k: namespace[k] for k in config_keys(namespace) if 'token' not in k.lower()}
-    return {'command': command_line(), 'config': config, 'git': git_commit(), 'versions': package_versions(),
+    return {'command': command_line(), 'config': config, 'git': git_commit(), 'library_versions': package_versions(),
             'data': list(data_folders), 'tokenizer': tokenizer}
 
 

@@ -2,6 +2,9 @@ import importlib
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ import model as M
 import utils as U
 import synthetic
 from configurator import configure
-from conftest import small_config
+from conftest import ROOT, small_config
 
 
 @pytest.fixture(scope='module')
@@ -243,6 +246,13 @@ def test_harness_runs_local_tasks(harness_setup, tmp_path, monkeypatch, capsys):
                        f'--output={output}', '--tokenizer=packaged', '--perplexity=False', '--device=cpu'])
     report = json.load(open(output))
     assert report['step'] == 7 and report['wall_time_s'] > 0
+    from importlib.metadata import version
+    assert report['lm_eval_version'] == version('lm_eval') and report['library_versions']['torch'] == torch.__version__
+    # every key the harness returns, so that the result can be traced and re-run
+    assert {'configs', 'higher_is_better', 'n-samples', 'versions', 'n-shot', 'config', 'git_hash', 'date',
+            'pretty_env_info', 'transformers_version'} <= set(report)
+    assert report['configs']['poly_mc']['dataset_path'] == 'json' and report['n-samples']['poly_gen']['effective'] == 4
+    assert report['higher_is_better']['poly_mc']['acc'] is True and report['eval_config']['tasks'] == 'poly_mc,poly_gen'
     acc = report['results']['poly_mc']['acc,none']
     assert 0.0 <= report['results']['poly_gen']['exact_match,none'] <= 1.0
     assert '|poly_mc' in capsys.readouterr().out  # the summary table
@@ -651,3 +661,78 @@ def test_no_tokenizer_without_text(harness_setup, tmp_path, monkeypatch):
     monkeypatch.setattr(module, 'AUTHOR_MIN_CHUNK', 10)
     module.main()
     assert json.load(open(f'{tmp_path}/p.json'))['perplexity']['math']['protocol'] == 'author'
+
+
+def harness_cli(*arguments, timeout=300):
+    env = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
+    return subprocess.run([sys.executable, 'eval.py', 'lm_eval', '--model', 'polychromatic', *arguments], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_the_lm_eval_command_line_scores_as_eval_py_does(harness_setup, tmp_path, monkeypatch):
+    folder, checkpoint = harness_setup
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    run_eval([f'--checkpoint={checkpoint}', '--tasks=poly_mc,poly_gen', f'--include_path={folder}',
+              f'--output={tmp_path}/own/eval.json', '--tokenizer=packaged', '--perplexity=False', '--device=cpu',
+              '--log_samples=True', '--resume=False'])
+    own = {task: [json.loads(line) for line in open(tmp_path / 'own' / 'eval_samples' / f'{task}.jsonl')]
+           for task in ('poly_mc', 'poly_gen')}
+    arguments = ['--model_args', f'pretrained={checkpoint},tokenizer=packaged,batch_tokens=4096', '--device', 'cpu',
+                 '--tasks', 'poly_mc,poly_gen', '--include_path', folder, '--output_path', str(tmp_path / 'harness'),
+                 '--log_samples', '--use_cache', str(tmp_path / 'cache' / 'answers')]
+    first = harness_cli(*arguments)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # the harness's own layout: {output_path}/{the model, named after the weights}/results_{date}.json, samples_*
+    written = sorted(os.listdir(tmp_path / 'harness' / checkpoint.replace('/', '__')))
+    assert [re.sub(r'\d{4}-\d\d-\d\dT[\d-]+\.\d+', 'DATE', name) for name in written] == [
+        'results_DATE.json', 'samples_poly_gen_DATE.jsonl', 'samples_poly_mc_DATE.jsonl']
+    results = json.load(open(tmp_path / 'harness' / checkpoint.replace('/', '__') / written[0]))
+    assert results['config']['checkpoint_sha256'] == U.file_digest(checkpoint) and results['config']['step'] == 7
+    for task, name in (('poly_gen', written[1]), ('poly_mc', written[2])):
+        theirs = [json.loads(line) for line in open(tmp_path / 'harness' / checkpoint.replace('/', '__') / name)]
+        as_text = lambda value: [as_text(v) for v in value] if isinstance(value, list) else str(value)  # noqa: E731
+        assert [as_text(s['resps']) for s in theirs] == [as_text(s['resps']) for s in own[task]]  # to the bit
+    # --use_cache: a second run computes nothing
+    second = harness_cli(*arguments)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert 'Cached requests: 18, Requests remaining: 0' in second.stderr  # poly_mc: 6 questions x 3 choices
+    assert 'Cached requests: 4, Requests remaining: 0' in second.stderr   # poly_gen
+    wrong = harness_cli('--model_args', f'checkpoint={checkpoint},temperature=0.5', '--tasks', 'poly_mc',
+                        '--include_path', folder)
+    assert wrong.returncode == 1 and wrong.stderr.strip().splitlines()[-1] == (
+        "error: --model_args temperature= is not a setting of the polychromatic model; it takes checkpoint, "
+        "pretrained, dtype, device, attention, tokenizer, batch_tokens, max_gen_toks, generation, refresh_threshold, "
+        "seed")
+
+
+def test_sampling_is_honoured_seeded_per_request_or_refused(tiny, word_tokenizer):
+    from lm_eval.api.instance import Instance
+
+    class Words:  # the word tokenizer behind the harness's text interface
+        encode = staticmethod(lambda text, add_special_tokens=False: word_tokenizer.encode(text))
+        decode = staticmethod(lambda ids, skip_special_tokens=False: word_tokenizer.decode(ids))
+
+    def generate(pairs):
+        lm = E.HarnessLM(tiny, Words)
+        return lm.generate_until([Instance('generate_until', {}, (context, kwargs), i) for i, (context, kwargs) in
+                                  enumerate(pairs)])
+
+    greedy = {'until': ['w7'], 'max_gen_toks': 8}
+    sampled = {**greedy, 'do_sample': True, 'temperature': 1.0, 'top_k': 50}
+    prompt = 'w1 w2 w3 w4'
+    repeats = generate([(prompt, sampled)] * 4)  # a task's repeats: four copies of one request
+    assert len(set(repeats)) >= 3  # each copy its own draw
+    assert generate([(prompt, sampled)] * 4) == repeats  # seeded: the same draws again
+    mixed = generate([('w9 w9', greedy), (prompt, sampled), ('w5', sampled), (prompt, sampled), (prompt, sampled),
+                      (prompt, sampled)])
+    assert mixed[1:2] + mixed[3:] == repeats  # whatever it is batched with
+    assert generate([(prompt, greedy)] * 2) == generate([(prompt, {**greedy, 'temperature': 0.0})] * 2)
+    assert generate([(prompt, {**greedy, 'do_sample': True, 'temperature': 0.0})]) == generate([(prompt, greedy)])[:1]
+    with pytest.raises(SystemExit, match=r"^error: generation argument top_p=0\.9 cannot be honoured here \(only "
+                                         r"until, max_gen_toks, do_sample, temperature, top_k\): drop it"):
+        generate([(prompt, {**sampled, 'top_p': 0.9})])
+    neutral = [(prompt, {**sampled, 'top_p': 1.0, 'num_beams': 1})]  # values that ask for nothing: accepted
+    assert generate(neutral) == generate(neutral)
+    with pytest.raises(SystemExit, match=r"temperature=0\.7, top_k=None without do_sample=True would decode greedily"):
+        generate([(prompt, {**greedy, 'temperature': 0.7})])
