@@ -309,9 +309,10 @@ class HarnessLM(LM):
     @classmethod
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
         """--model_args checkpoint=...,dtype=...: eval.py's own keys (MODEL_ARGS), checked as its command line checks
-        them; the harness's --device too. Its --batch_size has no say: requests are packed by batch_tokens."""
+        them; the harness's --device too (its default, cuda:0, is our 'auto': the GPU where there is one). Its
+        --batch_size has no say: requests are packed by batch_tokens."""
         arguments = dict(arg_dict)
-        if (additional_config or {}).get('device') and 'device' not in arguments:
+        if (additional_config or {}).get('device') not in (None, 'cuda:0') and 'device' not in arguments:
             arguments['device'] = additional_config['device']
         for key in arguments:
             if key not in MODEL_ARGS:

@@ -13,17 +13,15 @@ record. Every figure in the card names the command that measured it; a figure no
 export is read back before it is called done: the folder loads with load_checkpoint (a path, or hf:owner/name once
 pushed) and gives the checkpoint's logits at the exported precision.
 """
-import functools
 import json
 import os
-import subprocess
 
 import torch
 
 from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID
 from utils import (HUB_PREFIX, HUB_TOKENIZER, checkpoint_tokenizer, count_parameters, file_digest, fine_tuned,
-                   get_tokenizer, hub_failure, load_checkpoint, load_dotenv, quiet_hub, read_manifest)
+                   get_tokenizer, git_commit, hub_failure, load_checkpoint, load_dotenv, quiet_hub, read_manifest)
 
 # -----------------------------------------------------------------------------
 # config
@@ -44,14 +42,10 @@ PROJECT = 'PolychromaticLM'
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@functools.lru_cache(maxsize=None)
 def project_version():
-    """The git commit this code is at ('unknown' outside a checkout), '-dirty' with uncommitted changes."""
-    try:
-        return subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=HERE, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
+    """The git commit this code is at, '-dirty' with uncommitted changes ('unknown' outside a checkout)."""
+    git = git_commit()
+    return f"{git['commit'][:12]}{'-dirty' if git['dirty'] else ''}" if git else 'unknown'
 
 
 def write_atomic(path, write):
@@ -242,18 +236,60 @@ def routing_section(summary):
     return lines
 
 
+def model_index(evaluation):
+    """eval.py's results as the hub's model-index (huggingface_hub's EvalResult): a row per task and metric, its
+    dataset as the harness's task config names it, so the hub page shows them beside the model."""
+    from huggingface_hub import EvalResult
+    rows = []
+    for task, values in (evaluation or {}).get('results', {}).items():
+        config = (evaluation.get('configs') or {}).get(task, {})
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(',')
+            if not filter_name or metric.endswith('_stderr') or not isinstance(value, (int, float)):
+                continue
+            rows.append(EvalResult(
+                task_type='text-generation', dataset_type=config.get('dataset_path') or task, dataset_name=task,
+                dataset_config=config.get('dataset_name'), dataset_split=config.get('test_split'),
+                task_name=task, metric_type=metric, metric_value=value, metric_name=f'{metric} ({filter_name})'))
+    return rows
+
+
+def card_metadata(title, polyglu, info, evaluation):
+    """The card's YAML front matter (huggingface_hub's ModelCardData), the evaluation results as its model-index."""
+    from huggingface_hub import ModelCardData
+    base = info.get('init_from') or ''
+    results = model_index(evaluation)
+    data = ModelCardData(library_name='pytorch', pipeline_tag='text-generation', license=license or None,
+                         tags=['polychromaticlm', 'polyglu' if polyglu else 'swiglu'],
+                         base_model=base[len(HUB_PREFIX):] if info.get('stage') == 'sft' and
+                         base.startswith(HUB_PREFIX) else None, model_name=title if results else None,
+                         eval_results=results or None)
+    return ['---', *data.to_yaml().splitlines(), '---']
+
+
+def provenance_section(info):
+    """The code, the libraries and the whole config the weights were trained with, as the checkpoint records them."""
+    git, versions, config = info.get('git'), info.get('library_versions'), info.get('config')
+    if not (git or versions or config):
+        return ['The checkpoint records no code commit, library versions or config.']
+    lines = []
+    if git:
+        lines.append(f"- Code: {PROJECT} at commit `{git['commit']}`"
+                     + (' with uncommitted changes (dirty).' if git['dirty'] else '.'))
+    if versions:
+        lines.append('- Libraries: ' + ', '.join(f"{name} {version}" for name, version in versions.items() if version)
+                     + '.')
+    if config:
+        lines += ['', '<details><summary>The resolved config of the run</summary>', '', '```json',
+                  json.dumps(config, indent=1, default=str), '```', '', '</details>']
+    return lines
+
+
 def model_card(model, info, title, evaluation, summary, repo_id, tokenizer_name):
     config = model.config
     total, routing = count_parameters(config)
     polyglu = config.model_type == 'polyglu'
-    front = ['---', 'library_name: pytorch', 'pipeline_tag: text-generation', 'tags:', '- polychromaticlm',
-             f"- {'polyglu' if polyglu else 'swiglu'}"]
-    if license:
-        front.append(f'license: {license}')
-    base = info.get('init_from') or ''
-    if info.get('stage') == 'sft' and base.startswith(HUB_PREFIX):
-        front.append(f'base_model: {base[len(HUB_PREFIX):]}')
-    front.append('---')
+    front = card_metadata(title, polyglu, info, evaluation)
     kind = ('a PolychromaticLM: its FFN layers are PolyGLU, every neuron mixing ReLU, Tanh, SiLU and GELU with a '
             'learned preference modulated by a gate that reads the mean hidden state' if polyglu else
             'a VanillaLM: the PolychromaticLM architecture with a standard SwiGLU FFN (the controlled baseline)')
@@ -273,6 +309,7 @@ def model_card(model, info, title, evaluation, summary, repo_id, tokenizer_name)
                      f"| FFN | {ffn} |",
                      f"| weights | model.safetensors, {dtype}, the author's parameter names, head tied to the "
                      "embedding |", '', '## Training', ''] + training_section(info, model)
+    lines += ['', '## Provenance', ''] + provenance_section(info)
     lines += ['', '## Evaluation', '']
     lines += eval_section(evaluation) if evaluation else ['No benchmark was run on these weights for this card.']
     if polyglu and summary:
@@ -281,11 +318,15 @@ def model_card(model, info, title, evaluation, summary, repo_id, tokenizer_name)
               f"With the {PROJECT} code (no transformers model class; the tokenizer loads with either):", '',
               '```', f"python sample.py --checkpoint={where}" + ('' if info.get('stage') == 'sft' else
                                                                  ' --prompt="The derivative of x^3 is"'),
-              f"python eval.py --checkpoint={where} --tasks=paper", '```', '', '```python',
-              'from model import load_checkpoint', f"model, info = load_checkpoint('{where}')", '```', '',
+              f"python eval.py --checkpoint={where} --tasks=paper",
+              f"python eval.py lm_eval --model polychromatic --model_args checkpoint={where} --tasks hellaswag "
+              "--output_path results/", '```', '', '```python',
+              'from utils import load_checkpoint', f"model, info = load_checkpoint('{where}')", '```', '',
               '## Limits', '',
               '- Exact generation runs a full forward per new token: the gate reads the mean over the whole sequence, '
               'so a key/value cache is inexact (sample.py `--generation=cached` is the fast approximation).',
+              "- transformers' AutoModel, vLLM and llama.cpp (GGUF) cannot run it: they have no PolyGLU and assume a "
+              'causal key/value cache. sample.py, eval.py and its `lm_eval` entry point above do.',
               f"- At most {config.max_seq_len:,} tokens of context.",
               '- A small research model: it writes false statements with confidence, and was not tuned for safety.']
     if not evaluation:

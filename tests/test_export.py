@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import re
+import subprocess
 import sys
 
 import huggingface_hub
@@ -18,6 +19,7 @@ import utils as U
 import synthetic
 import utils
 from configurator import configure
+from conftest import ROOT
 
 DIMS = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)  # the author
 TOKEN = 'hf_secret_write_token_123'                                           # weights' dims in tests/synthetic.py
@@ -242,3 +244,72 @@ def test_a_missing_token_or_offline_mode_is_one_line(trained, tmp_path, hub, mon
     with pytest.raises(SystemExit, match=r"push= takes a hub model id owner/name, got 'tiny-lm'"):
         export(args[:-1] + ['--push=tiny-lm'])
     assert hub == []
+
+
+def card_blocks(card, language):
+    """The code blocks of the card's Use section in one language ('' for the shell)."""
+    use = card.split('\n## Use\n')[1].split('\n## ')[0]
+    return re.findall(rf'^```{language}\n(.*?)^```$', use, flags=re.M | re.S)
+
+
+def test_the_cards_use_lines_run_against_the_export(trained, tmp_path):
+    """What a stranger copies from the hub page: every line of the card's Use section, run as it stands (offline: the
+    benchmark swapped for a local task of the same kind, generation cut short)."""
+    checkpoint, tokenizer = trained
+    export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/release', f'--tokenizer={tokenizer}'])
+    card = open(tmp_path / 'release/README.md').read().replace('/path/to/this/folder', str(tmp_path / 'release'))
+    (tmp_path / 'tasks').mkdir()
+    (tmp_path / 'tasks' / 'rows.jsonl').write_text(''.join(json.dumps({'question': f'w{i} w{i + 1}', 'choices': [
+        f'w{i + 2}', f'w{i + 3}'], 'answer': 0}) + '\n' for i in range(3)))
+    (tmp_path / 'tasks' / 'local_mc.yaml').write_text(f"""task: local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path}/tasks/rows.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    offline = {'--tasks=paper': f'--tasks=local_mc --include_path={tmp_path}/tasks --perplexity=False '
+                                f'--output={tmp_path}/eval.json',
+               '--tasks hellaswag': f'--tasks local_mc --include_path {tmp_path}/tasks',
+               '--output_path results/': f'--output_path {tmp_path}/results/'}  # not into the code's folder
+    env = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
+    (shell,), (python,) = card_blocks(card, ''), card_blocks(card, 'python')
+    for line in shell.strip().splitlines():
+        for benchmark, local in offline.items():
+            line = line.replace(benchmark, local)
+        if line.startswith('python sample.py'):
+            line += ' --max_new_tokens=4'
+        result = subprocess.run(line.replace('python', sys.executable, 1), shell=True, cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (line, result.stderr[-2000:])
+    assert json.load(open(tmp_path / 'eval.json'))['results']['local_mc']['acc,none'] >= 0
+    assert any(name.startswith('results_') for _, _, names in os.walk(tmp_path / 'results') for name in names)
+    result = subprocess.run([sys.executable, '-c', python + 'print(info["step"], model.config.d_model)'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ['10', '32']
+
+
+def test_the_card_carries_the_results_as_a_model_index_and_the_runs_provenance(trained, tmp_path):
+    checkpoint, tokenizer = trained
+    report = json.load(open(eval_report(checkpoint, tmp_path)))
+    report.update(configs={'gsm8k': {'dataset_path': 'openai/gsm8k', 'dataset_name': 'main', 'test_split': 'test'}},
+                  lm_eval_version='0.4.13')
+    json.dump(report, open(tmp_path / 'eval.json', 'w'))
+    export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/release', f'--tokenizer={tokenizer}',
+            f'--eval_results={tmp_path}/eval.json', '--name=tiny-test'])
+    card = huggingface_hub.ModelCard.load(tmp_path / 'release' / 'README.md')
+    results = {(r.dataset_type, r.dataset_config, r.dataset_split, r.metric_type, r.metric_name, r.metric_value)
+               for r in card.data.eval_results}
+    assert results == {('openai/gsm8k', 'main', 'test', 'exact_match', 'exact_match (strict-match)', 0.0125),
+                       ('openai/gsm8k', 'main', 'test', 'exact_match', 'exact_match (flexible-extract)', 0.02)}
+    assert card.data.model_name == 'tiny-test' and card.data.eval_results[0].task_name == 'gsm8k'
+    info = U.load_checkpoint(checkpoint)[1]
+    assert f"- Code: PolychromaticLM at commit `{info['git']['commit']}`" in card.text
+    assert f"torch {torch.__version__}" in card.text and '"max_steps": 10' in card.text
