@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID, PolyGLU
-from utils import (HUB_TOKENIZER, command_line, enable_segment_pooling, get_tokenizer, held_out_windows,
+from utils import (HUB_TOKENIZER, command_line, enable_segment_pooling, get_tokenizer, held_out_windows, init_wandb,
                    load_checkpoint, open_chunks, packed_hidden_states, resolve_device)
 
 matplotlib.use('Agg')
@@ -53,6 +53,9 @@ dtype = 'float32'
 precision = False            # also measure what bf16 training does to routing at tau 0.1 (bf16 copies of alpha, beta and
                              # the gate network; the head's gradient summed over the loss chunks in bf16): README
 seed = 1337
+wandb_log = False            # log every figure and the summary's figures to wandb
+wandb_project = ''           # '' = the project the checkpoint trained in (its config), else 'polychromatic'
+wandb_run_name = ''          # '' = analyze-{the checkpoint's file name}
 # -----------------------------------------------------------------------------
 
 
@@ -555,6 +558,8 @@ def main():
         return write_summary(summary)
     model, state = load_checkpoint(checkpoint)
     step, tau = state['step'], state['tau']
+    wandb_run = init_wandb(wandb_log, wandb_project, wandb_run_name or  # before the work: a missing login stops it now
+                           f"analyze-{os.path.splitext(os.path.basename(state['file']))[0]}", globals(), 'analyze', state)
     model = model.to(device).eval()
     enable_segment_pooling(model, attention)
     polyglu = isinstance(model.model_core[0].ffn, PolyGLU)
@@ -645,6 +650,28 @@ def main():
               f"collapsed neurons (< {collapse_threshold} nats): "
               f"{100 * np.mean(per_layer['collapsed_fraction_dynamic']):.1f}%")
     write_summary(summary)
+    if wandb_run:
+        log_to_wandb(wandb_run, summary)
+
+
+def scalars(values, prefix='analyze'):
+    """The summary's numbers, flattened: {'analyze/causality_audit/mean_kl': ...}; lists are left to the figures."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(scalars(value, f'{prefix}/{key}'))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f'{prefix}/{key}'] = value
+    return flat
+
+
+def log_to_wandb(run, summary):
+    """Every figure in output as an image, and the summary's numbers as the run's summary."""
+    import wandb
+    run.log({f"analyze/{name[:-4]}": wandb.Image(os.path.join(output, name)) for name in sorted(os.listdir(output))
+             if name.endswith('.png')})
+    run.summary.update(scalars(summary))
+    run.finish()
 
 
 def write_summary(summary):

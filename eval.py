@@ -41,7 +41,7 @@ from configurator import config_keys, configure, fail
 from model import EOS_ID, attention_name, cu_seqlens_from_eos
 from utils import (chatml, checkpoint_tokenizer, command_line, count_parameters, enable_segment_pooling, file_digest,
                    fine_tuned, generate_cached, generate_exact, get_tokenizer, git_commit, gumbel_routing,
-                   held_out_windows, load_checkpoint, open_chunks, package_versions, packed_hidden_states,
+                   held_out_windows, init_wandb, load_checkpoint, open_chunks, package_versions, packed_hidden_states,
                    resolve_device, sampler, whole_row_pooling)
 
 # -----------------------------------------------------------------------------
@@ -79,6 +79,9 @@ seed = 1337                  # the benchmark's random requests
 device = 'auto'
 dtype = 'auto'
 attention = 'auto'           # CUDA kernel for packed rows: flash-attn, else torch's varlen_attn, else SDPA per segment
+wandb_log = False            # log the results table and every figure of the report to wandb
+wandb_project = ''           # '' = the project the checkpoint trained in (its config), else 'polychromatic'
+wandb_run_name = ''          # '' = eval-{the checkpoint's file name}
 # -----------------------------------------------------------------------------
 
 
@@ -803,6 +806,9 @@ def main():
             fail(f"cannot write results to {output} ({e.strerror}); choose another --output")
     model, state = load_for_evaluation()
     step, tau = state['step'], state['tau']
+    # started before the work, so that a missing login stops the run now, not after hours of evaluation
+    wandb_run = init_wandb(wandb_log and not benchmark, wandb_project, wandb_run_name or
+                           f"eval-{os.path.splitext(os.path.basename(state['file']))[0]}", globals(), 'eval', state)
     if benchmark:  # random token ids: no tokenizer needed (gpu-check runs it on a machine without one)
         run_benchmark(model)
         return
@@ -829,6 +835,32 @@ def main():
     report['complete'] = True
     write_report(report)
     print(f"wall time {report['wall_time_s']:.1f}s -> {output}")
+    if wandb_run:
+        log_to_wandb(wandb_run, report)
+
+
+def result_rows(report):
+    """[task, metric, filter, value, stderr] for every harness figure and held-out perplexity of a report."""
+    rows = []
+    for task, values in report.get('results', {}).items():
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(',')
+            if filter_name and not metric.endswith('_stderr') and isinstance(value, (int, float)):
+                stderr = values.get(f'{metric}_stderr,{filter_name}')
+                rows.append([task, metric, filter_name, value, stderr if isinstance(stderr, (int, float)) else None])
+    rows += [[f'{name} held-out', 'perplexity', values['protocol'], values['perplexity'], None]
+             for name, values in report.get('perplexity', {}).items()]
+    return rows
+
+
+def log_to_wandb(run, report):
+    """The results as a wandb table and as the run's summary."""
+    rows = result_rows(report)
+    import wandb
+    run.log({'eval/results': wandb.Table(columns=['task', 'metric', 'filter', 'value', 'stderr'], data=rows)})
+    run.summary.update({f'eval/{task}/{metric},{filter_name}': value for task, metric, filter_name, value, _ in rows})
+    run.summary.update({'eval/step': report['step'], 'eval/checkpoint': report['checkpoint']})
+    run.finish()
 
 
 def domain_perplexity(model, state):

@@ -666,9 +666,10 @@ def end_of_session(stop_signal, stop_after_steps, steps_this_session, world_size
     return None
 
 
-def init_wandb(enabled, project, name, namespace):
+def init_wandb(enabled, project, name, namespace, job_type='train', trained=None):
     """A wandb run (WANDB_MODE=offline works) whose config is the stage's plain settings, or None. Nothing named
-    like a token is logged: HF_TOKEN lives in the environment, never in the config."""
+    like a token is logged: HF_TOKEN lives in the environment, never in the config. trained: the info of the checkpoint
+    an evaluation or analysis reads; with project '' its run goes into the project the checkpoint trained in."""
     if not enabled:
         return None
     try:
@@ -678,7 +679,8 @@ def init_wandb(enabled, project, name, namespace):
                          "--wandb_log=False")
     settings = {k: namespace[k] for k in config_keys(namespace) if 'token' not in k.lower()}
     try:
-        return wandb.init(project=project, name=name, config=settings)
+        project = project or ((trained or {}).get('config') or {}).get('wandb_project') or 'polychromatic'
+        return wandb.init(project=project, name=name, config=settings, job_type=job_type)
     except Exception as e:  # no login on a fresh pod: fail before the first step, in one line
         fail(f"wandb could not start ({type(e).__name__}: {str(e).splitlines()[0][:160]}): run "
              "`wandb login`, or set WANDB_MODE=offline, or pass --wandb_log=False")

@@ -45,3 +45,19 @@ def release_run_folders():
     for handle in utils.HELD_FOLDERS.values():
         handle.close()
     utils.HELD_FOLDERS.clear()
+
+
+def everything_under(folder):
+    return b''.join(open(os.path.join(root, f), 'rb').read() for root, _, files in os.walk(folder) for f in files)
+
+
+def offline_wandb_run(folder):
+    """The bytes of the one offline wandb run under {folder}/wandb (WANDB_MODE=offline, WANDB_DIR=folder)."""
+    runs = [d for d in os.listdir(os.path.join(folder, 'wandb')) if d.startswith('offline-run-')]
+    assert len(runs) == 1, runs
+    return everything_under(os.path.join(folder, 'wandb', runs[0]))
+
+
+def wandb_offline_env(folder):
+    return {**os.environ, 'WANDB_MODE': 'offline', 'WANDB_DIR': str(folder), 'HF_TOKEN': 'hf_canary_do_not_log',
+            'WANDB_SILENT': 'true', 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}

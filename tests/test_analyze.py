@@ -1,6 +1,9 @@
 import importlib
 import json
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import model as M
 import utils as U
 import synthetic
 from configurator import configure
-from conftest import small_config
+from conftest import ROOT, everything_under, offline_wandb_run, small_config, wandb_offline_env
 
 FIGURES = {'causality_audit.png', 'domain_routing.png', 'gate_contribution.png', 'neuron_map_layer_00.png',
            'neuron_map_layer_01.png', 'neurotransmitter_map_dynamic.png', 'neurotransmitter_map_static.png',
@@ -162,3 +165,21 @@ def test_precision_measures_what_bf16_rounding_does_at_tau_0_1(tmp_path, data_di
     assert routing['near_tie']['kl'] > 1e-6 and routing['near_tie']['top1_agreement'] < 1.0
     head = effects['near_tie']['bf16_head_gradient_sum']
     assert head['steps'] == 20 and head['chunks'] == 32 and 1e-4 < head['head_gradient_relative_error'] < 2e-2
+
+
+def test_wandb_offline_logs_the_figures_and_the_summary(tmp_path, data_dir):
+    path = checkpoint(tmp_path, 'trained')
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, 'config': {'wandb_project': 'my-pretraining-project'}}, path)
+    result = subprocess.run([sys.executable, 'analyze.py', *args(path, data_dir, str(tmp_path / 'figures'),
+                                                                 wandb_log=True)], cwd=ROOT, capture_output=True,
+                            text=True, env=wandb_offline_env(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = offline_wandb_run(tmp_path)
+    assert b'my-pretraining-project' in run and b'analyze-trained' in run
+    images = sorted(f for _, _, files in os.walk(tmp_path / 'wandb') for f in files if f.endswith('.png'))
+    assert [re.sub(r'_\d+_[0-9a-f]+\.png$', '.png', f) for f in images] == sorted(f for f in FIGURES if f != 'summary.json')
+    summary = json.load(open(tmp_path / 'figures' / 'summary.json'))
+    for key in ('routing_entropy_mean_nats', 'routing_entropy_mean_fraction'):  # the run's summary: key, then value
+        assert re.search(rb'analyze/' + key.encode() + rb'.{1,8}' + str(summary[key]).encode(), run, re.S), key
+    assert b'hf_canary_do_not_log' not in everything_under(tmp_path) + result.stdout.encode() + result.stderr.encode()

@@ -17,7 +17,7 @@ import model as M
 import utils as U
 import synthetic
 from configurator import configure
-from conftest import ROOT, small_config
+from conftest import ROOT, everything_under, offline_wandb_run, small_config, wandb_offline_env
 
 
 @pytest.fixture(scope='module')
@@ -736,3 +736,25 @@ def test_sampling_is_honoured_seeded_per_request_or_refused(tiny, word_tokenizer
     assert generate(neutral) == generate(neutral)
     with pytest.raises(SystemExit, match=r"temperature=0\.7, top_k=None without do_sample=True would decode greedily"):
         generate([(prompt, {**greedy, 'temperature': 0.7})])
+
+
+def test_wandb_offline_logs_the_results_into_the_training_project(harness_setup, tmp_path):
+    folder, _ = harness_setup
+    checkpoint = str(tmp_path / 'trained.pt')
+    torch.manual_seed(0)
+    U.save_checkpoint(checkpoint, M.create_model(M.ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                                                               max_seq_len=256)), step=7,
+                      config={'wandb_project': 'my-pretraining-project'})
+    result = subprocess.run([sys.executable, 'eval.py', f'--checkpoint={checkpoint}', '--tasks=poly_mc',
+                             f'--include_path={folder}', f'--output={tmp_path}/eval.json', '--tokenizer=packaged',
+                             '--perplexity=False', '--device=cpu', '--wandb_log=True'], cwd=ROOT, capture_output=True,
+                            text=True, env=wandb_offline_env(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = offline_wandb_run(tmp_path)
+    accuracy = json.load(open(tmp_path / 'eval.json'))['results']['poly_mc']['acc,none']
+    assert b'my-pretraining-project' in run and b'eval-trained' in run  # the training run's project, its own name
+    tables = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / 'wandb') for f in files
+              if f.endswith('.table.json')]
+    assert len(tables) == 1 and 'media/table/eval/results' in tables[0]  # the table, with each figure a row
+    assert ['poly_mc', 'acc', 'none', accuracy] in [row[:4] for row in json.load(open(tables[0]))['data']]
+    assert b'hf_canary_do_not_log' not in everything_under(tmp_path) + result.stdout.encode() + result.stderr.encode()

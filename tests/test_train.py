@@ -14,7 +14,7 @@ import torch
 import model as M
 import utils as U
 import synthetic
-from conftest import ROOT, small_config
+from conftest import ROOT, everything_under, offline_wandb_run, small_config, wandb_offline_env
 from configurator import configure
 
 
@@ -349,20 +349,13 @@ def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_wandb_offline_logs_metrics_and_no_secret(data_dir, tmp_path):
-    env = {**os.environ, 'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'HF_TOKEN': 'hf_canary_do_not_log',
-           'WANDB_SILENT': 'true'}
     result = subprocess.run([sys.executable, 'train.py', *synthetic.train_args(data_dir, str(tmp_path / 'out'),
-                             max_steps=10, wandb_log=True)], cwd=ROOT, capture_output=True, text=True, env=env,
-                            timeout=300)
+                             max_steps=10, wandb_log=True)], cwd=ROOT, capture_output=True, text=True,
+                            env=wandb_offline_env(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    runs = [d for d in os.listdir(tmp_path / 'wandb') if d.startswith('offline-run-')]
-    assert len(runs) == 1
-    def contents(folder):
-        return b''.join(open(os.path.join(root, f), 'rb').read() for root, _, files in os.walk(folder) for f in files)
-
-    run = contents(tmp_path / 'wandb' / runs[0])
+    run = offline_wandb_run(tmp_path)
     assert b'routing/entropy_layer_00' in run and b'train/grad_norm' in run and b'max_bad_steps' in run  # config too
-    assert b'hf_canary_do_not_log' not in contents(tmp_path) + result.stdout.encode() + result.stderr.encode()
+    assert b'hf_canary_do_not_log' not in everything_under(tmp_path) + result.stdout.encode() + result.stderr.encode()
 
 
 def test_resume_with_another_model_is_one_line(data_dir, tmp_path):
