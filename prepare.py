@@ -126,7 +126,10 @@ def count_rows(files):
     return total
 
 
-def hub_rows(dataset):
+def hub_rows(dataset, position=None, positions=None):
+    """The dataset's rows, streamed from the hub; from `position` (a state the stream recorded) onwards, so a resumed
+    prepare never streams the rows of its finished chunks again (datasets skips the finished shards unopened). After
+    each row its stream state is appended to `positions`, for the chunk that ends there to record."""
     load_dotenv()
     token = os.environ.get('HF_TOKEN')
     if dataset['id'] in GATED and not token:
@@ -143,7 +146,11 @@ def hub_rows(dataset):
                  "other loaders use 'data')")
         fail(f"cannot open {dataset['id']} ({type(e).__name__}: {message}); check HF_TOKEN, the network "
              "and that its terms are accepted")
-    return iter(stream)
+    if position is not None:
+        stream.load_state_dict(position)
+    for row in stream:
+        positions.append(stream.state_dict())
+        yield row
 
 
 def skip(rows, n):
@@ -430,8 +437,19 @@ def prepare_source(name):
             stream = state[stream_index]
             if stream['done']:
                 continue
-            rows = local_rows(dataset['input']) if dataset['id'] == 'local' else hub_rows(dataset)
-            rows = skip(rows, stream['rows_read'])
+            positions = None if dataset['id'] == 'local' else collections.deque()  # the hub stream's state per row
+            if positions is None:
+                rows = skip(local_rows(dataset['input']), stream['rows_read'])  # a local file is read again: no cost
+            elif 'position' in stream or not stream['rows_read']:
+                rows = hub_rows(dataset, stream.get('position'), positions)
+            else:  # a manifest from before streams recorded their state
+                rows = skip(hub_rows(dataset, None, positions), stream['rows_read'])
+                positions.clear()
+
+            def advance():  # one more row of the stream consumed: the state a chunk ending here records
+                stream['rows_read'] += 1
+                if positions:
+                    stream['position'] = positions.popleft()
             jobs = batches(rows, dataset['field'], batch_docs)
             results = ordered_map(pool, work, jobs, ahead=2 * num_proc)
             for tokens, lengths, mask, problems in results:
@@ -442,7 +460,7 @@ def prepare_source(name):
                         offset += length
                         length = -1 - SKIP_REASONS.index('extra_trace')
                     if length < 0:
-                        stream['rows_read'] += 1
+                        advance()
                         skipped[SKIP_REASONS[-1 - length]] += 1
                         progress.update(1 if local else 0)
                         continue
@@ -456,7 +474,7 @@ def prepare_source(name):
                     offset += length
                     pending_size += length
                     stream['tokens'] += length
-                    stream['rows_read'] += 1
+                    advance()
                     progress.update(1 if local else length)
                     if stream['tokens'] >= budget or enough():
                         break

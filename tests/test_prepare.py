@@ -115,6 +115,52 @@ def test_killed_run_resumes_byte_identical(monkeypatch, tmp_path):
     assert not any(f.endswith('.tmp') for f in os.listdir(tmp_path / 'killed' / 'math'))
 
 
+def test_an_interrupted_hub_stream_resumes_where_it_stopped(monkeypatch, tmp_path):
+    """The math source streamed from the hub, stood in for by a local streaming dataset of four jsonl shards: killed
+    after its second chunk and resumed, it streams no row of its finished chunks again, and its chunks are
+    byte-identical to an uninterrupted run's."""
+    import datasets
+    docs = documents(200)
+    shards = [write_jsonl(tmp_path / f'shard{i}.jsonl', [{'text': docs[j], 'row': j} for j in range(50 * i, 50 * i + 50)])
+              for i in range(4)]
+    streamed, local = [], datasets.load_dataset
+
+    def load_dataset(dataset_id, config, split, streaming, token):
+        assert (dataset_id, config, split, streaming) == ('nvidia/Nemotron-CC-Math-v1', '4plus', 'train', True)
+        stream = local('json', data_files=shards, split='train', streaming=True)
+        return stream.map(lambda row: streamed.append(row['row']) or row)  # every row the stream yields, counted
+    monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
+    monkeypatch.setenv('HF_TOKEN', 'hf_test')
+    configure(monkeypatch, tmp_path, '', output_base=str(tmp_path / 'whole'))
+    prepare.prepare_source('math')
+    whole_manifest, whole = read_source(tmp_path / 'whole' / 'math')
+    assert streamed == list(range(200)) and len(whole) >= 6
+
+    streamed.clear()
+    configure(monkeypatch, tmp_path, '', output_base=str(tmp_path / 'killed'))
+    real_save, calls = prepare.save_manifest, []
+
+    def dying_save(folder, manifest):
+        calls.append(1)
+        if len(calls) == 3:  # chunk 3 is on disk, its manifest entry is not
+            raise KeyboardInterrupt
+        real_save(folder, manifest)
+    monkeypatch.setattr(prepare, 'save_manifest', dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_source('math')
+    finished = json.load(open(tmp_path / 'killed' / 'math' / 'manifest.json'))['streams'][0]['rows_read']
+    assert 0 < finished < 100  # in the second shard
+    streamed.clear()
+    monkeypatch.setattr(prepare, 'save_manifest', real_save)
+    prepare.prepare_source('math')
+    assert streamed == list(range(finished, 200))  # from the first row no finished chunk holds, each row once
+    resumed_manifest, resumed = read_source(tmp_path / 'killed' / 'math')
+    for manifest in (resumed_manifest, whole_manifest):  # the stream's own bookkeeping differs after a resume
+        assert manifest['streams'][0].pop('position')['examples_iterable']
+    assert resumed_manifest == whole_manifest
+    assert [c.tobytes() for c in resumed] == [c.tobytes() for c in whole]
+
+
 def test_verify_catches_truncation_and_flipped_byte(monkeypatch, tmp_path):
     path = write_jsonl(tmp_path / 'math.jsonl', [{'text': d} for d in documents()])
     configure(monkeypatch, tmp_path, path)
@@ -323,7 +369,7 @@ def test_code_dataset_config_name(monkeypatch, tmp_path):
         calls.append(config)
         if config is None:
             raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['data']")
-        return iter([{'text': 'def f():\n    return 1\n'}])
+        return datasets.Dataset.from_list([{'text': 'def f():\n    return 1\n'}]).to_iterable_dataset()
     monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
     monkeypatch.setenv('HF_TOKEN', 'hf_test')
     configure(monkeypatch, tmp_path, '', max_tokens=10)
