@@ -1,4 +1,6 @@
+import contextlib
 import os
+import subprocess
 import sys
 
 import pytest
@@ -61,3 +63,17 @@ def offline_wandb_run(folder):
 def wandb_offline_env(folder):
     return {**os.environ, 'WANDB_MODE': 'offline', 'WANDB_DIR': str(folder), 'HF_TOKEN': 'hf_canary_do_not_log',
             'WANDB_SILENT': 'true', 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder):
+    """A live process holding `folder` as a stage script would (utils.hold_folder) -> its pid."""
+    holder = subprocess.Popen([sys.executable, '-c', f'import sys, utils; utils.hold_folder({str(folder)!r}); '
+                               'print("held", flush=True); sys.stdin.read()'], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'held\n'
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

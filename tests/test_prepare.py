@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import prepare
-from conftest import ROOT
+from conftest import ROOT, held_by_another_process
 from model import EOS_ID
 from utils import get_tokenizer
 
@@ -159,6 +159,16 @@ def test_an_interrupted_hub_stream_resumes_where_it_stopped(monkeypatch, tmp_pat
         assert manifest['streams'][0].pop('position')['examples_iterable']
     assert resumed_manifest == whole_manifest
     assert [c.tobytes() for c in resumed] == [c.tobytes() for c in whole]
+
+
+def test_a_folder_held_by_a_live_prepare_stops_another_at_once(monkeypatch, tmp_path):
+    path = write_jsonl(tmp_path / 'math.jsonl', [{'text': d} for d in documents(20)])
+    configure(monkeypatch, tmp_path, path)
+    with held_by_another_process(tmp_path / 'out' / 'math') as pid:
+        with pytest.raises(SystemExit, match=rf"^error: .*out/math is in use by a live run \(process {pid} on .*\): "
+                                             r"stop that run, or give this one another folder$"):
+            prepare.prepare_source('math')
+    assert prepare.prepare_source('math')['complete']
 
 
 def test_verify_catches_truncation_and_flipped_byte(monkeypatch, tmp_path):

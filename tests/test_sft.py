@@ -13,6 +13,7 @@ import utils as U
 import prepare
 import synthetic
 from configurator import configure
+from conftest import held_by_another_process
 
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
 
@@ -157,6 +158,14 @@ def test_wrong_starting_checkpoint(sft_data, pretrained, tmp_path):
     assert os.path.isfile(tmp_path / 'baseline' / 'portable_sft_final.pt')
     with pytest.raises(SystemExit, match='missing data folder .*nothing'):
         run_sft(sft_args(str(tmp_path / 'nothing'), pretrained['polyglu'], str(tmp_path)))
+
+
+def test_a_folder_held_by_a_live_run_stops_sft_at_once(sft_data, pretrained, tmp_path):
+    with held_by_another_process(tmp_path / 'run') as pid:
+        with pytest.raises(SystemExit, match=rf"^error: .*run is in use by a live run \(process {pid} on "):
+            run_sft(sft_args(sft_data, pretrained['polyglu'], str(tmp_path / 'run')))
+    run_sft(sft_args(sft_data, pretrained['polyglu'], str(tmp_path / 'run')))  # its holder gone, the folder is free
+    assert os.path.isfile(tmp_path / 'run' / 'portable_sft_final.pt')
 
 
 @pytest.mark.slow
