@@ -185,15 +185,21 @@ def test_bad_data_is_one_clear_line(data_dir, tmp_path):
         run_train(synthetic.train_args(data_dir, str(tmp_path / 'out'), eos_id=151643, vocab_size=151669))
 
 
-def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
-    args = synthetic.train_args(data_dir, str(tmp_path), max_steps=100_000, log_interval=1, eval_interval=0,
-                                checkpoint_interval=0)
+def train_until(args, line_start):
+    """train.py in a process of its own, running on once it has printed a line starting with `line_start`."""
     process = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
-        if line.startswith('step 5/'):
-            process.send_signal(signal.SIGTERM)
-            break
+        if line.startswith(line_start):
+            return process
+    raise AssertionError(f"train.py ended without printing {line_start!r}")
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+    args = synthetic.train_args(data_dir, str(tmp_path), max_steps=100_000, log_interval=1, eval_interval=0,
+                                checkpoint_interval=0)
+    process = train_until(args, 'step 5/')
+    process.send_signal(signal.SIGTERM)
     out = process.communicate(timeout=60)[0]
     assert process.returncode == 0
     step = int(re.search(r'signal 15: checkpoint saved at step (\d+)', out).group(1))
@@ -204,11 +210,7 @@ def test_a_second_run_on_a_live_out_dir_stops_and_a_killed_one_never_blocks(data
     out = tmp_path / 'run'
     args = synthetic.train_args(data_dir, str(out), max_steps=100_000, log_interval=1, eval_interval=0,
                                 checkpoint_interval=5)
-    first = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    for line in first.stdout:
-        if line.startswith('saved checkpoint at step 5'):
-            break
+    first = train_until(args, 'saved checkpoint at step 5')
     second = subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert second.returncode == 1 and 'step' not in second.stdout  # it stopped before training a step
     assert re.fullmatch(rf"error: {out} is in use by a live run \(process {first.pid} on .*, started "
