@@ -267,8 +267,11 @@ def in_a_small_tmpfs(folder, script):
     os.makedirs(folder, exist_ok=True)
     script = re.sub(r'^MOUNT (\S+)$', rf'mount -t tmpfs -o size=\1 tmpfs {folder}', script, flags=re.M)
     script = re.sub(r'^GROW (\S+)$', rf'mount -o remount,size=\1 {folder}', script, flags=re.M)
-    probe = subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
-                            f'mount -t tmpfs -o size=64k tmpfs {folder}'], capture_output=True)
+    try:
+        probe = subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
+                                f'mount -t tmpfs -o size=64k tmpfs {folder}'], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no unshare here
+        return None
     if probe.returncode != 0:
         return None
     return subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c', script], cwd=ROOT,
