@@ -6,6 +6,8 @@ Evaluation: lm-evaluation-harness tasks through our own LM wrapper, held-out per
     python eval.py --checkpoint=... --tasks= --perplexity=True          # held-out perplexity only
     python eval.py --checkpoint=... --benchmark=True                     # time exact generation, project GSM8K
     python eval.py --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B --tasks=paper  # the card, as the author ran it
+    python eval.py lm_eval --model polychromatic --model_args checkpoint=ckpt.pt --tasks gsm8k \
+                   --output_path results/ --log_samples    # lm-evaluation-harness's own command line, every flag
 
 Exact under the frozen design. The PolyGLU gate mean-pools the whole sequence, so a padded or batched
 forward would change a request's score. Here every request is scored as if it ran alone: requests are
@@ -347,11 +349,11 @@ class HarnessLM(LM):
         n-th copy of a sampled request (a task's repeats) is a request of its own."""
         copies, keys = collections.Counter(), []
         for request in requests:
-            sampled = kind == 'generate_until' and sampling(request.args[1])[0] > 0
             identity = [kind, request.args, self.author, self.noise_seed]
-            if sampled:
-                copies[json.dumps(request.args, sort_keys=True, default=str)] += 1
-                identity.append(copies[json.dumps(request.args, sort_keys=True, default=str)])
+            if kind == 'generate_until' and sampling(request.args[1])[0] > 0:
+                args = json.dumps(request.args, sort_keys=True, default=str)
+                copies[args] += 1
+                identity.append(copies[args])
             keys.append(hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest())
         todo = [i for i, key in enumerate(keys) if key not in self.answers]
         self.answered += len(requests) - len(todo)

@@ -12,8 +12,10 @@ Output: {output_base}/{source}/chunk_00000.bin ... (uint32, every document follo
 ends on a document boundary) and manifest.json. SFT chunks also have chunk_00000.mask.bin (uint8, 1 exactly on
 assistant tokens and their closing <|im_end|>), and each conversation ends with EOS so that sft.py finds the
 boundaries the same way pre-training does. Chunks and the manifest are written under a temporary name and
-renamed; the manifest records how far each dataset was read, so a killed run restarted with the same
-arguments continues where it stopped and ends byte-identical to an uninterrupted one, whatever num_proc is.
+renamed; the manifest records how far each dataset was read (from the hub, the stream's own state, so a resume
+streams no row of a finished chunk again), so a killed run restarted with the same arguments continues where it
+stopped and ends byte-identical to an uninterrupted one, whatever num_proc is. One prepare per folder: a second one
+on a folder a live one holds stops at once (utils.hold_folder).
 """
 import collections
 import glob
