@@ -558,8 +558,8 @@ def main():
         return write_summary(summary)
     model, state = load_checkpoint(checkpoint)
     step, tau = state['step'], state['tau']
-    wandb_run = init_wandb(wandb_log, wandb_project, wandb_run_name or  # before the work: a missing login stops it now
-                           f"analyze-{os.path.splitext(os.path.basename(state['file']))[0]}", globals(), 'analyze', state)
+    # started before the work, so that a missing login stops the run now
+    wandb_run = init_wandb(wandb_log, wandb_project, wandb_run_name, globals(), 'analyze', state)
     model = model.to(device).eval()
     enable_segment_pooling(model, attention)
     polyglu = isinstance(model.model_core[0].ffn, PolyGLU)

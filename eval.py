@@ -39,12 +39,12 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
-from configurator import config_keys, configure, fail
+from configurator import configure, fail
 from model import EOS_ID, attention_name, cu_seqlens_from_eos
 from utils import (chatml, checkpoint_tokenizer, command_line, count_parameters, enable_segment_pooling, file_digest,
                    fine_tuned, generate_cached, generate_exact, get_tokenizer, git_commit, gumbel_routing,
-                   held_out_windows, init_wandb, load_checkpoint, open_chunks, package_versions, packed_hidden_states,
-                   resolve_device, sampler, whole_row_pooling)
+                   harness_metrics, held_out_windows, init_wandb, load_checkpoint, open_chunks, package_versions,
+                   packed_hidden_states, plain_config, resolve_device, sampler, whole_row_pooling)
 
 # -----------------------------------------------------------------------------
 # config
@@ -709,8 +709,7 @@ def run_benchmark(model):
 
 
 def harness_version():
-    from importlib.metadata import version
-    return version('lm_eval')
+    return package_versions()['lm_eval']
 
 
 def write_report(report):
@@ -809,8 +808,7 @@ def main():
     model, state = load_for_evaluation()
     step, tau = state['step'], state['tau']
     # started before the work, so that a missing login stops the run now, not after hours of evaluation
-    wandb_run = init_wandb(wandb_log and not benchmark, wandb_project, wandb_run_name or
-                           f"eval-{os.path.splitext(os.path.basename(state['file']))[0]}", globals(), 'eval', state)
+    wandb_run = init_wandb(wandb_log and not benchmark, wandb_project, wandb_run_name, globals(), 'eval', state)
     if benchmark:  # random token ids: no tokenizer needed (gpu-check runs it on a machine without one)
         run_benchmark(model)
         return
@@ -824,7 +822,7 @@ def main():
     report = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'format': state['format'],
               'step': step, 'tau': tau,
               'model_config': state['model_config'], 'chat': use_chat, 'scoring': scoring, 'complete': False,
-              'eval_config': {k: globals()[k] for k in config_keys(globals())}, 'lm_eval_version': harness_version(),
+              'eval_config': plain_config(globals()), 'lm_eval_version': harness_version(),
               'git': git_commit(), 'library_versions': package_versions()}
     results = run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report) if task_names else {}
     if perplexity:
@@ -843,13 +841,7 @@ def main():
 
 def result_rows(report):
     """[task, metric, filter, value, stderr] for every harness figure and held-out perplexity of a report."""
-    rows = []
-    for task, values in report.get('results', {}).items():
-        for key, value in values.items():
-            metric, _, filter_name = key.partition(',')
-            if filter_name and not metric.endswith('_stderr') and isinstance(value, (int, float)):
-                stderr = values.get(f'{metric}_stderr,{filter_name}')
-                rows.append([task, metric, filter_name, value, stderr if isinstance(stderr, (int, float)) else None])
+    rows = [list(figure) for figure in harness_metrics(report.get('results', {}))]
     rows += [[f'{name} held-out', 'perplexity', values['protocol'], values['perplexity'], None]
              for name, values in report.get('perplexity', {}).items()]
     return rows

@@ -13,6 +13,7 @@ record. Every figure in the card names the command that measured it; a figure no
 export is read back before it is called done: the folder loads with load_checkpoint (a path, or hf:owner/name once
 pushed) and gives the checkpoint's logits at the exported precision.
 """
+import functools
 import json
 import os
 
@@ -21,7 +22,8 @@ import torch
 from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID
 from utils import (HUB_PREFIX, HUB_TOKENIZER, checkpoint_tokenizer, count_parameters, file_digest, fine_tuned,
-                   get_tokenizer, git_commit, hub_failure, load_checkpoint, load_dotenv, quiet_hub, read_manifest)
+                   get_tokenizer, git_commit, harness_metrics, hub_failure, load_checkpoint, load_dotenv, quiet_hub,
+                   read_manifest)
 
 # -----------------------------------------------------------------------------
 # config
@@ -39,9 +41,9 @@ public = False               # a new repo is private unless True
 
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 PROJECT = 'PolychromaticLM'
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@functools.lru_cache(maxsize=None)
 def project_version():
     """The git commit this code is at, '-dirty' with uncommitted changes ('unknown' outside a checkout)."""
     git = git_commit()
@@ -184,16 +186,8 @@ def training_section(info, model):
 
 
 def metric_rows(results, shots):
-    rows = []
-    for task, values in results.items():
-        for key, value in values.items():
-            metric, _, filter_name = key.partition(',')
-            if not filter_name or metric.endswith('_stderr') or not isinstance(value, (int, float)):
-                continue
-            stderr = values.get(f'{metric}_stderr,{filter_name}')
-            stderr = f"± {stderr:.4f}" if isinstance(stderr, (int, float)) else ''
-            rows.append(f"| {task} | {metric} ({filter_name}) | {value:.4f} | {stderr} | {shots.get(task, '')} |")
-    return rows
+    return [f"| {task} | {metric} ({filter_name}) | {value:.4f} | {'' if stderr is None else f'± {stderr:.4f}'} | "
+            f"{shots.get(task, '')} |" for task, metric, filter_name, value, stderr in harness_metrics(results)]
 
 
 def eval_section(report):
@@ -240,18 +234,13 @@ def model_index(evaluation):
     """eval.py's results as the hub's model-index (huggingface_hub's EvalResult): a row per task and metric, its
     dataset as the harness's task config names it, so the hub page shows them beside the model."""
     from huggingface_hub import EvalResult
-    rows = []
-    for task, values in (evaluation or {}).get('results', {}).items():
-        config = (evaluation.get('configs') or {}).get(task, {})
-        for key, value in values.items():
-            metric, _, filter_name = key.partition(',')
-            if not filter_name or metric.endswith('_stderr') or not isinstance(value, (int, float)):
-                continue
-            rows.append(EvalResult(
-                task_type='text-generation', dataset_type=config.get('dataset_path') or task, dataset_name=task,
-                dataset_config=config.get('dataset_name'), dataset_split=config.get('test_split'),
-                task_name=task, metric_type=metric, metric_value=value, metric_name=f'{metric} ({filter_name})'))
-    return rows
+    evaluation = evaluation or {}
+    configs = evaluation.get('configs') or {}
+    return [EvalResult(task_type='text-generation', dataset_type=configs.get(task, {}).get('dataset_path') or task,
+                       dataset_name=task, dataset_config=configs.get(task, {}).get('dataset_name'),
+                       dataset_split=configs.get(task, {}).get('test_split'), task_name=task, metric_type=metric,
+                       metric_value=value, metric_name=f'{metric} ({filter_name})')
+            for task, metric, filter_name, value, _ in harness_metrics(evaluation.get('results', {}))]
 
 
 def card_metadata(title, polyglu, info, evaluation):

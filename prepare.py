@@ -439,14 +439,14 @@ def prepare_source(name):
             stream = state[stream_index]
             if stream['done']:
                 continue
-            positions = None if dataset['id'] == 'local' else collections.deque()  # the hub stream's state per row
-            if positions is None:
-                rows = skip(local_rows(dataset['input']), stream['rows_read'])  # a local file is read again: no cost
-            elif 'position' in stream or not stream['rows_read']:
+            if dataset['id'] == 'local':  # a local file is read again from its start: it costs no download
+                positions, rows = None, skip(local_rows(dataset['input']), stream['rows_read'])
+            else:  # the hub: from the stream state the last chunk recorded
+                positions = collections.deque()  # the stream's state after each row read
                 rows = hub_rows(dataset, stream.get('position'), positions)
-            else:  # a manifest from before streams recorded their state
-                rows = skip(hub_rows(dataset, None, positions), stream['rows_read'])
-                positions.clear()
+                if stream['rows_read'] and 'position' not in stream:  # a manifest from before streams recorded it
+                    rows = skip(rows, stream['rows_read'])
+                    positions.clear()
 
             def advance():  # one more row of the stream consumed: the state a chunk ending here records
                 stream['rows_read'] += 1

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import time
 from dataclasses import asdict, fields
@@ -307,14 +308,33 @@ def package_versions():
     return versions
 
 
+SECRET_NAME = re.compile(r'(?:^|_)(?:token|api_key|secret|password)$')  # hf_token, not val_tokens or tokenizer
+
+
+def plain_config(namespace):
+    """A stage script's config keys and values, as checkpoints, results and wandb record them: none named like a
+    secret (HF_TOKEN lives in the environment, never in the config)."""
+    return {k: namespace[k] for k in config_keys(namespace) if not SECRET_NAME.search(k.lower())}
+
+
+def harness_metrics(results):
+    """(task, metric, filter, value, stderr or None) for every figure of lm-eval's results dict (eval.py's JSON,
+    export.py's card): its keys are 'metric,filter', each with a 'metric_stderr,filter' beside it."""
+    for task, values in results.items():
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(',')
+            if filter_name and not metric.endswith('_stderr') and isinstance(value, (int, float)):
+                stderr = values.get(f'{metric}_stderr,{filter_name}')
+                yield task, metric, filter_name, value, stderr if isinstance(stderr, (int, float)) else None
+
+
 def run_provenance(data_folders, namespace):
     """What a checkpoint records of how it was made, for sample.py, eval.py and export.py's model card: the command,
     the whole resolved config (every key of the stage script, secrets never among them), the git commit and whether
     the tree was dirty, the library versions, the prepared folders it read and the tokenizer they were prepared
     with."""
     tokenizer = next((read_manifest(folder).get('tokenizer') for folder in data_folders), None)
-    config = {k: namespace[k] for k in config_keys(namespace) if 'token' not in k.lower()}
-    return {'command': command_line(), 'config': config, 'git': git_commit(), 'library_versions': package_versions(),
+    return {'command': command_line(), 'config': plain_config(namespace), 'git': git_commit(), 'library_versions': package_versions(),
             'data': list(data_folders), 'tokenizer': tokenizer}
 
 
@@ -668,8 +688,9 @@ def end_of_session(stop_signal, stop_after_steps, steps_this_session, world_size
 
 def init_wandb(enabled, project, name, namespace, job_type='train', trained=None):
     """A wandb run (WANDB_MODE=offline works) whose config is the stage's plain settings, or None. Nothing named
-    like a token is logged: HF_TOKEN lives in the environment, never in the config. trained: the info of the checkpoint
-    an evaluation or analysis reads; with project '' its run goes into the project the checkpoint trained in."""
+    like a secret is logged: HF_TOKEN lives in the environment, never in the config. trained: the info of the checkpoint
+    an evaluation or analysis reads; with project '' its run goes into the project the checkpoint trained in, and with
+    name '' it is named {job_type}-{the checkpoint's file name}."""
     if not enabled:
         return None
     try:
@@ -677,10 +698,12 @@ def init_wandb(enabled, project, name, namespace, job_type='train', trained=None
     except ImportError:
         raise SystemExit("error: wandb_log=True but wandb is not installed: pip install -r requirements.txt, or pass "
                          "--wandb_log=False")
-    settings = {k: namespace[k] for k in config_keys(namespace) if 'token' not in k.lower()}
+    trained = trained or {}
+    project = project or (trained.get('config') or {}).get('wandb_project') or 'polychromatic'
+    if not name and trained.get('file'):
+        name = f"{job_type}-{os.path.splitext(os.path.basename(trained['file']))[0]}"
     try:
-        project = project or ((trained or {}).get('config') or {}).get('wandb_project') or 'polychromatic'
-        return wandb.init(project=project, name=name, config=settings, job_type=job_type)
+        return wandb.init(project=project, name=name, config=plain_config(namespace), job_type=job_type)
     except Exception as e:  # no login on a fresh pod: fail before the first step, in one line
         fail(f"wandb could not start ({type(e).__name__}: {str(e).splitlines()[0][:160]}): run "
              "`wandb login`, or set WANDB_MODE=offline, or pass --wandb_log=False")

@@ -48,6 +48,7 @@ def test_tiny_run_learns(data_dir, tmp_path, capsys):
     assert state['step'] == 150 and state['tau'] == pytest.approx(0.1)
     # what it was trained with: the whole resolved config, the code's commit, the libraries
     assert state['config']['max_steps'] == 150 and state['config']['learning_rate'] == 3e-3
+    assert state['config']['val_tokens'] == 512 and state['config']['block_size'] == 32  # every key
     assert state['config']['beta2'] == 0.95 and state['config']['sources'] == ('math', 'stem', 'code')
     assert re.fullmatch(r'[0-9a-f]{40}', state['git']['commit']) and isinstance(state['git']['dirty'], bool)
     assert state['library_versions']['torch'] == torch.__version__ and state['library_versions']['lm_eval']

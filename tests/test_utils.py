@@ -138,3 +138,9 @@ def test_a_signal_during_the_stop_flag_reduction_stops_every_rank_one_step_later
     monkeypatch.setattr(dist, 'all_reduce', lambda flag, op: None)
     assert utils.end_of_session(stop_signal, 0, 6, world_size=2) == 'signal 15'
     assert utils.end_of_session([], 6, 6, world_size=2) == 'stop_after_steps=6'
+
+
+def test_recorded_configs_keep_every_key_but_a_secret():
+    namespace = {'hf_token': 'hf_x', 'wandb_api_key': 'k', 'val_tokens': 3, 'tokenizer': 'packaged', 'max_steps': 9,
+                 'TOKEN': 'constant', '_private': 1}
+    assert utils.plain_config(namespace) == {'val_tokens': 3, 'tokenizer': 'packaged', 'max_steps': 9}
