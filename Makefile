@@ -8,6 +8,7 @@ ANY_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 DEMO := data/demo
 DEMO_PREPARE := --output_base=$(DEMO)/tokenized --tokenizer=packaged
+DEMO_SFT_TOKENS := 4000       # the first ~50 of the sample's 400 problems: the demo's SFT takes seconds
 DEMO_QUESTION := Ana shares 47 pencils among 5 friends equally and keeps the rest. How many does each friend get?
 
 .PHONY: setup demo test gpu-check ablation clean
@@ -24,8 +25,9 @@ setup: $(VENV)/.installed
 # each stage reuses what an earlier run finished
 demo: setup
 	@test -f $(DEMO)/raw/sft.jsonl || $(PY) prepare.py --sample=$(DEMO)/raw
-	@for source in math stem code sft; do \
+	@for source in math stem code; do \
 		$(PY) prepare.py --source=$$source --input=$(DEMO)/raw/$$source.jsonl $(DEMO_PREPARE) || exit 1; done
+	@$(PY) prepare.py --source=sft --input=$(DEMO)/raw/sft.jsonl --max_tokens=$(DEMO_SFT_TOKENS) $(DEMO_PREPARE)
 	$(PY) train.py config/tiny.py
 	$(PY) sft.py config/tiny_sft.py
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) eval.py config/tiny_eval.py
@@ -36,7 +38,7 @@ demo: setup
 		--tokenizer=packaged --name=PolychromaticLM-demo-sft
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup
 
 # bench.py --gpu_check=True: the CUDA tests, the speed levers side by side at full size, train.py stopped and resumed,
 # exact generation; table, JSON and log in results/gpu_check/ ($$GPU_CHECK_DIR). A bare CUDA image with torch, numpy and

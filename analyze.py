@@ -18,14 +18,15 @@ import os
 
 import matplotlib
 import numpy as np
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure, fail
-from model import ACTIVATION_NAMES, EOS_ID, PolyGLU
-from utils import (HUB_TOKENIZER, command_line, enable_segment_pooling, get_tokenizer, held_out_windows, init_wandb,
-                   load_checkpoint, open_chunks, packed_hidden_states, resolve_device)
+from model import ACTIVATION_NAMES, EOS_ID, PolyGLU, enable_segment_pooling, packed_hidden_states
+from utils import (HUB_TOKENIZER, command_line, get_tokenizer, held_out_windows, init_wandb, load_checkpoint,
+                   open_chunks, resolve_device)
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -245,31 +246,13 @@ def bf16_head_gradient_effect(windows, steps=20, learning_rate=1e-3, chunks=32):
 # -----------------------------------------------------------------------------
 # comparison of training runs: two arms of paired runs (make ablation), or two runs
 
-def t_quantile(p, df):
-    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom: bisection on its CDF, the density integrated
-    by Simpson's rule (what scipy.stats.t.ppf gives, without the dependency)."""
-    log_scale = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def cdf(x):
-        t = np.linspace(0.0, x, 2001)
-        f = np.exp(log_scale - (df + 1) / 2 * np.log1p(t * t / df))
-        return 0.5 + x / 6000 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-    low, high = 0.0, 1.0
-    while cdf(high) < p:
-        high *= 2
-    for _ in range(60):
-        middle = (low + high) / 2
-        low, high = (middle, high) if cdf(middle) < p else (low, middle)
-    return (low + high) / 2
-
-
 def interval(values):
     """Mean and 95% t-interval of paired differences (one per seed), over axis 0; no interval from one value."""
     values = np.asarray(values, dtype=np.float64)
     n, mean = len(values), values.mean(0)
     if n < 2:
         return n, mean, None
-    half = t_quantile(0.975, n - 1) * values.std(0, ddof=1) / math.sqrt(n)
+    half = scipy.stats.t.ppf(0.975, n - 1) * values.std(0, ddof=1) / math.sqrt(n)
     return n, mean, (mean - half, mean + half)
 
 

@@ -15,7 +15,7 @@ ZeRO stage, dtype and attention kernel. A config file or --key=value shrinks or 
 steps (grad_accum_steps micro-batches, forward and backward, then one clipped AdamW update, as train.py) after
 `warmup` steps through the engine train.py uses (DeepSpeed with bf16 weights, plain PyTorch where DeepSpeed is not
 installed or on the CPU), on random tokens with a document separator every ~1,000 tokens (document masking on).
-Prints tokens/s; MFU (model FLOPs, model.flops_per_token) and HFU (with what is recomputed) against the card's dense
+Prints tokens/s; MFU (model FLOPs, utils.flops_per_token) and HFU (with what is recomputed) against the card's dense
 bf16 peak; peak allocated and reserved memory and whether the run fits an 80 GB and a 40 GB card; the step-time ratio
 PolyGLU / VanillaLM; and the hours and dollars that `token_budget` tokens would take at the measured rate.
 
@@ -49,22 +49,20 @@ import numpy as np
 import torch
 from torch._dynamo.utils import counters
 
-from configurator import config_keys, configure
+from configurator import config_file_values, configure
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, available_attention, check_loss_kernel,
-                   create_model, cu_seqlens_from_eos)
-from utils import (LAUNCHER_GRACE_S, count_parameters, flops_per_token, init_distributed, make_engine, peak_flops,
-                   recompute_flops_per_token, resolve_device, save_checkpoint, train_step)
+                   count_parameters, create_model, cu_seqlens_from_eos, flops_per_token, recompute_flops_per_token)
+from utils import (LAUNCHER_GRACE_S, file_digest, init_distributed, make_engine, peak_flops, resolve_device,
+                   save_checkpoint)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUN_CONFIG = os.path.join(ROOT, 'config', 'pretrain.py')
 
 
 def run_settings(config_file=RUN_CONFIG):
-    """train.py's settings as `train.py config_file` sees them: its defaults, then the file."""
-    import train
-    settings = {k: getattr(train, k) for k in config_keys(vars(train))}
-    configure(settings, [config_file])
-    return settings
+    """What `train.py config_file` runs with, as far as a step needs it: config/pretrain.py (train.py's defaults, held
+    equal by a test), then the file."""
+    return {**config_file_values(RUN_CONFIG), **config_file_values(config_file)}
 
 
 RUN = run_settings()
@@ -88,12 +86,12 @@ attention = RUN['attention']  # or 'all': every kernel available here, side by s
 fused = RUN['fused']
 gradient_checkpointing = RUN['gradient_checkpointing']
 recompute_blocks = RUN['recompute_blocks']
-loss_chunk_size = RUN['loss_chunk_size']
+loss_chunk_size = 2048       # train.py's
 loss_kernel = RUN['loss_kernel']
 lean_mix = RUN['lean_mix']
 compile_blocks = RUN['compile_blocks']
 fused_adamw = RUN['fused_adamw']
-peak_flops_override = RUN['peak_flops_override']
+peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name
 steps = 10
 warmup = 3
 activation_budget_gb = 50.0  # for the printed advice: 80 GB less ~12 GB of weights, gradients and AdamW, and headroom
@@ -175,6 +173,13 @@ def lever_model(config, settings, blocks):
     return model, LanguageModelLoss(model, loss_chunk_size, settings['loss_kernel'])
 
 
+def engine_settings(**changes):
+    """make_engine's settings: train.py's optimizer at config/pretrain.py's values, this file's batch, then `changes`."""
+    return {'backend': backend, 'dtype': dtype, 'zero_stage': zero_stage, 'micro_batch_size': micro_batch_size,
+            'grad_accum_steps': grad_accum_steps, 'grad_clip': 1.0, 'learning_rate': 1e-4, 'weight_decay': 0.1,
+            'beta1': 0.9, 'beta2': 0.95, 'adam_eps': 1e-8, 'fused_adamw': fused_adamw, **changes}
+
+
 def measure(model_type, kernel=None, **changes):
     """-> dict of step seconds, tokens/s, MFU, HFU, memory and saved activations for one model type, kernel and
     lever settings (`changes` over this file's). A step is train.py's: grad_accum_steps micro-batches, one update."""
@@ -182,17 +187,29 @@ def measure(model_type, kernel=None, **changes):
     config = model_config(model_type)
     torch.manual_seed(seed)
     model, loss_module = lever_model(config, settings, recompute_blocks)
-    loss_engine, optimizer, autocast = make_engine(loss_module, model, backend, dtype, zero_stage, micro_batch_size,
-                                                   grad_accum_steps, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8,
-                                                   settings['fused_adamw'])
+    loss_engine, optimizer, autocast = make_engine(loss_module, model, engine_settings(
+        backend=backend, dtype=dtype, grad_accum_steps=grad_accum_steps, fused_adamw=settings['fused_adamw']))
     kernel_name = attention_name(model)
     loss_engine.train()
     rng = np.random.default_rng(seed)
     batches = [batch(rng) for _ in range(2)]
 
-    def step(i):
-        train_step(loss_engine, optimizer, model, [batches[(i + m) % 2] for m in range(grad_accum_steps)], backend, 1.0,
-                   autocast)
+    def step(i):  # train.py's step: forward and backward over the micro-batches, then one clipped update
+        for m in range(grad_accum_steps):
+            x, y, cu_seqlens, max_seqlen = batches[(i + m) % 2]
+            with autocast:
+                loss = loss_engine(x, y, cu_seqlens, max_seqlen)
+            if backend == 'deepspeed':
+                loss_engine.backward(loss)
+                loss_engine.step()
+            else:
+                (loss / grad_accum_steps).backward()
+        loss.item()  # train.py reads the loss and the gradient norm every step: the same waits for the device
+        if backend == 'deepspeed':
+            return loss_engine.get_global_grad_norm()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     for i in range(warmup):
         step(i)
@@ -335,7 +352,7 @@ def print_timings(results):
               f"{fits:>13} | {r['hours']:>10,.1f} | {r['hours'] * usd_per_hour:>6,.0f}")
     for kernel, ratio in ratios(results).items():
         print(f"step-time ratio PolyGLU / VanillaLM ({kernel}): {ratio:.3f}")
-    print(f"budget: {token_budget:.2e} tokens at ${usd_per_hour}/h. MFU counts model.flops_per_token (6N + causal "
+    print(f"budget: {token_budget:.2e} tokens at ${usd_per_hour}/h. MFU counts utils.flops_per_token (6N + causal "
           f"attention over whole {block_size}-token rows), HFU adds the {recomputed_blocks()} recomputed blocks and the "
           "loss chunks' second head forward. " + (
               "Memory: peak allocated and reserved by the allocator; 'fits' adds what the process holds outside it "
@@ -473,8 +490,8 @@ def one_update(settings, run_dtype, data):
     DeepSpeed changes no math)."""
     torch.manual_seed(seed)
     model, loss_module = lever_model(model_config('polyglu', layers=2), settings, min(recompute_blocks, 1))
-    loss_module, optimizer, autocast = make_engine(loss_module, model, 'torch', run_dtype, 0, micro_batch_size, 1, 1.0,
-                                                   1e-3, 0.1, (0.9, 0.95), 1e-8, settings['fused_adamw'])
+    loss_module, optimizer, autocast = make_engine(loss_module, model, engine_settings(
+        backend='torch', dtype=run_dtype, grad_accum_steps=1, learning_rate=1e-3, fused_adamw=settings['fused_adamw']))
     before = torch.cat([p.detach().float().flatten() for p in model.parameters()])
     torch.manual_seed(seed + 1)
     with autocast:
@@ -611,10 +628,9 @@ def check_folder():
 
 
 def write_check_data(folder, eos):
-    """math, stem and code in prepare.py's real chunk format: random ids, skewed towards the first of 4,096 (a unigram
-    the model learns within the check's few steps, so that a resume that lost its state shows in the losses), an EOS
-    every ~1,000 tokens."""
-    import prepare
+    """math, stem and code as prepare.py writes them (one chunk and its manifest each): random ids, skewed towards the
+    first of 4,096 (a unigram the model learns within the check's few steps, so that a resume that lost its state shows
+    in the losses), an EOS every ~1,000 tokens."""
     rng = np.random.default_rng(seed)
     rows = TRAIN_STEPS * micro_batch_size + 4   # every row of the check's steps, and the held-out rows
     for name in ('math', 'stem', 'code'):
@@ -622,7 +638,14 @@ def write_check_data(folder, eos):
         tokens[tokens == eos] = eos + 1
         tokens[rng.random(tokens.size) < 1 / 1000] = eos
         tokens[-1] = eos
-        prepare.write_source(os.path.join(folder, name), name, [tokens], eos, vocab_size, 'random (gpu-check)')
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        tokens.tofile(os.path.join(folder, name, 'chunk_00000.bin'))
+        chunk = {'file': 'chunk_00000.bin', 'tokens': int(tokens.size),
+                 'sha256': file_digest(os.path.join(folder, name, 'chunk_00000.bin'))}
+        with open(os.path.join(folder, name, 'manifest.json'), 'w') as f:
+            json.dump({'format': 'polychromatic-tokens-v1', 'source': name, 'tokenizer': 'random (gpu-check)',
+                       'eos_id': eos, 'dtype': 'uint32', 'vocab_size': vocab_size, 'chunks': [chunk],
+                       'total_tokens': int(tokens.size), 'complete': True}, f)
 
 
 def train_losses(out_dir):

@@ -19,7 +19,6 @@ import sys
 
 LAUNCHER_KEYS = ('local_rank',)  # added by `deepspeed` / torch.distributed launchers; read from env instead
 CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
-PLAN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'pretrain.py')  # the full run's plan
 RENAMED = {'checkpoint_blocks': 'recompute_blocks'}  # old key -> new: an old command line gets the new name
 
 
@@ -77,13 +76,12 @@ def usage(namespace, keys):
     script (and the comment lines under it)."""
     lines, comments = [], {}
     path = namespace.get('__file__')
-    for source in (path, PLAN_FILE):  # the script's comments, then the run plan's
-        if source and os.path.isfile(source):
-            with open(source) as f:
-                lines += f.read().splitlines()
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            lines = f.read().splitlines()
     for i, line in enumerate(lines):
         key = line.split('=', 1)[0].strip() if '=' in line and not line.startswith((' ', '#')) else None
-        if key in keys and not comments.get(key):  # the script's comment, else the plan's (config/pretrain.py)
+        if key in keys and not comments.get(key):
             notes = [line.split('  # ', 1)[1]] if '  # ' in line else []
             notes += [more.strip()[2:] for more in itertools.takewhile(lambda l: l.startswith(' ') and
                                                                        l.strip().startswith('#'), lines[i + 1:])]

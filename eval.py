@@ -26,12 +26,14 @@ import collections
 import contextlib
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -40,11 +42,11 @@ from lm_eval.api.model import LM
 from tqdm import tqdm
 
 from configurator import configure, fail
-from model import EOS_ID, attention_name, cu_seqlens_from_eos
-from utils import (chatml, checkpoint_tokenizer, command_line, count_parameters, enable_segment_pooling, file_digest,
-                   fine_tuned, generate_cached, generate_exact, get_tokenizer, git_commit, gumbel_routing,
+from model import (EOS_ID, PolyGLU, attention_name, count_parameters, cu_seqlens_from_eos, enable_segment_pooling,
+                   generate_cached, generate_exact, packed_hidden_states, sampler, segment_forward)
+from utils import (chatml, checkpoint_tokenizer, command_line, file_digest, fine_tuned, get_tokenizer, git_commit,
                    harness_metrics, held_out_windows, init_wandb, load_checkpoint, open_chunks, package_versions,
-                   packed_hidden_states, plain_config, resolve_device, sampler, whole_row_pooling)
+                   plain_config, resolve_device)
 
 # -----------------------------------------------------------------------------
 # config
@@ -103,6 +105,48 @@ AUTHOR_WINDOWS, AUTHOR_MIN_CHUNK = 244, 100_000  # src/evaluation/domain_perplex
 # -----------------------------------------------------------------------------
 # packed, exact forward passes
 
+@contextlib.contextmanager
+def whole_row_pooling(model):
+    """Within: the frozen whole-row gate mean (training's) even where enable_segment_pooling routes per segment, so a
+    held-out window is scored exactly as train.py's validation scores it: document-masked attention, one gate mean
+    per row."""
+    patched = [(m, m.forward) for m in model.modules() if isinstance(m, PolyGLU)
+               and isinstance(m.forward, partial) and m.forward.func is segment_forward]
+    for m, forward in patched:
+        m.forward = forward.args[0]
+    try:
+        yield model
+    finally:
+        for m, forward in patched:
+            m.forward = forward
+
+
+@contextlib.contextmanager
+def gumbel_routing(model, seeds):
+    """Within: PolyGLU routes as the author's class ran at evaluation (gumbel_softmax with no train/eval switch):
+    softmax((logits + G) / tau), G ~ Gumbel(0, 1). seeds: one per segment of the next forward, each its own generator,
+    so a segment draws what it would alone in train mode after torch.manual_seed(seed), whatever it is packed with."""
+    device = model.embeddings.weight.device
+    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+
+    def noisy(ffn):
+        turns = itertools.cycle(generators)
+
+        def routing_weights(logits):  # torch's gumbel_softmax, hard=False, with the segment's own generator
+            gumbels = -torch.empty_like(logits).exponential_(generator=next(turns)).log()
+            return torch.softmax((logits + gumbels) / ffn.tau, dim=-1)
+        return routing_weights
+
+    polyglus = [m for m in model.modules() if isinstance(m, PolyGLU)]
+    for m in polyglus:
+        m.routing_weights = noisy(m)
+    try:
+        yield model
+    finally:
+        for m in polyglus:
+            del m.routing_weights  # the class's deterministic routing again
+
+
 def packs(lengths, budget):
     """Greedy packing of request indices, longest first, into groups of at most `budget` tokens (a longer request
     gets a group of its own). Sorting by length makes the groups full and the order deterministic."""
@@ -147,7 +191,7 @@ def score(model, requests, budget, desc='loglikelihood', author=False, noise_see
     The harness's input: the last max_seq_len + 1 tokens of context + continuation, minus the last token.
     author=True, the author's wrapper (src/evaluation/model_wrapper.py): the last max_seq_len tokens, the last one
     included, so the mean-pooled gate also sees the final token (a target at position 0 is not scored, as there).
-    noise_seed: the author's Gumbel routing (model.gumbel_routing), seeded per request. record(i, result) is called
+    noise_seed: the author's Gumbel routing (gumbel_routing), seeded per request. record(i, result) is called
     as each pack finishes, progress (a tqdm over requests) is advanced."""
     max_len = model.config.max_seq_len
     inputs, spans = [], []
@@ -196,8 +240,8 @@ def cut(text, until):
 def generate_texts(model, tok, prompts, budget, cached=False, desc='generate', record=None, progress=None,
                    pick=sampler()):
     """prompts: [(context ids, until strings, max new tokens)] -> texts, cut at the first stop string: exact
-    (utils.generate_exact, continuous batching) or, cached=True, utils.generate_cached (approximate, one at a time).
-    pick: greedy, or one utils.sampler per prompt. record(i, text) is called as each request finishes, so an
+    (model.generate_exact, continuous batching) or, cached=True, model.generate_cached (approximate, one at a time).
+    pick: greedy, or one model.sampler per prompt. record(i, text) is called as each request finishes, so an
     interrupted run keeps what it answered."""
     outputs = [None] * len(prompts)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731

@@ -20,10 +20,9 @@ import os
 import torch
 
 from configurator import configure, fail
-from model import ACTIVATION_NAMES, EOS_ID
-from utils import (HUB_PREFIX, HUB_TOKENIZER, checkpoint_tokenizer, count_parameters, file_digest, fine_tuned,
-                   get_tokenizer, git_commit, harness_metrics, hub_failure, load_checkpoint, load_dotenv, quiet_hub,
-                   read_manifest)
+from model import ACTIVATION_NAMES, EOS_ID, count_parameters
+from utils import (HUB_PREFIX, HUB_TOKENIZER, checkpoint_tokenizer, file_digest, fine_tuned, get_tokenizer, git_commit,
+                   harness_metrics, hub_failure, load_checkpoint, load_dotenv, quiet_hub, read_manifest)
 
 # -----------------------------------------------------------------------------
 # config

@@ -8,13 +8,20 @@ SiLU and GELU). This file is the model and nothing else: it imports none of the 
   2. The patches, applied from outside: document masking (cu_seqlens from EOS), the CUDA attention kernels, the
      compiled elementwise kernels, whole-block compilation, block recomputation, and the training loss (the tied head
      in checkpointed chunks, or fused with liger-kernel).
-  3. create_model / wrap_model, and a state dict into the model (model_from_weights; utils.py reads the files).
+  3. create_model / wrap_model; a checkpoint file into the model (read_checkpoint, model_from_weights; utils.py's
+     load_checkpoint finds the file, on disk or on the hub).
+  4. Generation: exact (a full forward a token) and cached (approximate), continuous batching.
 """
+import collections
+import contextlib
 import inspect
+import json
 import math
-from dataclasses import dataclass
+import pickle
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache, partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -728,6 +735,134 @@ class LanguageModelLoss(nn.Module):
         hidden = self.model.hidden_states(idx, cu_seqlens, max_seqlen)
         return self.loss(hidden, self.model.embeddings.weight, targets, self.chunk_size)
 
+# -----------------------------------------------------------------------------
+# segment pooling: packed requests scored each as if alone (eval.py, sample.py, analyze.py)
+
+def segment_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    """sdpa_attention for one packed row, one causal SDPA call per segment: no [T, T] mask (268 MB at 16K tokens)."""
+    if cu_seqlens is None or q.shape[0] != 1:
+        return sdpa_attention(q, k, v, cu_seqlens, max_seqlen)
+    bounds = segment_bounds(cu_seqlens)
+    return torch.cat([sdpa_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
+
+
+segment_bounds_cache = []  # [cu_seqlens, its Python list]: every layer of one forward asks for the same bounds
+
+
+def segment_bounds(cu_seqlens):
+    """cu_seqlens as a list, once per forward, not once per layer (on a GPU each .tolist() waits for the device)."""
+    if not segment_bounds_cache or segment_bounds_cache[0] is not cu_seqlens:
+        segment_bounds_cache[:] = [cu_seqlens, cu_seqlens.tolist()]
+    return segment_bounds_cache[1]
+
+
+def segment_forward(frozen_forward, ffn, x, cu_seqlens=None):
+    """PolyGLU over a packed row one segment at a time, each routed on its own mean exactly as if it ran alone;
+    last_logits holds every segment's, [segments, 1, d_ff, K]. Without cu_seqlens it is the frozen forward."""
+    if cu_seqlens is None:
+        return frozen_forward(x)
+    B, T, C = x.shape
+    flat, bounds = x.reshape(1, B * T, C), segment_bounds(cu_seqlens)
+    outputs, logits = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        outputs.append(frozen_forward(flat[:, start:end]))
+        logits.append(ffn.last_logits)
+    ffn.last_logits = torch.cat(logits)
+    return torch.cat(outputs, dim=1).view(B, T, C)
+
+
+def packed_hidden_states(model, sequences):
+    """Final hidden states of sequences packed into one row, each at RoPE positions 0.. (the row may be longer than
+    max_seq_len); with enable_segment_pooling the packed forward computes what separate forwards would.
+    -> (hidden [T, d_model], offsets: where each sequence starts, and T at the end)."""
+    lengths = [len(s) for s in sequences]
+    if max(lengths) > model.config.max_seq_len:
+        raise ValueError(f"a packed sequence of {max(lengths)} tokens exceeds max_seq_len={model.config.max_seq_len}")
+    device = model.embeddings.weight.device
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    idx = torch.tensor(np.concatenate(sequences), dtype=torch.long, device=device)[None]
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
+    flat = torch.arange(idx.shape[1], device=device)
+    positions = flat - cu_seqlens[:-1].long()[torch.searchsorted(cu_seqlens[1:].long(), flat, right=True)]
+    rope = (model.rope.cosines[positions], model.rope.sins[positions])
+    x = model.embeddings(idx)
+    for block in model.model_core:
+        x = block(x, rope, cu_seqlens, max(lengths))
+    return model.rmsnorm(x)[0], offsets
+
+
+def enable_segment_pooling(model, attention='auto'):
+    """For evaluation, generation and analysis (SPEC.md): route each cu_seqlens segment on its own mean, a wrapper of
+    the frozen forward, and attend per segment (attention_kernel's, else one SDPA call per segment, never a [T, T]
+    mask). Training keeps the frozen whole-row mean."""
+    kernel = attention_kernel(model.embeddings.weight.device, attention)
+    if kernel in (sdpa_attention, efficient_sdpa_attention):
+        kernel = segment_attention
+    for m in model.modules():
+        if isinstance(m, PolyGLU) and not isinstance(m.forward, partial):
+            m.forward = partial(segment_forward, m.forward, m)
+        if isinstance(m, GQA):
+            m.attend = kernel
+    return model
+
+# =============================================================================
+# The model's own numbers: parameters, FLOPs, routing entropy, AdamW's groups
+# =============================================================================
+
+def count_parameters(config):
+    """(total, routing) parameters, counted on the meta device; the tied head once, routing = alpha, beta, gates."""
+    with torch.device('meta'):
+        model = PolychromaticLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    routing = sum(p.numel() for name, p in model.named_parameters()
+                  if name.split('.')[-1] in ('alpha', 'beta') or '.gate_net.' in name)
+    return total, routing
+
+
+def flops_per_token(config, seq_len=None, n_params=None):
+    """Training FLOPs a token, what MFU divides by: 6N for the matmuls (the tied head once) plus causal attention over
+    whole rows, 6 * n_layers * d_attn * seq_len. Recomputation (recompute_flops_per_token) and the attention document
+    masking skips are not counted: MFU is the useful work, not what the GPU ran."""
+    seq_len = seq_len or config.max_seq_len
+    n_params = n_params or count_parameters(config)[0]
+    return 6 * n_params + 6 * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+def recompute_flops_per_token(config, seq_len, recomputed_blocks, loss_kernel='chunked'):
+    """The forward FLOPs a step runs again: each recomputed block's forward and, with the chunked loss, the head again
+    in every chunk's backward (the fused loss computes its gradient in the forward)."""
+    block_params = (count_parameters(config)[0] - config.vocab_size * config.d_model) / config.n_layers
+    block = 2 * block_params + 2 * config.n_heads * config.head_dim * seq_len
+    return recomputed_blocks * block + (2 * config.d_model * config.vocab_size if loss_kernel == 'chunked' else 0)
+
+
+def routing_entropy(model):
+    """Per layer, the mean entropy (nats, and as a fraction of ln K) of the last forward's Gumbel-free routing
+    softmax(logits / tau), over sequences and neurons: a flat dict for wandb, empty for VanillaLM."""
+    stats, entropies = {}, []
+    for i, block in enumerate(model.model_core):
+        ffn = block.ffn
+        if not isinstance(ffn, PolyGLU) or ffn.last_logits is None:
+            continue
+        log_probs = torch.log_softmax(ffn.last_logits.float() / ffn.tau, dim=-1)
+        entropies.append(-(log_probs.exp() * log_probs).sum(-1).mean().item())
+        stats[f'routing/entropy_layer_{i:02d}'] = entropies[-1]
+    if entropies:
+        stats['routing/entropy_mean'] = sum(entropies) / len(entropies)
+        stats['routing/entropy_frac_mean'] = stats['routing/entropy_mean'] / math.log(model.config.n_activations)
+    return stats
+
+
+def optimizer_groups(model, weight_decay):
+    """AdamW groups: decay on >=2-D parameters except PolyGLU's alpha (decay pulls routing back to uniform, the
+    prototype's mistake); 1-D parameters (norms, beta, biases) never decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and not name.endswith('.alpha') else no_decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
 # =============================================================================
 # Create, wrap, and a state dict into the model
 # =============================================================================
@@ -763,10 +898,118 @@ def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=Fals
     return model
 
 
-def model_from_weights(weights, config, path):
-    """A state dict of the author's names, read from `path` (utils.read_checkpoint), in a PolychromaticLM of `config`:
-    the tied head filled in when stored once, the RoPE tables checked against ours, every shape checked, each mismatch
-    one line. Built without any patch, so it loads on any machine."""
+class NotRun:
+    """Stands in for a class a checkpoint's pickle names and weights_only refuses (the author's optimizer entry holds
+    DeepSpeed objects): it keeps what it is given, and no code of the named class is imported or run."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def read_checkpoint(path):
+    """Any checkpoint file -> (state dict, info): our portable .pt, the author's portable .pt {model: bf16 state dict,
+    optimizer, scheduler, step, tau}, or a .safetensors. torch.load(weights_only=True, mmap=True): nothing pickled
+    runs, and the optimizer's tensors are never read."""
+    info = {'file': path}
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, framework='pt') as f:
+                weights = {k: f.get_tensor(k) for k in f.keys()}
+                metadata = f.metadata() or {}
+            info['format'] = 'safetensors'
+            for key, value in metadata.items():  # export.py's: step, tau, model_config, stage, ... as JSON values
+                if key != 'format':
+                    try:
+                        info[key] = json.loads(value)
+                    except ValueError:
+                        info[key] = value
+            return weights, info
+        foreign = []
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            with torch.serialization.safe_globals([(NotRun, name) for name in foreign]):
+                state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
+    if isinstance(state, dict) and isinstance(state.get('model_state_dict'), dict):
+        info['format'], weights = 'portable', state['model_state_dict']
+    elif isinstance(state, dict) and isinstance(state.get('model'), dict):
+        info['format'], weights = 'author portable', state['model']
+    else:
+        raise SystemExit(f"error: {path} is not a PolychromaticLM checkpoint (expected a portable .pt with "
+             "model_state_dict or model, or a .safetensors state dict)")
+    if foreign:
+        print(f"{path}: read the weights; its pickle names {len(foreign)} classes that were not run "
+              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
+    info.update({k: v for k, v in state.items() if k not in ('model', 'model_state_dict', 'optimizer',
+                                                              'optimizer_state_dict', 'scheduler', 'scheduler_state_dict')})
+    return weights, info
+
+
+def infer_config(weights, path):
+    """The ModelConfig a state dict of the author's names implies, read off its shapes (rope_theta and norm_eps cannot
+    be: SPEC.md's values)."""
+    def shape(key):
+        if key not in weights:
+            raise SystemExit(f"error: {path} has no tensor {key!r}: not a PolychromaticLM state dict "
+                 f"(its first keys: {list(weights)[:4]})")
+        return tuple(weights[key].shape)
+    vocab_size, d_model = shape('embeddings.weight')
+    n_layers = 1 + max((int(k.split('.')[1]) for k in weights if k.startswith('model_core.')), default=-1)
+    head_dim, = shape('model_core.0.gqa.rmsnorm_q.gama')
+    ffn = 'polyglu' if 'model_core.0.polyglu.alpha' in weights else 'swiglu'
+    values = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                  n_heads=shape('model_core.0.gqa.W_q.weight')[0] // head_dim,
+                  n_kv_heads=shape('model_core.0.gqa.W_k.weight')[0] // head_dim,
+                  d_ff=shape(f'model_core.0.{ffn}.W_gate.weight')[0],
+                  model_type='polyglu' if ffn == 'polyglu' else 'vanilla')
+    if ffn == 'polyglu':
+        values.update(n_activations=shape('model_core.0.polyglu.alpha')[1],
+                      gate_hidden=shape('model_core.0.polyglu.gate_net.0.weight')[0])
+    if 'rope.cosines' in weights:
+        values['max_seq_len'] = shape('rope.cosines')[0]
+    if d_model != values['n_heads'] * head_dim:
+        raise SystemExit(f"error: {path}: W_q has {values['n_heads'] * head_dim} rows for d_model {d_model} and "
+             f"head_dim {head_dim}; not this architecture")
+    return ModelConfig(**values)
+
+
+def model_from_weights(weights, info, expected=None):
+    """read_checkpoint's (state dict, info) -> a PolychromaticLM of its recorded config, or of the one its shapes imply
+    (info gains step, tau and model_config). The tied head is filled in when stored once, the RoPE tables and every
+    shape are checked, and `expected`, a ModelConfig, is the caller's: each mismatch is one line. Built without any
+    patch, so it loads on any machine."""
+    path = info['file']
+    prefix = next((p for p in ('_orig_mod.', 'module.') if all(k.startswith(p) for k in weights)), '')
+    weights = {k[len(prefix):]: v for k, v in weights.items()}  # saved from a compiled or wrapped module
+    if 'model_config' in info:
+        unknown = sorted(set(info['model_config']) - {f.name for f in fields(ModelConfig)})
+        if unknown:
+            raise SystemExit(f"error: unknown model config field(s) {unknown}; known: "
+                             f"{sorted(f.name for f in fields(ModelConfig))}")
+        config = ModelConfig(**info['model_config'])
+    else:
+        config = infer_config(weights, path)
+    if expected is not None and asdict(expected) != asdict(config):
+        diffs = {k: (v, getattr(config, k)) for k, v in asdict(expected).items() if getattr(config, k) != v}
+        raise SystemExit(f"error: {path} holds a different model than configured; (configured, checkpoint): {diffs}. "
+                         "Fix the config or pick the right checkpoint")
+    info.setdefault('step', 0)
+    info['model_config'] = asdict(config)
+    if config.model_type == 'polyglu' and info.get('tau') is None:
+        print(f"{path} records no tau; using 0.1, the end of the pre-training anneal")
+        info['tau'] = 0.1
+    elif config.model_type != 'polyglu':
+        info['tau'] = None
     model = PolychromaticLM(config)
     # the tied head: a file may store it once, under either name
     if 'output_head.weight' not in weights and 'embeddings.weight' in weights:
@@ -792,4 +1035,170 @@ def model_from_weights(weights, config, path):
     if not torch.equal(weights['embeddings.weight'], weights['output_head.weight']):
         raise SystemExit(f"error: {path} has an output head that differs from its embedding; this model ties them")
     model.load_state_dict(weights)
+    if info['tau'] is not None:
+        model.set_tau(info['tau'])
     return model
+
+
+# =============================================================================
+# Generation (eval.py, sample.py), on a model wrapped by enable_segment_pooling
+# =============================================================================
+
+def sampler(temperature=0.0, top_k=0, seed=1337):
+    """-> pick(logits [n, vocab]) -> n token ids: the argmax at temperature 0, else a draw from softmax(logits /
+    temperature) over the top_k logits (0: all), from a CPU generator seeded here: the same draws on any device."""
+    if temperature <= 0:
+        return lambda logits: logits.argmax(-1).tolist()
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(logits):
+        logits = logits.float().cpu() / temperature
+        values, indices = torch.topk(logits, top_k) if 0 < top_k < logits.shape[-1] else (logits, None)
+        draws = torch.multinomial(values.softmax(-1), 1, generator=generator)
+        return (draws if indices is None else indices.gather(-1, draws))[:, 0].tolist()
+    return pick
+
+
+def pick_tokens(pick, logits, requests):
+    """pick: one sampler for every row, or a list of one per request (its own draws, whatever it is batched with)."""
+    if callable(pick):
+        return pick(logits)
+    return [pick[i](logits[row:row + 1])[0] for row, i in enumerate(requests)]
+
+
+@torch.no_grad()
+def generate_exact(model, prompts, budget, pick=sampler(), stop=None):
+    """Exact generation: a new token moves the gate's mean and so every earlier position's FFN output, so no key/value
+    is reused and each step is a full forward of every unfinished sequence, packed together. prompts: [(ids, max new
+    tokens)]. Yields (i, token, finished) as tokens come; request i ends at its maximum, at EOS, or when stop(i, its
+    ids). Continuous batching: a request joins while the pack's full lengths fit in `budget` tokens."""
+    max_len = model.config.max_seq_len
+    sequences = [list(ids)[-max_len:] for ids, _ in prompts]
+    generated = [[] for _ in prompts]
+    waiting = collections.deque(range(len(prompts)))
+    full_length = lambda i: min(max_len, len(sequences[i]) + prompts[i][1] - len(generated[i]))  # noqa: E731
+    active = []
+    while waiting or active:
+        while waiting and (not active or sum(map(full_length, active)) + full_length(waiting[0]) <= budget):
+            i = waiting.popleft()
+            if prompts[i][1] > 0:
+                active.append(i)
+            else:
+                yield i, None, True
+        if not active:
+            continue
+        hidden, offsets = packed_hidden_states(model, [sequences[i] for i in active])
+        last = torch.as_tensor(offsets[1:] - 1, device=hidden.device)
+        tokens = pick_tokens(pick, F.linear(hidden[last], model.embeddings.weight).float(), active)
+        still = []
+        for i, token in zip(active, tokens):
+            generated[i].append(token)
+            sequences[i] = (sequences[i] + [token])[-max_len:]
+            finished = len(generated[i]) >= prompts[i][1] or token == EOS_ID or bool(stop and stop(i, generated[i]))
+            if not finished:
+                still.append(i)
+            yield i, token, finished
+        active = still
+
+
+def step_routing(ffn):
+    """The routing weights [d_ff, K] of a PolyGLU's last forward (one sequence); None for SwiGLU."""
+    return torch.softmax(ffn.last_logits.float() / ffn.tau, -1)[0, -1] if isinstance(ffn, PolyGLU) else None
+
+
+@contextlib.contextmanager
+def hooked(block, attend, pool=None):
+    """Within: a frozen block attends with `attend` and, for PolyGLU, pools its gate's input with `pool` (the hooks
+    GQA.attend and PolyGLU.pool exist for); the block's own math runs around them."""
+    ffn = block.ffn if isinstance(block.ffn, PolyGLU) and pool is not None else None
+    saved = block.gqa.attend, ffn and ffn.pool
+    block.gqa.attend = attend
+    if ffn:
+        ffn.pool = pool
+    try:
+        yield block
+    finally:
+        block.gqa.attend = saved[0]
+        if ffn:
+            ffn.pool = saved[1]
+
+
+@torch.no_grad()
+def full_pass(model, ids):
+    """A full forward of one sequence recording, per layer, the keys/values, the FFN input sum (the state a cached step
+    continues from) and the routing weights."""
+    n_layers = len(model.model_core)
+    state = {'k': [None] * n_layers, 'v': [None] * n_layers, 'sum': [None] * n_layers, 'n': len(ids)}
+    x = model.embeddings(torch.tensor([ids], device=model.embeddings.weight.device))
+    rope = model.rope(len(ids))
+    for layer, block in enumerate(model.model_core):
+        attend, pool = block.gqa.attend, getattr(block.ffn, 'pool', None)
+
+        def recording_attend(q, k, v, cu_seqlens=None, max_seqlen=None):
+            state['k'][layer], state['v'][layer] = k, v
+            return attend(q, k, v, cu_seqlens, max_seqlen)
+
+        def recording_pool(h, cu_seqlens=None):
+            state['sum'][layer] = h.float().sum(1)
+            return pool(h, cu_seqlens)
+        with hooked(block, recording_attend, recording_pool):
+            x = block(x, rope)
+    state['routing'] = [step_routing(block.ffn) for block in model.model_core]
+    return model.rmsnorm(x)[0, -1], state
+
+
+@torch.no_grad()
+def cached_step(model, token, state):
+    """One new token through the frozen blocks, attending over the cached (stale) keys/values and pooling the gate's
+    running mean. -> (the token's final hidden state, the largest routing change since the last full pass)."""
+    position = state['n']
+    rope = tuple(t[position:position + 1] for t in model.rope(position + 1))
+    x = model.embeddings(torch.tensor([[token]], device=model.embeddings.weight.device))
+    drift = 0.0
+    for layer, block in enumerate(model.model_core):
+        def cached_attend(q, k, v, cu_seqlens=None, max_seqlen=None):
+            state['k'][layer] = torch.cat([state['k'][layer], k], 1)
+            state['v'][layer] = torch.cat([state['v'][layer], v], 1)
+            keys, values = state['k'][layer].transpose(1, 2), state['v'][layer].transpose(1, 2)
+            return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=True).transpose(1, 2)
+
+        def running_mean(h, cu_seqlens=None):
+            state['sum'][layer] = state['sum'][layer] + h.float().sum(1)
+            return (state['sum'][layer] / (position + 1)).to(h.dtype)[:, None]
+        with hooked(block, cached_attend, running_mean):
+            x = block(x, rope)
+        if isinstance(block.ffn, PolyGLU):
+            drift = max(drift, (step_routing(block.ffn) - state['routing'][layer]).abs().max().item())
+    state['n'] += 1
+    return model.rmsnorm(x)[0, -1], drift
+
+
+@torch.no_grad()
+def generate_cached(model, prompts, refresh_threshold, pick=sampler(), stop=None, stats=None):
+    """Approximate generation with a key/value cache, one request at a time: the full forward is redone when a routing
+    weight has moved more than refresh_threshold since the last one. generate_exact's prompts, events and stops; a
+    request also ends at max_seq_len. stats (a dict) counts 'refreshes' and 'cached_steps'."""
+    stats = {} if stats is None else stats
+    stats.setdefault('refreshes', 0)
+    stats.setdefault('cached_steps', 0)
+    for i, (ids, max_new) in enumerate(prompts):
+        if max_new <= 0:
+            yield i, None, True
+            continue
+        ids = list(ids)[-model.config.max_seq_len:]
+        hidden, state = full_pass(model, ids)
+        generated = []
+        while True:
+            token = pick_tokens(pick, F.linear(hidden, model.embeddings.weight).float()[None], [i])[0]
+            generated.append(token)
+            ids.append(token)
+            finished = len(generated) >= max_new or token == EOS_ID or bool(stop and stop(i, generated)) or \
+                len(ids) >= model.config.max_seq_len
+            yield i, token, finished
+            if finished:
+                break
+            hidden, drift = cached_step(model, token, state)
+            stats['cached_steps'] += 1
+            if drift > refresh_threshold:
+                hidden, state = full_pass(model, ids)
+                stats['refreshes'] += 1

@@ -21,6 +21,7 @@ import collections
 import glob
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -30,9 +31,9 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from configurator import configure, fail
+from configurator import config_file_values, configure, fail
 from model import EOS_ID, ModelConfig
-from utils import HUB_TOKENIZER, get_tokenizer, hold_folder, load_dotenv, plan_budgets, read_manifest
+from utils import HUB_TOKENIZER, get_tokenizer, hold_folder, load_dotenv, read_manifest
 
 # -----------------------------------------------------------------------------
 # config
@@ -41,7 +42,7 @@ output_base = 'data/tokenized'
 input = ''                     # local jsonl/parquet path or glob read instead of the hub (same schema)
 tokenizer = HUB_TOKENIZER      # hub id, local tokenizer.json or folder, or 'packaged' (offline Qwen3 copy)
 chunk_tokens = 100_000_000     # tokens per chunk file (chunks end on a document boundary)
-max_tokens = -1                # token budget of the source; -1 = what the pre-training plan uses (utils.plan_budgets)
+max_tokens = -1                # token budget of the source; -1 = what the pre-training plan uses (plan_budgets)
 num_proc = os.cpu_count() or 1 # tokenizer worker processes; the output does not depend on it
 batch_docs = 512               # documents per tokenizer call
 max_bad_fraction = 0.01        # malformed rows are skipped and counted; more than this fraction stops the run
@@ -66,6 +67,28 @@ SOURCES = {
              dict(id='nvidia/Nemotron-CC-v2.1', config='High-Quality', split='train', field='text', share=0.5)],
     'code': [dict(id='nvidia/Nemotron-CC-Code-v1', config=None, split='train', field='text', share=1.0)],
 }
+PLAN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'pretrain.py')  # = train.py's defaults
+
+
+def planned_rows(max_steps, rows_per_step, mixture_baseline, mixture_anneal, anneal_start):
+    """Expected training rows of each source: train.py draws each row's source from the baseline mixture before step
+    anneal_start * max_steps, from the annealed one after."""
+    baseline_steps = min(max_steps, math.ceil(anneal_start * max_steps))
+    return [rows_per_step * (baseline_steps * b / sum(mixture_baseline) + (max_steps - baseline_steps) * a / sum(mixture_anneal))
+            for b, a in zip(mixture_baseline, mixture_anneal)]
+
+
+def plan_budgets(margin=0.01, **changes):
+    """Tokens to prepare per source so that config/pretrain.py's run never repeats a window: its expected rows x
+    block_size, 1% more for the random draw of each row's source (3.6 standard deviations for code, the smallest), plus
+    the held-out slice. At 10.24B tokens: math 7.55B, STEM 2.28B, code 0.52B. `changes` replace the plan's values."""
+    plan = {**config_file_values(PLAN_FILE), **changes}
+    rows = planned_rows(plan['max_steps'], plan['micro_batch_size'] * plan['grad_accum_steps'],
+                        plan['mixture_baseline'], plan['mixture_anneal'], plan['anneal_start'])
+    return {name: int(math.ceil(n * plan['block_size'] * (1 + margin))) + plan['val_tokens']
+            for name, n in zip(plan['sources'], rows)}
+
+
 DEFAULT_MAX_TOKENS = {**plan_budgets(), 'sft': 10**12}  # SFT: every conversation the per-problem cap keeps
 SFT_DATASETS = {  # conversations: Nemotron-Math-v2 and NuminaMath-CoT carry 'messages'; MetaMathQA query/response
     'nemotron': dict(id='nvidia/Nemotron-Math-v2', config=None, field='messages'),

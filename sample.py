@@ -20,9 +20,8 @@ import time
 import torch
 
 from configurator import configure, fail
-from model import EOS_ID
-from utils import (chatml, checkpoint_tokenizer, enable_segment_pooling, fine_tuned, generate_cached, generate_exact,
-                   get_tokenizer, load_checkpoint, resolve_device, sampler)
+from model import EOS_ID, enable_segment_pooling, generate_cached, generate_exact, sampler
+from utils import chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, load_checkpoint, resolve_device
 
 # -----------------------------------------------------------------------------
 # config

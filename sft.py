@@ -16,6 +16,7 @@ mean over every assistant token of the step, across micro-batches and ranks. The
 (seed, epoch): resume is exact. A val_fraction of the problems (all their traces) is held out for the validation
 loss (per assistant token).
 """
+import math
 import os
 import time
 
@@ -23,12 +24,12 @@ import numpy as np
 import torch
 
 from configurator import configure, fail
-from model import EOS_ID, LanguageModelLoss, attention_name, wrap_model
-from utils import (all_reduce_sums, catch_stop_signals, check_resume, checkpoint_or_stop, close_distributed,
-                   count_bad_step, end_of_session, flops_per_token, hold_folder, import_training_state,
-                   init_distributed, init_wandb, load_checkpoint, log_entry, make_engine, micro_batch_seeds,
-                   peak_flops, projected_cost, rank_rows, read_manifest, resolve_device, resume_state, run_provenance,
-                   save_run, set_learning_rate, step_report, to_device, train_step, trim_log, verified_chunk)
+from model import EOS_ID, LanguageModelLoss, attention_name, flops_per_token, routing_entropy, wrap_model
+from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, cosine_lr, end_of_session,
+                   export_training_state, hold_folder, import_training_state, init_distributed, init_wandb,
+                   load_checkpoint, log_entry, make_engine, micro_batch_seed, peak_flops, projected_cost,
+                   prune_checkpoints, rank_rows, read_manifest, report_save, resolve_device, resume_state,
+                   run_provenance, save_checkpoint, step_line, to_device, trim_log, verified_chunk)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -263,9 +264,8 @@ def main():
              "grad_accum_steps, or prepare more conversations")
 
     model, pretrained = load_model()
-    loss_engine, optimizer, autocast = make_engine(
-        LanguageModelLoss(model, loss_chunk_size, loss_kernel), model, backend, dtype, zero_stage, micro_batch_size,
-        grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps, fused_adamw)
+    loss_engine, optimizer, autocast = make_engine(LanguageModelLoss(model, loss_chunk_size, loss_kernel), model,
+                                                   globals())
     path, state = resume_state(out_dir, 'portable_sft_') if resume else (None, None)
     start_step = resume_run(path, state, model, loss_engine, optimizer, rows_per_step, world_size, is_master) \
         if state is not None else 0
@@ -282,15 +282,23 @@ def main():
               f"{attention_name(model)}")
         print(projected_cost(flops_per_step / tokens_per_step, max_steps * tokens_per_step,
                              f", {len(np.unique(problems[train_ids])):,} problems"))
-    bad_steps = {'in_a_row': 0, 'skipped': 0}
     ds_dir = os.path.join(out_dir, 'ds_checkpoint_sft') if backend == 'deepspeed' and ds_checkpoint else None
     log_path, peak = os.path.join(out_dir, 'sft_log.jsonl'), peak_flops(device, peak_flops_override) * world_size
 
     def save(step, final=False):
-        save_run(os.path.join(out_dir, 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'), step,
-                 loss_engine, optimizer, model, backend, is_master, keep_checkpoints, ds_dir,
-                 (learning_rate, min_lr, warmup_steps, max_steps), init_from=init_from, stage='sft',
-                 rows_per_step=rows_per_step, world_size=world_size, **provenance)
+        """Every rank (ZeRO's state is gathered by collectives); rank 0 writes."""
+        path, save_start = os.path.join(out_dir, 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'), \
+            time.time()
+        if ds_dir:
+            loss_engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
+        optimizer_state = export_training_state(loss_engine, optimizer, model, backend)
+        if is_master:
+            save_checkpoint(path, model, step, optimizer_state, {
+                'schedule': 'linear warmup + cosine', 'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
+                'warmup_steps': warmup_steps, 'max_steps': max_steps}, init_from=init_from, stage='sft',
+                rows_per_step=rows_per_step, world_size=world_size, **provenance)
+            prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
+            report_save(step, path, time.time() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
 
     def validate(done):
         val_loss = evaluate(loss_engine, autocast, tokens, masks, val_rows, rank, world_size)
@@ -303,28 +311,67 @@ def main():
     if not start_step and eval_interval:
         validate(0)
     loss_engine.train()
-    timer, last_logged = time.perf_counter(), start_step
+    bad_in_a_row, skipped, timer, last_logged = 0, 0, time.perf_counter(), start_step
     for step in range(start_step, max_steps):
         if any(getattr(b.ffn, 'tau', tau) != tau for b in model.model_core):
             fail(f"tau moved away from {tau} during SFT")  # frozen, and checked: nothing may anneal it here
-        lr = set_learning_rate(optimizer, step, learning_rate, warmup_steps, max_steps, min_lr)
+        lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        # forward and backward, each micro-batch's loss weighted by its share of the step's assistant tokens: the
+        # step's gradient is that of the mean per assistant token over all micro-batches and ranks
         micro_batches, weights = step_batches(tokens, masks, rows, step, rank, world_size)
-        loss, grad_norm, applied = train_step(loss_engine, optimizer, model, micro_batches, backend, grad_clip,
-                                              autocast, weights, micro_batch_seeds(seed, step, grad_accum_steps, rank,
-                                                                                   world_size))
-        count_bad_step(applied, step, loss, grad_norm, bad_steps, max_bad_steps, out_dir, is_master)
+        losses = []
+        for micro_step, ((x, y, cu_seqlens, max_seqlen), weight) in enumerate(zip(micro_batches, weights)):
+            torch.manual_seed(micro_batch_seed(seed, step, micro_step * world_size + rank))
+            with autocast:
+                loss = loss_engine(x, y, cu_seqlens, max_seqlen) * weight
+            if backend == 'deepspeed':
+                loss_engine.backward(loss)
+                loss_engine.step()  # DeepSpeed clips and updates at the accumulation boundary only
+            else:
+                (loss / grad_accum_steps).backward()
+            losses.append(loss.detach().float())
+        loss = all_reduce_sums([torch.stack(losses).mean().item()], world_size, device)[0] / world_size
+        # clip and update; a non-finite loss or gradient norm skips the update (DeepSpeed's overflow check skips it)
+        if backend == 'deepspeed':
+            grad_norm = float(loss_engine.get_global_grad_norm() or 0.0)
+            applied = loss_engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+            applied = math.isfinite(loss) and math.isfinite(grad_norm)
+            if applied:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         done = step + 1
+
+        bad_in_a_row, skipped = (0, skipped) if applied else (bad_in_a_row + 1, skipped + 1)
+        if not applied and is_master:
+            print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped "
+                  f"({bad_in_a_row} in a row, {skipped} in all)")
+        if bad_in_a_row >= max_bad_steps:
+            fail(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last good checkpoint in "
+                 f"{out_dir} is intact (lower learning_rate or check the data, then resume)")
         if applied and is_master and (done % log_interval == 0 or done == max_steps):
-            metrics, line = step_report(model, done, max_steps, loss, lr, tau, grad_norm, time.perf_counter() - timer,
-                                        done - last_logged, tokens_per_step, flops_per_step, peak, bad_steps['skipped'])
-            print(line, flush=True)
+            elapsed = time.perf_counter() - timer
+            metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
+                       'train/tokens_per_sec': (done - last_logged) * tokens_per_step / elapsed,
+                       'train/mfu': flops_per_step * (done - last_logged) / elapsed / peak if peak else None,
+                       'train/skipped_steps': skipped, 'train/tokens': done * tokens_per_step, **routing_entropy(model)}
+            if device.startswith('cuda'):
+                metrics['train/gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
+            print(step_line({'step': done, **metrics}, max_steps, elapsed / (done - last_logged)), flush=True)
             log_entry(log_path, wandb_run, done, metrics)
             timer, last_logged = time.perf_counter(), done
         if eval_interval and (done % eval_interval == 0 or done == max_steps):
             validate(done)
-        if checkpoint_or_stop(save, done, max_steps, checkpoint_interval,
-                              end_of_session(stop_signal, stop_after_steps, done - start_step, world_size), is_master):
-            return
+        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
+        if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
+            save(done)
+            if stop_reason:
+                if is_master:
+                    print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
+                return
     save(max_steps, final=True)
     if wandb_run:
         wandb_run.finish()

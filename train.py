@@ -16,6 +16,7 @@ order: the paired arms of `make ablation` (config/ablation.py).
 """
 import hashlib
 import json
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +25,13 @@ import numpy as np
 import torch
 
 from configurator import configure, fail
-from model import EOS_ID, LanguageModelLoss, ModelConfig, attention_name, create_model
-from utils import (all_reduce_sums, catch_stop_signals, check_resume, checkpoint_or_stop, close_distributed,
-                   count_bad_step, count_parameters, end_of_session, flops_per_token, held_out_windows, hold_folder,
-                   import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry, make_engine,
-                   micro_batch_seeds, open_chunks, peak_flops, projected_cost, rank_rows, recompute_flops_per_token,
-                   resolve_device, resume_state, run_plan, run_provenance, save_run, set_learning_rate, step_report,
-                   to_device, train_step, trim_log)
+from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, count_parameters, create_model,
+                   flops_per_token, recompute_flops_per_token, routing_entropy)
+from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, cosine_lr, end_of_session,
+                   export_training_state, held_out_windows, hold_folder, import_training_state, init_distributed,
+                   init_wandb, load_checkpoint, log_entry, make_engine, micro_batch_seed, open_chunks, peak_flops,
+                   projected_cost, prune_checkpoints, rank_rows, report_save, resolve_device, resume_state,
+                   run_provenance, save_checkpoint, step_line, to_device, trim_log)
 
 # -----------------------------------------------------------------------------
 # config: the full run's plan, with system settings that run anywhere (the CPU, plain PyTorch); config/*.py and
@@ -40,39 +41,36 @@ out_dir = 'checkpoints'
 data_dir = 'data/tokenized'
 resume = 'auto'              # 'auto': continue from the newest complete checkpoint if there is one; '' = fresh
 init_from = ''               # start from these weights (a path, a folder or hf:owner/name) with a fresh optimizer and schedule
-# the full run's plan: its model, data, batch and schedule have one home, config/pretrain.py, read here as the
-# defaults (`python train.py --help` prints the values)
-_plan = run_plan()
-# model (ModelConfig fields)
-model_type = _plan['model_type']
-vocab_size = _plan['vocab_size']
-d_model = _plan['d_model']
-n_layers = _plan['n_layers']
-n_heads = _plan['n_heads']
-n_kv_heads = _plan['n_kv_heads']
-d_ff = _plan['d_ff']
-max_seq_len = _plan['max_seq_len']
+# model: SPEC.md's PolychromaticLM (config/pretrain.py spells out the same run; tests/test_train.py holds them equal)
+model_type = 'polyglu'       # 'vanilla' for the SwiGLU baseline (VanillaLM)
+vocab_size = 151_669
+d_model = 1024
+n_layers = 28
+n_heads = 16
+n_kv_heads = 8
+d_ff = 4096
+max_seq_len = 4096
 # data
-sources = _plan['sources']
-mixture_baseline = _plan['mixture_baseline']
-mixture_anneal = _plan['mixture_anneal']
-anneal_start = _plan['anneal_start']
-block_size = _plan['block_size']
-val_tokens = _plan['val_tokens']
-# optimisation
-micro_batch_size = _plan['micro_batch_size']
-grad_accum_steps = _plan['grad_accum_steps']
-max_steps = _plan['max_steps']
-learning_rate = _plan['learning_rate']
-min_lr = _plan['min_lr']
-warmup_steps = _plan['warmup_steps']
-weight_decay = _plan['weight_decay']
-beta1 = _plan['beta1']
-beta2 = _plan['beta2']
-adam_eps = _plan['adam_eps']
-grad_clip = _plan['grad_clip']
-tau_start = _plan['tau_start']
-tau_end = _plan['tau_end']
+sources = ('math', 'stem', 'code')
+mixture_baseline = (0.70, 0.25, 0.05)  # math, stem, code for the first 80% of steps
+mixture_anneal = (0.85, 0.10, 0.05)    # ... and for the last 20%
+anneal_start = 0.8           # the fraction of max_steps after which the annealed mixture is used
+block_size = 4096
+val_tokens = 2_000_000       # held out at the end of each source
+# optimisation: ~10B tokens = 19,531 steps of 16 x 8 x 4,096 tokens
+micro_batch_size = 16
+grad_accum_steps = 8
+max_steps = 19_531
+learning_rate = 1e-4         # linear warm-up, then cosine to min_lr
+min_lr = 1e-5
+warmup_steps = 2000
+weight_decay = 0.1           # on >=2-D parameters except PolyGLU's alpha
+beta1 = 0.9
+beta2 = 0.95
+adam_eps = 1e-8
+grad_clip = 1.0
+tau_start = 1.0              # the Gumbel temperature, linear from tau_start to tau_end over the run
+tau_end = 0.1
 rope_theta = 10_000.0
 eos_id = EOS_ID
 eval_rows = 64               # validation rows per source
@@ -347,64 +345,109 @@ def main():
 
     path, state = resume_state(out_dir, 'portable_') if resume else (None, None)
     model = build_model(is_master, resuming=state is not None)
-    loss_engine, optimizer, autocast = make_engine(
-        LanguageModelLoss(model, loss_chunk_size, loss_kernel), model, backend, dtype, zero_stage, micro_batch_size,
-        grad_accum_steps, grad_clip, learning_rate, weight_decay, (beta1, beta2), adam_eps, fused_adamw)
+    loss_engine, optimizer, autocast = make_engine(LanguageModelLoss(model, loss_chunk_size, loss_kernel), model,
+                                                   globals())
     start_step, loss_ema, skipped = resume_run(path, state, model, loss_engine, optimizer, world_size, is_master) \
         if state is not None else (0, None, 0)
     if start_step >= max_steps:
         print(f"already trained to max_steps={max_steps}; nothing to do")
         return
-    bad_steps = {'in_a_row': 0, 'skipped': skipped}
     ds_dir = os.path.join(out_dir, 'ds_checkpoint') if backend == 'deepspeed' and ds_checkpoint else None
     log_path = os.path.join(out_dir, 'train_log.jsonl')
 
     def save(step, final=False):
-        save_run(os.path.join(out_dir, 'portable_final.pt' if final else f'portable_{step}.pt'), step, loss_engine,
-                 optimizer, model, backend, is_master, keep_checkpoints, ds_dir,
-                 (learning_rate, min_lr, warmup_steps, max_steps), loss_ema=loss_ema,
-                 skipped_updates=bad_steps['skipped'], tokens=step * tokens_per_step,
-                 rows_per_step=micro_batch_size * grad_accum_steps * world_size, world_size=world_size,
-                 data_dir=data_dir, val_tokens=val_tokens, block_size=block_size,  # eval.py's perplexity reads the same
-                 init_from=init_from, seed=seed, init_seed=weights_seed(), data_plan=data_plan, **provenance)  # windows
+        """Every rank (ZeRO's state is gathered by collectives); rank 0 writes."""
+        path, save_start = os.path.join(out_dir, 'portable_final.pt' if final else f'portable_{step}.pt'), time.time()
+        if ds_dir:
+            loss_engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
+        optimizer_state = export_training_state(loss_engine, optimizer, model, backend)
+        if is_master:
+            save_checkpoint(path, model, step, optimizer_state, {
+                'schedule': 'linear warmup + cosine', 'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
+                'warmup_steps': warmup_steps, 'max_steps': max_steps}, loss_ema=loss_ema, skipped_updates=skipped,
+                            tokens=step * tokens_per_step, rows_per_step=micro_batch_size * grad_accum_steps *
+                            world_size, world_size=world_size, data_dir=data_dir, val_tokens=val_tokens,
+                            block_size=block_size, init_from=init_from, seed=seed, init_seed=weights_seed(),
+                            data_plan=data_plan, **provenance)  # eval.py's perplexity reads the same windows
+            prune_checkpoints(out_dir, 'portable_', ds_dir, keep_checkpoints)
+            report_save(step, path, time.time() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
 
     stop_signal = catch_stop_signals()
     wandb_run = init_wandb(wandb_log and is_master, wandb_project, wandb_run_name, globals())
     flops_per_step = describe_run(model, world_size, data_plan, start_step) if is_master else 0
     peak = peak_flops(device, peak_flops_override) * world_size
     loss_engine.train()
-    timer, run_start, last_logged = time.perf_counter(), time.perf_counter(), start_step
+    bad_in_a_row, timer, run_start, last_logged = 0, time.perf_counter(), time.perf_counter(), start_step
     for step, micro_batches in zip(range(start_step, max_steps), step_batches(data, plan, start_step, rank, world_size)):
         tau = model.update_tau(step, max_steps - 1, tau_start, tau_end)  # the last step trains at tau_end
-        lr = set_learning_rate(optimizer, step, learning_rate, warmup_steps, max_steps, min_lr)
-        loss, grad_norm, applied = train_step(loss_engine, optimizer, model, micro_batches, backend, grad_clip, autocast,
-                                              seeds=micro_batch_seeds(weights_seed(), step, grad_accum_steps, rank,
-                                                                      world_size))
-        count_bad_step(applied, step, loss, grad_norm, bad_steps, max_bad_steps, out_dir, is_master)
-        done, spike = step + 1, applied and loss_ema is not None and loss > spike_factor * loss_ema
+        lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        # forward and backward over the micro-batches; each draws the Gumbel noise of its place in the global batch
+        losses = []
+        for micro_step, (x, y, cu_seqlens, max_seqlen) in enumerate(micro_batches):
+            torch.manual_seed(micro_batch_seed(weights_seed(), step, micro_step * world_size + rank))
+            with autocast:
+                loss = loss_engine(x, y, cu_seqlens, max_seqlen)
+            if backend == 'deepspeed':
+                loss_engine.backward(loss)
+                loss_engine.step()  # DeepSpeed clips and updates at the accumulation boundary only
+            else:
+                (loss / grad_accum_steps).backward()
+            losses.append(loss.detach().float())
+        loss = all_reduce_sums([torch.stack(losses).mean().item()], world_size, device)[0] / world_size
+        # clip and update; a non-finite loss or gradient norm skips the update (DeepSpeed's overflow check skips it)
+        if backend == 'deepspeed':
+            grad_norm = float(loss_engine.get_global_grad_norm() or 0.0)
+            applied = loss_engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+            applied = math.isfinite(loss) and math.isfinite(grad_norm)
+            if applied:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        bad_in_a_row, skipped = (0, skipped) if applied else (bad_in_a_row + 1, skipped + 1)
+        if not applied and is_master:
+            print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped "
+                  f"({bad_in_a_row} in a row, {skipped} in all)")
+        if bad_in_a_row >= max_bad_steps:
+            fail(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last good checkpoint in "
+                 f"{out_dir} is intact (lower learning_rate or check the data, then resume)")
+        spike = applied and loss_ema is not None and loss > spike_factor * loss_ema
         if applied:
             loss_ema = loss if loss_ema is None else 0.99 * loss_ema + 0.01 * loss
             if spike and is_master:
                 print(f"step {step}: loss spike {loss:.4f} > {spike_factor} x running mean {loss_ema:.4f}")
-
         if applied and is_master and (done % log_interval == 0 or done == max_steps or spike):
-            metrics, line = step_report(model, done, max_steps, loss, lr, tau, grad_norm, time.perf_counter() - timer,
-                                        done - last_logged, tokens_per_step, flops_per_step, peak, bad_steps['skipped'])
-            print(line, flush=True)
-            log_entry(log_path, wandb_run, done, {**metrics, 'train/loss_spike': float(spike)})
+            elapsed = time.perf_counter() - timer
+            metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
+                       'train/tokens_per_sec': (done - last_logged) * tokens_per_step / elapsed,
+                       'train/mfu': flops_per_step * (done - last_logged) / elapsed / peak if peak else None,
+                       'train/skipped_steps': skipped, 'train/tokens': done * tokens_per_step,
+                       'train/loss_spike': float(spike), **routing_entropy(model)}
+            if device.startswith('cuda'):
+                metrics['train/gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
+            print(step_line({'step': done, **metrics}, max_steps, elapsed / (done - last_logged)), flush=True)
+            log_entry(log_path, wandb_run, done, metrics)
             timer, last_logged = time.perf_counter(), done
         if eval_interval and (done % eval_interval == 0 or done == max_steps):
             losses = evaluate(loss_engine, autocast, data, rank, world_size)
             if is_master:
                 print(f"step {done}: validation " + ' | '.join(f"{k[4:]} {v:.4f}" for k, v in losses.items()))
                 log_entry(log_path, wandb_run, done, {'train/tokens': done * tokens_per_step, **losses})
-        if checkpoint_or_stop(save, done, max_steps, checkpoint_interval,
-                              end_of_session(stop_signal, stop_after_steps, done - start_step, world_size), is_master):
-            return
+        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
+        if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
+            save(done)
+            if stop_reason:
+                if is_master:
+                    print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
+                return
     save(max_steps, final=True)
     if is_master:
         print(f"done: {max_steps} steps in {(time.perf_counter() - run_start) / 60:.1f} min, "
-              f"{bad_steps['skipped']} skipped -> {os.path.join(out_dir, 'portable_final.pt')}")
+              f"{skipped} skipped -> {os.path.join(out_dir, 'portable_final.pt')}")
     if wandb_run:
         wandb_run.finish()
 

@@ -1,9 +1,9 @@
-# Figures of the tiny demo model (CPU, about half a minute):  python analyze.py config/tiny_analyze.py
+# Figures of the tiny demo model (CPU, about ten seconds):  python analyze.py config/tiny_analyze.py
 checkpoint = 'checkpoints/demo/portable_final.pt'
 output = 'figures/demo'
 data_dir = 'data/demo/tokenized'
 seq_len = 128
-max_tokens = 20_000
+max_tokens = 4096
 batch_tokens = 8192
 compare = ''
 device = 'cpu'

@@ -7,5 +7,5 @@ tokenizer = 'packaged'
 output = 'results/demo/eval.json'
 batch_tokens = 8192
 data_dir = 'data/demo/tokenized'
-perplexity_tokens = 20_000
+perplexity_tokens = 2048
 device = 'cpu'

@@ -11,9 +11,19 @@ sys.path.insert(0, ROOT)
 
 from model import ModelConfig  # noqa: E402
 
-torch.set_num_threads(2)
+# `make test` runs the suite on two workers (pytest-xdist), one core each; the scripts they start inherit the same
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.environ['OMP_NUM_THREADS'] = '1'
+torch.set_num_threads(1 if os.environ.get('PYTEST_XDIST_WORKER') else 2)
 if not torch.cuda.is_available():  # liger-kernel's Triton kernels run on the CPU only in Triton's interpreter; it is read
     os.environ.setdefault('TRITON_INTERPRET', '1')  # when a kernel is defined, so before anything imports liger_kernel
+
+
+def engine_config(**overrides):
+    """utils.make_engine's settings, as a stage script's globals hold them: plain PyTorch, float32, one micro-batch."""
+    return {'backend': 'torch', 'dtype': 'float32', 'zero_stage': 0, 'micro_batch_size': 2, 'grad_accum_steps': 1,
+            'grad_clip': 1.0, 'learning_rate': 1e-3, 'weight_decay': 0.1, 'beta1': 0.9, 'beta2': 0.95, 'adam_eps': 1e-8,
+            'fused_adamw': False, **overrides}
 
 
 def small_config(**overrides):
@@ -21,6 +31,12 @@ def small_config(**overrides):
     values = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
     values.update(overrides)
     return ModelConfig(**values)
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first, longest (the demo) at the head: two workers then finish together instead of one running
+    the demo alone at the end."""
+    items.sort(key=lambda item: (item.get_closest_marker('slow') is None, 'test_pipeline' not in item.nodeid))
 
 
 @pytest.fixture

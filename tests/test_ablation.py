@@ -2,6 +2,7 @@
 analyze.py --compare, and `make ablation` end to end at the CPU miniature (config/tiny_ablation.py)."""
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -37,10 +38,10 @@ def test_ablation_config_is_a_budget_sized_pair():
     for arm in ARMS:
         config = M.ModelConfig(**{k: settings[k] for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
                                                            'd_ff', 'max_seq_len')}, model_type=arm)
-        parameters = U.count_parameters(config)[0]
+        parameters = M.count_parameters(config)[0]
         assert 120e6 < parameters < 130e6  # the 125M class
         assert 19.9 < tokens / parameters < 20.1
-        cost = projected_cost(U.flops_per_token(config, settings['block_size'], parameters), tokens)
+        cost = projected_cost(M.flops_per_token(config, settings['block_size'], parameters), tokens)
         hours, dollars = re.search(r'([\d.]+) A100-hours, \$(\d+) at 40% MFU', cost).groups()
         assert 4 < float(hours) < 6 and 5 <= int(dollars) <= 15, cost  # measured: 5.0 h, $8 a run
     assert settings['model_type'] == 'polyglu' and settings['init_seed'] == -1  # the arm and seed come from make
@@ -127,10 +128,13 @@ def test_paired_interval_by_hand(tmp_path):
     assert os.path.getsize(tmp_path / 'out' / 'loss_comparison.png') > 10_000
 
 
-def test_t_quantiles_match_the_table():
+def test_intervals_use_the_t_table():
     import analyze
     for df, table in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)):
-        assert analyze.t_quantile(0.975, df) == pytest.approx(table, abs=5e-4)
+        values = np.zeros(df + 1)
+        values[0] = 1.0  # mean 1/n, standard deviation sqrt(1/n)
+        n, mean, (low, high) = analyze.interval(values)
+        assert (high - mean) / math.sqrt(1 / n) * math.sqrt(n) == pytest.approx(table, abs=5e-4)
 
 
 def test_verdict_says_no_more_than_the_data(tmp_path):

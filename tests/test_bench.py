@@ -38,17 +38,18 @@ def test_bench_checks_the_targets_against_a_peak(capsys):
     polyglu, = load_bench('--peak_flops_override=312e12', '--model_types=("polyglu",)').main()
     out = capsys.readouterr().out
     config = M.ModelConfig(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256)
-    assert polyglu['mfu'] == pytest.approx(U.flops_per_token(config, 128) * polyglu['tokens_per_s'] / 312e12)
+    assert polyglu['mfu'] == pytest.approx(M.flops_per_token(config, 128) * polyglu['tokens_per_s'] / 312e12)
     # HFU adds the loss chunks' second head forward (no block is recomputed here): 2 x 64 x 1,024 a token
-    assert polyglu['hfu'] == pytest.approx(polyglu['mfu'] * (1 + 2 * 64 * 1024 / U.flops_per_token(config, 128)))
+    assert polyglu['hfu'] == pytest.approx(polyglu['mfu'] * (1 + 2 * 64 * 1024 / M.flops_per_token(config, 128)))
     # at this MFU of an A100's 312 TFLOP/s, 10B tokens of this model's FLOPs a token, at $1.64 an hour
-    a100_usd = 1e10 * U.flops_per_token(config, 128, polyglu['params']) / (polyglu['mfu'] * 312e12) / 3600 * 1.64
+    a100_usd = 1e10 * M.flops_per_token(config, 128, polyglu['params']) / (polyglu['mfu'] * 312e12) / 3600 * 1.64
     assert f"MFU {100 * polyglu['mfu']:.1f}% >= 45%: False" in out and 'ratio' not in out
     assert f"projected A100 cost ${a100_usd:,.0f} <= $130: {a100_usd <= 130}" in out
 
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('ports')
 def test_bench_through_deepspeed_with_the_pretrain_settings():
     """README's card check (DeepSpeed, fused kernels, partial checkpointing) on CPU; a subprocess, as DeepSpeed
     initialises torch.distributed once per process."""
@@ -62,6 +63,7 @@ def test_bench_through_deepspeed_with_the_pretrain_settings():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('ports')
 def test_bench_frees_each_deepspeed_model_before_the_next():
     """DeepSpeed's hooks keep an engine's model alive after `del`; at full size that would be ~12 GB of weights and
     AdamW state beside the second model. A subprocess, for DeepSpeed's one torch.distributed per process."""

@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 import model as M
 import synthetic
 import utils as U
-from conftest import small_config
+from conftest import engine_config, small_config
 from test_train import losses, run_train
 
 
@@ -111,8 +111,7 @@ def test_fused_adamw_takes_the_step_of_the_default_adamw():
     for fused in (False, True):
         torch.manual_seed(0)
         model = M.create_model(config)
-        loss_module, optimizer, _ = U.make_engine(M.LanguageModelLoss(model, 64), model, 'torch', 'float32', 0, 2, 1,
-                                                  1.0, 1e-3, 0.1, (0.9, 0.95), 1e-8, fused_adamw=fused)
+        loss_module, optimizer, _ = U.make_engine(M.LanguageModelLoss(model, 64), model, engine_config(fused_adamw=fused))
         assert optimizer.defaults['fused'] is (True if fused else None)
         idx = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
         torch.manual_seed(2)
@@ -131,7 +130,8 @@ def test_deepspeed_runs_without_its_synchronising_timer(monkeypatch):
         return model, optimizer, None, None
     monkeypatch.setitem(sys.modules, 'deepspeed', types.SimpleNamespace(initialize=initialize))
     model = M.create_model(small_config())
-    U.make_engine(M.LanguageModelLoss(model), model, 'deepspeed', 'bfloat16', 1, 2, 8, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8)
+    U.make_engine(M.LanguageModelLoss(model), model, engine_config(backend='deepspeed', dtype='bfloat16', zero_stage=1,
+                                                                   grad_accum_steps=8))
     assert seen['timers'] == {'throughput': {'enabled': False}}
     assert seen['data_types'] == {'grad_accum_dtype': 'fp32'}
 

@@ -51,19 +51,22 @@ def test_demo_and_readme_figures(tmp_path):
     tokens = {s: json.load(open(tmp_path / f'data/demo/tokenized/{s}/manifest.json'))['total_tokens']
               for s in ('math', 'stem', 'code', 'sft')}
     assert ' / '.join(f"{round(n / 1000)}K" for n in tokens.values()) + ' tokens' in readme_row('prepare')
-    assert re.search(r'sft: 400 conversations of 400 problems, [\d,]+ tokens .* 0 malformed, 400 tool', out)
-    assert 'SFT: 400 conversations of 400 problems, 400 tool rows skipped' in readme_row('prepare')
+    conversations, tool_rows = re.search(r'sft: (\d+) conversations of \1 problems, [\d,]+ tokens .* 0 malformed, '
+                                         r'(\d+) tool', out).groups()
+    assert f'SFT: {conversations} conversations of {conversations} problems, {tool_rows} tool rows skipped' in \
+        readme_row('prepare')
     assert 'OK' in run('prepare.py', '--verify=data/demo/tokenized/math', cwd=tmp_path)
 
-    # train: 200 steps; the last step's loss and validation
+    # train: the last step's loss and validation
     log = [json.loads(line) for line in open(tmp_path / 'checkpoints/demo/train_log.jsonl')]
     losses = [e['train/loss'] for e in log if 'train/loss' in e]
     assert losses[0] > 7.0 and losses[-1] < 6.0  # ln(151,669) = 11.9
-    loss, validation = re.search(r'→ ([\d.]+) at step 200, validation ([\d.]+)', readme_row('train')).groups()
+    loss, step, validation = re.search(r'→ ([\d.]+) at step (\d+), validation ([\d.]+)', readme_row('train')).groups()
+    assert int(step) == max(e['step'] for e in log) and f'{step} steps of 256 tokens' in readme_row('train')
     assert matches(loss, losses[-1]) and matches(validation, [e['val/loss'] for e in log if 'val/loss' in e][-1])
-    assert 'already trained to max_steps=200' in run('train.py', 'config/tiny.py', cwd=tmp_path)  # a re-run reuses it
+    assert f'already trained to max_steps={step}' in run('train.py', 'config/tiny.py', cwd=tmp_path)  # a re-run reuses it
     model, info = U.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_final.pt'))
-    assert info['step'] == 200 and info['tau'] == pytest.approx(0.1) and model.config.d_model == 48
+    assert info['step'] == int(step) and info['tau'] == pytest.approx(0.1) and model.config.d_model == 48
 
     # sft: the held-out assistant loss before and after
     log = [json.loads(line) for line in open(tmp_path / 'checkpoints/demo/sft_log.jsonl')]
@@ -71,8 +74,9 @@ def test_demo_and_readme_figures(tmp_path):
     assert validation[-1] < validation[0] - 0.5
     steps = max(e['step'] for e in log)
     assert f'sft.py config/tiny_sft.py` ({steps} steps, τ = 0.1)' in readme_row('sft')
-    before, after = re.search(r'held-out assistant loss \(20 held-out problems\) ([\d.]+) → ([\d.]+)',
-                              readme_row('sft')).groups()
+    held_out, before, after = re.search(r'held-out assistant loss \((\d+) held-out problems\) ([\d.]+) → ([\d.]+)',
+                                        readme_row('sft')).groups()
+    assert f'{held_out} held out' in demo.stdout
     assert matches(before, validation[0]) and matches(after, validation[-1])
     assert U.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_sft_final.pt'))[1]['tau'] == 0.1
 

@@ -1,4 +1,3 @@
-import contextlib
 import importlib
 import json
 import os
@@ -90,13 +89,17 @@ def test_sft_lowers_assistant_loss_with_tau_frozen(sft_data, pretrained, tmp_pat
 def test_tau_is_asserted_not_just_set(sft_data, pretrained, tmp_path, monkeypatch):
     import sft
     sft = importlib.reload(sft)
-    real_step = sft.train_step
+    real_load_model, real_step_batches, loaded = sft.load_model, sft.step_batches, []
 
-    def annealing_step(engine, optimizer, model, *args):
-        model.update_tau(5, 10)  # something anneals tau behind SFT's back
-        return real_step(engine, optimizer, model, *args)
+    def load_model():
+        loaded.append(real_load_model())
+        return loaded[-1]
 
-    monkeypatch.setattr(sft, 'train_step', annealing_step)
+    def annealing_step_batches(*args):
+        loaded[0][0].update_tau(5, 10)  # something anneals tau behind SFT's back, during step 0
+        return real_step_batches(*args)
+    monkeypatch.setattr(sft, 'load_model', load_model)
+    monkeypatch.setattr(sft, 'step_batches', annealing_step_batches)
     configure(vars(sft), sft_args(sft_data, pretrained['polyglu'], str(tmp_path)))
     with pytest.raises(SystemExit, match='tau moved away from 0.1 during SFT'):
         sft.main()
@@ -169,6 +172,7 @@ def test_a_folder_held_by_a_live_run_stops_sft_at_once(sft_data, pretrained, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('ports')
 def test_deepspeed_sft_matches_torch(sft_data, pretrained, tmp_path):
     import subprocess
     import sys
@@ -237,33 +241,24 @@ def test_no_assistant_token_trained_twice_in_an_epoch():
 
 
 def test_step_loss_is_the_mean_per_assistant_token(sft_data):
-    """Two micro-batches with different numbers of assistant tokens: the step's gradient and loss are those of the mean
-    over all the step's assistant tokens, not a mean of per-micro-batch means."""
+    """Two micro-batches with different numbers of assistant tokens: step_batches' weights make sft.py's step (the mean
+    of weight x loss over its micro-batches) the mean over all the step's assistant tokens, not a mean of
+    per-micro-batch means."""
     import sft
-    import utils
     sft = importlib.reload(sft)
-    sft.data_dir, sft.device = sft_data, 'cpu'
+    sft.data_dir, sft.device, sft.micro_batch_size, sft.grad_accum_steps = sft_data, 'cpu', 1, 2
     tokens, masks, starts, lengths, _ = sft.load_conversations()
     rows = sft.pack(starts, np.minimum(lengths, 65), np.arange(len(starts)), 65)
-    batches = [sft.batch_to_device(tokens, masks, [r]) for r in rows[:2]]
+    batches, weights = sft.step_batches(tokens, masks, rows, 0, 0, 1)
     counts = [int((y != -100).sum()) for _, y, _, _ in batches]
-    assert counts[0] != counts[1]
+    assert counts[0] != counts[1] and weights == pytest.approx([n * 2 / sum(counts) for n in counts])
     torch.manual_seed(0)
-    model = M.create_model(M.ModelConfig(**TINY)).eval()  # no Gumbel noise: every forward the same
-    objective = M.LanguageModelLoss(model)
-    captured = []
-
-    class Capture(torch.optim.SGD):
-        def step(self):
-            captured.append(model.embeddings.weight.grad.clone())
-    loss, _, _ = utils.train_step(objective, Capture(model.parameters(), lr=0.0), model, batches, 'torch', 1e9,
-                                      contextlib.nullcontext(), [n * 2 / sum(counts) for n in counts])
+    objective = M.LanguageModelLoss(M.create_model(M.ModelConfig(**TINY)).eval())  # no Gumbel noise
+    step_loss = sum(objective(*b) * w for b, w in zip(batches, weights)) / 2
     # by hand: the sum of every assistant token's loss over the step's count of them
-    total = sum(objective(*b) * n for b, n in zip(batches, counts)) / sum(counts)
-    gradient, = torch.autograd.grad(total, model.embeddings.weight)
-    assert loss == pytest.approx(total.item(), rel=1e-6)
-    torch.testing.assert_close(captured[0], gradient, rtol=1e-5, atol=1e-8)
-    assert loss != pytest.approx(np.mean([objective(*b).item() for b in batches]), rel=1e-3)
+    per_token = sum(objective(*b) * n for b, n in zip(batches, counts)) / sum(counts)
+    assert step_loss.item() == pytest.approx(per_token.item(), rel=1e-6)
+    assert step_loss.item() != pytest.approx(np.mean([objective(*b).item() for b in batches]), rel=1e-3)
 
 
 def test_held_out_by_problem_and_cost_shown(sft_data, pretrained, tmp_path, capsys):
@@ -278,6 +273,7 @@ def test_held_out_by_problem_and_cost_shown(sft_data, pretrained, tmp_path, caps
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('ports')
 def test_two_rank_sft_resumes_on_one_rank(sft_data, pretrained, tmp_path):
     """sft.py through torchrun on 2 CPU ranks, stopped, then continued on 1 rank with twice the accumulation: the losses
     of an uninterrupted 1-rank run (the same global batch, data, optimizer state and noise)."""

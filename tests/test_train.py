@@ -67,7 +67,7 @@ def test_learning_rate_schedule():
 
 def test_weight_decay_groups():
     model = M.PolychromaticLM(small_config())
-    decay, no_decay = U.optimizer_groups(model, 0.1)
+    decay, no_decay = M.optimizer_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay['params']}
     exempt = {names[id(p)] for p in no_decay['params']}
@@ -319,6 +319,7 @@ cp {tmp_path}/disk/run/portable_final.pt {tmp_path}/final.pt
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('ports')
 def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path):
     """DeepSpeed on CPU (gloo, one process): ZeRO 1 and 2 give the torch path's losses, and so does ZeRO 1 in bf16
     with fused kernels and partial checkpointing, to bf16 precision; its checkpoint resumes exactly. Subprocesses, as deepspeed initialises torch.distributed once per process."""
@@ -407,14 +408,32 @@ def test_plan_says_which_source_repeats(tmp_path, capsys):
     out = capsys.readouterr().out
     used, available = (int(x.replace(',', '')) for x in re.search(r'math ([\d,]+) of ([\d,]+) windows', out).groups())
     assert used > available and 'warning: math repeats' in out and 'stem' not in out.split('warning:')[1]
-    import utils
-    expected = utils.planned_rows(40, 8, (0.70, 0.25, 0.05), (0.85, 0.10, 0.05), 0.8)[0]
+    import prepare
+    expected = prepare.planned_rows(40, 8, (0.70, 0.25, 0.05), (0.85, 0.10, 0.05), 0.8)[0]
     assert abs(used - expected) < 4 * math.sqrt(expected)  # the draw is random around the plan's expectation
 
 
+def test_defaults_are_the_full_run_of_config_pretrain():
+    """train.py's defaults are values a reader sees, and config/pretrain.py spells out the same run: equal wherever both
+    set a key, except the settings that make it a GPU run (train.py's defaults also run on the CPU)."""
+    import train
+    from configurator import config_file_values
+    train = importlib.reload(train)
+    gpu_run = {'device', 'dtype', 'fused', 'gradient_checkpointing', 'recompute_blocks', 'wandb_log', 'wandb_run_name'}
+    pretrain = config_file_values(os.path.join(ROOT, 'config', 'pretrain.py'))
+    shared = set(pretrain) & set(vars(train))
+    assert {'d_model', 'n_layers', 'mixture_baseline', 'max_steps', 'learning_rate', 'tau_end'} <= shared
+    assert {k: pretrain[k] for k in shared - gpu_run} == {k: getattr(train, k) for k in shared - gpu_run}
+    assert (train.device, train.fused, pretrain['device'], pretrain['fused']) == ('auto', False, 'cuda', True)
+
+
 def test_prepare_budgets_follow_the_plan():
-    import utils
-    budgets = utils.plan_budgets()
+    import prepare
+    import train
+    budgets = prepare.plan_budgets()
+    assert budgets == prepare.plan_budgets(**{k: getattr(train, k) for k in (
+        'max_steps', 'micro_batch_size', 'grad_accum_steps', 'mixture_baseline', 'mixture_anneal', 'anneal_start',
+        'block_size', 'val_tokens', 'sources')})  # train.py's defaults size the data as config/pretrain.py does
     tokens = 19_531 * 128 * 4096  # 10.24B
     # 70/25/5 for 80% of the steps, 85/10/5 after: 0.73, 0.22 and 0.05 of the tokens, plus the 2M held out
     for name, share in (('math', 0.73), ('stem', 0.22), ('code', 0.05)):
@@ -429,6 +448,7 @@ def torchrun(args, nproc, port, timeout=300):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('ports')
 def test_two_rank_run_resumes_on_one_rank(data_dir, tmp_path):
     """Through a real launcher (torchrun, two CPU processes, gloo). 2 ranks x grad_accum 1 train the global batch of
     1 rank x grad_accum 2: the same losses, the logged loss being the mean over ranks, and the same validation loss
@@ -458,6 +478,7 @@ def test_two_rank_run_resumes_on_one_rank(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('ports')
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(data_dir, tmp_path):
     """SIGTERM to rank 1 only (a pre-empted worker): the flag is all-reduced, so both ranks save at the same step and
     exit cleanly instead of one waiting in the save's barrier while the other sits in a gradient collective."""

@@ -4,6 +4,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import utils
+from conftest import engine_config
 
 
 def test_packaged_qwen3_tokenizer():
@@ -51,7 +52,7 @@ def test_zero3_is_a_clear_error():
     import torch
     model = torch.nn.Linear(2, 2)
     with pytest.raises(SystemExit, match='zero_stage must be 0, 1 or 2, got 3: ZeRO-3 partitions the weights'):
-        utils.make_engine(model, model, 'deepspeed', 'float32', 3, 1, 1, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8)
+        utils.make_engine(model, model, engine_config(backend='deepspeed', zero_stage=3))
 
 
 def test_zero0_with_bf16_is_a_clear_error():
@@ -60,7 +61,7 @@ def test_zero0_with_bf16_is_a_clear_error():
     import torch
     model = torch.nn.Linear(2, 2)
     with pytest.raises(SystemExit, match="zero_stage=0 with dtype='bfloat16' .* use zero_stage=1"):
-        utils.make_engine(model, model, 'deepspeed', 'bfloat16', 0, 1, 1, 1.0, 1e-4, 0.1, (0.9, 0.95), 1e-8)
+        utils.make_engine(model, model, engine_config(backend='deepspeed', dtype='bfloat16', zero_stage=0))
 
 
 def test_wandb_missing_is_a_clear_error(monkeypatch):
@@ -101,6 +102,7 @@ def test_gpu_config_without_cuda_and_torch_backend_with_ranks(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('ports')
 def test_deepspeed_bf16_accumulates_gradients_in_fp32():
     """DeepSpeed 0.19.8 with bf16 sums micro-batch gradients in bf16 unless data_types.grad_accum_dtype is fp32; with it
     ZeRO-1 runs BF16_Optimizer, whose gradient buffers are fp32."""
@@ -112,12 +114,16 @@ import torch, model as M, utils
 utils.init_distributed('deepspeed', 'cpu')
 torch.manual_seed(0)
 model = M.create_model(M.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16))
-engine, optimizer, autocast = utils.make_engine(M.LanguageModelLoss(model), model, 'deepspeed', 'bfloat16', 1, 2, 2, 1.0,
-                                                1e-3, 0.1, (0.9, 0.95), 1e-8)
+engine, optimizer, autocast = utils.make_engine(M.LanguageModelLoss(model), model, {
+    'backend': 'deepspeed', 'dtype': 'bfloat16', 'zero_stage': 1, 'micro_batch_size': 2, 'grad_accum_steps': 2,
+    'grad_clip': 1.0, 'learning_rate': 1e-3, 'weight_decay': 0.1, 'beta1': 0.9, 'beta2': 0.95, 'adam_eps': 1e-8,
+    'fused_adamw': False})
 x = torch.randint(0, 64, (2, 16))
-loss, grad_norm, applied = utils.train_step(engine, optimizer, model, [(x, x, None, None)] * 2, 'deepspeed', 1.0, autocast)
+for _ in range(2):  # train.py's step: two micro-batches, the update at the boundary
+    engine.backward(engine(x, x))
+    engine.step()
 print('RESULT', type(engine.optimizer).__name__, engine.get_data_types(),
-      sorted({str(t.dtype) for t in engine.optimizer.fp32_groups_gradients_flat}), applied)
+      sorted({str(t.dtype) for t in engine.optimizer.fp32_groups_gradients_flat}), engine.was_step_applied())
 """
     env = {**os.environ, 'MASTER_PORT': str(29_300 + os.getpid() % 500)}
     result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
