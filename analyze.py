@@ -52,7 +52,7 @@ device = 'auto'
 attention = 'auto'           # CUDA kernel for packed rows: flash-attn, else torch's varlen_attn, else SDPA per segment
 dtype = 'float32'
 precision = False            # also measure what bf16 training does to routing at tau 0.1 (bf16 copies of alpha, beta and
-                             # the gate network; the head's gradient summed over the loss chunks in bf16): README
+                             # the gate network; the head's gradient summed over the loss chunks in bf16): docs/gpu.md
 seed = 1337
 wandb_log = False            # log every figure and the summary's figures to wandb
 wandb_project = ''           # '' = the project the checkpoint trained in (its config), else 'polychromatic'

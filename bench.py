@@ -15,7 +15,7 @@ ZeRO stage, dtype and attention kernel. A config file or --key=value shrinks or 
 steps (grad_accum_steps micro-batches, forward and backward, then one clipped AdamW update, as train.py) after
 `warmup` steps through the engine train.py uses (DeepSpeed with bf16 weights, plain PyTorch where DeepSpeed is not
 installed or on the CPU), on random tokens with a document separator every ~1,000 tokens (document masking on).
-Prints tokens/s; MFU (model FLOPs, utils.flops_per_token) and HFU (with what is recomputed) against the card's dense
+Prints tokens/s; MFU (model FLOPs, model.flops_per_token) and HFU (with what is recomputed) against the card's dense
 bf16 peak; peak allocated and reserved memory and whether the run fits an 80 GB and a 40 GB card; the step-time ratio
 PolyGLU / VanillaLM; and the hours and dollars that `token_budget` tokens would take at the measured rate.
 
@@ -352,7 +352,7 @@ def print_timings(results):
               f"{fits:>13} | {r['hours']:>10,.1f} | {r['hours'] * usd_per_hour:>6,.0f}")
     for kernel, ratio in ratios(results).items():
         print(f"step-time ratio PolyGLU / VanillaLM ({kernel}): {ratio:.3f}")
-    print(f"budget: {token_budget:.2e} tokens at ${usd_per_hour}/h. MFU counts utils.flops_per_token (6N + causal "
+    print(f"budget: {token_budget:.2e} tokens at ${usd_per_hour}/h. MFU counts model.flops_per_token (6N + causal "
           f"attention over whole {block_size}-token rows), HFU adds the {recomputed_blocks()} recomputed blocks and the "
           "loss chunks' second head forward. " + (
               "Memory: peak allocated and reserved by the allocator; 'fits' adds what the process holds outside it "

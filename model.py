@@ -432,7 +432,7 @@ def use_fa4(on):
 
 
 # attention='auto' takes the first that is available on CUDA; on the CPU the frozen SDPA path always runs. 'fa4' is
-# chosen by name only: no GPU has measured it yet (README, "Speed levers").
+# chosen by name only: no GPU has measured it yet (docs/gpu.md, "Speed levers").
 ATTENTION_KERNELS = {'flash_attn': flash_attention, 'varlen': varlen_attention, 'sdpa': efficient_sdpa_attention,
                      'fa4': fa4_attention}
 
@@ -686,8 +686,8 @@ def chunked_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_
 
 
 def liger_cross_entropy(hidden, head_weight, targets, chunk_size=2048, ignore_index=-100):
-    """chunked_cross_entropy's loss on liger-kernel's fused linear cross-entropy (loss_kernel='liger'; README says why
-    liger): per chunk one head GEMM, then one Triton pass that writes the loss and, over the logits, their gradient, so
+    """chunked_cross_entropy's loss on liger-kernel's fused linear cross-entropy (loss_kernel='liger'; docs/gpu.md says
+    why liger): per chunk one head GEMM, then one Triton pass that writes the loss and, over the logits, their gradient, so
     the backward only scales it: no second head forward, no float32 logits, the head's gradient summed in float32 over
     the micro-batch. The head is padded as chunked_cross_entropy pads it; a bias of -inf on the pad rows gives them
     zero probability and zero gradient. The CPU runs it in Triton's interpreter (TRITON_INTERPRET=1), for tests."""

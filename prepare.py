@@ -47,7 +47,7 @@ num_proc = os.cpu_count() or 1 # tokenizer worker processes; the output does not
 batch_docs = 512               # documents per tokenizer call
 max_bad_fraction = 0.01        # malformed rows are skipped and counted; more than this fraction stops the run
 sft_sources = 'nemotron'       # comma list of nemotron, metamath, numina
-sft_split = 'low'              # Nemotron-Math-v2 split: low | medium | high_part00..02 (low: shortest traces, README)
+sft_split = 'low'              # Nemotron-Math-v2 split: low | medium | high_part00..02 (low: shortest traces, docs/data.md)
 sft_reasoning = False          # render reasoning_content between <think> and </think> before the answer (in the loss)
 sft_traces_per_problem = 1     # traces kept per problem (0 = all): one is the seed's scale, ~347K conversations
 sft_max_examples = -1          # stop after this many conversations; -1 = no limit

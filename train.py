@@ -60,7 +60,7 @@ val_tokens = 2_000_000       # held out at the end of each source
 # optimisation: ~10B tokens = 19,531 steps of 16 x 8 x 4,096 tokens
 micro_batch_size = 16
 grad_accum_steps = 8
-max_steps = 19_531
+max_steps = 19_531           # ~10B tokens at 512K tokens a step
 learning_rate = 1e-4         # linear warm-up, then cosine to min_lr
 min_lr = 1e-5
 warmup_steps = 2000
@@ -86,7 +86,7 @@ gradient_checkpointing = False
 recompute_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
 fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
 loss_chunk_size = 2048
-# the speed levers, each off until a GPU has measured it faster and exact (README, "Speed levers"; make gpu-check)
+# the speed levers, each off until a GPU has measured it faster and exact (docs/gpu.md, "Speed levers"; make gpu-check)
 loss_kernel = 'chunked'      # 'chunked' (the head in checkpointed chunks, the reference) | 'liger' (fused linear + CE)
 lean_mix = False             # with fused: PolyGLU's backward without its [tokens, d_ff, 4] stacks (same float32 result)
 compile_blocks = False       # torch.compile each block whole; tau and the document boundaries stay outside its graphs

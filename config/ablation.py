@@ -13,7 +13,7 @@ d_ff = 2048
 max_seq_len = 4096              # the full run's rows: PolyGLU's gate pools over the whole row, so its routing sees the
 block_size = 4096               # same several-document windows; at 2,048 the run would cost 8% less
 
-data_dir = 'data/tokenized'     # the full run's prepared data; alone, 2.5B tokens suffice (README: the ablation)
+data_dir = 'data/tokenized'     # the full run's prepared data; alone, 2.5B tokens suffice (docs/ablation.md)
 mixture_baseline = (0.70, 0.25, 0.05)
 mixture_anneal = (0.85, 0.10, 0.05)
 anneal_start = 0.8

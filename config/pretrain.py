@@ -1,7 +1,7 @@
 # The full PolychromaticLM pre-training run of SPEC.md on one 80 GB GPU (A100/H100):
 #   deepspeed train.py config/pretrain.py
-# ~10B tokens = 19,531 steps x (16 x 8 x 4,096) tokens. This file is the run's plan and its one home: train.py takes
-# its model, data, batch and schedule values (utils.PLAN_KEYS) as defaults, and prepare.py sizes the data by them.
+# ~10B tokens = 19,531 steps x (16 x 8 x 4,096) tokens. The model, data, batch and schedule are train.py's defaults,
+# spelled out (tests/test_train.py holds them equal); prepare.py sizes the data by this file, bench.py times its step.
 model_type = 'polyglu'          # 'vanilla' for the SwiGLU baseline (VanillaLM)
 vocab_size = 151_669
 d_model = 1024
@@ -50,7 +50,7 @@ attention = 'auto'             # 'auto': flash-attn if installed, else torch's v
 fused = True
 gradient_checkpointing = True
 recompute_blocks = 8
-# The speed levers (README, "Speed levers"), each off until a GPU has measured it faster and exact: `make gpu-check`
+# The speed levers (docs/gpu.md, "Speed levers"), each off until a GPU has measured it faster and exact: `make gpu-check`
 # times today's path beside each lever and all together, checks each against today's loss, gradients and update, and
 # prints the line to run on that card, e.g. `deepspeed train.py config/pretrain.py --loss_kernel=liger --lean_mix=True`.
 loss_kernel = 'chunked'        # 'liger': the head and the loss fused (no second head forward, float32 head gradient)

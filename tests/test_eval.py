@@ -565,7 +565,7 @@ def count_forwards(module, monkeypatch, stop_after=None):
         forwards.append(len(sequences))
         return real(model, sequences)
     monkeypatch.setattr(module, 'packed_hidden_states', counting)
-    monkeypatch.setattr(U, 'packed_hidden_states', counting)
+    monkeypatch.setattr(M, 'packed_hidden_states', counting)  # generate_exact's
     return forwards
 
 

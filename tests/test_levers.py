@@ -1,4 +1,4 @@
-"""The speed levers (README, "Speed levers"), each against the path it replaces, on the CPU: liger's fused loss (in
+"""The speed levers (docs/gpu.md, "Speed levers"), each against the path it replaces, on the CPU: liger's fused loss (in
 Triton's interpreter), the lean PolyGLU backward, whole-block compilation, fused AdamW, prefetching, the FA4 switch and
 DeepSpeed's timers. Their CUDA halves are in tests/test_cuda.py."""
 import re
