@@ -611,9 +611,9 @@ def prune_checkpoints(out_dir, prefix, ds_dir, keep):
 HUB_PREFIX = 'hf:'  # --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B
 
 def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=None, **extra):
-    """Portable checkpoint {model_state_dict (float32, the author's keys, the tied head stored once),
-    optimizer_state_dict, scheduler_state_dict, step, tau, model_config, **extra}, written to a temporary name and renamed. Under DeepSpeed
-    the weights are the optimizer state's fp32 masters (the module holds their bf16 rounding). A full disk is one line."""
+    """Portable checkpoint {model_state_dict (float32, the author's keys, the tied head once), optimizer_state_dict,
+    scheduler_state_dict, step, tau, model_config, **extra}, written to a temporary name and renamed. Under DeepSpeed the
+    weights are the optimizer state's fp32 masters (the module holds their bf16 rounding). A full disk is one line."""
     weights = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
                for k, v in model.state_dict().items() if k != 'output_head.weight'}
     if isinstance(optimizer_state, dict) and optimizer_state.get('format') == 'per_parameter':

@@ -164,7 +164,7 @@ def test_compare_refuses_what_is_not_paired(tmp_path):
 
 @pytest.mark.slow
 def test_make_ablation_miniature(tmp_path):
-    """The README's command at the tiny config, 2 arms x 2 seeds x 20 steps, stopped in its first run, resumed, then
+    """The README's command at the tiny config, 2 arms x 2 seeds x 10 steps, stopped in its first run, resumed, then
     rerun: the comparison of paired runs, and a rerun that skips the finished ones."""
     data = str(tmp_path / 'data')
     for i, name in enumerate(('math', 'stem', 'code')):  # the tiny model's full vocabulary, the real EOS
@@ -176,13 +176,13 @@ def test_make_ablation_miniature(tmp_path):
                    'ABLATION_CONFIG=config/tiny_ablation.py', f'ARGS=--data_dir={data} {args}', f'PY={sys.executable}']
         return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
-    stopped = make('--stop_after_steps=10')  # what Ctrl-C does too: a checkpoint, then train.py exits cleanly
+    stopped = make('--stop_after_steps=5')  # what Ctrl-C does too: a checkpoint, then train.py exits cleanly
     assert stopped.returncode != 0 and f'{runs}/polyglu-seed1 stopped before its end: make ablation resumes it' in \
         stopped.stdout and not os.path.exists(runs / 'vanilla-seed1'), stopped.stdout[-2000:] + stopped.stderr[-2000:]
     result = make()
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
-    assert 'resumed from step 10' in out and len(re.findall(r'done: 20 steps', out)) == 4
+    assert 'resumed from step 5' in out and len(re.findall(r'done: 10 steps', out)) == 4
     assert len(set(re.findall(r'data plan ([0-9a-f]{16})', out))) == 1
     comparison = json.load(open(runs / 'comparison' / 'summary.json'))['comparison']
     assert comparison['pairs'] == 2 and comparison['data_plans'] == 'identical'

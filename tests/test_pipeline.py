@@ -106,7 +106,7 @@ def test_demo_and_readme_figures(tmp_path):
     # the export reads back with the SFT checkpoint's logits, its tokenizer beside it
     assert 'read back with identical logits' in demo.stdout
     card = open(tmp_path / 'checkpoints/demo/export/README.md').read()
-    assert re.search(r'Fine-tuned \(SFT, loss on the assistant tokens of ChatML conversations\) for \d+ steps of 4 '
+    assert re.search(r'Fine-tuned \(SFT, loss on the assistant tokens of ChatML conversations\) for \d+ steps of 2 '
                      r'packed conversation rows, from `checkpoints/demo/portable_final.pt`', card)
     assert re.search(r'SFT data, `sft`: `local` \(data/demo/raw/sft.jsonl\); [\d,]+ tokens prepared', card)
     assert "The base's data, `math`" in card and "The base's data, `sft`" not in card

@@ -21,7 +21,7 @@ TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_le
 def sft_data(tmp_path_factory):
     """The embedded sample's conversations (Nemotron-Math-v2 schema) prepared with the real Qwen3 tokenizer."""
     root = tmp_path_factory.mktemp('sft')
-    raw = prepare.make_sample(str(root / 'raw'), documents=(1, 1, 1), conversations=120)
+    raw = prepare.make_sample(str(root / 'raw'), documents=(1, 1, 1), conversations=60)
     with pytest.MonkeyPatch.context() as patch:
         for key, value in dict(input=os.path.join(raw, 'sft.jsonl'), output_base=str(root / 'tokenized'),
                                tokenizer='packaged', num_proc=1, chunk_tokens=10**8, max_tokens=-1,
