@@ -37,8 +37,11 @@ demo: setup
 	$(PY) export.py --checkpoint=checkpoints/demo/portable_sft_final.pt --out_dir=checkpoints/demo/export \
 		--tokenizer=packaged --name=PolychromaticLM-demo-sft
 
+# one pytest worker a core and one more: a worker waiting on a script it started leaves its core to the others
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(5, (os.cpu_count() or 1) + 1))")
+
 test: setup
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # bench.py --gpu_check=True: the CUDA tests, the speed levers side by side at full size, train.py stopped and resumed,
 # exact generation; table, JSON and log in results/gpu_check/ ($$GPU_CHECK_DIR). A bare CUDA image with torch, numpy and

@@ -430,6 +430,7 @@ def test_defaults_are_the_full_run_of_config_pretrain():
 def test_prepare_budgets_follow_the_plan():
     import prepare
     import train
+    train = importlib.reload(train)  # its defaults, whatever an earlier test configured
     budgets = prepare.plan_budgets()
     assert budgets == prepare.plan_budgets(**{k: getattr(train, k) for k in (
         'max_steps', 'micro_batch_size', 'grad_accum_steps', 'mixture_baseline', 'mixture_anneal', 'anneal_start',
