@@ -1,16 +1,17 @@
 """
 PolychromaticLM: a ~600M decoder-only transformer whose FFN layers use PolyGLU (per-neuron routing over ReLU, Tanh,
-SiLU and GELU). This file is the model and nothing else: it imports none of the project's other files.
+SiLU and GELU). This file is the model and what nanoGPT keeps beside it; it imports none of the project's other files.
 
   1. The frozen architecture: ModelConfig, RMSNorm, RoPE, GQA, PolyGLU, SwiGLU, TransformerBlock, PolychromaticLM.
      Class and parameter names, shapes, init and forward math are the author's (docs/SPEC.md; the published
      checkpoints depend on them), pinned by tests/test_model.py: wrap them, never edit them.
   2. The patches, applied from outside: document masking (cu_seqlens from EOS), the CUDA attention kernels, the
-     compiled elementwise kernels, whole-block compilation, block recomputation, and the training loss (the tied head
-     in checkpointed chunks, or fused with liger-kernel).
-  3. create_model / wrap_model; a checkpoint file into the model (read_checkpoint, model_from_weights; utils.py's
+     compiled elementwise kernels, whole-block compilation, block recomputation, the training loss (the tied head
+     in checkpointed chunks, or fused with liger-kernel), and segment pooling for evaluation.
+  3. The model's own numbers: parameters, FLOPs a token, routing entropy, AdamW's groups.
+  4. create_model / wrap_model; a checkpoint file into the model (read_checkpoint, model_from_weights; utils.py's
      load_checkpoint finds the file, on disk or on the hub).
-  4. Generation: exact (a full forward a token) and cached (approximate), continuous batching.
+  5. Generation: exact (a full forward a token) and cached (approximate), continuous batching.
 """
 import collections
 import contextlib
@@ -864,7 +865,7 @@ def optimizer_groups(model, weight_decay):
 
 
 # =============================================================================
-# Create, wrap, and a state dict into the model
+# Create, wrap, and a checkpoint file into the model
 # =============================================================================
 
 def create_model(config, device='cpu', dtype=torch.float32, attention='auto', gradient_checkpointing=False,
