@@ -16,7 +16,7 @@ DEMO_QUESTION := Ana shares 47 pencils among 5 friends equally and keeps the res
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet --no-compile -r requirements.txt  # bytecode is written on first import instead
+	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
 setup: $(VENV)/.installed
