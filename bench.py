@@ -187,8 +187,7 @@ def measure(model_type, kernel=None, **changes):
     config = model_config(model_type)
     torch.manual_seed(seed)
     model, loss_module = lever_model(config, settings, recompute_blocks)
-    loss_engine, optimizer, autocast = make_engine(loss_module, model, engine_settings(
-        backend=backend, dtype=dtype, grad_accum_steps=grad_accum_steps, fused_adamw=settings['fused_adamw']))
+    loss_engine, optimizer, autocast = make_engine(loss_module, model, engine_settings(fused_adamw=settings['fused_adamw']))
     kernel_name = attention_name(model)
     loss_engine.train()
     rng = np.random.default_rng(seed)
@@ -206,7 +205,8 @@ def measure(model_type, kernel=None, **changes):
                 (loss / grad_accum_steps).backward()
         loss.item()  # train.py reads the loss and the gradient norm every step: the same waits for the device
         if backend == 'deepspeed':
-            return loss_engine.get_global_grad_norm()
+            loss_engine.get_global_grad_norm()
+            return
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -508,7 +508,7 @@ def task_index(path, defaults=True):
 def task_manager(task_names):
     """The harness's task index (with include_path; only include_path's tasks when every name is one of them); an
     unknown name is one line with the nearest ones."""
-    manager = task_index(include_path) if not include_path else task_index(include_path, defaults=False)
+    manager = task_index(include_path, defaults=not include_path)
     if not set(task_names) <= set(manager.all_tasks):
         manager = task_index(include_path)
     known = set(manager.all_tasks)

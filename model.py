@@ -1025,12 +1025,12 @@ def model_from_weights(weights, info, expected=None):
                              f"{(table.float() - ours).abs().max():.3f}: another rope_theta or rotation convention")
         if table is None or table.shape == ours.shape:
             weights[f'rope.{name}'] = ours
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected != found:
-        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        wrong = [f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in expected
-                 if k in found and found[k] != expected[k]]
+    if shapes != found:
+        missing, unexpected = sorted(set(shapes) - set(found)), sorted(set(found) - set(shapes))
+        wrong = [f"{k}: checkpoint {found[k]} vs model {shapes[k]}" for k in shapes
+                 if k in found and found[k] != shapes[k]]
         raise SystemExit(f"error: {path} does not match its model config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}")
     if not torch.equal(weights['embeddings.weight'], weights['output_head.weight']):

@@ -287,8 +287,8 @@ def main():
 
     def save(step, final=False):
         """Every rank (ZeRO's state is gathered by collectives); rank 0 writes."""
-        path, save_start = os.path.join(out_dir, 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt'), \
-            time.time()
+        path = os.path.join(out_dir, 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt')
+        save_start = time.perf_counter()
         if ds_dir:
             loss_engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
         optimizer_state = export_training_state(loss_engine, optimizer, model, backend)
@@ -298,7 +298,7 @@ def main():
                 'warmup_steps': warmup_steps, 'max_steps': max_steps}, init_from=init_from, stage='sft',
                 rows_per_step=rows_per_step, world_size=world_size, **provenance)
             prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
-            report_save(step, path, time.time() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
+            report_save(step, path, time.perf_counter() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
 
     def validate(done):
         val_loss = evaluate(loss_engine, autocast, tokens, masks, val_rows, rank, world_size)

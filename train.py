@@ -357,7 +357,8 @@ def main():
 
     def save(step, final=False):
         """Every rank (ZeRO's state is gathered by collectives); rank 0 writes."""
-        path, save_start = os.path.join(out_dir, 'portable_final.pt' if final else f'portable_{step}.pt'), time.time()
+        path = os.path.join(out_dir, 'portable_final.pt' if final else f'portable_{step}.pt')
+        save_start = time.perf_counter()
         if ds_dir:
             loss_engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
         optimizer_state = export_training_state(loss_engine, optimizer, model, backend)
@@ -365,12 +366,12 @@ def main():
             save_checkpoint(path, model, step, optimizer_state, {
                 'schedule': 'linear warmup + cosine', 'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
                 'warmup_steps': warmup_steps, 'max_steps': max_steps}, loss_ema=loss_ema, skipped_updates=skipped,
-                            tokens=step * tokens_per_step, rows_per_step=micro_batch_size * grad_accum_steps *
-                            world_size, world_size=world_size, data_dir=data_dir, val_tokens=val_tokens,
-                            block_size=block_size, init_from=init_from, seed=seed, init_seed=weights_seed(),
-                            data_plan=data_plan, **provenance)  # eval.py's perplexity reads the same windows
+                tokens=step * tokens_per_step, rows_per_step=micro_batch_size * grad_accum_steps * world_size,
+                world_size=world_size, data_dir=data_dir, val_tokens=val_tokens, block_size=block_size,
+                init_from=init_from, seed=seed, init_seed=weights_seed(), data_plan=data_plan,
+                **provenance)  # data_dir, val_tokens, block_size: eval.py's perplexity reads the same windows
             prune_checkpoints(out_dir, 'portable_', ds_dir, keep_checkpoints)
-            report_save(step, path, time.time() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
+            report_save(step, path, time.perf_counter() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
 
     stop_signal = catch_stop_signals()
     wandb_run = init_wandb(wandb_log and is_master, wandb_project, wandb_run_name, globals())

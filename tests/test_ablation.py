@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import model as M
-import utils as U
 import synthetic
 from configurator import configure
 from conftest import ROOT

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import model as M
-import utils as U
 from configurator import configure
 from conftest import ROOT, small_config
 
