@@ -329,6 +329,12 @@ def sampling(kwargs):
     return temperature, top_k
 
 
+def check_model_args(arguments):
+    for key in arguments:
+        if key not in MODEL_ARGS:
+            fail(f"--model_args {key}= is not a setting of the polychromatic model; it takes {', '.join(MODEL_ARGS)}")
+
+
 class HarnessLM(LM):
     """lm-evaluation-harness LM around the project's own model (no Hugging Face model classes): eval.py's own runs and
     the `lm_eval` command line (`python eval.py lm_eval --model polychromatic ...`) both score through it. With chat,
@@ -363,10 +369,7 @@ class HarnessLM(LM):
         arguments = dict(arg_dict)
         if (additional_config or {}).get('device') not in (None, 'cuda:0') and 'device' not in arguments:
             arguments['device'] = additional_config['device']
-        for key in arguments:
-            if key not in MODEL_ARGS:
-                fail(f"--model_args {key}= is not a setting of the polychromatic model; it takes "
-                     f"{', '.join(MODEL_ARGS)}")
+        check_model_args(arguments)
         if 'pretrained' in arguments:
             arguments['checkpoint'] = arguments.pop('pretrained')
         configure(globals(), [f'--{key}={value}' for key, value in arguments.items()])
@@ -476,12 +479,27 @@ class HarnessLM(LM):
 def harness_command_line(arguments):
     """`python eval.py lm_eval ARGS`: lm-evaluation-harness's own command line, every flag of it (--output_path,
     --log_samples, --use_cache, --wandb_args, --hf_hub_log_args, --gen_kwargs ...), with this model registered as
-    `polychromatic` (lm-eval cannot import a model from another module by itself: its issues #1457, #1621)."""
-    from lm_eval.__main__ import cli_evaluate
+    `polychromatic` (lm-eval cannot import a model from another module by itself: its issues #1457, #1621). Parsed by
+    the harness's own parser; then a wrong --model_args key stops it at once, and when every task is one of
+    --include_path's, only that folder is indexed (task_index), not the harness's ~12,000 task files."""
+    import lm_eval.tasks
+    from lm_eval._cli import HarnessCLI
     from lm_eval.api.registry import register_model
+    from lm_eval.utils import setup_logging
     register_model('polychromatic')(HarnessLM)
     sys.argv = ['lm_eval', *arguments]
-    cli_evaluate()
+    setup_logging()
+    parser = HarnessCLI()
+    args = parser.parse_args()
+    if getattr(args, 'model', None) == 'polychromatic':
+        check_model_args(getattr(args, 'model_args', None) or {})
+    tasks, folder, index = getattr(args, 'tasks', None), getattr(args, 'include_path', None), lm_eval.tasks.TaskManager
+    if tasks and folder and set(tasks) <= set(task_index(folder, defaults=False).all_tasks):
+        lm_eval.tasks.TaskManager = partial(index, include_defaults=False)
+    try:
+        parser.execute(args)
+    finally:
+        lm_eval.tasks.TaskManager = index
 
 
 def compare_with_exact(model, tok, prompts, outputs):

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -309,9 +310,10 @@ def test_eval_runs_on_the_author_formats(kind, author_files, harness_setup, tmp_
 
 @pytest.mark.slow
 def test_scoring_memory_does_not_grow_with_the_vocabulary():
-    """16,384 scored positions in one pack (batch_tokens=16384, as loglikelihood_rolling sends them) at the full vocabulary:
-    keeping every position's log-probs would take 9.9 GB (float32) plus a copy; gathering the targets per chunk keeps
-    the peak near one chunk's logits (0.6 GB). Measured here: 1.2 GiB above the start, the model and inputs included."""
+    """8,192 scored positions in one pack (two rows of 4,096, as loglikelihood_rolling sends them) at the full
+    vocabulary: keeping every position's log-probs would take 5.0 GB (float32) plus a copy; gathering the targets per
+    chunk keeps the peak near one chunk's logits (0.6 GB). Measured here: 1.2 GiB above the start, the model and inputs
+    included."""
     import subprocess
     import sys
     from conftest import ROOT
@@ -319,10 +321,10 @@ def test_scoring_memory_does_not_grow_with_the_vocabulary():
 import resource, numpy as np, torch, model as M, utils as U, eval as E
 torch.manual_seed(0)
 model = M.enable_segment_pooling(M.create_model(M.ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64)))
-requests = [([M.EOS_ID], np.random.default_rng(i).integers(0, 151_669, 4095).tolist()) for i in range(4)]
+requests = [([M.EOS_ID], np.random.default_rng(i).integers(0, 151_669, 4095).tolist()) for i in range(2)]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-assert len(E.packs([4096] * 4, 16_384)) == 1
-E.score(model.eval(), requests, 16_384)
+assert len(E.packs([4096] * 2, 8_192)) == 1
+E.score(model.eval(), requests, 8_192)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
 """
     result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -704,6 +706,22 @@ def test_the_lm_eval_command_line_scores_as_eval_py_does(harness_setup, tmp_path
         "error: --model_args temperature= is not a setting of the polychromatic model; it takes checkpoint, "
         "pretrained, dtype, device, attention, tokenizer, batch_tokens, max_gen_toks, generation, refresh_threshold, "
         "seed")
+
+
+def test_the_command_line_indexes_only_include_path_when_it_holds_every_task(harness_setup, monkeypatch):
+    import lm_eval.tasks
+    from lm_eval._cli import HarnessCLI
+    folder, checkpoint = harness_setup
+    monkeypatch.setattr(sys, 'argv', sys.argv)
+    indexes = []
+    monkeypatch.setattr(HarnessCLI, 'execute', lambda self, args: indexes.append(lm_eval.tasks.TaskManager))
+    for tasks in ('poly_mc,poly_gen', 'poly_mc,gsm8k'):
+        E.harness_command_line(['--model', 'polychromatic', '--model_args', f'checkpoint={checkpoint}', '--tasks', tasks,
+                                '--include_path', folder])
+    local, full = indexes
+    assert local.keywords == {'include_defaults': False} and not isinstance(full, partial)
+    with pytest.raises(SystemExit, match='--model_args top_p= is not a setting'):
+        E.harness_command_line(['--model', 'polychromatic', '--model_args', 'top_p=0.9', '--tasks', 'gsm8k'])
 
 
 def test_sampling_is_honoured_seeded_per_request_or_refused(tiny, word_tokenizer):
