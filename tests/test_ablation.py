@@ -166,13 +166,13 @@ def test_make_ablation_miniature(tmp_path):
     """The README's command at the tiny config, 2 arms x 2 seeds x 10 steps, stopped in its first run, resumed, then
     rerun: the comparison of paired runs, and a rerun that skips the finished ones."""
     data = str(tmp_path / 'data')
-    for i, name in enumerate(('math', 'stem', 'code')):  # the tiny model's full vocabulary, the real EOS
-        synthetic.write_source(data, name, seed=i, manifest_eos=M.EOS_ID, eos=M.EOS_ID)
+    for i, name in enumerate(('math', 'stem', 'code')):  # and ARGS shrink the vocabulary to the data's
+        synthetic.write_source(data, name, seed=i)
     runs = tmp_path / 'ablation'
 
     def make(args=''):
         command = ['make', '--no-print-directory', '-C', ROOT, 'ablation', 'SEEDS=2', f'ABLATION_DIR={runs}',
-                   'ABLATION_CONFIG=config/tiny_ablation.py', f'ARGS=--data_dir={data} {args}', f'PY={sys.executable}']
+                   'ABLATION_CONFIG=config/tiny_ablation.py', f'ARGS=--data_dir={data} --vocab_size={synthetic.VOCAB} --eos_id={synthetic.EOS} {args}', f'PY={sys.executable}']
         return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
     stopped = make('--stop_after_steps=5')  # what Ctrl-C does too: a checkpoint, then train.py exits cleanly
