@@ -8,7 +8,7 @@ ANY_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 DEMO := data/demo
 DEMO_PREPARE := --output_base=$(DEMO)/tokenized --tokenizer=packaged
-DEMO_SFT_TOKENS := 4000       # the first ~50 of the sample's 400 problems: the demo's SFT takes seconds
+DEMO_SFT_TOKENS := 2500       # the first ~30 of the sample's 400 problems: the demo's SFT takes seconds
 DEMO_QUESTION := Ana shares 47 pencils among 5 friends equally and keeps the rest. How many does each friend get?
 
 .PHONY: setup demo test gpu-check ablation clean

@@ -8,5 +8,5 @@ tokenizer = 'packaged'
 output = 'results/demo/eval.json'
 batch_tokens = 8192
 data_dir = 'data/demo/tokenized'
-perplexity_tokens = 2048
+perplexity_tokens = 1024
 device = 'cpu'

@@ -62,7 +62,8 @@ def test_demo_and_readme_figures(tmp_path):
     losses = [e['train/loss'] for e in log if 'train/loss' in e]
     assert losses[0] > 7.0 and losses[-1] < 6.0  # ln(151,669) = 11.9
     loss, step, validation = re.search(r'→ ([\d.]+) at step (\d+), validation ([\d.]+)', readme_row('train')).groups()
-    assert int(step) == max(e['step'] for e in log) and f'{step} steps of 256 tokens' in readme_row('train')
+    tokens_per_step = re.search(r'\| (\d+) tokens a step', out).group(1)
+    assert int(step) == max(e['step'] for e in log) and f'{step} steps of {tokens_per_step} tokens' in readme_row('train')
     assert matches(loss, losses[-1]) and matches(validation, [e['val/loss'] for e in log if 'val/loss' in e][-1])
     assert f'already trained to max_steps={step}' in run('train.py', 'config/tiny.py', cwd=tmp_path)  # a re-run reuses it
     model, info = U.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_final.pt'))
