@@ -105,7 +105,7 @@ def test_gpu_config_without_cuda_and_torch_backend_with_ranks(monkeypatch):
 @pytest.mark.xdist_group('ports')
 def test_deepspeed_bf16_accumulates_gradients_in_fp32():
     """DeepSpeed 0.19.8 with bf16 sums micro-batch gradients in bf16 unless data_types.grad_accum_dtype is fp32; with it
-    ZeRO-1 runs BF16_Optimizer, whose gradient buffers are fp32."""
+    ZeRO-1 runs BF16_Optimizer, whose gradient buffers are fp32. And on the CPU it builds no shared-memory op."""
     import subprocess
     import sys
     from conftest import ROOT
@@ -130,6 +130,7 @@ print('RESULT', type(engine.optimizer).__name__, engine.get_data_types(),
     assert result.returncode == 0, result.stderr[-2000:]
     line = next(l for l in result.stdout.splitlines() if l.startswith('RESULT'))
     assert line == "RESULT BF16_Optimizer (torch.bfloat16, torch.float32) ['torch.float32'] True"
+    assert 'shm_comm' not in result.stdout + result.stderr  # no gcc build of an all-reduce only inference calls
 
 
 def test_a_signal_during_the_stop_flag_reduction_stops_every_rank_one_step_later(monkeypatch):
