@@ -320,9 +320,10 @@ cp {tmp_path}/disk/run/portable_final.pt {tmp_path}/final.pt
 
 @pytest.mark.slow
 @pytest.mark.xdist_group('ports')
-def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path):
+def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path, capsys):
     """DeepSpeed on CPU (gloo, one process): ZeRO 1 and 2 give the torch path's losses, and so does ZeRO 1 in bf16
-    with fused kernels and partial checkpointing, to bf16 precision; its checkpoint resumes exactly. Subprocesses, as deepspeed initialises torch.distributed once per process."""
+    with fused kernels and partial checkpointing, to bf16 precision; its checkpoint resumes exactly. DeepSpeed in
+    subprocesses, as it initialises torch.distributed once per process."""
     def run(out_dir, **overrides):
         result = subprocess.run([sys.executable, 'train.py',
                                  *synthetic.train_args(data_dir, str(tmp_path / out_dir), max_steps=16,
@@ -332,7 +333,8 @@ def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result.stdout
 
-    reference = losses(run('torch'))
+    run_train(synthetic.train_args(data_dir, str(tmp_path / 'torch'), max_steps=16, log_interval=1, eval_interval=0))
+    reference = losses(capsys.readouterr().out)
     deepspeed_losses = {}
     for stage in (1, 2):
         deepspeed_losses[stage] = losses(run(f'zero{stage}', backend='deepspeed', zero_stage=stage))
