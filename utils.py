@@ -375,8 +375,7 @@ def init_distributed(backend, device):
 
     import deepspeed
     if not device.startswith('cuda'):
-        # on the CPU DeepSpeed compiles a shared-memory all-reduce with gcc (~35 s, once a machine) that only its
-        # inference all-reduce calls; training reduces through gloo
+        # its CPU shared-memory all-reduce (a ~35 s gcc build on a new machine) serves inference only; training uses gloo
         importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None
     # rank 0 writes a full checkpoint (~11 GB) while the others wait in a collective: 10 minutes could time them out
     deepspeed.init_distributed(timeout=timedelta(minutes=60))
