@@ -333,7 +333,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
 
 
 def eval_module(args):
-    """eval.py with fresh globals, keeping the harness's task indexes as one process does (~8 s each to build)."""
+    """eval.py with fresh globals, keeping the harness's task indexes (eval.task_index) as one process does."""
     task_index = E.task_index
     module = importlib.reload(E)
     module.task_index = task_index

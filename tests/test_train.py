@@ -324,16 +324,18 @@ def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path, capsys)
     """DeepSpeed on CPU (gloo, one process): ZeRO 1 and 2 give the torch path's losses, and so does ZeRO 1 in bf16
     with fused kernels and partial checkpointing, to bf16 precision; its checkpoint resumes exactly. DeepSpeed in
     subprocesses, as it initialises torch.distributed once per process."""
+    def args(out_dir, **overrides):
+        return synthetic.train_args(data_dir, str(tmp_path / out_dir), max_steps=16, log_interval=1, eval_interval=0,
+                                    **overrides)
+
     def run(out_dir, **overrides):
-        result = subprocess.run([sys.executable, 'train.py',
-                                 *synthetic.train_args(data_dir, str(tmp_path / out_dir), max_steps=16,
-                                                       log_interval=1, eval_interval=0, **overrides)],
+        result = subprocess.run([sys.executable, 'train.py', *args(out_dir, **overrides)],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600,
                                 env={**os.environ, 'MASTER_PORT': str(29_500 + os.getpid() % 1000)})
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result.stdout
 
-    run_train(synthetic.train_args(data_dir, str(tmp_path / 'torch'), max_steps=16, log_interval=1, eval_interval=0))
+    run_train(args('torch'))
     reference = losses(capsys.readouterr().out)
     deepspeed_losses = {}
     for stage in (1, 2):
