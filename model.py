@@ -21,6 +21,7 @@ import math
 import pickle
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache, partial
+from types import MethodType
 
 import numpy as np
 import torch
@@ -599,6 +600,10 @@ def fused_polyglu_forward(ffn, x, cu_seqlens=None, mix_backward=polyglu_mix_back
     return FusedGLUDown.apply(ffn.W_gate(x), ffn.W_up(x), g, ffn.W_down.weight, polyglu_mix, mix_backward)
 
 
+def lean_polyglu_forward(ffn, x, cu_seqlens=None):
+    return fused_polyglu_forward(ffn, x, cu_seqlens, polyglu_mix_backward_lean)
+
+
 def fused_swiglu_forward(ffn, x, cu_seqlens=None):
     return FusedGLUDown.apply(ffn.W_gate(x), ffn.W_up(x), None, ffn.W_down.weight, swiglu_mix, swiglu_mix_backward)
 
@@ -606,16 +611,16 @@ def fused_swiglu_forward(ffn, x, cu_seqlens=None):
 def enable_fused_kernels(model, lean_mix=False):
     """torch.compile the elementwise work of every block, PolyGLU's mix (VanillaLM's SiLU product, for a fair
     baseline) and the RMSNorms, as per-instance patches like the flash patch: the frozen classes are untouched
-    and tests compare the result with them. Measured (bench.py --memory_only, bf16, full size): the tensors a block
-    keeps for its backward shrink from 109.5 to 33.5 KiB a token (PolyGLU) and from 77.2 to 33.2 KiB (VanillaLM)."""
+    and tests compare the result with them. Each patch is the same function bound to each module (MethodType), so a
+    compiled block sees one function whatever the block: a partial per module was a new object per block, and Dynamo,
+    which guards on it, compiled every block again (tests/test_levers.py counts the graphs). Measured (bench.py
+    --memory_only, bf16, full size): the tensors a block keeps for its backward shrink from 109.5 to 33.5 KiB a token
+    (PolyGLU) and from 77.2 to 33.2 KiB (VanillaLM)."""
+    forwards = {RMSNorm: fused_norm_forward, PolyGLU: lean_polyglu_forward if lean_mix else fused_polyglu_forward,
+                SwiGLU: fused_swiglu_forward}
     for m in model.modules():
-        if isinstance(m, RMSNorm):
-            m.forward = partial(fused_norm_forward, m)
-        elif isinstance(m, PolyGLU):
-            m.forward = partial(fused_polyglu_forward, m,
-                                mix_backward=polyglu_mix_backward_lean if lean_mix else polyglu_mix_backward)
-        elif isinstance(m, SwiGLU):
-            m.forward = partial(fused_swiglu_forward, m)
+        if type(m) in forwards:
+            m.forward = MethodType(forwards[type(m)], m)
     return model
 
 

@@ -74,12 +74,14 @@ def test_liger_loss_on_a_machine_that_cannot_run_it_is_one_line(monkeypatch):
         M.LanguageModelLoss(M.PolychromaticLM(small_config()), loss_kernel='fused')
 
 
-def training_steps(compile_blocks, steps=5):
-    """Losses and gradients of `steps` steps, each with its own tau and document boundaries, and the graph count after
-    each."""
+def training_steps(compile_blocks, steps=5, n_layers=2):
+    """Losses and gradients of `steps` steps, each with its own tau and document boundaries, and the graphs compiled
+    by the end of each (counted from a reset, so that no earlier test's graphs serve these)."""
+    torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
-    model = M.create_model(small_config(), fused=True, lean_mix=True, gradient_checkpointing=True, recompute_blocks=1,
-                           compile_blocks=compile_blocks).train()
+    model = M.create_model(small_config(n_layers=n_layers), fused=True, lean_mix=True, gradient_checkpointing=True,
+                           recompute_blocks=1, compile_blocks=compile_blocks).train()
     loss_module, generator, results = M.LanguageModelLoss(model, 64), torch.Generator().manual_seed(1), []
     for step in range(steps):
         model.update_tau(step, steps - 1)
@@ -95,7 +97,10 @@ def training_steps(compile_blocks, steps=5):
 
 
 @pytest.mark.slow
-def test_compiled_blocks_compile_once_whatever_tau_and_the_documents():
+def test_compiled_blocks_compile_once_whatever_tau_the_documents_and_the_depth():
+    """config/pretrain.py's switches (fused kernels, lean_mix, a recomputed block) under compile_blocks: one set of
+    graphs for every block. A fused patch that was a new object per block (a partial) made Dynamo compile each block
+    again: 11 graphs at 2 layers, 23 at 6, ~120 at 28, past the recompile limit, after which blocks run eagerly."""
     eager, _ = training_steps(compile_blocks=False)
     compiled, model = training_steps(compile_blocks=True)
     graphs = [count for _, _, count in compiled]
@@ -104,6 +109,8 @@ def test_compiled_blocks_compile_once_whatever_tau_and_the_documents():
         assert loss == pytest.approx(reference_loss, abs=1e-6)  # the same Gumbel noise: routing runs eagerly
         assert (grads - reference_grads).norm() < 1e-5 * reference_grads.norm()
     assert M.attention_name(model) == 'sdpa_attention'  # the kernel inside the graph break, named
+    deeper, _ = training_steps(compile_blocks=True, steps=3, n_layers=6)
+    assert [count for _, _, count in deeper] == graphs[:3]  # the same graphs at 6 layers as at 2
 
 
 def test_fused_adamw_takes_the_step_of_the_default_adamw():
