@@ -6,8 +6,8 @@ The card check: training steps of config/pretrain.py's run, PolyGLU beside Vanil
     python bench.py config/bench_small.py       # CPU-sized
     python bench.py --memory_only=True          # what a block keeps for its backward (seconds, any device)
     python bench.py --profile=True              # the top entries of a profiled PolyGLU step
-    python bench.py --levers=True               # today's path, each speed lever alone and all together (lever_table)
-    make gpu-check                              # = python bench.py --gpu_check=True: all a fresh GPU must pass
+    python bench.py --levers=all                # today's path, each speed lever alone, the recommended (lever_table)
+    make gpu-check                              # = python bench.py --gpu_check=True: all a fresh GPU must pass, 8 min
 
 The defaults are train.py's settings under config/pretrain.py (run_settings): the model, the micro-batch and its
 grad_accum_steps, the fused kernels, the recomputed blocks, the loss chunk and kernel, the speed levers, the backend,
@@ -23,14 +23,18 @@ It also measures what one block keeps for its backward (every tensor saved by au
 per token, and from it the activation memory of the micro-batch with and without checkpointing: a device-independent
 figure that says how many blocks must be recomputed for a micro-batch to fit.
 
-gpu_check=True runs, in order, and writes a summary table, gpu_check.json and gpu_check.log to results/gpu_check/ (or
-$GPU_CHECK_DIR): the environment; the CUDA tests (tests/test_cuda.py); the lever table at full size, with the profile
-of its fastest exact configuration (profile.txt) and the settings it recommends for the card;
-train.py for a few steps on token chunks it writes itself, stopped and resumed, with the save of a full-size checkpoint
-timed; and exact generation at full size (eval.py --benchmark). It uses what is installed (DeepSpeed, flash-attn) and
-says what it skipped. Without CUDA it stops with exit status 2, unless GPU_CHECK_DRY=1 runs it all on the CPU at a tiny
-size (the test suite does), the CUDA-only parts reported as skipped.
+gpu_check=True runs, in order, each stage within its own time limit (STAGE_LIMITS_S, 8 minutes together; the plan is
+printed first): the environment; the CUDA tests (tests/test_cuda.py); the lever table at full size in its own process
+(lever_table: rows that share one model's weights, timed in interleaved rounds, each checked against float32, the
+recommended setting run as a row, VanillaLM beside it, the profile); train.py for a few steps on token chunks it writes
+itself, stopped and resumed, with the save of a full-size checkpoint timed; and exact generation at full size
+(eval.py --benchmark). gpu_check.json, summary.txt, levers.json and levers.txt in results/gpu_check/ (or
+$GPU_CHECK_DIR) are rewritten after every stage and every round of rows, so a check killed at any moment keeps what it
+measured. It needs only torch, numpy and pytest (DeepSpeed, liger-kernel and flash-attn where installed) and says what
+it skipped. Without CUDA it stops with exit status 2, unless GPU_CHECK_DRY=1 runs it all on the CPU at a tiny size
+(the test suite does), the CUDA-only parts reported as skipped.
 """
+import copy
 import gc
 import importlib.util
 import json
@@ -44,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -51,9 +56,10 @@ from torch._dynamo.utils import counters
 
 from configurator import config_file_values, configure
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, available_attention, check_loss_kernel,
-                   count_parameters, create_model, cu_seqlens_from_eos, flops_per_token, recompute_flops_per_token)
-from utils import (LAUNCHER_GRACE_S, file_digest, init_distributed, make_engine, peak_flops, resolve_device,
-                   save_checkpoint)
+                   count_parameters, create_model, flops_per_token, recompute_flops_per_token, use_fa4,
+                   wrap_model)
+from utils import (LAUNCHER_GRACE_S, file_digest, init_distributed, make_engine, named_masters, optimizer_weights,
+                   peak_flops, resolve_device, round_masters, save_checkpoint, to_device)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUN_CONFIG = os.path.join(ROOT, 'config', 'pretrain.py')
@@ -78,7 +84,7 @@ d_ff = RUN['d_ff']
 block_size = RUN['block_size']
 micro_batch_size = RUN['micro_batch_size']
 grad_accum_steps = RUN['grad_accum_steps']  # a timed step is train.py's: this many micro-batches, then one update
-backend = RUN['backend']     # DeepSpeed falls back to plain PyTorch (bf16 autocast) where it is not installed
+backend = RUN['backend']     # where DeepSpeed is not installed, plain PyTorch's bf16 engine (its bf16 ZeRO-1, in one process)
 zero_stage = RUN['zero_stage']
 device = RUN['device']
 dtype = RUN['dtype']
@@ -91,6 +97,8 @@ loss_kernel = RUN['loss_kernel']
 lean_mix = RUN['lean_mix']
 compile_blocks = RUN['compile_blocks']
 fused_adamw = RUN['fused_adamw']
+prefetch = RUN['prefetch']
+selective_checkpointing = RUN['selective_checkpointing']
 peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name
 steps = 10
 warmup = 3
@@ -98,23 +106,32 @@ activation_budget_gb = 50.0  # for the printed advice: 80 GB less ~12 GB of weig
 token_budget = 10_000_000_000
 usd_per_hour = 1.64
 profile = False              # print the costliest kernels of a profiled PolyGLU step (self time)
-levers = False               # the lever table: today's path, each speed lever alone and all together (LEVERS)
+levers = ''                  # the lever table: 'all' (today's path, each lever of LEVERS alone, the recommended), or
+                             # the names of some of them: --levers=lean_mix,compile_blocks
+levers_json = ''             # where the lever table writes its rows after every round (make gpu-check sets it)
+levers_seconds = 0.0         # the lever table's time limit: rows it cannot reach are reported as not run; 0 = none
 memory_only = False          # only measure what a block keeps for its backward (seconds, any device), no steps
 gpu_check = False            # `make gpu-check`: every stage a fresh GPU must pass before the run (module docstring)
+stages = 'all'               # the stages gpu-check runs: all, or some of cuda,levers,train,generation
 seed = 1337
 # -----------------------------------------------------------------------------
 CARDS_GIB = (('80 GB', 79.2), ('40 GB', 39.4))  # what torch reports as the total memory of an 80 GB and a 40 GB card
 HEADROOM = 0.97              # of it, for the allocator's fragmentation over a long run
 
 
-def batch(rng):
-    eos = EOS_ID if vocab_size > EOS_ID else 0
-    tokens = rng.integers(0, min(vocab_size, EOS_ID), (micro_batch_size, block_size + 1))
-    tokens[rng.random(tokens.shape) < 1 / 1000] = eos
-    tokens = torch.from_numpy(tokens)
-    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    cu_seqlens, max_seqlen = cu_seqlens_from_eos(x, eos)
-    return x.to(device), y.to(device), cu_seqlens.to(device), max_seqlen
+def eos_id():
+    return EOS_ID if vocab_size > EOS_ID else 0
+
+
+def host_rows(rng, rows):
+    """Random token rows [rows, block_size + 1] with a document separator every ~1,000 tokens, as a loader reads them."""
+    tokens = rng.integers(0, min(vocab_size, EOS_ID), (rows, block_size + 1))
+    tokens[rng.random(tokens.shape) < 1 / 1000] = eos_id()
+    return tokens
+
+
+def batch(rng, rows=None):
+    return to_device(host_rows(rng, rows or micro_batch_size), device, eos_id())
 
 
 def synchronize():
@@ -161,15 +178,17 @@ def lever_settings(**changes):
     return {**settings, **changes}
 
 
-LEVER_KEYS = ('attention', 'fused', 'lean_mix', 'compile_blocks', 'loss_kernel', 'fused_adamw')
+LEVER_KEYS = ('attention', 'fused', 'lean_mix', 'compile_blocks', 'loss_kernel', 'fused_adamw', 'prefetch',
+              'gradient_checkpointing', 'recompute_blocks', 'selective_checkpointing', 'micro_batch_size',
+              'grad_accum_steps')
 
 
-def lever_model(config, settings, blocks):
-    """A model of `config` with the wrappers of `settings` (lever_settings), the first `blocks` blocks recomputed, and
-    its loss module."""
-    model = create_model(config, device=device, attention=settings['attention'],
-                         gradient_checkpointing=gradient_checkpointing, fused=settings['fused'], recompute_blocks=blocks,
-                         lean_mix=settings['lean_mix'], compile_blocks=settings['compile_blocks'])
+def lever_model(config, settings, blocks, model=None):
+    """A model of `config` (or `model`, built) with the wrappers of `settings` (lever_settings), the first `blocks`
+    blocks recomputed, and its loss module."""
+    model = wrap_model(model or create_model(config, device=device), settings['attention'],
+                       settings['gradient_checkpointing'], settings['fused'], blocks, settings['lean_mix'],
+                       settings['compile_blocks'], settings['selective_checkpointing'])
     return model, LanguageModelLoss(model, loss_chunk_size, settings['loss_kernel'])
 
 
@@ -207,7 +226,7 @@ def measure(model_type, kernel=None, **changes):
         if backend == 'deepspeed':
             loss_engine.get_global_grad_norm()
             return
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        torch.nn.utils.clip_grad_norm_(optimizer_weights(optimizer), 1.0).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -273,13 +292,13 @@ def activation_gb(kib_per_token, checkpointed):
     return (kept + (kib_per_token if checkpointed else 0)) * tokens * 1024 / 1e9
 
 
-def setup():
+def setup(distributed=True):
     """Resolve device, dtype, backend and the kernels to measure; start DeepSpeed's process group if it is used."""
     global device, dtype, backend
     device, dtype = resolve_device(device, dtype)
     if backend == 'deepspeed' and importlib.util.find_spec('deepspeed') is None:
-        print("DeepSpeed is not installed: plain PyTorch with bf16 autocast instead (the run itself needs DeepSpeed: "
-              "pip install -r requirements.txt)")
+        print("DeepSpeed is not installed: plain PyTorch's bf16 engine instead (utils.fp32_masters: DeepSpeed's bf16 "
+              "ZeRO-1 in one process, the same update and bytes of state)")
         backend = 'torch'
     if not device.startswith('cuda'):
         kernels = ['auto']
@@ -287,7 +306,8 @@ def setup():
         kernels = available_attention()
     else:
         kernels = [attention]
-    _, _, device = init_distributed(backend, device)
+    if distributed:
+        _, _, device = init_distributed(backend, device)
     return kernels
 
 
@@ -378,18 +398,518 @@ def a100_hours(mfu, n_params):
     return token_budget * flops_per_token(model_config('polyglu'), block_size, n_params) / (mfu * 312e12) / 3600
 
 # -----------------------------------------------------------------------------
+# the lever table: python bench.py --levers=all, and make gpu-check's "speed levers" stage
+
+# Each lever alone over today's path (this file's settings: config/pretrain.py's). 'no_recompute' halves the micro-batch
+# and doubles the accumulation (the same tokens a step) so that no block is recomputed; 'recompute=0' keeps the
+# micro-batch and needs a card of BIG_CARD_GIB or more.
+LEVERS = {'loss_kernel=liger': {'loss_kernel': 'liger'}, 'lean_mix': {'fused': True, 'lean_mix': True},
+          'compile_blocks': {'compile_blocks': True}, 'fused_adamw': {'fused_adamw': True}, 'prefetch': {'prefetch': True},
+          'selective_checkpointing': {'gradient_checkpointing': True, 'selective_checkpointing': True},
+          'no_recompute': {'gradient_checkpointing': False, 'recompute_blocks': 0, 'micro_batch_size': 'half',
+                           'grad_accum_steps': 'double'},
+          'recompute=0': {'gradient_checkpointing': False, 'recompute_blocks': 0},
+          **{f'attention={name}': {'attention': name} for name in ('flash_attn', 'cudnn', 'flex', 'fa4')}}
+EXCLUSIVE = {'attention': ('attention=',), 'memory': ('selective_checkpointing', 'no_recompute', 'recompute=0')}
+BIG_CARD_GIB = 120           # micro-batch 16 without recomputation: ~62 GB of activations (33.5 KiB a token a block)
+REPEATS = 3                  # timed micro-batches a row, in rounds over the rows, after one untimed (it compiles)
+EXACT_STEPS = 3              # AdamW steps of the exactness check
+# A lever is exact when its worst relative error in every group is at most EXACT_FACTOR x today's own (bf16 against
+# the float32 reference) plus EXACT_FLOOR. In float32 (the dry run) today's error is 0 and the levers measured at most
+# FLOAT32_MEASURED (liger's update, in Triton's interpreter; lean_mix 7.2e-5, compile_blocks 4.9e-5; docs/gpu.md has the
+# command): the floor is ten times that. A gradient 5% off in one tensor is 50 times over it.
+FLOAT32_MEASURED = 1.2e-4
+EXACT_FACTOR, EXACT_FLOOR = 2.0, {'float32': 10 * FLOAT32_MEASURED, 'bfloat16': 1e-3}
+GROUPS = (('routing', ('.alpha', '.beta', '.gate_net.')), ('attention', ('.gqa.',)),
+          ('ffn', ('.W_gate.', '.W_up.', '.W_down.')), ('embedding', ('embeddings.',)), ('norms', ('rmsnorm',)))
+
+
+def lever_rows(names='all'):
+    """today, then each lever of LEVERS (or of `names`) with its changes, or why it cannot run here."""
+    wanted = list(LEVERS) if names == 'all' else [name.strip() for name in names.split(',') if name.strip()]
+    unknown = sorted(set(wanted) - set(LEVERS))
+    if unknown:
+        raise SystemExit(f"error: unknown levers {unknown}; the levers: {', '.join(LEVERS)}")
+    rows = [{'lever': 'today', 'changes': {}}]
+    for name in wanted:
+        changes = {k: {'half': max(1, micro_batch_size // 2), 'double': grad_accum_steps * 2}.get(v, v)
+                   for k, v in LEVERS[name].items()}
+        why = lever_unavailable(name, changes)
+        rows.append({'lever': name, 'skipped': why} if why else {'lever': name, 'changes': changes})
+    for row in rows:
+        if 'changes' in row:
+            row['settings'] = lever_settings(**row['changes'])
+    return rows
+
+
+def lever_unavailable(name, changes):
+    """Why a lever cannot run on this machine (or is today's setting already), or None."""
+    settings = lever_settings()
+    if all(settings[k] == v for k, v in changes.items()):
+        return f"today's path already runs {name}"
+    if 'attention' in changes and changes['attention'] not in available_attention():
+        return f"attention={changes['attention']!r} is not available here"
+    if changes.get('loss_kernel') == 'liger':
+        try:
+            check_loss_kernel('liger', device)
+        except SystemExit as e:
+            return str(e).removeprefix('error: ')
+    if name == 'recompute=0' and card_gib() < BIG_CARD_GIB:
+        return f"needs a card of {BIG_CARD_GIB} GiB or more (this one: {card_gib():.0f} GiB); see no_recompute"
+    return None
+
+
+def card_gib():
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if device.startswith('cuda') else 0.0
+
+
+def budget(rows):
+    """The lever stage's work, counted before it starts: full-size micro-batches, model builds, compiled settings."""
+    timed = len([row for row in rows if 'changes' in row])
+    micro_batches = (timed * (1 + REPEATS) + REPEATS      # each row warmed and timed; today again at the end
+                     + 1 + 2 * REPEATS                     # the recommended setting, beside today
+                     + 2 * (1 + REPEATS) + 1)              # VanillaLM today and recommended; the profile
+    compiled = len([row for row in rows if 'changes' in row and (row['settings']['compile_blocks'] or
+                    row['settings']['attention'] == 'flex')]) + 1
+    return {'micro_batches': micro_batches, 'full_size_builds': 2, 'two_block_builds': timed + 2,
+            'compiled_settings': compiled}
+
+
+# --- exactness: a 2-block model of this width and vocabulary, a few AdamW steps, each lever against float32
+
+def group_of(name):
+    return next(group for group, parts in GROUPS if any(part in name for part in parts))
+
+
+def exactness_run(settings, run_dtype, data):
+    """EXACT_STEPS clipped AdamW updates of a 2-block model through `settings` (plain PyTorch: in bf16 it is DeepSpeed's
+    bf16 ZeRO-1), from the same weights, rows and Gumbel noise -> (losses, {name: gradient of the first step},
+    {name: the weight's change after the last}), float32."""
+    torch.manual_seed(seed)
+    model, loss_module = lever_model(model_config('polyglu', layers=2), settings, min(settings['recompute_blocks'], 1)
+                                     if settings['gradient_checkpointing'] else 0)
+    _, optimizer, _ = make_engine(None, model, engine_settings(backend='torch', dtype=run_dtype, grad_accum_steps=1,
+                                                               learning_rate=1e-3, fused_adamw=settings['fused_adamw']))
+    weights = named_masters(model, optimizer) or dict(model.named_parameters())
+    before, losses, grads = {n: w.detach().float().clone() for n, w in weights.items()}, [], None
+    for step in range(EXACT_STEPS):
+        torch.manual_seed(seed + 1 + step)
+        loss = loss_module(*data[step % len(data)])
+        loss.backward()
+        grads = grads or {n: w.grad.detach().float().clone() for n, w in weights.items()}
+        torch.nn.utils.clip_grad_norm_(optimizer_weights(optimizer), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, grads, {n: w.detach().float() - before[n] for n, w in weights.items()}
+
+
+def exactness_errors(run, reference):
+    """Relative errors against the reference: the worst step's loss; per group, the worst tensor's gradient and update
+    (one wrong FFN or routing tensor shows, where one norm over all weights is the tied embedding's); grads/all, that
+    one norm, for comparison."""
+    (losses, grads, changes), (reference_losses, reference_grads, reference_changes) = run, reference
+    errors = {'loss': max(abs(a - b) / abs(b) for a, b in zip(losses, reference_losses))}
+    for what, values, expected in (('grads', grads, reference_grads), ('update', changes, reference_changes)):
+        for name, tensor in expected.items():
+            key = f"{what}/{group_of(name)}"
+            error = ((values[name] - tensor).norm() / tensor.norm().clamp(min=1e-30)).item()
+            errors[key] = max(errors.get(key, 0.0), error)
+    everything = [(grads[n], t) for n, t in reference_grads.items()]
+    errors['grads/all'] = (sum((a - b).square().sum() for a, b in everything).sqrt()
+                           / sum(b.square().sum() for _, b in everything).sqrt()).item()
+    return errors
+
+
+def exact_limits(today_errors):
+    return {key: EXACT_FACTOR * value + EXACT_FLOOR[dtype] for key, value in today_errors.items() if key != 'grads/all'}
+
+
+def check_exactness(rows, data, reference):
+    """Each row's errors against the float32 reference, and exact: every group within exact_limits of today's."""
+    for row in rows:
+        if 'settings' in row and 'errors' not in row and not row.get('error'):
+            attempt(row, lambda: row.update(errors=exactness_errors(exactness_run(row['settings'], dtype, data),
+                                                                     reference)))
+    limits = exact_limits(rows[0]['errors']) if 'errors' in rows[0] else None
+    for row in rows:
+        if 'errors' in row and limits:
+            row['exact'] = all(row['errors'][key] <= limit for key, limit in limits.items())
+            row['inexact'] = sorted(key for key, limit in limits.items() if row['errors'][key] > limit)
+
+
+def float32_reference(data):
+    """Today's path in float32, attention by SDPA's float32 kernels (varlen and flash-attn take bf16 only)."""
+    return exactness_run(lever_settings(attention='sdpa' if device.startswith('cuda') else 'auto'), 'float32', data)
+
+
+# --- timing: rows that share one model's weights, micro-batches in rounds
+
+def attempt(row, work):
+    """Run work(); any failure is recorded in the row (type, first line), and the table goes on."""
+    try:
+        work()
+        return True
+    except (Exception, SystemExit) as e:
+        row['error'] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        print(f"  {row['lever']}: {row['error']}")
+        gc.collect()
+        if device.startswith('cuda'):
+            torch.cuda.empty_cache()
+        return False
+
+
+def shared_model(model_type):
+    """The weights every row's model shares (and their gradients, and AdamW's state): one model of this file's config
+    under plain PyTorch's engine, bf16 with float32 masters (DeepSpeed's bf16 ZeRO-1 in one process) -> (model,
+    optimizer)."""
+    torch.manual_seed(seed)
+    model = create_model(model_config(model_type), device=device)
+    _, optimizer, _ = make_engine(None, model, engine_settings(backend='torch'))
+    return model, optimizer
+
+
+def row_runner(row, shared, rng):
+    """A copy of the shared model holding the same weights and buffers, with the row's wrappers, and its batches."""
+    settings = row['settings']
+    weights = {id(t): t for t in (*shared.parameters(), *shared.buffers())}
+    model, loss_module = lever_model(None, settings, settings['recompute_blocks'] if settings['gradient_checkpointing']
+                                     else 0, copy.deepcopy(shared, weights))
+    return {'loss': loss_module, 'rows': [host_rows(rng, settings['micro_batch_size']) for _ in range(2)], 'next': None,
+            'loader': ThreadPoolExecutor(1) if settings['prefetch'] else None, 'count': 0}
+
+
+def time_micro_batch(row, runner, optimizer):
+    """One micro-batch as train.py runs it (the rows copied to the device, forward, backward, the gradients added into
+    the float32 masters) -> seconds; the row's peak memory updated."""
+    settings, index = row['settings'], runner['count']
+    runner['count'] += 1
+    if device.startswith('cuda'):
+        use_fa4(settings['attention'] == 'fa4')  # process-wide: the row built last must not decide every row's kernel
+        torch.cuda.reset_peak_memory_stats()
+    synchronize()
+    start = time.perf_counter()
+    if runner['loader']:  # train.py's prefetch: this batch was copied while the last one ran
+        data = (runner['next'] or runner['loader'].submit(to_device, runner['rows'][0], device, eos_id(), None,
+                                                          True)).result()
+        runner['next'] = runner['loader'].submit(to_device, runner['rows'][(index + 1) % 2], device, eos_id(), None,
+                                                 True)
+    else:
+        data = to_device(runner['rows'][index % 2], device, eos_id())
+    torch.manual_seed(seed + index)
+    (runner['loss'](*data) / settings['grad_accum_steps']).backward()
+    synchronize()
+    seconds = time.perf_counter() - start
+    optimizer.zero_grad(set_to_none=False)  # keep the float32 gradient buffers, as DeepSpeed keeps its own
+    if device.startswith('cuda'):
+        row['memory_gb'] = max(row.get('memory_gb', 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    return seconds
+
+
+def optimizer_seconds(optimizer, fused):
+    """One clipped AdamW update of the shared weights (their float32 masters in bf16), timed after one untimed."""
+    if fused:
+        optimizer = torch.optim.AdamW([{'params': g['params'], 'weight_decay': g['weight_decay']}
+                                       for g in optimizer.param_groups], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        if dtype == 'bfloat16':
+            optimizer.register_step_post_hook(round_masters)
+    weights, seconds = optimizer_weights(optimizer), []
+    for weight in weights:
+        weight.grad = torch.zeros_like(weight) if weight.grad is None else weight.grad
+    for _ in range(2):
+        synchronize()
+        start = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(weights, 1.0)
+        optimizer.step()
+        synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds[-1]
+
+
+def timed_rounds(rows, runners, optimizer, rounds, deadline, write):
+    """Rounds of one micro-batch a row (interleaved: a drift in the card's clock touches every row alike)."""
+    for _ in range(rounds):
+        for row in rows:
+            if time.perf_counter() > deadline:
+                return False
+            if row['lever'] in runners and not row.get('error'):
+                attempt(row, lambda: row.setdefault('samples', []).append(
+                    time_micro_batch(row, runners[row['lever']], optimizer)))
+        write()
+    return True
+
+
+def warm(rows, runners, shared, optimizer, rng, deadline):
+    """Each row's model built and one untimed micro-batch run (its compilation, its kernels' autotuning)."""
+    for row in rows:
+        if time.perf_counter() > deadline:
+            return False
+        if 'settings' in row and not row.get('error') and row['lever'] not in runners:
+            def build():
+                runners[row['lever']] = row_runner(row, shared, rng)
+                start = time.perf_counter()
+                time_micro_batch(row, runners[row['lever']], optimizer)
+                row['warmup_s'] = time.perf_counter() - start
+            attempt(row, build)
+    return True
+
+
+def row_figures(row, step_s_of_optimizer, config, n_params):
+    """tokens/s, MFU, HFU and memory of a row from its micro-batch samples: the step is grad_accum_steps x the median
+    micro-batch plus one update; its spread, half the samples' range."""
+    settings, samples = row['settings'], sorted(row['samples'])
+    median = float(np.median(samples))
+    row['micro_batch_s'] = median
+    row['step_s'] = settings['grad_accum_steps'] * median + step_s_of_optimizer[settings['fused_adamw']]
+    row['spread_s'] = settings['grad_accum_steps'] * (samples[-1] - samples[0]) / 2
+    tokens = settings['micro_batch_size'] * settings['grad_accum_steps'] * block_size
+    recomputed = ((n_layers if settings['recompute_blocks'] < 0 else settings['recompute_blocks'])
+                  if settings['gradient_checkpointing'] else 0)
+    peak = peak_flops(device, peak_flops_override)
+    row['tokens_per_s'] = tokens / row['step_s']
+    row['mfu'] = flops_per_token(config, block_size, n_params) * row['tokens_per_s'] / peak if peak else None
+    row['hfu'] = (row['mfu'] + recompute_flops_per_token(config, block_size, recomputed, settings['loss_kernel'])
+                  * row['tokens_per_s'] / peak) if peak else None
+    row['hours'] = token_budget / row['tokens_per_s'] / 3600
+    if device.startswith('cuda'):
+        free, total = torch.cuda.mem_get_info()
+        outside = max(0.0, (total - free - torch.cuda.memory_reserved()) / 2**30)  # CUDA context, workspaces
+        row['needed_gb'] = row.get('memory_gb', 0.0) + outside
+        row['fits'] = {card: row['needed_gb'] <= HEADROOM * gib for card, gib in CARDS_GIB}
+
+
+def decide(rows):
+    """Faster: the row's step time plus its spread below today's minus today's. The recommended setting: every exact
+    and faster lever, one of each EXCLUSIVE kind (the fastest) -> its changes over today's."""
+    today = rows[0]
+    for row in rows[1:]:
+        if 'step_s' in row:
+            row['faster'] = row['step_s'] + row['spread_s'] < today['step_s'] - today['spread_s']
+    winners = [row for row in rows[1:] if row.get('faster') and row.get('exact')]
+    for prefixes in EXCLUSIVE.values():
+        kind = [row for row in winners if row['lever'].startswith(prefixes)]
+        winners = [row for row in winners if row not in kind] + sorted(kind, key=lambda row: row['step_s'])[:1]
+    return {k: v for row in winners for k, v in row['changes'].items()}
+
+
+def lever_table(names='all', seconds=0.0, out=''):
+    """Today's path, each lever alone and the recommended setting: PolyGLU's step time (REPEATS micro-batches a row,
+    interleaved, today again at the end, the median and its spread, one update added), tokens/s, MFU, HFU and peak memory;
+    VanillaLM beside today and the recommended; each row's errors against float32 (exactness_errors); the profile
+    of the recommended; the line to run. Rows are written to `out` after every round, a failing row is recorded in
+    itself, and a row past the time limit is reported as not run."""
+    deadline = time.perf_counter() + (seconds or float('inf'))
+    rows = lever_rows(names)
+    result = {'lever': 'the table', 'rows': rows, 'budget': budget(rows), 'repeats': REPEATS, 'finished': False}
+    config, n_params = model_config('polyglu'), count_parameters(model_config('polyglu'))[0]
+    plan = result['budget']
+    print(f"lever table: {len([r for r in rows if 'changes' in r])} rows; {plan['micro_batches']} micro-batches of "
+          f"{micro_batch_size} x {block_size} or fewer tokens, {plan['full_size_builds']} full-size and "
+          f"{plan['two_block_builds']} 2-block models, {plan['compiled_settings']} compiled settings"
+          + (f"; time limit {seconds:.0f} s" if seconds else ''))
+
+    def write():
+        if out:
+            write_json(out, result)
+            with open(os.path.splitext(out)[0] + '.txt', 'w') as f:
+                f.write(lever_lines(result))
+
+    rng = np.random.default_rng(seed)
+    data = [batch(np.random.default_rng(seed + 2 + i), 2) for i in range(2)]
+    reference = float32_reference(data)
+    check_exactness(rows, data, reference)
+    write()
+    shared, optimizer = shared_model('polyglu')
+    runners = {}
+    warm(rows, runners, shared, optimizer, rng, deadline)
+    in_time = timed_rounds(rows, runners, optimizer, REPEATS, deadline, write)
+    in_time = in_time and timed_rounds(rows[:1], runners, optimizer, REPEATS, deadline, write)  # today again
+    steps = {False: 0.0, True: 0.0}
+    for kind in {False, fused_adamw, any('fused_adamw' in row.get('changes', {}) for row in rows)}:
+        attempt(result, lambda: steps.update({kind: optimizer_seconds(optimizer, kind)}))  # 0 s if it fails: said
+    result['optimizer_s'] = {str(k): v for k, v in steps.items()}
+    for row in rows:
+        if row.get('samples'):
+            row_figures(row, steps, config, n_params)
+    changes = decide(rows)
+    if changes and in_time:
+        recommended = {'lever': 'recommended', 'changes': changes, 'settings': lever_settings(**changes)}
+        rows.append(recommended)
+        check_exactness(rows, data, reference)
+        in_time = warm(rows, runners, shared, optimizer, rng, deadline) and timed_rounds(
+            [recommended, rows[0]], runners, optimizer, REPEATS, deadline, write)
+        for row in (recommended, rows[0]):
+            if row.get('samples'):
+                row_figures(row, steps, config, n_params)
+        decide(rows)
+    best = next((row for row in rows[::-1] if row['lever'] == 'recommended' and row.get('step_s')), rows[0])
+    result['recommended'] = best['lever']
+    if in_time and best.get('samples'):
+        attempt(best, lambda: best.update(profile=profile_micro_batch(best, runners[best['lever']], optimizer)))
+        if out and best.get('profile'):
+            with open(os.path.join(os.path.dirname(out), 'profile.txt'), 'w') as f:
+                f.write(f"{best['lever']}: {best['settings']}\n{best['profile']}")
+    del runners, shared, optimizer
+    gc.collect()
+    if device.startswith('cuda'):
+        torch.cuda.empty_cache()
+    result['vanilla'] = vanilla_rows([rows[0], best] if best is not rows[0] else [rows[0]], deadline, rng)
+    for vanilla in result['vanilla']:
+        if vanilla.get('samples'):
+            row_figures(vanilla, steps, model_config('vanilla'), count_parameters(model_config('vanilla'))[0])
+    attempt(result, lambda: result.update(line=recommended_line(best)))
+    result['finished'], result['ended'] = time.perf_counter() <= deadline, True
+    write()
+    print(lever_lines(result))
+    return result
+
+
+def vanilla_rows(polyglu_rows, deadline, rng):
+    """VanillaLM through the settings of today's and the recommended row, interleaved."""
+    rows = [{'lever': row['lever'], 'changes': row['changes'], 'settings': row['settings']} for row in polyglu_rows]
+    if time.perf_counter() > deadline:
+        return [{**row, 'error': 'not run: the time limit'} for row in rows]
+    shared, optimizer, runners = None, None, {}
+    try:
+        shared, optimizer = shared_model('vanilla')
+    except (Exception, SystemExit) as e:
+        return [{**row, 'error': f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"} for row in rows]
+    warm(rows, runners, shared, optimizer, rng, deadline)
+    timed_rounds(rows, runners, optimizer, REPEATS, deadline, lambda: None)
+    return rows
+
+
+def profile_micro_batch(row, runner, optimizer):
+    """The 20 costliest kernels of one micro-batch of the row, by self time."""
+    from torch.profiler import ProfilerActivity, profile as profiler
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith('cuda') else [])
+    with profiler(activities=activities) as prof:
+        time_micro_batch(row, runner, optimizer)
+    # self time: a parent op's total holds its children's, so the top rows of a total sort say little
+    sort = 'self_cuda_time_total' if device.startswith('cuda') else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60)
+
+
+def recommended_line(best):
+    """The command that runs the recommended setting, with the fewest recomputed blocks that fit an 80 GB card where
+    the setting recomputes whole blocks."""
+    settings = lever_settings()
+    changes = {k: v for k, v in best['settings'].items() if v != settings[k]}
+    line = 'python train.py config/pretrain.py ' + ' '.join(f"--{k}={v}" for k, v in changes.items())
+    if best.get('needed_gb') and best['settings']['gradient_checkpointing'] and not best['settings'][
+            'selective_checkpointing']:
+        blocks = recompute_for(CARDS_GIB[0][1], best)
+        line += f" --recompute_blocks={blocks}" if blocks is not None else " (no recompute_blocks fits 80 GB)"
+    elif not device.startswith('cuda'):
+        line += ' (memory: measured on CUDA only)'
+    return ' '.join(line.split())
+
+
+def recompute_for(gib, row):
+    """The fewest recomputed blocks that keep `row`'s measured need under HEADROOM of a card of `gib`, from its measured
+    peak and what a block keeps for its backward (activation_gb), or None when none fits."""
+    kib = saved_kib_per_token('polyglu', row['settings']['attention'])
+    settings = row['settings']
+    recomputed = n_layers if settings['recompute_blocks'] < 0 else settings['recompute_blocks']
+    measured = activation_gb(kib, recomputed) * 1e9 / 2**30
+    for blocks in range(n_layers + 1):
+        if row['needed_gb'] - measured + activation_gb(kib, blocks) * 1e9 / 2**30 <= HEADROOM * gib:
+            return blocks
+    return None
+
+
+def lever_lines(result):
+    """The lever table as text."""
+    rows, lines = result['rows'], []
+    today = rows[0]
+    lines.append(f"{'lever':<24} | {'tokens/s':>9} | {'x today':>7} | {'spread':>6} | {'MFU':>6} | {'HFU':>6} | "
+                 f"{'peak GiB':>8} | {'warmup s':>8} | {'exact':>5} | faster")
+    for row in rows:
+        if 'tokens_per_s' not in row:
+            why = row.get('skipped') or row.get('error') or ('not run: the time limit' if result.get('ended') else
+                                                             'not timed yet')
+            lines.append(f"{row['lever']:<24} | {why}")
+            continue
+        mfu, hfu = (f"{100 * row[k]:.1f}%" if row.get(k) is not None else 'n/a' for k in ('mfu', 'hfu'))
+        memory = f"{row['memory_gb']:.1f}" if 'memory_gb' in row else 'n/a'
+        ratio = row['tokens_per_s'] / today['tokens_per_s'] if 'tokens_per_s' in today else float('nan')
+        exact = row.get('exact', 'n/a') if not row.get('inexact') else f"no: {', '.join(row['inexact'])}"
+        lines.append(f"{row['lever']:<24} | {row['tokens_per_s']:>9,.0f} | {ratio:>7.3f} | "
+                     f"{100 * row['spread_s'] / row['step_s']:>5.1f}% | {mfu:>6} | {hfu:>6} | "
+                     f"{memory:>8} | {row.get('warmup_s', 0):>8.1f} | {str(exact):>5} | "
+                     f"{row.get('faster', '-')}")
+    for vanilla in result.get('vanilla', []):
+        polyglu = next((row for row in rows if row['lever'] == vanilla['lever']), {})
+        if vanilla.get('step_s') and polyglu.get('step_s'):
+            lines.append(f"PolyGLU/VanillaLM ({vanilla['lever']}): {polyglu['step_s'] / vanilla['step_s']:.3f}")
+        elif vanilla.get('error'):
+            lines.append(f"VanillaLM ({vanilla['lever']}): {vanilla['error']}")
+    if 'errors' in today:
+        limits = exact_limits(today['errors'])
+        lines.append(f"exact: every group's worst tensor within {EXACT_FACTOR:g} x today's error + "
+                     f"{EXACT_FLOOR[dtype]:g} of a float32 run ({EXACT_STEPS} AdamW steps of a 2-block model at this "
+                     "width): " + ', '.join(f"{k} {v:.1e}" for k, v in limits.items()))
+    lines.append(f"step = grad_accum_steps x median micro-batch ({REPEATS} timed a row, interleaved; today also at the "
+                 "end) + one update; faster: beyond both rows' spread")
+    if result.get('line'):
+        lines.append(f"to run ({result.get('recommended')}'s settings): {result['line']}")
+    if result.get('error'):
+        lines.append(f"the table itself: {result['error']}")
+    return '\n'.join(lines) + '\n'
+
+
+def write_json(path, data):
+    """Written to a temporary name and renamed: a check killed mid-write leaves the last whole file."""
+    with open(f"{path}.tmp", 'w') as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(f"{path}.tmp", path)
+
+
+# -----------------------------------------------------------------------------
 # make gpu-check
 
 # (liger's kernels run in Triton's interpreter here: its cost grows with the tokens and the vocabulary)
 DRY_SIZE = dict(vocab_size=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256, block_size=64,
-                micro_batch_size=2, grad_accum_steps=1, loss_chunk_size=32, recompute_blocks=1, fused=False, steps=1,
-                warmup=1, device='cpu', dtype='float32', backend='torch')
-# timed steps of each lever, each of grad_accum_steps micro-batches (~9 s on an H200): the check fits 8 minutes
-CHECK_STEPS = dict(steps=1, warmup=1)
+                micro_batch_size=2, grad_accum_steps=1, loss_chunk_size=32, recompute_blocks=1, device='cpu',
+                dtype='float32', backend='torch')
+# Each stage's time limit: together 8 minutes. A stage ends cleanly at its limit (a subprocess is killed, the lever table
+# stops starting rows LIMIT_MARGIN_S before it) with what it measured kept.
+STAGE_LIMITS_S = {'cuda tests': 75, 'speed levers': 210, 'train, stop, resume': 150, 'generation': 45}
+STAGE_NAMES = {'cuda': 'cuda tests', 'levers': 'speed levers', 'train': 'train, stop, resume', 'generation': 'generation'}
+LIMIT_MARGIN_S = 20
+H200_MICRO_BATCH_S = 1.124   # one 16 x 4,096 micro-batch of today's path, measured on an H200 (docs/benchmarks.md)
 TRAIN_STEPS, STOP_AT = 6, 3      # the resume check: an uninterrupted run against one stopped at STOP_AT and resumed
+GENERATION = {'requests': 8, 'new_tokens': 64}
 # the resumed losses against the uninterrupted ones: float32 on the CPU repeats exactly; bf16 on a GPU only as far as
 # kernels whose atomics reorder sums allow. A resume that loses Adam's moments is off by 0.009 in the dry run.
 LOSS_TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-2}
+
+
+def check_plan(names):
+    """What each stage will run, printed before the first: full-size micro-batches at the H200's measured seconds, the
+    model builds and compilations around them (their time is what the stage's limit leaves), and the limit."""
+    rows = lever_rows(levers or 'all')
+    lever_work = budget(rows)
+    work = {'cuda tests': (0, "tests/test_cuda.py: small models, the padded head and liger's loss at the real vocabulary"),
+            'speed levers': (lever_work['micro_batches'], f"{len([r for r in rows if 'changes' in r])} rows, "
+                             f"{lever_work['full_size_builds']} full-size and {lever_work['two_block_builds']} 2-block "
+                             f"model builds, {lever_work['compiled_settings']} compiled settings"),
+            'train, stop, resume': (2 * TRAIN_STEPS, "train.py 3 times: each a full-size build, DeepSpeed's start and "
+                                    "a ~10 GB save"),
+            'generation': (0, f"eval.py --benchmark: a full-size load, {GENERATION['requests']} requests x "
+                           f"{GENERATION['new_tokens']} new tokens")}
+    print(f"gpu-check plan (micro-batches of {micro_batch_size} x {block_size} tokens at the H200's measured "
+          f"{H200_MICRO_BATCH_S} s; each stage stops at its limit):")
+    for name in names:
+        micro_batches, what = work[name]
+        print(f"  {name:<21} {micro_batches:>3} micro-batches ({micro_batches * H200_MICRO_BATCH_S:>4.0f} s) + {what}; "
+              f"limit {STAGE_LIMITS_S[name]} s")
+    total = sum(STAGE_LIMITS_S[name] for name in names)
+    print(f"  {'all':<21} {sum(work[n][0] for n in names):>3} micro-batches "
+          f"({sum(work[n][0] for n in names) * H200_MICRO_BATCH_S:>4.0f} s); limits together {total} s = "
+          f"{total / 60:.1f} min")
+    return {name: {'micro_batches': work[name][0], 'work': work[name][1], 'limit_s': STAGE_LIMITS_S[name]}
+            for name in names}
 
 
 class Tee:
@@ -419,7 +939,7 @@ def run_logged(args, timeout):
     `timeout` seconds, so that a hang cannot eat the rented hour. Its own MASTER_PORT: this process may hold one."""
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'MASTER_PORT': str(free_port())}
     process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    timer = threading.Timer(timeout, process.kill)
+    timer = threading.Timer(max(1.0, timeout), process.kill)
     timer.start()
     lines = []
     for line in process.stdout:
@@ -428,15 +948,20 @@ def run_logged(args, timeout):
     process.wait()
     timer.cancel()
     if process.returncode < 0:
-        lines.append(f"killed after {timeout} s\n")
+        lines.append(f"killed at its time limit, {timeout:.0f} s\n")
     return process.returncode, ''.join(lines)
+
+
+def last_line(output):
+    return (output.strip().splitlines() or [''])[-1][:200]
 
 
 def environment():
     """One line: the card, its driver, torch and its CUDA, and the kernels and packages that are there."""
-    installed = {name: importlib.util.find_spec(name) is not None for name in ('deepspeed', 'flash_attn', 'triton')}
+    packages = ('deepspeed', 'flash_attn', 'triton', 'liger_kernel', 'lm_eval', 'wandb')
+    installed = {name: importlib.util.find_spec(name) is not None for name in packages}
     env = {'python': platform.python_version(), 'torch': torch.__version__, 'torch_cuda': torch.version.cuda,
-           'cuda': torch.cuda.is_available(), 'kernels': available_attention(), **{k: v for k, v in installed.items()}}
+           'cuda': torch.cuda.is_available(), 'kernels': available_attention(), **installed}
     if env['cuda']:
         try:
             driver = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
@@ -447,180 +972,54 @@ def environment():
                    memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1), driver=driver)
     print(f"environment: {env.get('gpu', 'no GPU')} (sm {env.get('capability', '-')}, {env.get('memory_gib', '-')} GiB, "
           f"driver {env.get('driver', '-')}) | Python {env['python']} | torch {env['torch']} (CUDA {env['torch_cuda']}) "
-          f"| attention kernels: {', '.join(env['kernels']) or 'none (CPU)'} | DeepSpeed "
-          f"{'yes' if installed['deepspeed'] else 'no'} | flash-attn {'yes' if installed['flash_attn'] else 'no'} | "
-          f"Triton {'yes' if installed['triton'] else 'no'}")
+          f"| attention kernels: {', '.join(env['kernels']) or 'none (CPU)'} | "
+          + ' | '.join(f"{name} {'yes' if installed[name] else 'no'}" for name in packages))
     return env
 
 
-def stage_cuda_tests():
+def stage_cuda_tests(limit):
     code, output = run_logged([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'tests/test_cuda.py'],
-                              timeout=600)
+                              timeout=limit)
     counts = {word: int(n) for n, word in re.findall(r'(\d+) (passed|failed|skipped|error)', output)}
     if code not in (0, 5) or counts.get('failed') or counts.get('error'):
-        raise RuntimeError(f"tests/test_cuda.py: {counts or 'exit ' + str(code)}")
+        raise RuntimeError(f"tests/test_cuda.py: {counts or last_line(output)}")
     if not counts.get('passed'):
         return 'skipped', f"{counts.get('skipped', 0)} skipped (no CUDA)", counts
     return 'ok', ', '.join(f"{n} {word}" for word, n in counts.items()), counts
 
 
-# the speed levers, each alone over today's path (this file's settings: config/pretrain.py's), then all that run here
-LEVERS = {'loss_kernel=liger': {'loss_kernel': 'liger'}, 'lean_mix': {'fused': True, 'lean_mix': True},
-          'compile_blocks': {'compile_blocks': True}, 'fused_adamw': {'fused_adamw': True},
-          'attention=fa4': {'attention': 'fa4'}, 'attention=flash_attn': {'attention': 'flash_attn'}}
-LEVER_TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-2}  # relative error a lever may add, beyond today's own bf16 error
-FASTER = 1.01               # a lever is recommended when it is exact and at least 1% faster than today's path
-
-
-def lever_unavailable(changes):
-    """Why a lever cannot run on this machine, or None."""
-    if 'attention' in changes and changes['attention'] not in available_attention():
-        return f"attention={changes['attention']!r} is not available here"
-    if changes.get('loss_kernel') == 'liger':
-        try:
-            check_loss_kernel('liger', device)
-        except SystemExit as e:
-            return str(e).removeprefix('error: ')
-    return None
-
-
-def one_update(settings, run_dtype, data):
-    """Loss, gradients and the weights' change of one AdamW update of a 2-block model at the configured width and
-    vocabulary, through today's or a lever's path, from the same weights, batch and Gumbel noise (plain PyTorch:
-    DeepSpeed changes no math)."""
-    torch.manual_seed(seed)
-    model, loss_module = lever_model(model_config('polyglu', layers=2), settings, min(recompute_blocks, 1))
-    loss_module, optimizer, autocast = make_engine(loss_module, model, engine_settings(
-        backend='torch', dtype=run_dtype, grad_accum_steps=1, learning_rate=1e-3, fused_adamw=settings['fused_adamw']))
-    before = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-    torch.manual_seed(seed + 1)
-    with autocast:
-        loss = loss_module(*data)
-    loss.backward()
-    grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
-    optimizer.step()
-    update = torch.cat([p.detach().float().flatten() for p in model.parameters()]) - before
-    return loss.item(), grads, update
-
-
-def lever_errors(rows):
-    """Each row's loss, gradients and update against a float32 run of today's path, on this device: relative errors.
-    Today's own error (bf16 against float32) is the yardstick: a lever is exact when it adds at most LEVER_TOLERANCE."""
-    data = batch(np.random.default_rng(seed + 2))
-    reference = one_update(lever_settings(attention='auto'), 'float32', data)
-    for row in rows:
-        if row.get('skipped'):
-            continue
-        loss, grads, update = one_update(row['settings'], dtype, data)
-        row['errors'] = {'loss': abs(loss - reference[0]) / abs(reference[0]),
-                         'grads': ((grads - reference[1]).norm() / reference[1].norm()).item(),
-                         'update': ((update - reference[2]).norm() / reference[2].norm()).item()}
-    today = rows[0]['errors']
-    for row in rows:
-        if 'errors' in row:
-            row['exact'] = all(row['errors'][k] <= today[k] + LEVER_TOLERANCE[dtype] for k in today)
-
-
-def recompute_for(card_gib, row):
-    """The fewest recomputed blocks that keep `row`'s measured need under HEADROOM of a card of card_gib, from its
-    measured peak and what a block keeps for its backward (bench.activation_gb), or None when none fits."""
-    measured = activation_gb(row['saved_kib_per_token'], recomputed_blocks()) * 1e9 / 2**30
-    for blocks in range(n_layers + 1):
-        need = row['needed_gb'] - measured + activation_gb(row['saved_kib_per_token'], blocks) * 1e9 / 2**30
-        if need <= HEADROOM * card_gib:
-            return blocks
-    return None
-
-
-def lever_table():
-    """Today's path, each lever alone and all that run here together: PolyGLU's tokens/s, MFU, HFU and peak memory at
-    this file's batch (train.py's step), VanillaLM beside today's and all, each row's errors against today's path in
-    float32, the profile of the fastest exact configuration, and the settings to use on this card."""
-    rows, available = [], {}
-    for name, changes in (('today', {}), *LEVERS.items()):
-        why = lever_unavailable(changes)
-        if why:
-            rows.append({'lever': name, 'skipped': why})
-        else:
-            available.update(changes)
-            rows.append({'lever': name, 'changes': changes})
-    if len([row for row in rows if 'changes' in row]) > 2:
-        if 'attention' in available:  # 'all' keeps the configured kernel: the attention rows compare kernels alone
-            del available['attention']
-        rows.append({'lever': 'all', 'changes': available})
-    for row in rows:
-        if row.get('skipped'):
-            continue
-        try:
-            row.update(measure('polyglu', **row['changes']))
-        except torch.OutOfMemoryError as e:
-            row['skipped'] = f"out of memory ({str(e).splitlines()[0][:100]})"
-            gc.collect()
-            torch.cuda.empty_cache()
-    lever_errors(rows)
-    measured = [row for row in rows if 'tokens_per_s' in row]
-    if not measured or measured[0]['lever'] != 'today':
-        raise RuntimeError(f"today's path did not run: {rows[0].get('skipped')}")
-    today = measured[0]
-    recommended = {k: v for row in measured if row['lever'] not in ('today', 'all') and row.get('exact')
-                   and row['tokens_per_s'] >= FASTER * today['tokens_per_s'] for k, v in row['changes'].items()}
-    vanilla = {row['lever']: measure('vanilla', **row['changes'])['step_s'] for row in (today, measured[-1])}
-    global profile
-    profile, best = True, max((row for row in measured if row.get('exact')), key=lambda row: row['tokens_per_s'])
-    best['profile'] = measure('polyglu', **best['changes'])['profile']
-    profile = False
-    print_lever_table(rows, vanilla)
-    settings = ' '.join(f"--{k}={v}" for k, v in recommended.items())
-    lines = []
-    if device.startswith('cuda'):
-        card = torch.cuda.get_device_properties(0).total_memory / 2**30
-        for label, gib in ((f"this card ({torch.cuda.get_device_name()})", card), *CARDS_GIB[:1]):
-            blocks = recompute_for(gib, best)
-            fit = (f"--recompute_blocks={blocks}" if blocks is not None else
-                   "(no recompute_blocks fits: lower micro_batch_size and raise grad_accum_steps)")
-            lines.append(f"{label}: python train.py config/pretrain.py {settings} {fit}".replace('  ', ' '))
-    else:
-        lines.append(f"python train.py config/pretrain.py {settings} (memory: measured on CUDA only)".replace('  ', ' '))
-    for line in lines:
-        print(f"recommended, {line}")
-    return rows, vanilla, recommended, lines, best
-
-
-def print_lever_table(rows, vanilla):
-    today = rows[0]
-    print(f"\n{'lever':<22} | {'tokens/s':>9} | {'x today':>7} | {'MFU':>6} | {'HFU':>6} | {'peak GiB':>8} | "
-          f"{'loss err':>8} | {'grad err':>8} | {'update err':>10} | exact")
-    for row in rows:
-        if 'tokens_per_s' not in row:
-            print(f"{row['lever']:<22} | skipped: {row['skipped']}")
-            continue
-        mfu, hfu = (f"{100 * row[k]:.1f}%" if row[k] is not None else 'n/a' for k in ('mfu', 'hfu'))
-        errors = row.get('errors', {})
-        print(f"{row['lever']:<22} | {row['tokens_per_s']:>9,.0f} | {row['tokens_per_s'] / today['tokens_per_s']:>7.3f} | "
-              f"{mfu:>6} | {hfu:>6} | {row['memory_gb']:>8.1f} | {errors.get('loss', 0):>8.1e} | "
-              f"{errors.get('grads', 0):>8.1e} | {errors.get('update', 0):>10.1e} | {row.get('exact')}")
-    steps = {row['lever']: row['step_s'] for row in rows if row['lever'] in vanilla}
-    print(' | '.join(f"PolyGLU/VanillaLM ({lever}) {steps[lever] / vanilla[lever]:.3f}" for lever in vanilla))
-    print(f"errors: relative to a float32 run of today's path (loss, gradients, one AdamW update of a 2-block model at "
-          f"this width), {dtype} here; exact: at most {LEVER_TOLERANCE[dtype]:g} more than today's own")
-
-
-def stage_levers():
-    rows, vanilla, recommended, lines, best = lever_table()
-    with open(os.path.join(check_folder(), 'profile.txt'), 'w') as f:
-        f.write(f"{best['lever']}: {best['settings']}\n{best['profile']}")
-    today, fastest = rows[0], best
-    mfu = (lambda row: f", MFU {100 * row['mfu']:.1f}%" if row['mfu'] is not None else '')
-    summary = (f"today {today['tokens_per_s']:,.0f} tokens/s{mfu(today)}, PolyGLU/VanillaLM "
-               f"{today['step_s'] / vanilla['today']:.3f}; fastest exact: {fastest['lever']} "
-               f"{fastest['tokens_per_s']:,.0f} tokens/s{mfu(fastest)}, {fastest['hours']:,.0f} h / "
-               f"${fastest['hours'] * usd_per_hour:,.0f} for {token_budget:.0e} tokens; recommended: "
-               + ('; '.join(lines)))
-    info = {'levers': rows, 'vanilla_step_s': vanilla, 'recommended': recommended, 'recommended_lines': lines}
-    inexact = [row['lever'] for row in rows if row.get('exact') is False]
-    if inexact:
-        return 'warning', summary + f"; not exact: {', '.join(inexact)}", info
-    return 'ok', summary, info
+def stage_levers(limit, folder, dry):
+    """The lever table in its own process (a crash or a hang of one lever cannot take the check with it), killed at the
+    stage's limit; its rows, written after every round to levers.json, are what the stage reports."""
+    out = os.path.join(folder, 'levers.json')
+    if os.path.exists(out):
+        os.remove(out)
+    sizes = [f'--{k}={v}' for k, v in DRY_SIZE.items()] if dry else []
+    overrides = [arg for arg in sys.argv[1:] if not arg.startswith(('--gpu_check', '--stages', '--levers'))]
+    code, output = run_logged([sys.executable, 'bench.py', *overrides, *sizes, f'--levers={levers or "all"}',
+                               f'--levers_json={out}', f'--levers_seconds={limit - LIMIT_MARGIN_S}'], timeout=limit)
+    if not os.path.exists(out):
+        raise RuntimeError(f"bench.py --levers exited {code} before its first row: {last_line(output)}")
+    with open(out) as f:
+        result = json.load(f)
+    rows = {row['lever']: row for row in result['rows']}
+    today, best = rows['today'], rows.get(result.get('recommended'), rows['today'])
+    if 'tokens_per_s' not in today:
+        raise RuntimeError(f"today's path was not timed: {today.get('error') or last_line(output)}")
+    mfu = (lambda row: f", MFU {100 * row['mfu']:.1f}%" if row.get('mfu') is not None else '')
+    vanilla = {row['lever']: row for row in result.get('vanilla', []) if row.get('step_s')}
+    ratio = f", PolyGLU/VanillaLM {today['step_s'] / vanilla['today']['step_s']:.3f}" if 'today' in vanilla else ''
+    summary = (f"today {today['tokens_per_s']:,.0f} tokens/s{mfu(today)}{ratio}; {best['lever']} "
+               f"{best['tokens_per_s']:,.0f} tokens/s{mfu(best)}, {best['hours']:,.0f} h / "
+               f"${best['hours'] * usd_per_hour:,.0f} for {token_budget:.0e} tokens; {result.get('line', '')}")
+    failed = [row['lever'] for row in result['rows'] if row.get('error')] + (['the table'] if result.get('error') else [])
+    inexact = [row['lever'] for row in result['rows'] if row.get('exact') is False]
+    if code != 0 or not result['finished']:
+        return 'partial', summary + f"; stopped at the time limit or exit {code}", result
+    if failed or inexact:
+        return 'warning', summary + ''.join(f"; {what}: {', '.join(names)}" for what, names in
+                                            (('failed', failed), ('not exact', inexact)) if names), result
+    return 'ok', summary, result
 
 
 def check_folder():
@@ -653,10 +1052,11 @@ def train_losses(out_dir):
         return {entry['step']: entry['train/loss'] for entry in map(json.loads, f) if 'train/loss' in entry}
 
 
-def stage_train(work, dry):
+def stage_train(limit, work):
     """train.py with config/pretrain.py's settings for TRAIN_STEPS steps of one micro-batch, uninterrupted, and again
     stopped at STOP_AT and resumed: the losses must agree. Every save is a checkpoint of the configured model (full
-    size on a GPU), timed against the launchers' grace."""
+    size on a GPU), timed against the launchers' grace. The three runs share the stage's limit."""
+    deadline = time.perf_counter() + limit
     eos = EOS_ID if vocab_size > EOS_ID else 1
     write_check_data(os.path.join(work, 'data'), eos)
     sizes = {k: globals()[k] for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff',
@@ -671,9 +1071,9 @@ def stage_train(work, dry):
     for name, extra in (('uninterrupted', []), ('stopped', [f'--stop_after_steps={STOP_AT}']), ('resumed', [])):
         out_dir = os.path.join(work, 'uninterrupted' if name == 'uninterrupted' else 'resumed')
         print(f"  train.py, {name} ({TRAIN_STEPS} steps{f', stop at {STOP_AT}' if extra else ''})")
-        code, output = run_logged([*args, f'--out_dir={out_dir}', *extra], timeout=600)
+        code, output = run_logged([*args, f'--out_dir={out_dir}', *extra], timeout=deadline - time.perf_counter())
         if code != 0:
-            raise RuntimeError(f"train.py ({name}) exited {code}: {output.strip().splitlines()[-1][:200]}")
+            raise RuntimeError(f"train.py ({name}) exited {code}: {last_line(output)}")
         outputs.append(output)
         saves += [(float(gb), float(s)) for gb, s in re.findall(r'saved checkpoint .*\(([\d.e+-]+) GB in ([\d.]+) s', output)]
         if name == 'uninterrupted':
@@ -696,19 +1096,29 @@ def stage_train(work, dry):
     return 'ok', summary, info
 
 
-def stage_generation(checkpoint, dry):
+def stage_generation(limit, checkpoint, dry):
     """eval.py's benchmark on the checkpoint the train stage wrote (the configured model, trained for a few steps)."""
     extra = (['--benchmark_requests=2', '--max_gen_toks=4', '--benchmark_prompt_tokens=32', '--batch_tokens=256'] if dry
-             else ['--benchmark_requests=8', '--max_gen_toks=64'])
+             else [f"--benchmark_requests={GENERATION['requests']}", f"--max_gen_toks={GENERATION['new_tokens']}"])
     code, output = run_logged([sys.executable, 'eval.py', f'--checkpoint={checkpoint}', '--benchmark=True',
-                               f'--device={device}', f'--dtype={dtype}', *extra], timeout=600)
+                               f'--device={device}', f'--dtype={dtype}', *extra], timeout=limit)
     rate = re.search(r'([\d.]+) new tokens/s, ([\d.]+) TFLOP/s', output)
     hours = re.search(r'full GSM8K .*: ([\d.]+) hours', output)
     if code != 0 or not rate or not hours:
-        raise RuntimeError(f"eval.py --benchmark exited {code}: {output.strip().splitlines()[-1][:200]}")
+        raise RuntimeError(f"eval.py --benchmark exited {code}: {last_line(output)}")
     info = {'new_tokens_per_s': float(rate[1]), 'tflops': float(rate[2]), 'gsm8k_hours': float(hours[1])}
     return 'ok', (f"exact generation {info['new_tokens_per_s']:,.1f} new tokens/s ({info['tflops']:.3f} TFLOP/s); full "
                   f"GSM8K, worst case: {info['gsm8k_hours']:.2f} h"), info
+
+
+def summary_lines(report):
+    env = report['environment']
+    lines = [f"gpu-check summary: {env.get('gpu', 'CPU (dry run)')}, torch {env['torch']}, "
+             f"{report['seconds'] / 60:.1f} min of {sum(STAGE_LIMITS_S.values()) / 60:.0f}",
+             f"{'stage':<22} {'status':<8} {'seconds':>7} {'limit':>5}  result"]
+    for name, s in report['stages'].items():
+        lines.append(f"{name:<22} {s['status']:<8} {s['seconds']:>7.0f} {STAGE_LIMITS_S[name]:>5}  {s['summary']}")
+    return '\n'.join(lines) + '\n'
 
 
 def run_gpu_check():
@@ -717,58 +1127,65 @@ def run_gpu_check():
         print("gpu-check needs CUDA (none here: torch.cuda.is_available() is False); GPU_CHECK_DRY=1 runs it on the "
               "CPU at a tiny size")
         sys.exit(2)
+    names = list(STAGE_NAMES.values()) if stages == 'all' else [STAGE_NAMES.get(n.strip(), n.strip())
+                                                                 for n in stages.split(',') if n.strip()]
+    unknown = [name for name in names if name not in STAGE_LIMITS_S]
+    if unknown:
+        raise SystemExit(f"error: unknown stages {unknown}: --stages=all or some of {','.join(STAGE_NAMES)}")
     folder = check_folder()
     work = os.path.join(folder, 'work')
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     log = open(os.path.join(folder, 'gpu_check.log'), 'w')
     sys.stdout = Tee(sys.__stdout__, log)
-    globals().update(DRY_SIZE if dry else CHECK_STEPS)
     if dry:
+        globals().update(DRY_SIZE)
         print(f"gpu-check, dry run (GPU_CHECK_DRY=1): every stage on the CPU at a tiny size: {DRY_SIZE}")
     report = {'dry_run': dry, 'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'environment': environment(),
-              'stages': {}}
+              'plan': check_plan(names), 'stages': {}, 'seconds': 0.0}
+
+    def save():  # after every stage: a check killed at any moment keeps what it measured
+        write_json(os.path.join(folder, 'gpu_check.json'), report)
+        with open(os.path.join(folder, 'summary.txt'), 'w') as f:
+            f.write(summary_lines(report))
 
     def stage(name, function, *args):
-        print(f"\n== {name}")
+        print(f"\n== {name} (limit {STAGE_LIMITS_S[name]} s)")
         start = time.perf_counter()
         try:
-            status, summary, info = function(*args)
+            status, summary, info = function(STAGE_LIMITS_S[name], *args)
         except (Exception, SystemExit) as e:  # one stage's failure must not cost the others' GPU minutes
-            status, summary, info = 'failed', f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e) else ''}", {}
+            status, summary, info = 'failed', f"{type(e).__name__}: {last_line(str(e))}", {}
         report['stages'][name] = {'status': status, 'summary': summary, 'seconds': time.perf_counter() - start, **info}
+        report['seconds'] = sum(s['seconds'] for s in report['stages'].values())
         print(f"== {name}: {status} ({report['stages'][name]['seconds']:.0f} s): {summary}")
-        return report['stages'][name]
+        save()
 
-    stage('cuda tests', stage_cuda_tests)
+    save()
+    if 'cuda tests' in names:
+        stage('cuda tests', stage_cuda_tests)
+    if 'speed levers' in names:
+        stage('speed levers', stage_levers, folder, dry)
     try:
-        setup()
-        setup_error = None
+        setup(distributed=False)  # the stages run their own processes
     except (Exception, SystemExit) as e:
-        setup_error = e
-    if setup_error is None:
-        stage('speed levers', stage_levers)
-        stage('train, stop, resume', stage_train, work, dry)
+        for name in ('train, stop, resume', 'generation'):
+            if name in names:
+                report['stages'][name] = {'status': 'failed', 'summary': f"set-up: {e}", 'seconds': 0}
+        names = []
+    if 'train, stop, resume' in names:
+        stage('train, stop, resume', stage_train, work)
+    if 'generation' in names:
         checkpoint = os.path.join(work, 'resumed', 'portable_final.pt')
-        if not os.path.isfile(checkpoint):  # the train stage failed: generation still gets measured
+        if not os.path.isfile(checkpoint):  # the train stage failed or did not run: generation still gets measured
             checkpoint = os.path.join(work, 'initialised.pt')
             save_checkpoint(checkpoint, create_model(model_config(RUN['model_type'])), step=0)
         stage('generation', stage_generation, checkpoint, dry)
-    else:
-        for name in ('speed levers', 'train, stop, resume', 'generation'):
-            report['stages'][name] = {'status': 'failed', 'summary': f"set-up: {setup_error}", 'seconds': 0}
     shutil.rmtree(work, ignore_errors=True)
-    report['seconds'] = sum(s['seconds'] for s in report['stages'].values())
-    with open(os.path.join(folder, 'gpu_check.json.tmp'), 'w') as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(os.path.join(folder, 'gpu_check.json.tmp'), os.path.join(folder, 'gpu_check.json'))
-    env = report['environment']
-    print(f"\ngpu-check summary: {env.get('gpu', 'CPU (dry run)')}, torch {env['torch']}, "
-          f"{report['seconds'] / 60:.1f} min")
-    print(f"{'stage':<22} {'status':<8} {'seconds':>7}  result")
-    for name, s in report['stages'].items():
-        print(f"{name:<22} {s['status']:<8} {s['seconds']:>7.0f}  {s['summary']}")
-    print(f"-> {os.path.join(folder, 'gpu_check.json')}, {os.path.join(folder, 'gpu_check.log')}")
+    save()
+    print('\n' + summary_lines(report), end='')
+    print(f"-> {os.path.join(folder, 'gpu_check.json')}, {os.path.join(folder, 'summary.txt')}, "
+          f"{os.path.join(folder, 'levers.txt')}, {os.path.join(folder, 'gpu_check.log')}")
     sys.stdout = sys.__stdout__
     log.close()
     return 1 if any(s['status'] == 'failed' for s in report['stages'].values()) else 0
@@ -779,7 +1196,7 @@ if __name__ == '__main__':
     if gpu_check:
         sys.exit(run_gpu_check())
     if levers:
-        setup()
-        lever_table()
+        setup(distributed=False)  # the lever table runs plain PyTorch's bf16 engine (lever_table)
+        lever_table(levers, levers_seconds, levers_json)
     else:
         main()

@@ -38,8 +38,11 @@ from functools import lru_cache, partial
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lm_eval.api.model import LM
 from tqdm import tqdm
+try:
+    from lm_eval.api.model import LM
+except ImportError:  # the perplexity and the generation benchmark need no harness (gpu-check runs on a stock image)
+    LM = object
 
 from configurator import configure, fail
 from model import (EOS_ID, PolyGLU, attention_name, count_parameters, cu_seqlens_from_eos, enable_segment_pooling,
@@ -482,6 +485,9 @@ def harness_command_line(arguments):
     `polychromatic` (lm-eval cannot import a model from another module by itself: its issues #1457, #1621). Parsed by
     the harness's own parser; then a wrong --model_args key stops it at once, and when every task is one of
     --include_path's, only that folder is indexed (task_index), not the harness's ~12,000 task files."""
+    if LM is object:
+        fail("`eval.py lm_eval` is lm-evaluation-harness's command line, which is not installed: pip install -r "
+             "requirements.txt")
     import lm_eval.tasks
     from lm_eval._cli import HarnessCLI
     from lm_eval.api.registry import register_model
@@ -868,6 +874,9 @@ def main():
              "--num_fewshot, or list the tasks yourself")
     task_names = [task for task, *_ in PAPER] if paper else list(dict.fromkeys(t.strip() for t in tasks.split(',')
                                                                                if t.strip()))
+    if task_names and not benchmark and LM is object:
+        fail(f"tasks={tasks!r} need lm-evaluation-harness, which is not installed: pip install -r requirements.txt "
+             "(--perplexity and --benchmark run without it)")
     if (task_names or perplexity) and not benchmark:
         folder = os.path.dirname(os.path.abspath(output))
         try:

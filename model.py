@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
+                                     noop_context_fn)
 
 EOS_ID = 151_643  # <|endoftext|>, the document separator of the Qwen3 tokenizer
 ACTIVATION_NAMES = ('relu', 'tanh', 'silu', 'gelu')
@@ -330,7 +331,8 @@ def document_bias(cu_seqlens, B, T, dtype, device):
     return bias
 
 
-def efficient_sdpa_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+def efficient_sdpa_attention(q, k, v, cu_seqlens=None, max_seqlen=None, backends=('EFFICIENT_ATTENTION',
+                                                                              'CUDNN_ATTENTION')):
     """sdpa_attention's math for CUDA without flash-attn. With a mask and grouped KV heads, SDPA falls back to its math
     kernel, which materialises the [B, H, T, T] scores (17 GB a layer in float32 at 16 x 4,096). Repeating the KV
     heads (what enable_gqa means) and passing the document mask as one shared additive bias keeps it on the
@@ -347,7 +349,7 @@ def efficient_sdpa_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     try:
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        with sdpa_kernel([getattr(SDPBackend, name) for name in backends]):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
     except RuntimeError as e:
         if 'No available kernel' not in str(e):
@@ -433,16 +435,61 @@ def use_fa4(on):
         attention.restore_flash_attention_impl()
 
 
-# attention='auto' takes the first that is available on CUDA; on the CPU the frozen SDPA path always runs. 'fa4' is
-# chosen by name only: no GPU has measured it yet (docs/gpu.md, "Speed levers").
+def cudnn_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    """efficient_sdpa_attention on SDPA's cuDNN backend alone (cuDNN's fused attention, tuned for Hopper): the same
+    dense document bias, every T x T score computed."""
+    return efficient_sdpa_attention(q, k, v, cu_seqlens, max_seqlen, backends=('CUDNN_ATTENTION',))
+
+
+flex_masks = []  # [(cu_seqlens, BlockMask)]: the last batch's, shared by all its layers
+
+
+def flex_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    """The same contract as sdpa_attention on torch's FlexAttention (compiled to a Triton kernel on CUDA) with a
+    document BlockMask: blocks of 128 x 128 scores that no query may see (another document, the future) are skipped,
+    not computed and masked, and no [T, T] tensor exists. The mask is built once a batch. The CPU runs it unfused and
+    forward only (a test of its masking)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention as flex
+    B, T, H, D = q.shape
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+    if not flex_masks or flex_masks[0][0] is not cu_seqlens:
+        positions = torch.arange(B * T, device=q.device)
+        documents = torch.searchsorted(cu_seqlens[1:].long(), positions, right=True).view(B, T)
+
+        def same_document_causal(b, h, q_index, kv_index):
+            return (documents[b, q_index] == documents[b, kv_index]) & (q_index >= kv_index)
+        flex_masks[:] = [(cu_seqlens, create_block_mask(same_document_causal, B, None, T, T, device=q.device))]
+    if q.is_cuda and torch.is_autocast_enabled('cuda'):  # QK-norm leaves q and k in float32 under autocast
+        q, k, v = (t.to(torch.get_autocast_dtype('cuda')) for t in (q, k, v))
+    attend = compiled(flex) if q.is_cuda else flex
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=flex_masks[0][1], enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def flex_available():
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def cudnn_available():
+    return (torch.cuda.is_available() and torch.backends.cudnn.is_available()
+            and torch.cuda.get_device_capability() >= (8, 0))
+
+
+# attention='auto' takes the first that is available on CUDA; on the CPU the frozen SDPA path always runs. 'fa4',
+# 'cudnn' and 'flex' are chosen by name only: no GPU has measured them yet (docs/gpu.md, "Speed levers").
 ATTENTION_KERNELS = {'flash_attn': flash_attention, 'varlen': varlen_attention, 'sdpa': efficient_sdpa_attention,
-                     'fa4': fa4_attention}
+                     'fa4': fa4_attention, 'cudnn': cudnn_attention, 'flex': flex_attention}
 
 
 def available_attention():
     """The CUDA attention kernels this machine can run, in the order attention='auto' prefers them."""
     checks = {'flash_attn': flash_available, 'varlen': varlen_available, 'sdpa': torch.cuda.is_available,
-              'fa4': fa4_available}
+              'fa4': fa4_available, 'cudnn': cudnn_available, 'flex': flex_available}
     return [name for name in ATTENTION_KERNELS if checks[name]()]
 
 
@@ -460,7 +507,8 @@ def attention_kernel(device, attention='auto'):
     if attention not in available:
         hint = {'flash_attn': 'install flash-attn (requirements-gpu.txt)',
                 'varlen': 'it needs torch >= 2.10 and an sm80+ card (A100, H100)',
-                'fa4': 'it needs `pip install flash-attn-4`, torch >= 2.13 and an sm90/sm100 card (H100, B200)'
+                'fa4': 'it needs `pip install flash-attn-4`, torch >= 2.13 and an sm90/sm100 card (H100, B200)',
+                'cudnn': 'it needs cuDNN and an sm80+ card', 'flex': 'it needs torch >= 2.5 and an sm80+ card'
                 }.get(attention, '')
         raise SystemExit(f"error: attention={attention!r} is not available here ({hint}); available: "
                          f"{', '.join(available)}, or attention='auto'")
@@ -624,13 +672,25 @@ def enable_fused_kernels(model, lean_mix=False):
     return model
 
 
-def enable_gradient_checkpointing(model, blocks=-1):
+def enable_gradient_checkpointing(model, blocks=-1, selective=False):
     """Recompute the activations of the first `blocks` blocks (-1: all) in the backward pass: each keeps only its
-    input (2 KiB a token) for ~1/3 more compute of its own. Wraps each block's forward in place so the parameter
-    names stay the frozen ones."""
+    input (2 KiB a token) for ~1/3 more compute of its own. selective: keep what the matmuls and attention computed and
+    recompute only the elementwise work (torch's selective activation checkpointing, SAVED_OPS), a little more memory
+    for much less compute again. Wraps each block's forward in place so the parameter names stay the frozen ones."""
+    context = partial(create_selective_checkpoint_contexts, keep_matmuls) if selective else noop_context_fn
     for block in model.model_core[:len(model.model_core) if blocks < 0 else blocks]:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False, context_fn=context)
     return model
+
+
+SAVED_OPS = {getattr(torch.ops.aten, name).default for name in (
+    'mm', 'addmm', 'bmm', '_scaled_dot_product_efficient_attention', '_scaled_dot_product_flash_attention',
+    '_scaled_dot_product_cudnn_attention', '_flash_attention_forward', '_efficient_attention_forward',
+    '_scaled_dot_product_flash_attention_for_cpu') if hasattr(torch.ops.aten, name)}
+
+
+def keep_matmuls(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def enable_block_compilation(model):
@@ -874,20 +934,24 @@ def optimizer_groups(model, weight_decay):
 # =============================================================================
 
 def create_model(config, device='cpu', dtype=torch.float32, attention='auto', gradient_checkpointing=False,
-                 fused=False, recompute_blocks=-1, lean_mix=False, compile_blocks=False):
+                 fused=False, recompute_blocks=-1, lean_mix=False, compile_blocks=False, selective_checkpointing=False):
     """Build the model (initialised per SPEC.md) on a device and dtype, with the optional wrappers."""
     model = PolychromaticLM(config).to(device=device, dtype=dtype)
-    return wrap_model(model, attention, gradient_checkpointing, fused, recompute_blocks, lean_mix, compile_blocks)
+    return wrap_model(model, attention, gradient_checkpointing, fused, recompute_blocks, lean_mix, compile_blocks,
+                      selective_checkpointing)
 
 
 def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=False, recompute_blocks=-1, lean_mix=False,
-               compile_blocks=False):
+               compile_blocks=False, selective_checkpointing=False):
     """Apply the optional wrappers to a built model: on CUDA the attention kernel of attention_kernel (on the CPU the
     frozen SDPA path; all compute the same masked attention), the fused kernels (lean_mix: their PolyGLU backward
     without stacks), whole-block compilation, and recomputation of the first recompute_blocks blocks (-1: all) when
-    gradient_checkpointing is on."""
+    gradient_checkpointing is on (selective_checkpointing: their elementwise work only)."""
     if lean_mix and not fused:
         raise SystemExit("error: lean_mix=True rewrites the fused kernels' PolyGLU backward: set fused=True too")
+    if selective_checkpointing and not gradient_checkpointing:
+        raise SystemExit("error: selective_checkpointing=True chooses what the recomputed blocks keep: set "
+                         "gradient_checkpointing=True too")
     if not -1 <= recompute_blocks <= len(model.model_core):
         raise SystemExit(f"error: recompute_blocks must be -1 (all) or 0..{len(model.model_core)}, "
                          f"got {recompute_blocks}")
@@ -900,7 +964,7 @@ def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=Fals
     if compile_blocks:
         enable_block_compilation(model)
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model, recompute_blocks)
+        enable_gradient_checkpointing(model, recompute_blocks, selective_checkpointing)
     return model
 
 

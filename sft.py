@@ -27,8 +27,8 @@ from configurator import configure, fail
 from model import EOS_ID, LanguageModelLoss, attention_name, flops_per_token, routing_entropy, wrap_model
 from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, cosine_lr, end_of_session,
                    export_training_state, hold_folder, import_training_state, init_distributed, init_wandb,
-                   load_checkpoint, log_entry, make_engine, micro_batch_seed, peak_flops, projected_cost,
-                   prune_checkpoints, rank_rows, read_manifest, report_save, resolve_device, resume_state,
+                   load_checkpoint, log_entry, make_engine, micro_batch_seed, optimizer_weights, peak_flops,
+                   projected_cost, prune_checkpoints, rank_rows, read_manifest, report_save, resolve_device, resume_state,
                    run_provenance, save_checkpoint, step_line, to_device, trim_log, verified_chunk)
 
 # -----------------------------------------------------------------------------
@@ -66,6 +66,7 @@ loss_kernel = 'chunked'      # the speed levers of train.py, off until measured:
 lean_mix = False
 compile_blocks = False
 fused_adamw = False
+selective_checkpointing = False
 seed = 1337
 max_bad_steps = 10           # non-finite loss/grad steps in a row before the run stops
 peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
@@ -182,7 +183,7 @@ def load_model():
     if block_size > model.config.max_seq_len:
         fail(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
     wrap_model(model.to(device).train(), attention, gradient_checkpointing, fused, recompute_blocks, lean_mix,
-               compile_blocks)
+               compile_blocks, selective_checkpointing)
     model.set_tau(tau)
     return model, pretrained
 
@@ -192,7 +193,7 @@ def resume_run(path, state, model, loss_engine, optimizer, rows_per_step, world_
     if state.get('init_from') != init_from:
         fail(f"{out_dir} holds an SFT run from init_from={state.get('init_from')!r} ({path}), not {init_from!r}: "
              "use a new out_dir, or resume='' to start over from the new init_from")
-    check_resume(path, state, backend, rows_per_step, f"{micro_batch_size} x {grad_accum_steps} x {world_size} ranks")
+    check_resume(path, state, backend, dtype, rows_per_step, f"{micro_batch_size} x {grad_accum_steps} x {world_size} ranks")
     model.load_state_dict(state['model_state_dict'])
     import_training_state(loss_engine, optimizer, model, backend, state['optimizer_state_dict'])
     if state['step'] and is_master:
@@ -338,7 +339,7 @@ def main():
             grad_norm = float(loss_engine.get_global_grad_norm() or 0.0)
             applied = loss_engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(optimizer_weights(optimizer), grad_clip).item()
             applied = math.isfinite(loss) and math.isfinite(grad_norm)
             if applied:
                 optimizer.step()

@@ -29,8 +29,8 @@ from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, count
                    flops_per_token, recompute_flops_per_token, routing_entropy)
 from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, cosine_lr, end_of_session,
                    export_training_state, held_out_windows, hold_folder, import_training_state, init_distributed,
-                   init_wandb, load_checkpoint, log_entry, make_engine, micro_batch_seed, open_chunks, peak_flops,
-                   projected_cost, prune_checkpoints, rank_rows, report_save, resolve_device, resume_state,
+                   init_wandb, load_checkpoint, log_entry, make_engine, micro_batch_seed, open_chunks, optimizer_weights,
+                   peak_flops, projected_cost, prune_checkpoints, rank_rows, report_save, resolve_device, resume_state,
                    run_provenance, save_checkpoint, step_line, to_device, trim_log)
 
 # -----------------------------------------------------------------------------
@@ -92,6 +92,7 @@ lean_mix = False             # with fused: PolyGLU's backward without its [token
 compile_blocks = False       # torch.compile each block whole; tau and the document boundaries stay outside its graphs
 fused_adamw = False          # torch's one-kernel AdamW in place of the multi-tensor one
 prefetch = False             # build the next step's batches on a thread, pinned, while this step runs (CUDA)
+selective_checkpointing = False  # recomputed blocks keep their matmuls' outputs, recompute the elementwise work only
 seed = 1337                  # the data: which row trains on which window, in what order
 init_seed = -1               # the model: its initial weights and the Gumbel noise of its routing; -1 = seed
 peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
@@ -270,7 +271,8 @@ def build_model(is_master, resuming):
     torch.manual_seed(weights_seed())
     model = create_model(config, device=device, dtype=torch.float32, attention=attention, fused=fused,
                          gradient_checkpointing=gradient_checkpointing, recompute_blocks=recompute_blocks,
-                         lean_mix=lean_mix, compile_blocks=compile_blocks)
+                         lean_mix=lean_mix, compile_blocks=compile_blocks,
+                         selective_checkpointing=selective_checkpointing)
     if init_from and not resuming:  # before the engine: DeepSpeed copies the weights into its fp32 master copy
         source, source_info = load_checkpoint(init_from, config=config)
         model.load_state_dict(source.state_dict())
@@ -295,7 +297,7 @@ def resume_run(path, state, model, loss_engine, optimizer, world_size, is_master
             fail(f"{path} was trained with {key}={state[key]}, this run has {key}={value}: resuming would change "
                  f"its {'data order' if key == 'seed' else 'Gumbel noise'} midway; pass --{key}={state[key]}, or use "
                  "another out_dir")
-    check_resume(path, state, backend, micro_batch_size * grad_accum_steps * world_size,
+    check_resume(path, state, backend, dtype, micro_batch_size * grad_accum_steps * world_size,
                  f"{micro_batch_size} x {grad_accum_steps} x {world_size} ranks")
     model.load_state_dict(state['model_state_dict'])
     import_training_state(loss_engine, optimizer, model, backend, state['optimizer_state_dict'])
@@ -318,7 +320,8 @@ def describe_run(model, world_size, data_plan, start_step):
           f"({micro_batch_size} x {grad_accum_steps} x {block_size} x {world_size} ranks) | {max_steps:,} steps "
           f"| backend {backend} | {device} {dtype} | attention {attention_name(model)} | fused {fused} | "
           f"{recomputed} of {n_layers} blocks recomputed | loss {loss_kernel} | lean_mix {lean_mix} | compile_blocks "
-          f"{compile_blocks} | fused_adamw {fused_adamw} | prefetch {prefetch}")
+          f"{compile_blocks} | fused_adamw {fused_adamw} | prefetch {prefetch} | selective_checkpointing "
+          f"{selective_checkpointing}")
     extra = recompute_flops_per_token(config, block_size, recomputed, loss_kernel) / model_flops_per_token
     again = 'the recomputed blocks' + (" and the loss chunks' second head forward" if loss_kernel == 'chunked' else '')
     print(f"MFU counts {model_flops_per_token / 1e9:.2f} GFLOP a token (6N + causal attention over whole "
@@ -402,7 +405,7 @@ def main():
             grad_norm = float(loss_engine.get_global_grad_norm() or 0.0)
             applied = loss_engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(optimizer_weights(optimizer), grad_clip).item()
             applied = math.isfinite(loss) and math.isfinite(grad_norm)
             if applied:
                 optimizer.step()

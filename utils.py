@@ -395,14 +395,18 @@ def make_engine(loss_module, model, config):
     """AdamW over optimizer_groups under DeepSpeed ZeRO or plain PyTorch, from a stage's config (its globals: backend,
     dtype, zero_stage, micro_batch_size, grad_accum_steps, grad_clip, learning_rate, weight_decay, beta1, beta2,
     adam_eps, fused_adamw) -> (loss_engine, optimizer, autocast). loss_engine(x, y, cu_seqlens, max_seqlen) is the
-    loss: the module itself under 'torch', DeepSpeed's engine around it under 'deepspeed'."""
+    loss: the module itself under 'torch', DeepSpeed's engine around it under 'deepspeed'. Plain PyTorch in bf16 is
+    DeepSpeed's bf16 ZeRO-1 in one process (fp32_masters); clip optimizer_weights(optimizer), not the module's."""
     c = config
-    optimizer = torch.optim.AdamW(optimizer_groups(model, c['weight_decay']), lr=c['learning_rate'],
-                                  betas=(c['beta1'], c['beta2']), eps=c['adam_eps'],
+    groups = optimizer_groups(model, c['weight_decay'])
+    if c['backend'] == 'torch' and c['dtype'] == 'bfloat16':
+        groups = fp32_masters(model, groups)
+    optimizer = torch.optim.AdamW(groups, lr=c['learning_rate'], betas=(c['beta1'], c['beta2']), eps=c['adam_eps'],
                                   **({'fused': True} if c['fused_adamw'] else {}))
     if c['backend'] == 'torch':
-        bf16 = c['dtype'] == 'bfloat16'
-        return loss_module, optimizer, torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        if c['dtype'] == 'bfloat16':
+            optimizer.register_step_post_hook(round_masters)
+        return loss_module, optimizer, contextlib.nullcontext()
     if c['zero_stage'] not in (0, 1, 2):
         fail(f"zero_stage must be 0, 1 or 2, got {c['zero_stage']}: ZeRO-3 partitions the weights, and "
              "the tied head and the fused kernels read whole weights")
@@ -421,6 +425,44 @@ def make_engine(loss_module, model, config):
     loss_engine, optimizer, _, _ = deepspeed.initialize(model=loss_module, optimizer=optimizer, config=ds_config)
     return loss_engine, optimizer, contextlib.nullcontext()
 
+def fp32_masters(model, groups):
+    """What DeepSpeed's bf16 ZeRO-1 (BF16_Optimizer) does, in one process: the module in bf16, its gradients too; a
+    float32 master of each weight, made from its bf16 value as DeepSpeed makes it, for AdamW to update (its moments
+    float32); each micro-batch's gradient added into the master's float32 gradient as soon as autograd has summed it,
+    and dropped; the masters rounded into the module after every update (round_masters). -> the groups over the
+    masters; each master knows its weight (.module_weight)."""
+    model.to(torch.bfloat16)
+    masters = {}
+    for weight in model.parameters():
+        master = masters[weight] = weight.detach().float()
+        master.module_weight = weight
+        weight.register_post_accumulate_grad_hook(lambda weight, master=master: add_gradient(master, weight))
+    return [{**group, 'params': [masters[weight] for weight in group['params']]} for group in groups]
+
+def add_gradient(master, weight):
+    master.grad = weight.grad.float() if master.grad is None else master.grad.add_(weight.grad)
+    weight.grad = None
+
+@torch.no_grad()
+def round_masters(optimizer, args=None, kwargs=None):
+    for master in optimizer_weights(optimizer):
+        master.module_weight.copy_(master)
+
+def optimizer_weights(optimizer):
+    """What the optimizer updates (and the step clips): the module's weights, or their float32 masters."""
+    return [weight for group in optimizer.param_groups for weight in group['params']]
+
+def named_masters(model, optimizer):
+    """{parameter name: its float32 master} under fp32_masters, else None."""
+    masters = {id(getattr(master, 'module_weight', None)): master for master in optimizer_weights(optimizer)}
+    named = {name: masters.get(id(weight)) for name, weight in model.named_parameters()}
+    return None if None in named.values() else named
+
+def adam_step(value, weight, optimizer):
+    """Adam's step count as torch's AdamW wants it: on the weight's device for the fused kernel, else on the CPU."""
+    fused = any(group.get('fused') for group in optimizer.param_groups)
+    return torch.tensor(value, dtype=torch.float32, device=weight.device if fused else 'cpu')
+
 def micro_batch_seed(seed, step, block):
     """The Gumbel noise's seed of one micro-batch, block = micro_step * world_size + rank: a resumed run draws the
     noise an uninterrupted one would, on any number of ranks."""
@@ -435,40 +477,56 @@ def all_reduce_sums(values, world_size, device):
     return sums.tolist()
 
 def export_training_state(loss_engine, optimizer, model, backend):
-    """The optimizer state in a form that loads on any number of ranks: torch's state_dict, or under DeepSpeed, per
-    parameter name, the fp32 master weight and Adam's moments gathered whole from the ZeRO partitions. A collective:
-    every rank calls it. Its 'master' entry is what a portable checkpoint stores as the weights."""
-    if backend == 'torch':
+    """The optimizer state in a form that loads on any number of ranks: torch's state_dict, or where there are float32
+    masters (DeepSpeed; plain PyTorch in bf16), per parameter name the master and Adam's moments, gathered whole from
+    the ZeRO partitions under DeepSpeed. A collective: every rank calls it. Its 'master' entry is what a portable
+    checkpoint stores as the weights."""
+    masters = named_masters(model, optimizer) if backend == 'torch' else None
+    if backend == 'torch' and masters is None:
         return optimizer.state_dict()
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    zero = loss_engine.optimizer
-    zero._hp_optimizer_states_linked = False  # DeepSpeed links the moments lazily, maybe before they existed
-    zero._lazy_init_hp_params_optimizer_state()
-    steps = {float(state['step']) for state in zero.optimizer.state.values() if 'step' in state}
-    named = dict(model.named_parameters())
+    if masters is not None:
+        adam = {name: optimizer.state.get(master, {}) for name, master in masters.items()}
+        steps = {float(state['step']) for state in adam.values() if 'step' in state}
+        master = masters.get
+        moment = lambda name, key: adam[name].get(key, torch.zeros_like(masters[name]))  # noqa: E731
+    else:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        zero, named = loss_engine.optimizer, dict(model.named_parameters())
+        zero._hp_optimizer_states_linked = False  # DeepSpeed links the moments lazily, maybe before they existed
+        zero._lazy_init_hp_params_optimizer_state()
+        steps = {float(state['step']) for state in zero.optimizer.state.values() if 'step' in state}
+        master = lambda name: safe_get_full_fp32_param(named[name])  # noqa: E731
+        moment = lambda name, key: safe_get_full_optimizer_state(named[name], key)  # noqa: E731
+    names = [name for name, _ in model.named_parameters()]
     return {'format': 'per_parameter', 'adam_step': steps.pop() if steps else 0.0,
-            'master': {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in named.items()},
-            'exp_avg': {n: safe_get_full_optimizer_state(p, 'exp_avg').detach().float().cpu() for n, p in named.items()},
-            'exp_avg_sq': {n: safe_get_full_optimizer_state(p, 'exp_avg_sq').detach().float().cpu()
-                           for n, p in named.items()}}
+            'master': {n: master(n).detach().float().cpu() for n in names},
+            **{key: {n: moment(n, key).detach().float().cpu() for n in names} for key in ('exp_avg', 'exp_avg_sq')}}
 
 def import_training_state(loss_engine, optimizer, model, backend, state):
     """export_training_state's result into a fresh engine on this run's number of ranks."""
-    if backend == 'torch':
+    masters = named_masters(model, optimizer) if backend == 'torch' else None
+    if backend == 'torch' and masters is None:
         optimizer.load_state_dict(state)
+        return
+    if masters is not None:
+        for name, master in masters.items():
+            master.copy_(state['master'][name])
+            optimizer.state[master] = {'step': adam_step(state['adam_step'], master, optimizer),
+                                       **{key: state[key][name].to(master.device) for key in ('exp_avg', 'exp_avg_sq')}}
+        round_masters(optimizer)
         return
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     zero = loss_engine.optimizer
     for group in zero.optimizer.param_groups:  # Adam's state exists only after a first step: create it, then fill it
         for flat in group['params']:
-            zero.optimizer.state[flat] = {'step': torch.tensor(state['adam_step'], dtype=torch.float32),
+            zero.optimizer.state[flat] = {'step': adam_step(state['adam_step'], flat, zero.optimizer),
                                           'exp_avg': torch.zeros_like(flat), 'exp_avg_sq': torch.zeros_like(flat)}
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()
     for name, p in model.named_parameters():
         safe_set_full_fp32_param(p, state['master'][name].to(p.device))
-        safe_set_full_optimizer_state(p, state['exp_avg'][name].to(p.device), 'exp_avg')
-        safe_set_full_optimizer_state(p, state['exp_avg_sq'][name].to(p.device), 'exp_avg_sq')
+        for key in ('exp_avg', 'exp_avg_sq'):
+            safe_set_full_optimizer_state(p, state[key][name].to(p.device), key)
         with torch.no_grad():
             p.copy_(state['master'][name].to(p.device, p.dtype))  # the module's weights are the masters' rounding
 
@@ -574,15 +632,16 @@ def resume_state(out_dir, prefix):
                   "the newest intact checkpoint before it")
     return None, None
 
-def check_resume(path, state, backend, rows_per_step, batch_layout):
+def check_resume(path, state, backend, dtype, rows_per_step, batch_layout):
     """Before continuing from `state`: an optimizer state of this backend, and the same global batch (rows a step;
     batch_layout says how this run makes its own), so that the data order and the schedule continue."""
     if state['optimizer_state_dict'] is None:
         fail(f"{path} holds no optimizer state: start fresh with resume=''")
     per_parameter = isinstance(state['optimizer_state_dict'], dict) and 'master' in state['optimizer_state_dict']
-    if per_parameter != (backend == 'deepspeed'):
-        fail(f"{path} was written by a {'DeepSpeed' if per_parameter else 'torch'} run: resume it with "
-             f"backend={'deepspeed' if per_parameter else 'torch'}, or start fresh with resume=''")
+    if per_parameter != (backend == 'deepspeed' or dtype == 'bfloat16'):  # the two keep the same state: either resumes
+        fail(f"{path} was written by a {'DeepSpeed or bf16' if per_parameter else 'float32 torch'} run: resume it "
+             f"with {'backend=deepspeed or dtype=bfloat16' if per_parameter else 'backend=torch dtype=float32'}, or "
+             "start fresh with resume=''")
     saved_rows = state.get('rows_per_step', rows_per_step)
     if saved_rows != rows_per_step:
         fail(f"{path} was trained with {saved_rows} rows a step, this run has {batch_layout} = {rows_per_step}: keep "

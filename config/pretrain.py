@@ -58,6 +58,7 @@ lean_mix = False               # PolyGLU's fused backward without its [tokens, d
 compile_blocks = False         # each block compiled whole
 fused_adamw = False            # torch's one-kernel AdamW
 prefetch = False               # the next step's batches read and copied while this step runs
+selective_checkpointing = False  # the recomputed blocks keep their matmuls' outputs, recompute the elementwise work
 
 out_dir = 'checkpoints'
 resume = 'auto'

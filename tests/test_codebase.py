@@ -48,9 +48,9 @@ def test_train_and_sft_show_their_step():
 
 def test_utils_is_small_and_holds_only_what_two_stages_use():
     """Every function of utils.py is used by at least two stage scripts, directly or through another of its functions,
-    and the file stays under 700 lines."""
+    and the file stays under 760 lines (700 before plain PyTorch's bf16 engine, utils.fp32_masters, joined it)."""
     text = source('utils')
-    assert len(text.splitlines()) <= 700
+    assert len(text.splitlines()) <= 760
     functions = {node.name: ast.unparse(node) for node in ast.parse(text).body
                  if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     users = {name: {s for s in STAGES if re.search(rf'\b{name}\b', source(s))} for name in functions}

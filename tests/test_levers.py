@@ -171,7 +171,8 @@ def test_fa4_is_chosen_by_name_and_switched_off_for_the_other_kernels(monkeypatc
                         state.update(impl=None), raising=False)
     monkeypatch.setattr(attention, 'current_flash_attention_impl', lambda: state['impl'], raising=False)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    for name, available in (('flash_available', False), ('varlen_available', True), ('fa4_available', True)):
+    for name, available in (('flash_available', False), ('varlen_available', True), ('fa4_available', True),
+                            ('cudnn_available', True), ('flex_available', True)):
         monkeypatch.setattr(M, name, lambda available=available: available)
     assert M.attention_kernel('cuda', 'auto') is M.varlen_attention and calls == []
     assert M.attention_kernel('cuda', 'fa4') is M.fa4_attention and calls == ['FA4']
@@ -180,3 +181,43 @@ def test_fa4_is_chosen_by_name_and_switched_off_for_the_other_kernels(monkeypatc
     monkeypatch.setattr(M, 'fa4_available', lambda: False)
     with pytest.raises(SystemExit, match="attention='fa4' is not available here .*pip install flash-attn-4"):
         M.attention_kernel('cuda', 'fa4')
+
+
+def test_flex_attention_masks_documents_as_the_masked_math_path():
+    """FlexAttention's document BlockMask (forward: the CPU runs no FlexAttention backward; tests/test_cuda.py runs both
+    on a GPU): several documents a row, a one-token document, 16 query on 8 KV heads."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 160, 16, 64), torch.randn(2, 160, 8, 64), torch.randn(2, 160, 8, 64)
+    tokens = torch.ones(2, 160, dtype=torch.long)
+    tokens[0, [40, 100, 130]] = 0
+    tokens[1, [70, 71]] = 0
+    cu_seqlens, max_seqlen = M.cu_seqlens_from_eos(tokens, eos_id=0)
+    for documents in ((cu_seqlens, max_seqlen), (None, None)):
+        reference = M.sdpa_attention(q, k, v, *documents)
+        torch.testing.assert_close(M.flex_attention(q, k, v, *documents), reference, rtol=1e-5, atol=1e-5)
+    assert (M.flex_attention(q, k, v, cu_seqlens, max_seqlen) - M.sdpa_attention(q, k, v)).abs().max() > 0.1
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_trains_as_no_checkpointing():
+    """selective_checkpointing=True keeps the matmuls' and attention's outputs and recomputes the rest: the same loss
+    and gradients as keeping everything, with the fused kernels, and under compile_blocks; matmuls kept, the rest
+    recomputed."""
+    def run(**wrappers):
+        torch.manual_seed(0)
+        model = M.create_model(small_config(n_layers=3), fused=True, **wrappers).train()
+        idx = torch.randint(0, 512, (2, 65), generator=torch.Generator().manual_seed(1))
+        idx[:, ::20] = 7
+        torch.manual_seed(3)
+        loss = M.LanguageModelLoss(model, 32)(idx[:, :-1], idx[:, 1:], *M.cu_seqlens_from_eos(idx[:, :-1], 7))
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    loss, grads = run()
+    for wrappers in ({'recompute_blocks': 2}, {'compile_blocks': True, 'lean_mix': True}):
+        selective_loss, selective_grads = run(gradient_checkpointing=True, selective_checkpointing=True, **wrappers)
+        assert selective_loss == loss and (selective_grads - grads).norm() <= 1e-6 * grads.norm(), wrappers
+    from torch.utils.checkpoint import CheckpointPolicy
+    assert M.keep_matmuls(None, torch.ops.aten.mm.default) == CheckpointPolicy.MUST_SAVE
+    assert M.keep_matmuls(None, torch.ops.aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
+    with pytest.raises(SystemExit, match='selective_checkpointing=True chooses what the recomputed blocks keep'):
+        M.create_model(small_config(), selective_checkpointing=True)

@@ -394,13 +394,14 @@ def test_attention_kernel_choice(monkeypatch):
                                     (False, False, M.efficient_sdpa_attention)):
         monkeypatch.setattr(M, 'flash_available', lambda flash=flash: flash)
         monkeypatch.setattr(M, 'varlen_available', lambda varlen=varlen: varlen)
-        monkeypatch.setattr(M, 'fa4_available', lambda: False)
+        for name in ('fa4_available', 'cudnn_available', 'flex_available'):  # chosen by name only: never 'auto'
+            monkeypatch.setattr(M, name, lambda: False)
         assert M.attention_kernel('cuda:0') is expected
         assert M.attention_kernel('cpu') is M.sdpa_attention
     assert M.attention_kernel('cuda', 'sdpa') is M.efficient_sdpa_attention
     with pytest.raises(SystemExit, match="attention='varlen' is not available here .*available: sdpa"):
         M.attention_kernel('cuda', 'varlen')
-    with pytest.raises(SystemExit, match="attention must be 'auto' or one of flash_attn, varlen, sdpa, fa4, got 'fl"):
+    with pytest.raises(SystemExit, match="attention must be 'auto' or one of flash_attn, varlen, sdpa, fa4, cudnn, flex, got"):
         M.attention_kernel('cpu', 'flash')
 
 

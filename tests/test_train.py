@@ -322,8 +322,9 @@ cp {tmp_path}/disk/run/portable_final.pt {tmp_path}/final.pt
 @pytest.mark.xdist_group('ports')
 def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path, capsys):
     """DeepSpeed on CPU (gloo, one process): ZeRO 1 and 2 give the torch path's losses, and so does ZeRO 1 in bf16
-    with fused kernels and partial checkpointing, to bf16 precision; its checkpoint resumes exactly. DeepSpeed in
-    subprocesses, as it initialises torch.distributed once per process."""
+    with fused kernels and partial checkpointing, to bf16 precision; its checkpoint resumes exactly, and a bf16 one with
+    fused AdamW resumes under plain PyTorch's bf16 engine. DeepSpeed in subprocesses, as it initialises
+    torch.distributed once per process."""
     def args(out_dir, **overrides):
         return synthetic.train_args(data_dir, str(tmp_path / out_dir), max_steps=16, log_interval=1, eval_interval=0,
                                     **overrides)
@@ -356,6 +357,14 @@ def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path, capsys)
     assert 'resumed from step 7' in second
     assert losses(first) + losses(second) == deepspeed_losses[1]  # exact
     assert os.path.isfile(tmp_path / 'resumed' / 'ds_checkpoint' / 'latest')
+    # a bf16 DeepSpeed run with fused AdamW stopped, then resumed by plain PyTorch's bf16 engine with fused AdamW: the
+    # same per-parameter state (Adam's step where the fused kernel wants it), the bf16 run's losses continued
+    bf16_settings = dict(dtype='bfloat16', fused=True, gradient_checkpointing=True, recompute_blocks=1, fused_adamw=True)
+    stopped = run('bf16_fused', backend='deepspeed', stop_after_steps=7, **bf16_settings)
+    run_train(args('bf16_fused', backend='torch', **bf16_settings))
+    resumed = capsys.readouterr().out
+    assert 'resumed from step 7' in resumed
+    np.testing.assert_allclose(losses(stopped) + losses(resumed), losses(bf16), rtol=2e-3)
 
 
 @pytest.mark.slow
