@@ -1009,8 +1009,9 @@ def stage_levers(limit, folder, dry):
     mfu = (lambda row: f", MFU {100 * row['mfu']:.1f}%" if row.get('mfu') is not None else '')
     vanilla = {row['lever']: row for row in result.get('vanilla', []) if row.get('step_s')}
     ratio = f", PolyGLU/VanillaLM {today['step_s'] / vanilla['today']['step_s']:.3f}" if 'today' in vanilla else ''
-    summary = (f"today {today['tokens_per_s']:,.0f} tokens/s{mfu(today)}{ratio}; {best['lever']} "
-               f"{best['tokens_per_s']:,.0f} tokens/s{mfu(best)}, {best['hours']:,.0f} h / "
+    best_line = (f"recommended {best['tokens_per_s']:,.0f} tokens/s{mfu(best)}" if best is not today else
+                 "no lever measured faster and exact")
+    summary = (f"today {today['tokens_per_s']:,.0f} tokens/s{mfu(today)}{ratio}; {best_line}; {best['hours']:,.0f} h / "
                f"${best['hours'] * usd_per_hour:,.0f} for {token_budget:.0e} tokens; {result.get('line', '')}")
     failed = [row['lever'] for row in result['rows'] if row.get('error')] + (['the table'] if result.get('error') else [])
     inexact = [row['lever'] for row in result['rows'] if row.get('exact') is False]
