@@ -607,7 +607,8 @@ def time_micro_batch(row, runner, optimizer):
 
 
 def optimizer_seconds(optimizer, fused):
-    """One clipped AdamW update of the shared weights (their float32 masters in bf16), timed after one untimed."""
+    """One clipped AdamW update of the shared weights (their float32 masters in bf16), timed after one untimed ->
+    (seconds, peak GiB allocated while it ran)."""
     if fused:
         optimizer = torch.optim.AdamW([{'params': g['params'], 'weight_decay': g['weight_decay']}
                                        for g in optimizer.param_groups], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
@@ -616,6 +617,8 @@ def optimizer_seconds(optimizer, fused):
     weights, seconds = optimizer_weights(optimizer), []
     for weight in weights:
         weight.grad = torch.zeros_like(weight) if weight.grad is None else weight.grad
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         synchronize()
         start = time.perf_counter()
@@ -623,7 +626,7 @@ def optimizer_seconds(optimizer, fused):
         optimizer.step()
         synchronize()
         seconds.append(time.perf_counter() - start)
-    return seconds[-1]
+    return seconds[-1], torch.cuda.max_memory_allocated() / 2**30 if device.startswith('cuda') else 0.0
 
 
 def timed_rounds(rows, runners, optimizer, rounds, deadline, write):
@@ -654,13 +657,15 @@ def warm(rows, runners, shared, optimizer, rng, deadline):
     return True
 
 
-def row_figures(row, step_s_of_optimizer, config, n_params):
+def row_figures(row, optimizer_steps, config, n_params):
     """tokens/s, MFU, HFU and memory of a row from its micro-batch samples: the step is grad_accum_steps x the median
-    micro-batch plus one update; its spread, half the samples' range."""
+    micro-batch plus one update (optimizer_steps: {fused: (seconds, peak GiB)}); its spread, half the samples' range;
+    the memory it needs, the peak of its micro-batches or of the update."""
     settings, samples = row['settings'], sorted(row['samples'])
     median = float(np.median(samples))
     row['micro_batch_s'] = median
-    row['step_s'] = settings['grad_accum_steps'] * median + step_s_of_optimizer[settings['fused_adamw']]
+    update_s, update_gib = optimizer_steps[settings['fused_adamw']]
+    row['step_s'] = settings['grad_accum_steps'] * median + update_s
     row['spread_s'] = settings['grad_accum_steps'] * (samples[-1] - samples[0]) / 2
     tokens = settings['micro_batch_size'] * settings['grad_accum_steps'] * block_size
     recomputed = ((n_layers if settings['recompute_blocks'] < 0 else settings['recompute_blocks'])
@@ -674,7 +679,7 @@ def row_figures(row, step_s_of_optimizer, config, n_params):
     if device.startswith('cuda'):
         free, total = torch.cuda.mem_get_info()
         outside = max(0.0, (total - free - torch.cuda.memory_reserved()) / 2**30)  # CUDA context, workspaces
-        row['needed_gb'] = row.get('memory_gb', 0.0) + outside
+        row['needed_gb'] = max(row.get('memory_gb', 0.0), update_gib) + outside
         row['fits'] = {card: row['needed_gb'] <= HEADROOM * gib for card, gib in CARDS_GIB}
 
 
@@ -724,10 +729,10 @@ def lever_table(names='all', seconds=0.0, out=''):
     warm(rows, runners, shared, optimizer, rng, deadline)
     in_time = timed_rounds(rows, runners, optimizer, REPEATS, deadline, write)
     in_time = in_time and timed_rounds(rows[:1], runners, optimizer, REPEATS, deadline, write)  # today again
-    steps = {False: 0.0, True: 0.0}
+    steps = {False: (0.0, 0.0), True: (0.0, 0.0)}
     for kind in {False, fused_adamw, any('fused_adamw' in row.get('changes', {}) for row in rows)}:
         attempt(result, lambda: steps.update({kind: optimizer_seconds(optimizer, kind)}))  # 0 s if it fails: said
-    result['optimizer_s'] = {str(k): v for k, v in steps.items()}
+    result['optimizer_s_gib'] = {str(k): v for k, v in steps.items()}
     for row in rows:
         if row.get('samples'):
             row_figures(row, steps, config, n_params)
@@ -846,9 +851,11 @@ def lever_lines(result):
             lines.append(f"VanillaLM ({vanilla['lever']}): {vanilla['error']}")
     if 'errors' in today:
         limits = exact_limits(today['errors'])
+        shown = {f"{v:.1e}" for v in limits.values()}
         lines.append(f"exact: every group's worst tensor within {EXACT_FACTOR:g} x today's error + "
                      f"{EXACT_FLOOR[dtype]:g} of a float32 run ({EXACT_STEPS} AdamW steps of a 2-block model at this "
-                     "width): " + ', '.join(f"{k} {v:.1e}" for k, v in limits.items()))
+                     "width): " + (shown.pop() if len(shown) == 1 else
+                                   ', '.join(f"{k} {v:.1e}" for k, v in limits.items())))
     lines.append(f"step = grad_accum_steps x median micro-batch ({REPEATS} timed a row, interleaved; today also at the "
                  "end) + one update; faster: beyond both rows' spread")
     if result.get('line'):
