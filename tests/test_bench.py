@@ -272,10 +272,11 @@ def bench_floor():
 
 @pytest.mark.slow
 def test_gpu_check_killed_mid_way_keeps_what_it_measured(tmp_path):
-    """A check killed at any moment (the rented window ends) leaves the finished stages in gpu_check.json and the lever
-    table's finished rows in levers.json: here it is killed as soon as the lever table has timed a round."""
+    """A check killed at any moment (the rented window ends) keeps what it measured: gpu_check.json (its plan, and the
+    stages finished, rewritten after each) and the lever table's finished rows in levers.json and levers.txt. Here it is
+    killed as soon as the lever table has timed a round."""
     env = {**os.environ, 'GPU_CHECK_DRY': '1', 'GPU_CHECK_DIR': str(tmp_path)}
-    check = subprocess.Popen([sys.executable, 'bench.py', '--gpu_check=True', '--stages=cuda,levers',
+    check = subprocess.Popen([sys.executable, 'bench.py', '--gpu_check=True', '--stages=levers',
                               '--levers=fused_adamw'], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -287,9 +288,8 @@ def test_gpu_check_killed_mid_way_keeps_what_it_measured(tmp_path):
         check.wait()
     rows = timed_rows(tmp_path / 'levers.json')
     assert rows and all(row['errors']['loss'] == 0.0 or row['exact'] for row in rows)
-    report = json.load(open(tmp_path / 'gpu_check.json'))
-    assert report['stages']['cuda tests']['status'] == 'skipped' and 'speed levers' not in report['stages']
-    assert set(report['plan']) == {'cuda tests', 'speed levers'}
+    report = json.load(open(tmp_path / 'gpu_check.json'))  # written before the first stage: the plan
+    assert set(report['plan']) == {'speed levers'} and report['stages'] == {}
     assert 'today' in open(tmp_path / 'levers.txt').read()
 
 
