@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict
 
@@ -377,8 +378,8 @@ def init_distributed(backend, device):
     if not device.startswith('cuda'):
         # its CPU shared-memory all-reduce (a ~35 s gcc build on a new machine) serves inference only; training uses gloo
         importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None
-    # rank 0 writes a full checkpoint (~11 GB) while the others wait in a collective: 10 minutes could time them out
-    deepspeed.init_distributed(timeout=timedelta(minutes=60))
+    # the first step (compilation) and the first save can take minutes; after it, start_watchdog ends a hang sooner
+    deepspeed.init_distributed(timeout=timedelta(minutes=30))
     if device == 'cuda':
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
@@ -506,7 +507,10 @@ def import_training_state(loss_engine, optimizer, model, backend, state):
     """export_training_state's result into a fresh engine on this run's number of ranks."""
     masters = named_masters(model, optimizer) if backend == 'torch' else None
     if backend == 'torch' and masters is None:
+        settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
         optimizer.load_state_dict(state)
+        for group, setting in zip(optimizer.param_groups, settings):  # this run's betas, eps and decay, not the file's
+            group.update(setting)
         return
     if masters is not None:
         for name, master in masters.items():
@@ -556,11 +560,82 @@ def end_of_session(stop_signal, stop_after_steps, steps_this_session, world_size
         return f"stop_after_steps={stop_after_steps}"
     return None
 
-def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
-    """Linear warm-up from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps."""
+HEARTBEAT = {'limit': 0}  # what this rank does now (what, step, since, limit): the watchdog thread reads it
+STACK_AFTER_MEDIANS = 10   # a step this many times its median prints this rank's stack (at least 30 s, at most half
+                           # its limit)
+
+def start_watchdog(rank, world_size, timeout_s, afterwards):
+    """A thread that ends this process with one line when what heartbeat() announced runs past its limit: the step,
+    how long it waited, and which ranks did not arrive (their last heartbeats, published in the launcher's store); a
+    step far slower than its median first prints this rank's stack (faulthandler). afterwards: what the line ends with.
+    A hung collective otherwise holds every GPU until the process group's own timeout."""
+    import faulthandler
+    import threading
+    from datetime import timedelta
+    store = None
+    if world_size > 1:
+        with contextlib.suppress(Exception):  # no store: the line names no ranks
+            store = torch.distributed.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
+                                               is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False)
+    global HEARTBEAT
+    beat = HEARTBEAT = {'limit': 0, 'count': 0, 'store': store, 'rank': rank, 'durations': [],
+                        'stopped': threading.Event()}
+
+    def watch(stopped=beat['stopped']):
+        dumped = None
+        while not stopped.wait(0.5):
+            if not beat['limit']:
+                continue
+            waited, median = time.monotonic() - beat['since'], np.median(beat['durations'] or [math.inf])
+            if dumped != beat['count'] and waited > min(beat['limit'] / 2, max(STACK_AFTER_MEDIANS * median, 30)):
+                dumped = beat['count']
+                print(f"rank {rank}: {beat['what']} at step {beat['step']} has run {waited:.0f} s ({median:.2g} s a "
+                      "step is its median); its stack:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(sys.stderr, all_threads=True)
+            if waited > beat['limit'] and not stopped.is_set():
+                print(f"error: {beat['what']} at step {beat['step']} did not finish within {beat['limit']:g} s on rank "
+                      f"{rank}{missing_ranks(store, world_size, beat['count'])}: ending the run; {afterwards}",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+    threading.Thread(target=watch, name='watchdog', daemon=True).start()
+
+def missing_ranks(store, world_size, count):
+    """', waiting for ranks 1 (last seen at step 7)': the ranks whose published heartbeats lag this one's."""
+    if store is None:
+        return ''
+    try:
+        beats = {r: store.get(f'heartbeat/{r}').decode().split() for r in range(world_size)}
+    except Exception:  # the store lives in rank 0's process under some launchers: a stopped rank 0 cannot answer
+        return ', and the launcher\'s store did not answer (rank 0 may be the one that stopped)'
+    late = {r: step for r, (beat, step) in beats.items() if int(beat) < count}
+    return (', waiting for ' + ', '.join(f"rank {r} (last seen at step {step})" for r, step in late.items())
+            if late else '')
+
+def heartbeat(what, step, limit_s):
+    """This rank starts `what` (a step, an evaluation, a save) at `step`, due within limit_s (0: no limit)."""
+    beat, now = HEARTBEAT, time.monotonic()
+    if not beat.get('stopped'):
+        return
+    if beat.get('what') == 'step' and what == 'step':
+        beat['durations'] = (beat['durations'] + [now - beat['since']])[-50:]
+    beat.update(what=what, step=step, since=now, limit=limit_s, count=beat['count'] + 1)
+    if beat['store'] is not None:
+        with contextlib.suppress(Exception):
+            beat['store'].set(f"heartbeat/{beat['rank']}", f"{beat['count']} {step}")
+
+def stop_watchdog():
+    global HEARTBEAT
+    if HEARTBEAT.get('stopped'):
+        HEARTBEAT['stopped'].set()
+    HEARTBEAT = {'limit': 0}
+
+def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0, progress=None):
+    """Linear warm-up from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps (or as far as
+    `progress`, 0 to 1, says: train.py's re-planned schedule)."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if progress is None:
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 def to_device(rows, device, eos_id=EOS_ID, trained=None, pinned=False):
@@ -643,7 +718,7 @@ def check_resume(path, state, backend, dtype, rows_per_step, batch_layout):
              f"with {'backend=deepspeed or dtype=bfloat16' if per_parameter else 'backend=torch dtype=float32'}, or "
              "start fresh with resume=''")
     saved_rows = state.get('rows_per_step', rows_per_step)
-    if saved_rows != rows_per_step:
+    if rows_per_step is not None and saved_rows != rows_per_step:  # None: a new run from its state (init_optimizer)
         fail(f"{path} was trained with {saved_rows} rows a step, this run has {batch_layout} = {rows_per_step}: keep "
              "the global batch (e.g. --grad_accum_steps) so the data order and schedule continue")
 

@@ -52,6 +52,18 @@ def test_tiny_run_learns(data_dir, tmp_path, capsys):
     assert state['config']['beta2'] == 0.95 and state['config']['sources'] == ('math', 'stem', 'code')
     assert re.fullmatch(r'[0-9a-f]{40}', state['git']['commit']) and isinstance(state['git']['dirty'], bool)
     assert state['library_versions']['torch'] == torch.__version__ and state['library_versions']['lm_eval']
+    # a new run from it at 10x the learning rate with no warm-up (a restart): Adam's kept moments hold the loss where it
+    # was and let it fall; a fresh optimizer moves every weight by ~the learning rate and the loss jumps (measured: 2.11
+    # -> 3.3, 4.0, 2.5 fresh; 1.94, 1.66, 1.43 kept)
+    restart = dict(init_from=str(tmp_path), max_steps=4, log_interval=1, eval_interval=0, checkpoint_interval=0,
+                   warmup_steps=0, learning_rate=3e-2, min_lr=3e-2)
+    curves = {}
+    for kept in (False, True):
+        run_train(synthetic.train_args(data_dir, str(tmp_path / f'restart_{kept}'), init_optimizer=kept, **restart))
+        curves[kept] = losses(capsys.readouterr().out)
+    assert curves[True][0] == curves[False][0]  # the same weights before the first update
+    assert max(curves[False][1:]) > curves[False][0] + 0.5
+    assert max(curves[True][1:]) < curves[True][0] + 0.1
 
 
 def test_learning_rate_schedule():
@@ -83,7 +95,7 @@ def test_mixture_schedule_and_sampled_shares():
     import train
     train = importlib.reload(train)
     train.max_steps = 1000
-    source, _ = train.row_plan(3, rows_per_step=64)
+    source, _ = train.row_plan(3, 64, [train.segment_from(0)])
     baseline, anneal = source[:800 * 64], source[800 * 64:]  # 70/25/5 for the first 80% of the steps, 85/10/5 after
     np.testing.assert_allclose(np.bincount(baseline, minlength=3) / baseline.size, [0.70, 0.25, 0.05], atol=0.01)
     np.testing.assert_allclose(np.bincount(anneal, minlength=3) / anneal.size, [0.85, 0.10, 0.05], atol=0.015)
@@ -96,7 +108,7 @@ def test_same_global_batch_on_any_number_of_ranks(data_dir):
     configure(vars(train), synthetic.train_args(data_dir, '/unused', max_steps=20, micro_batch_size=2))
     train.device = 'cpu'
     data = [train.open_source(name) for name in ('math', 'stem', 'code')]
-    plan = train.row_plan(3, rows_per_step=8)
+    plan = train.row_plan(3, 8, [train.segment_from(0)])
     steps = {}
     for world_size, accum in ((1, 4), (2, 2), (4, 1)):
         train.grad_accum_steps = accum
@@ -162,7 +174,7 @@ def test_nan_guard_skips_then_stops(data_dir, tmp_path, capsys, monkeypatch):
         configure(vars(module), args)
         module.main()
 
-    with pytest.raises(SystemExit, match=r'3 non-finite steps in a row at step 14: stopping; the last good checkpoint'):
+    with pytest.raises(SystemExit, match=r'3 skipped updates in a row at step 14 \(max_bad_steps=3\): stopping; the last good checkpoint'):
         run(synthetic.train_args(data_dir, str(tmp_path), max_steps=30, eval_interval=0, max_bad_steps=3))
     out = capsys.readouterr().out
     assert 'step 3: non-finite loss nan or grad norm nan: update skipped (1 in a row, 1 in all)' in out
@@ -400,7 +412,8 @@ def test_init_from_an_author_file_starts_from_its_weights(data_dir, tmp_path, ca
     paths = synthetic.write_author_files(str(tmp_path / 'author'), weights)
     run_train(synthetic.train_args(data_dir, str(tmp_path / 'run'), init_from=paths['pt'], max_steps=2,
                                    learning_rate=0.0, min_lr=0.0, log_interval=1, checkpoint_interval=0))
-    assert 'its weights only; a fresh optimizer, the learning-rate schedule from step 0' in capsys.readouterr().out
+    assert ('its weights only; a fresh optimizer (--init_optimizer=True keeps its moments); the learning-rate schedule '
+            'from step 0') in capsys.readouterr().out
     state = final_state(str(tmp_path / 'run'))  # learning rate 0: the weights are still the author's
     assert all(torch.equal(state[k], v.float()) for k, v in weights.items() if not k.startswith('rope.'))
     with pytest.raises(SystemExit, match=r"different model than configured.*'d_model': \(48, 32\)"):
@@ -527,3 +540,85 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(data_dir, tmp_path):
     step = int(saved[0])
     state = torch.load(tmp_path / 'run' / f'portable_{step}.pt', weights_only=True)
     assert state['step'] == step and state['world_size'] == 2 and state['optimizer_state_dict']['format'] == 'per_parameter'
+
+
+def schedule(train, segments, steps):
+    return ([train.learning_rate_at(s, segments) for s in range(steps + 1)],
+            [train.tau_at(s, segments) for s in range(steps + 1)])
+
+
+@pytest.mark.parametrize('change_at, new_end', [(3, 60), (50, 60), (50, 51), (50, 200), (90, 300), (85, 88)])
+def test_a_replan_keeps_every_schedule_whole(change_at, new_end):
+    """max_steps 100 re-planned at a step of warm-up, the cosine or the anneal: the learning rate and tau go on from
+    where they were, no step moves faster than the cosine over the steps left allows, tau never rises, and
+    both end where the run ends; the annealed mixture covers the final 20% (from the change, if that is later) and
+    never switches back."""
+    import train
+    train = importlib.reload(train)
+    configure(vars(train), ['--max_steps=100', '--warmup_steps=10', '--learning_rate=1e-3', '--min_lr=1e-4'])
+    planned = [train.segment_from(0)]
+    train.max_steps = new_end
+    segments = train.replan(planned, change_at)
+    lr, tau = schedule(train, segments, new_end)
+    before, _ = schedule(train, planned, 100)
+    assert lr[:change_at + 1] == before[:change_at + 1]  # the steps before the change keep their schedule
+    # from there, the cosine over the progress left: no step moves more than its steepest slope allows
+    begin = max(change_at, 10)
+    left = 1 - (begin - 10) / 90
+    steepest = 0.5 * math.pi * (1e-3 - 1e-4) * left / (new_end - begin)
+    assert all(abs(a - b) <= steepest * (1 + 1e-9) for a, b in zip(lr[begin + 1:], lr[begin:]))
+    assert all(b <= a for a, b in zip(tau, tau[1:])) and all(b <= a for a, b in zip(lr[10:], lr[11:]))
+    assert lr[new_end] == pytest.approx(1e-4) and tau[new_end - 1] == pytest.approx(0.1)
+    anneal_from = segments[-1]['anneal_from']
+    assert anneal_from <= max(change_at, 0.8 * new_end)  # the final 20%, or from the change if that is later
+    assert anneal_from >= change_at or anneal_from == 80 <= change_at  # or already annealing since step 80
+
+
+def test_shorten_and_extend_a_run_midway(data_dir, tmp_path, capsys):
+    """Resumed with another max_steps, a run goes on: the learning rate and tau continuous at the change and at their
+    ends at the new end, the steps already trained on their rows, no window twice, the annealed mixture (code only
+    here) over the final 20%, each change recorded, the data plan's digest new. A finished run is not extended, and
+    an end before the step reached is one line."""
+    import json
+    common = dict(log_interval=1, eval_interval=0, checkpoint_interval=0, mixture_baseline=(0.5, 0.5, 0.0),
+                  mixture_anneal=(0.0, 0.0, 1.0))
+    out = str(tmp_path / 'run')
+    run_train(synthetic.train_args(data_dir, out, max_steps=40, stop_after_steps=10, **common))
+    with pytest.raises(SystemExit, match=r"portable_10\.pt is at step 10: max_steps=10 would end the run before it; "
+                                         r"pass a max_steps above 10"):
+        run_train(synthetic.train_args(data_dir, out, max_steps=10, **common))
+    capsys.readouterr()
+    run_train(synthetic.train_args(data_dir, out, max_steps=24, learning_rate=2e-3, **common))
+    assert re.search(r"changed since .*portable_10\.pt: max_steps 40 -> 24, learning_rate 0\.003 -> 0\.002; the "
+                     r"schedule re-planned from step 10 to end at 24\n", capsys.readouterr().out)
+    state = torch.load(os.path.join(out, 'portable_final.pt'), weights_only=True)
+    assert state['step'] == 24 and state['tau'] == pytest.approx(0.1)
+    assert state['config_changes'] == [{'step': 10, 'changes': {'max_steps': [40, 24], 'learning_rate': [3e-3, 2e-3]}}]
+    log = [json.loads(line) for line in open(os.path.join(out, 'train_log.jsonl'))]
+    tau = [e['train/tau'] for e in log if 'train/tau' in e]
+    assert len(tau) == 24 and all(b <= a for a, b in zip(tau, tau[1:])) and tau[-1] == pytest.approx(0.1)
+    assert max(a - b for a, b in zip(tau, tau[1:])) < 0.06  # 0.9 / 39 a step before, 0.9 x 0.75 / 14 after
+    plans = [e['run']['data_plan'] for e in log if 'run' in e]
+    assert len(plans) == 2 and plans[0] != plans[1]
+    import train
+    segments = state['scheduler_state_dict']['segments']
+    assert [(s['step'], s['max_steps'], s['anneal_from']) for s in segments] == [(0, 40, 32.0), (10, 24, 0.8 * 24)]
+    source, slot = train.row_plan(3, 8, segments)
+    first, _ = train.row_plan(3, 8, segments[:1])[0], None
+    assert np.array_equal(source[:80], first[:80])  # steps 0-9 kept their rows
+    assert len(set(zip(source.tolist(), slot.tolist()))) == len(source)  # no window twice
+    by_step = source.reshape(24, 8)
+    assert (by_step[20:] == 2).all() and (by_step[:20] != 2).all()  # steps 20-23 (the final 20%) annealed
+    # extended while its schedule runs: the same; once finished, a new run is the way on
+    extended = str(tmp_path / 'extended')
+    run_train(synthetic.train_args(data_dir, extended, max_steps=16, stop_after_steps=8, **common))
+    run_train(synthetic.train_args(data_dir, extended, max_steps=30, **common))
+    final = torch.load(os.path.join(extended, 'portable_final.pt'), weights_only=True)
+    assert final['step'] == 30 and final['tau'] == pytest.approx(0.1)
+    tau = [json.loads(line).get('train/tau') for line in open(os.path.join(extended, 'train_log.jsonl'))]
+    tau = [t for t in tau if t is not None]
+    assert len(tau) == 30 and all(b <= a for a, b in zip(tau, tau[1:]))
+    with pytest.raises(SystemExit, match=r"portable_final\.pt finished its schedule at step 30 \(learning rate at "
+                                         r"min_lr, tau at tau_end\).* --init_from=.*portable_final\.pt "
+                                         r"--init_optimizer=True --out_dir=<a new folder>"):
+        run_train(synthetic.train_args(data_dir, extended, max_steps=50, **common))
