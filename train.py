@@ -106,8 +106,8 @@ fit_budget = True            # False: a run over budget only warns
 budget_steps = 20            # steps timed for the projection, after the session's first BUDGET_WARMUP_STEPS
 # stability
 max_bad_steps = 10           # skipped updates in a row (non-finite, or spikes) before the run stops
-spike_sigmas = 6.0           # skip an update whose loss or gradient norm lies this many robust sigmas (1.4826 x MAD)
-spike_window = 100           # above the median of the last spike_window applied steps; 0 = never skip a finite one
+spike_sigmas = 10.0          # skip an update whose loss or gradient norm is this many robust sigmas (of their logs)
+spike_window = 100           # above the median of the last spike_window applied steps; 0 = skip only non-finite ones
 collective_timeout_s = 300   # after the first step: a step or evaluation not done in this long ends the run, naming the
                              # ranks that did not arrive (a minute's hang holds every GPU; a full-size step is ~1 s)
 save_timeout_s = 1200        # the same for a checkpoint save (12-14 s measured at full size on an H200)
@@ -406,24 +406,29 @@ def gradient_norms(model, optimizer):
     return {f'grad_norm/{group}': math.sqrt(value) for group, value in squares.items()}
 
 
-def spike_above(value, recent):
-    """The threshold a value must exceed to be a spike: the median of the recent applied steps plus spike_sigmas robust
-    sigmas (1.4826 x their median absolute deviation, at least 1% of the median, so a flat stretch is no hair trigger);
-    inf until half a window has been seen, or with spike_sigmas=0. The spike itself never enters the window."""
-    if not spike_sigmas or len(recent) < max(2, spike_window // 2):
+SPIKE_MIN_HISTORY = 20  # applied steps seen before any finite update is skipped
+
+
+def spike_above(recent):
+    """The value above which a loss or gradient norm is a spike against the recent applied steps, on a log scale (both
+    are positive and vary by ratios): their median times exp(spike_sigmas robust sigmas), a sigma being 1.4826 x the
+    median absolute deviation of the logs, at least 0.01 (so a flat stretch is no hair trigger). inf before
+    SPIKE_MIN_HISTORY steps, or with spike_sigmas=0. A skipped value never enters the window."""
+    if not spike_sigmas or len(recent) < SPIKE_MIN_HISTORY:
         return math.inf
-    median = float(np.median(recent))
-    return median + spike_sigmas * max(1.4826 * float(np.median(np.abs(np.asarray(recent) - median))), 0.01 * median)
+    logs = np.log(np.maximum(recent, 1e-12))
+    median = float(np.median(logs))
+    return math.exp(median + spike_sigmas * max(1.4826 * float(np.median(np.abs(logs - median))), 0.01))
 
 
 def skip_reason(loss, grad_norm, recent):
     """Why this update is skipped, or None to apply it."""
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return f"non-finite loss {loss} or grad norm {grad_norm}"
-    spikes = [f"{name} {value:.4g} > {spike_above(value, recent[name]):.4g}" for name, value in
-              (('loss', loss), ('grad_norm', grad_norm)) if value > spike_above(value, recent[name])]
-    return f"spike: {' and '.join(spikes)} (median + {spike_sigmas:g} robust sigmas of the last " \
-           f"{len(recent['loss'])} steps)" if spikes else None
+    spikes = [f"{name} {value:.4g} > {spike_above(recent[name]):.4g}" for name, value in
+              (('loss', loss), ('grad_norm', grad_norm)) if value > spike_above(recent[name])]
+    return (f"spike: {' and '.join(spikes)} ({spike_sigmas:g} robust sigmas above the median of the last "
+            f"{len(recent['loss'])} steps)") if spikes else None
 
 
 def guard_deepspeed_update(loss_engine, update):

@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import torch
 
 import prepare
 
@@ -140,3 +141,16 @@ HUB_FAULTS = {'no network': 'no connection to the hub .*HF_HUB_OFFLINE=1', 'drop
               'timeout': 'did not answer in time .*retry', 'bad token': r'token was refused \(401\): put a valid one',
               'forbidden': r'\(403\)', 'gated': 'gated: accept its terms', 'not found': r'no such repo \(404\)',
               'private': r'no such repo \(401\), or it is private', 'full disk': 'disk is full: free space'}
+
+
+def plant_spike(loss_class, step, grad_accum_steps, factor=30.0):
+    """Multiply the training loss of one step (so its gradients) by `factor`, as a bad batch would spike it."""
+    forward, calls = loss_class.forward, [0]
+
+    def spiking(self, *args):
+        loss = forward(self, *args)
+        if not torch.is_grad_enabled():  # an evaluation
+            return loss
+        calls[0] += 1
+        return loss * factor if (calls[0] - 1) // grad_accum_steps == step else loss
+    loss_class.forward = spiking

@@ -332,17 +332,18 @@ cp {tmp_path}/disk/run/portable_final.pt {tmp_path}/final.pt
 
 @pytest.mark.slow
 @pytest.mark.xdist_group('ports')
-def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path, capsys):
-    """DeepSpeed on CPU (gloo, one process): ZeRO 1 and 2 give the torch path's losses, and so does ZeRO 1 in bf16
-    with fused kernels and partial checkpointing, to bf16 precision; its checkpoint resumes exactly, and a bf16 one with
-    fused AdamW resumes under plain PyTorch's bf16 engine. DeepSpeed in subprocesses, as it initialises
-    torch.distributed once per process."""
+def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path, capsys, monkeypatch):
+    """DeepSpeed on CPU (gloo, one process): ZeRO 1 and 2 give the torch path's losses (ZeRO 2 skipping a spike as it
+    does), and so does ZeRO 1 in bf16 with fused kernels and partial checkpointing, to bf16 precision; its checkpoint
+    resumes exactly, and a bf16 one with fused AdamW resumes under plain PyTorch's bf16 engine. DeepSpeed in
+    subprocesses, as it initialises torch.distributed once per process."""
     def args(out_dir, **overrides):
-        return synthetic.train_args(data_dir, str(tmp_path / out_dir), max_steps=16, log_interval=1, eval_interval=0,
-                                    **overrides)
+        return synthetic.train_args(data_dir, str(tmp_path / out_dir), **{
+            'max_steps': 16, 'log_interval': 1, 'eval_interval': 0, **overrides})
 
-    def run(out_dir, **overrides):
-        result = subprocess.run([sys.executable, 'train.py', *args(out_dir, **overrides)],
+    def run(out_dir, plant_at=None, **overrides):
+        script = ['train.py'] if plant_at is None else ['-c', PLANTED_SPIKE.format(step=plant_at)]
+        result = subprocess.run([sys.executable, *script, *args(out_dir, **overrides)],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600,
                                 env={**os.environ, 'MASTER_PORT': str(29_500 + os.getpid() % 1000)})
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -350,10 +351,25 @@ def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path, capsys)
 
     run_train(args('torch'))
     reference = losses(capsys.readouterr().out)
-    deepspeed_losses = {}
-    for stage in (1, 2):
-        deepspeed_losses[stage] = losses(run(f'zero{stage}', backend='deepspeed', zero_stage=stage))
-        np.testing.assert_allclose(deepspeed_losses[stage], reference, rtol=1e-4)
+    deepspeed_losses = {1: losses(run('zero1', backend='deepspeed', zero_stage=1))}
+    np.testing.assert_allclose(deepspeed_losses[1], reference, rtol=1e-4)
+    # ZeRO 2 with a spike planted at step 22: skipped as the torch path skips it (DeepSpeed's norm, our guard inside
+    # its step), the losses alike; the gradient norms per group make up DeepSpeed's whole norm
+    with monkeypatch.context() as patch:
+        patch.setattr(M.LanguageModelLoss, 'forward', M.LanguageModelLoss.forward)
+        synthetic.plant_spike(M.LanguageModelLoss, 22, grad_accum_steps=2)
+        run_train(args('torch_spike', max_steps=26))
+    torch_spike = capsys.readouterr().out
+    zero2 = run('zero2', plant_at=22, backend='deepspeed', zero_stage=2, max_steps=26)
+    for out in (torch_spike, zero2):
+        assert re.findall(r'step (\d+): spike: .*update skipped \(1 in a row, 1 in all\)', out) == ['22']
+    np.testing.assert_allclose(losses(zero2), losses(torch_spike), rtol=1e-4)
+    import json
+    for entry in (json.loads(line) for line in open(tmp_path / 'zero2' / 'train_log.jsonl')):
+        if 'train/grad_norm' in entry:
+            groups = [v for k, v in entry.items() if k.startswith('grad_norm/')]
+            assert len(groups) == 5 and math.sqrt(sum(v * v for v in groups)) == pytest.approx(
+                entry['train/grad_norm'], rel=1e-4)
     # the GPU run's settings: bf16 weights under DeepSpeed, compiled kernels, the first block recomputed
     bf16 = run('bf16', backend='deepspeed', dtype='bfloat16', fused=True, gradient_checkpointing=True,
                recompute_blocks=1)
@@ -465,6 +481,11 @@ def test_prepare_budgets_follow_the_plan():
     # 70/25/5 for 80% of the steps, 85/10/5 after: 0.73, 0.22 and 0.05 of the tokens, plus the 2M held out
     for name, share in (('math', 0.73), ('stem', 0.22), ('code', 0.05)):
         assert budgets[name] == pytest.approx(share * tokens * 1.01 + 2_000_000, rel=2e-4)
+
+
+PLANTED_SPIKE = ("import runpy, sys; sys.path[:0] = ['tests', '.']; import model, synthetic; "
+                 "synthetic.plant_spike(model.LanguageModelLoss, {step}, grad_accum_steps=2); "
+                 "sys.argv = ['train.py', *sys.argv[1:]]; runpy.run_path('train.py', run_name='__main__')")
 
 
 def torchrun(args, nproc, port, timeout=300):
@@ -622,3 +643,28 @@ def test_shorten_and_extend_a_run_midway(data_dir, tmp_path, capsys):
                                          r"min_lr, tau at tau_end\).* --init_from=.*portable_final\.pt "
                                          r"--init_optimizer=True --out_dir=<a new folder>"):
         run_train(synthetic.train_args(data_dir, extended, max_steps=50, **common))
+
+
+def test_a_spike_is_skipped_and_gradient_norms_are_logged_by_group(data_dir, tmp_path, capsys, monkeypatch):
+    """A step whose loss (and so gradient) is 30x its neighbours' is skipped, once the window holds 20 steps: its
+    checkpoint equals the one before it. Every logged step has the gradient's norm per group, which together are the
+    whole norm."""
+    monkeypatch.setattr(M.LanguageModelLoss, 'forward', M.LanguageModelLoss.forward)  # undone after the test
+    synthetic.plant_spike(M.LanguageModelLoss, 24, grad_accum_steps=2)
+    run_train(synthetic.train_args(data_dir, str(tmp_path), max_steps=27, log_interval=1, eval_interval=0,
+                                   checkpoint_interval=1))
+    out = capsys.readouterr().out
+    assert re.findall(r'step (\d+): spike: loss [\d.]+ > [\d.]+ and grad_norm [\d.]+ > [\d.]+ \(10 robust sigmas '
+                      r'above the median of the last 24 steps\): update skipped \(1 in a row, 1 in all\)', out) == ['24']
+    before, after = (torch.load(tmp_path / f'portable_{step}.pt', weights_only=True) for step in (24, 25))
+    for key, value in before['model_state_dict'].items():
+        assert torch.equal(value, after['model_state_dict'][key]), key
+    assert after['skipped_updates'] == 1 and len(after['recent']['loss']) == 24  # the spike is not in the window
+    import json
+    logged = [json.loads(line) for line in open(tmp_path / 'train_log.jsonl')]
+    logged = [e for e in logged if 'train/grad_norm' in e]
+    assert len(logged) == 27
+    for entry in logged:
+        groups = {k[10:]: v for k, v in entry.items() if k.startswith('grad_norm/')}
+        assert set(groups) == {'embedding', 'attention', 'ffn', 'routing', 'norms'} and min(groups.values()) > 0
+        assert math.sqrt(sum(v * v for v in groups.values())) == pytest.approx(entry['train/grad_norm'], rel=1e-5)
