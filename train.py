@@ -537,7 +537,7 @@ def check_budget(step, seconds_per_step, seconds_so_far, may_replan, world_size)
     cost, end = seconds * usd_per_second, time.strftime('%Y-%m-%d %H:%M', time.localtime(
         time.time() + (max_steps - step) * seconds_per_step))
     line = (f"budget: {max_steps:,} steps at {seconds_per_step:.3g} s a step cost ${cost:,.2f} in all ({seconds / 3600:.2f} "
-            f"h x {world_size} GPU x ${usd_per_hour}/h), ending {end}")
+            f"h x {world_size} GPU x ${usd_per_hour:g}/h), ending {end}")
     fits = None
     if budget_usd and cost > budget_usd:
         affordable = (BUDGET_MARGIN * budget_usd / usd_per_second - seconds_so_far) / seconds_per_step
@@ -592,7 +592,7 @@ def main():
 
     def save(step, final=False):
         """Every rank (ZeRO's state is gathered by collectives); rank 0 writes."""
-        heartbeat('save', step, save_timeout_s)
+        heartbeat(f'the save at step {step}', save_timeout_s)
         path = os.path.join(out_dir, 'portable_final.pt' if final else f'portable_{step}.pt')
         save_start = time.perf_counter()
         if ds_dir:
@@ -615,8 +615,8 @@ def main():
     wandb_run = init_wandb(wandb_log and is_master, wandb_project, wandb_run_name, globals())
     flops_per_step = describe_run(model, world_size, data_plan, start_step) if is_master else 0
     peak = peak_flops(device, peak_flops_override) * world_size
-    start_watchdog(rank, world_size, collective_timeout_s, f"the last checkpoint in {out_dir} is intact: resume with "
-                   "the same command once every rank is healthy")
+    start_watchdog(rank, world_size, f"the last checkpoint in {out_dir} is intact: resume with the same command once "
+                   "every rank is healthy")
     try:  # the watchdog ends with this loop, however it ends
         loss_engine.train()
         bad_in_a_row, timer, run_start, last_logged = 0, time.perf_counter(), time.perf_counter(), start_step
@@ -624,7 +624,7 @@ def main():
         budget_replanned = any(change.get('reason') == 'budget' for change in changes)
         batches, step = step_batches(data, plan, start_step, rank, world_size), start_step
         while step < max_steps:
-            heartbeat('step', step, collective_timeout_s if step > start_step else 0)  # the first step compiles: no limit
+            heartbeat(f'step {step}', collective_timeout_s if step > start_step else 0)  # the first compiles: no limit
             if step == start_step + BUDGET_WARMUP_STEPS:
                 budget_timer = time.perf_counter()
             micro_batches = next(batches)
@@ -704,7 +704,7 @@ def main():
                     if is_master:
                         log_entry(log_path, None, done, {'changes': changes[-1]['changes'], 'run': run_record(data_plan, world_size)})
             if eval_interval and (done % eval_interval == 0 or done == max_steps):
-                heartbeat('evaluation', done, collective_timeout_s)
+                heartbeat(f'the evaluation at step {done}', collective_timeout_s)
                 losses = evaluate(loss_engine, autocast, data, rank, world_size)
                 if is_master:
                     print(f"step {done}: validation " + ' | '.join(f"{k[4:]} {v:.4f}" for k, v in losses.items()))

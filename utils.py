@@ -560,72 +560,81 @@ def end_of_session(stop_signal, stop_after_steps, steps_this_session, world_size
         return f"stop_after_steps={stop_after_steps}"
     return None
 
-HEARTBEAT = {'limit': 0}  # what this rank does now (what, step, since, limit): the watchdog thread reads it
-STACK_AFTER_MEDIANS = 10   # a step this many times its median prints this rank's stack (at least 30 s, at most half
-                           # its limit)
+HEARTBEAT = {'limit': 0}  # what this rank does now and since when, and its limit: the watchdog thread reads it
+STACK_AFTER_MEDIANS = 10   # a step this many times its median prints this rank's stack (after at least 30 s, and at
+                           # half its limit at the latest)
 
-def start_watchdog(rank, world_size, timeout_s, afterwards):
-    """A thread that ends this process with one line when what heartbeat() announced runs past its limit: the step,
-    how long it waited, and which ranks did not arrive (their last heartbeats, published in the launcher's store); a
-    step far slower than its median first prints this rank's stack (faulthandler). afterwards: what the line ends with.
-    A hung collective otherwise holds every GPU until the process group's own timeout."""
+def start_watchdog(rank, world_size, afterwards):
+    """A thread that ends this process with one line when what heartbeat() announced runs past its limit: what it
+    was, how long, and which ranks did not arrive (their last heartbeats, kept in the launcher's store). A step far
+    slower than its median first prints this rank's stack (faulthandler). `afterwards` ends the line. Without it a
+    hung collective holds every GPU until the process group's own timeout."""
     import faulthandler
     import threading
     from datetime import timedelta
+    global HEARTBEAT
     store = None
     if world_size > 1:
         with contextlib.suppress(Exception):  # no store: the line names no ranks
             store = torch.distributed.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
                                                is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False)
-    global HEARTBEAT
     beat = HEARTBEAT = {'limit': 0, 'count': 0, 'store': store, 'rank': rank, 'durations': [],
                         'stopped': threading.Event()}
 
     def watch(stopped=beat['stopped']):
-        dumped = None
+        dumped, tick, published = None, 0, None
         while not stopped.wait(0.5):
+            tick += 1
+            if store is not None and (tick % 4 == 1 or published != beat['count']):  # alive, and where it is
+                published = beat['count']
+                with contextlib.suppress(Exception):
+                    store.set(f'heartbeat/{rank}', f"{tick} {published} {beat.get('what', 'starting')}")
             if not beat['limit']:
                 continue
-            waited, median = time.monotonic() - beat['since'], np.median(beat['durations'] or [math.inf])
+            waited, median = time.monotonic() - beat['since'], float(np.median(beat['durations'] or [math.inf]))
             if dumped != beat['count'] and waited > min(beat['limit'] / 2, max(STACK_AFTER_MEDIANS * median, 30)):
                 dumped = beat['count']
-                print(f"rank {rank}: {beat['what']} at step {beat['step']} has run {waited:.0f} s ({median:.2g} s a "
-                      "step is its median); its stack:", file=sys.stderr, flush=True)
+                print(f"rank {rank}: {beat['what']} has run {waited:.0f} s (a step's median: {median:.3g} s); its "
+                      "stack:", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(sys.stderr, all_threads=True)
             if waited > beat['limit'] and not stopped.is_set():
-                print(f"error: {beat['what']} at step {beat['step']} did not finish within {beat['limit']:g} s on rank "
-                      f"{rank}{missing_ranks(store, world_size, beat['count'])}: ending the run; {afterwards}",
+                print(f"error: {beat['what']} did not finish within {beat['limit']:g} s on rank {rank}"
+                      f"{missing_ranks(store, rank, world_size, beat['count'])}: ending the run; {afterwards}",
                       file=sys.stderr, flush=True)
                 os._exit(1)
     threading.Thread(target=watch, name='watchdog', daemon=True).start()
 
-def missing_ranks(store, world_size, count):
-    """', waiting for ranks 1 (last seen at step 7)': the ranks whose published heartbeats lag this one's."""
+def missing_ranks(store, rank, world_size, count):
+    """', waiting for rank 1 (not responding, last seen in step 7)': the other ranks whose watchdog stopped publishing
+    (a stopped or dead process), or whose steps lag this rank's."""
     if store is None:
         return ''
+    def seen(r):
+        key = f'heartbeat/{r}'
+        return store.get(key).decode().split(' ', 2) if store.check([key]) else ['-', '0', 'none yet']
     try:
-        beats = {r: store.get(f'heartbeat/{r}').decode().split() for r in range(world_size)}
-    except Exception:  # the store lives in rank 0's process under some launchers: a stopped rank 0 cannot answer
-        return ', and the launcher\'s store did not answer (rank 0 may be the one that stopped)'
-    late = {r: step for r, (beat, step) in beats.items() if int(beat) < count}
-    return (', waiting for ' + ', '.join(f"rank {r} (last seen at step {step})" for r, step in late.items())
-            if late else '')
+        first = [seen(r) for r in range(world_size)]
+        time.sleep(2.5)  # each watchdog publishes every 2 s
+        second = [seen(r) for r in range(world_size)]
+    except Exception:  # some launchers keep the store in rank 0's process: a stopped rank 0 cannot answer
+        return ", and the launcher's store did not answer (rank 0 may be the one that stopped)"
+    late = [f"rank {r} ({'not responding' if then[0] == now[0] else 'behind'}, last seen in {now[2]})"
+            for r, (then, now) in enumerate(zip(first, second))
+            if r != rank and (then[0] == now[0] or int(now[1]) < count)]
+    return ', waiting for ' + ', '.join(late) if late else ''
 
-def heartbeat(what, step, limit_s):
-    """This rank starts `what` (a step, an evaluation, a save) at `step`, due within limit_s (0: no limit)."""
+def heartbeat(what, limit_s):
+    """This rank starts `what` ('step 7', 'the save at step 500'), due within limit_s (0: no limit)."""
     beat, now = HEARTBEAT, time.monotonic()
-    if not beat.get('stopped'):
+    if 'stopped' not in beat:  # no watchdog runs
         return
-    if beat.get('what') == 'step' and what == 'step':
+    if beat.get('what', '').startswith('step ') and what.startswith('step '):
         beat['durations'] = (beat['durations'] + [now - beat['since']])[-50:]
-    beat.update(what=what, step=step, since=now, limit=limit_s, count=beat['count'] + 1)
-    if beat['store'] is not None:
-        with contextlib.suppress(Exception):
-            beat['store'].set(f"heartbeat/{beat['rank']}", f"{beat['count']} {step}")
+    beat.update(what=what, since=now, limit=limit_s, count=beat['count'] + 1)
 
 def stop_watchdog():
     global HEARTBEAT
-    if HEARTBEAT.get('stopped'):
+    if 'stopped' in HEARTBEAT:
         HEARTBEAT['stopped'].set()
     HEARTBEAT = {'limit': 0}
 

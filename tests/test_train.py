@@ -668,3 +668,90 @@ def test_a_spike_is_skipped_and_gradient_norms_are_logged_by_group(data_dir, tmp
         groups = {k[10:]: v for k, v in entry.items() if k.startswith('grad_norm/')}
         assert set(groups) == {'embedding', 'attention', 'ffn', 'routing', 'norms'} and min(groups.values()) > 0
         assert math.sqrt(sum(v * v for v in groups.values())) == pytest.approx(entry['train/grad_norm'], rel=1e-5)
+
+
+def test_a_budget_replans_the_run_to_fit_once(data_dir, tmp_path, capsys):
+    """At $1 a second, after 3 untimed and 5 timed steps the projection of 60 steps exceeds budget_usd=$1 unless a step
+    takes under ~16 ms (measured: 37 ms, so ~25 steps fit): max_steps is re-planned to what 97% of the budget buys at the measured speed, the schedule
+    ends there whole, and the same command run again goes on with that plan. fit_budget=False only warns."""
+    import json
+    budget = dict(max_steps=60, budget_steps=5, budget_usd=1.0, usd_per_hour=3600, eval_interval=0,
+                  checkpoint_interval=0)
+    run_train(synthetic.train_args(data_dir, str(tmp_path / 'fit'), **budget))
+    out = capsys.readouterr().out
+    line = re.search(r'budget: 60 steps at ([\d.e-]+) s a step cost \$([\d.]+) in all \([\d.]+ h x 1 GPU x \$3600/h\), '
+                     r'ending \d{4}-\d\d-\d\d \d\d:\d\d: over budget_usd=\$1\.00, so max_steps 60 -> (\d+) \(aiming at '
+                     r'97% of it\), the schedule re-planned from step 8 to end there whole', out)
+    assert line, out[-2000:]
+    entry = next(json.loads(e) for e in open(tmp_path / 'fit' / 'train_log.jsonl') if 'budget/' in e)
+    seconds_per_step, cost, fits = entry['budget/seconds_per_step'], entry['budget/projected_usd'], int(line.group(3))
+    spent = cost - 52 * seconds_per_step  # seconds at $1 a second, before the 52 steps left
+    assert fits == entry['budget/max_steps'] == max(9, int(8 + (0.97 * 1.0 - spent) / seconds_per_step))
+    assert 8 < fits < 60
+    state = torch.load(tmp_path / 'fit' / 'portable_final.pt', weights_only=True)
+    assert state['step'] == fits and state['tau'] == pytest.approx(0.1)
+    assert state['config_changes'] == [{'step': 8, 'changes': {'max_steps': [60, fits]}, 'reason': 'budget'}]
+    assert state['config']['max_steps'] == 60  # what the command asked; the plan it ran is in the segments
+    run_train(synthetic.train_args(data_dir, str(tmp_path / 'fit'), **budget))
+    assert f'already trained to max_steps={fits}' in capsys.readouterr().out
+    run_train(synthetic.train_args(data_dir, str(tmp_path / 'warn'), fit_budget=False,
+                                   **{**budget, 'max_steps': 20, 'budget_usd': 0.3}))
+    out = capsys.readouterr().out
+    assert re.search(r'over budget_usd=\$0\.30; \d+ steps would fit \(fit_budget=False\)', out) and 'step 20/20' in out
+
+
+def rank_pids(pattern, launcher_pid):
+    """{rank: pid} of the worker processes a launcher started, from their environments."""
+    workers = subprocess.run(['pgrep', '-f', pattern], capture_output=True, text=True)
+    ranks = {}
+    for pid in (int(p) for p in workers.stdout.split() if int(p) != launcher_pid):
+        environ = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+        rank = next((e.split(b'=')[1] for e in environ if e.startswith(b'RANK=')), None)
+        if rank is not None:
+            ranks[int(rank)] = pid
+    return ranks
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group('ports')
+def test_a_stalled_rank_ends_the_run_within_the_timeout(data_dir, tmp_path):
+    """Rank 1 stopped (SIGSTOP) mid-run: rank 0, waiting in a collective, prints its stack once the step has run half
+    collective_timeout_s, then ends the run at collective_timeout_s with one line naming the step and rank 1, the
+    checkpoint before intact: seconds, not the process group's 30 minutes."""
+    import time
+    port = 29_700 + os.getpid() % 90
+    args = synthetic.train_args(data_dir, str(tmp_path / 'run'), max_steps=100_000, log_interval=1, eval_interval=0,
+                                checkpoint_interval=4, backend='deepspeed', micro_batch_size=2, grad_accum_steps=1,
+                                collective_timeout_s=8)
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', 'train.py',
+               *args]
+    launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    lines = []
+    for line in launcher.stdout:
+        lines.append(line)
+        if line.startswith('step 30/'):
+            break
+    ranks = rank_pids(f'train.py --data_dir={data_dir}', launcher.pid)
+    os.kill(ranks[1], signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        for line in launcher.stdout:
+            lines.append(line)
+            if line.startswith('error: '):
+                break
+        waited = time.monotonic() - stopped
+    finally:
+        os.kill(ranks[1], signal.SIGKILL)
+        launcher.communicate(timeout=120)
+    out = ''.join(lines)
+    error = re.search(r"error: step (\d+) did not finish within 8 s on rank 0, waiting for rank 1 \(not responding, last "
+                      r"seen in step (\d+)\): ending the run; the last checkpoint in .*/run is intact: resume with the "
+                      r"same command once every rank is healthy\n", out)
+    assert error, out[-3000:]
+    assert int(error.group(2)) <= int(error.group(1)) and waited < 8 + 10
+    assert re.search(rf"rank 0: step {error.group(1)} has run 4 s \(a step's median: [\d.e-]+ s\); its stack:\n", out)
+    assert 'in all_reduce' in out or 'in barrier' in out or 'line' in out.split('its stack:')[1]
+    newest = U.numbered_checkpoints(str(tmp_path / 'run'), 'portable_')[-1]  # every 4 steps, the newest intact
+    assert newest > int(error.group(1)) - 4 and torch.load(tmp_path / 'run' / f'portable_{newest}.pt',
+                                                           weights_only=True)['step'] == newest
