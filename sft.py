@@ -26,10 +26,11 @@ import torch
 from configurator import configure, fail
 from model import EOS_ID, LanguageModelLoss, attention_name, flops_per_token, routing_entropy, wrap_model
 from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, cosine_lr, end_of_session,
-                   export_training_state, hold_folder, import_training_state, init_distributed, init_wandb,
+                   export_training_state, heartbeat, hold_folder, import_training_state, init_distributed, init_wandb,
                    load_checkpoint, log_entry, make_engine, micro_batch_seed, optimizer_weights, peak_flops,
-                   projected_cost, prune_checkpoints, rank_rows, read_manifest, report_save, resolve_device, resume_state,
-                   run_provenance, save_checkpoint, step_line, to_device, trim_log, verified_chunk)
+                   projected_cost, prune_checkpoints, rank_rows, read_manifest, report_save, resolve_device,
+                   resume_state, run_provenance, save_checkpoint, step_line, to_device, trim_log, verified_chunk,
+                   watchdog)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -69,6 +70,8 @@ fused_adamw = False
 selective_checkpointing = False
 seed = 1337
 max_bad_steps = 10           # non-finite loss/grad steps in a row before the run stops
+collective_timeout_s = 300   # after the first step: a step or validation not done in this long ends the run, as in
+save_timeout_s = 1200        # train.py (docs/gpu.md, "Timeouts and hangs")
 peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name (A100/H100/H200), none on CPU
 log_interval = 10
 eval_interval = 200
@@ -288,6 +291,7 @@ def main():
 
     def save(step, final=False):
         """Every rank (ZeRO's state is gathered by collectives); rank 0 writes."""
+        heartbeat(f'the save at step {step}', save_timeout_s)
         path = os.path.join(out_dir, 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt')
         save_start = time.perf_counter()
         if ds_dir:
@@ -302,6 +306,7 @@ def main():
             report_save(step, path, time.perf_counter() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
 
     def validate(done):
+        heartbeat(f'the validation at step {done}', collective_timeout_s if done > start_step else 0)
         val_loss = evaluate(loss_engine, autocast, tokens, masks, val_rows, rank, world_size)
         if is_master:
             print(f"step {done}: validation loss {val_loss:.4f} per assistant token")
@@ -309,71 +314,75 @@ def main():
 
     stop_signal = catch_stop_signals()
     wandb_run = init_wandb(wandb_log and is_master, wandb_project, wandb_run_name, globals())
-    if not start_step and eval_interval:
-        validate(0)
-    loss_engine.train()
-    bad_in_a_row, skipped, timer, last_logged = 0, 0, time.perf_counter(), start_step
-    for step in range(start_step, max_steps):
-        if any(getattr(b.ffn, 'tau', tau) != tau for b in model.model_core):
-            fail(f"tau moved away from {tau} during SFT")  # frozen, and checked: nothing may anneal it here
-        lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        # forward and backward, each micro-batch's loss weighted by its share of the step's assistant tokens: the
-        # step's gradient is that of the mean per assistant token over all micro-batches and ranks
-        micro_batches, weights = step_batches(tokens, masks, rows, step, rank, world_size)
-        losses = []
-        for micro_step, ((x, y, cu_seqlens, max_seqlen), weight) in enumerate(zip(micro_batches, weights)):
-            torch.manual_seed(micro_batch_seed(seed, step, micro_step * world_size + rank))
-            with autocast:
-                loss = loss_engine(x, y, cu_seqlens, max_seqlen) * weight
+    with watchdog(rank, world_size, f"the last checkpoint in {out_dir} is intact: resume with the same command once "
+                  "every rank is healthy"):
+        if not start_step and eval_interval:
+            validate(0)
+        loss_engine.train()
+        bad_in_a_row, skipped, timer, last_logged = 0, 0, time.perf_counter(), start_step
+        for step in range(start_step, max_steps):
+            heartbeat(f'step {step}', collective_timeout_s if step > start_step else 0)  # the first compiles
+            if any(getattr(b.ffn, 'tau', tau) != tau for b in model.model_core):
+                fail(f"tau moved away from {tau} during SFT")  # frozen, and checked: nothing may anneal it here
+            lr = cosine_lr(step, learning_rate, warmup_steps, max_steps, min_lr)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            # forward and backward, each micro-batch's loss weighted by its share of the step's assistant tokens: the
+            # step's gradient is that of the mean per assistant token over all micro-batches and ranks
+            micro_batches, weights = step_batches(tokens, masks, rows, step, rank, world_size)
+            losses = []
+            for micro_step, ((x, y, cu_seqlens, max_seqlen), weight) in enumerate(zip(micro_batches, weights)):
+                torch.manual_seed(micro_batch_seed(seed, step, micro_step * world_size + rank))
+                with autocast:
+                    loss = loss_engine(x, y, cu_seqlens, max_seqlen) * weight
+                if backend == 'deepspeed':
+                    loss_engine.backward(loss)
+                    loss_engine.step()  # DeepSpeed clips and updates at the accumulation boundary only
+                else:
+                    (loss / grad_accum_steps).backward()
+                losses.append(loss.detach().float())
+            loss = all_reduce_sums([torch.stack(losses).mean().item()], world_size, device)[0] / world_size
+            # clip and update; a non-finite loss or gradient norm skips the update (DeepSpeed's overflow check skips it)
             if backend == 'deepspeed':
-                loss_engine.backward(loss)
-                loss_engine.step()  # DeepSpeed clips and updates at the accumulation boundary only
+                grad_norm = float(loss_engine.get_global_grad_norm() or 0.0)
+                applied = loss_engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
             else:
-                (loss / grad_accum_steps).backward()
-            losses.append(loss.detach().float())
-        loss = all_reduce_sums([torch.stack(losses).mean().item()], world_size, device)[0] / world_size
-        # clip and update; a non-finite loss or gradient norm skips the update (DeepSpeed's overflow check skips it)
-        if backend == 'deepspeed':
-            grad_norm = float(loss_engine.get_global_grad_norm() or 0.0)
-            applied = loss_engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(optimizer_weights(optimizer), grad_clip).item()
-            applied = math.isfinite(loss) and math.isfinite(grad_norm)
-            if applied:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+                grad_norm = torch.nn.utils.clip_grad_norm_(optimizer_weights(optimizer), grad_clip).item()
+                applied = math.isfinite(loss) and math.isfinite(grad_norm)
+                if applied:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            done = step + 1
 
-        bad_in_a_row, skipped = (0, skipped) if applied else (bad_in_a_row + 1, skipped + 1)
-        if not applied and is_master:
-            print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped "
-                  f"({bad_in_a_row} in a row, {skipped} in all)")
-        if bad_in_a_row >= max_bad_steps:
-            fail(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last good checkpoint in "
-                 f"{out_dir} is intact (lower learning_rate or check the data, then resume)")
-        if applied and is_master and (done % log_interval == 0 or done == max_steps):
-            elapsed = time.perf_counter() - timer
-            metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
-                       'train/tokens_per_sec': (done - last_logged) * tokens_per_step / elapsed,
-                       'train/mfu': flops_per_step * (done - last_logged) / elapsed / peak if peak else None,
-                       'train/skipped_steps': skipped, 'train/tokens': done * tokens_per_step, **routing_entropy(model)}
-            if device.startswith('cuda'):
-                metrics['train/gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
-            print(step_line({'step': done, **metrics}, max_steps, elapsed / (done - last_logged)), flush=True)
-            log_entry(log_path, wandb_run, done, metrics)
-            timer, last_logged = time.perf_counter(), done
-        if eval_interval and (done % eval_interval == 0 or done == max_steps):
-            validate(done)
-        stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
-        if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
-            save(done)
-            if stop_reason:
-                if is_master:
-                    print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
-                return
-    save(max_steps, final=True)
+            bad_in_a_row, skipped = (0, skipped) if applied else (bad_in_a_row + 1, skipped + 1)
+            if not applied and is_master:
+                print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: update skipped "
+                      f"({bad_in_a_row} in a row, {skipped} in all)")
+            if bad_in_a_row >= max_bad_steps:
+                fail(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last good checkpoint in "
+                     f"{out_dir} is intact (lower learning_rate or check the data, then resume)")
+            if applied and is_master and (done % log_interval == 0 or done == max_steps):
+                elapsed = time.perf_counter() - timer
+                metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
+                           'train/tokens_per_sec': (done - last_logged) * tokens_per_step / elapsed,
+                           'train/mfu': flops_per_step * (done - last_logged) / elapsed / peak if peak else None,
+                           'train/skipped_steps': skipped, 'train/tokens': done * tokens_per_step,
+                           **routing_entropy(model)}
+                if device.startswith('cuda'):
+                    metrics['train/gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
+                print(step_line({'step': done, **metrics}, max_steps, elapsed / (done - last_logged)), flush=True)
+                log_entry(log_path, wandb_run, done, metrics)
+                timer, last_logged = time.perf_counter(), done
+            if eval_interval and (done % eval_interval == 0 or done == max_steps):
+                validate(done)
+            stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
+            if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
+                save(done)
+                if stop_reason:
+                    if is_master:
+                        print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
+                    return
+        save(max_steps, final=True)
     if wandb_run:
         wandb_run.finish()
 

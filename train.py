@@ -32,7 +32,7 @@ from utils import (all_reduce_sums, catch_stop_signals, check_resume, checkpoint
                    import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry, make_engine,
                    micro_batch_seed, named_masters, open_chunks, optimizer_weights, peak_flops, plain_config,
                    projected_cost, prune_checkpoints, rank_rows, report_save, resolve_device, resume_state,
-                   run_provenance, save_checkpoint, start_watchdog, step_line, stop_watchdog, to_device, trim_log)
+                   run_provenance, save_checkpoint, step_line, to_device, trim_log, watchdog)
 
 # -----------------------------------------------------------------------------
 # config: the full run's plan, with system settings that run anywhere (the CPU, plain PyTorch); config/*.py and
@@ -109,7 +109,7 @@ max_bad_steps = 10           # skipped updates in a row (non-finite, or spikes) 
 spike_sigmas = 10.0          # skip an update whose loss or gradient norm is this many robust sigmas (of their logs)
 spike_window = 100           # above the median of the last spike_window applied steps; 0 = skip only non-finite ones
 collective_timeout_s = 300   # after the first step: a step or evaluation not done in this long ends the run, naming the
-                             # ranks that did not arrive (a minute's hang holds every GPU; a full-size step is ~1 s)
+                             # ranks that did not arrive (a hang holds every GPU; a full-size step: 9 s on an H200)
 save_timeout_s = 1200        # the same for a checkpoint save (12-14 s measured at full size on an H200)
 # logging and checkpoints
 log_interval = 10
@@ -287,8 +287,8 @@ SESSION_ONLY = ('resume', 'stop_after_steps')  # they steer one session, never t
 
 
 def segment_from(step, previous=None):
-    """This run's plan from `step` on. The annealed mixture starts at anneal_start x max_steps, or now if that is behind;
-    a run already annealing stays annealed."""
+    """This run's plan from `step` on. The annealed mixture starts at anneal_start x max_steps, or now if that is
+    behind; a run already annealing stays annealed."""
     anneal_from = anneal_start * max_steps
     if previous is not None:
         anneal_from = previous['anneal_from'] if previous['anneal_from'] <= step else max(step, anneal_from)
@@ -327,7 +327,7 @@ def learning_rate_at(step, segments):
 
 
 def tau_at(step, segments):
-    return max(tau_end, tau_start - (tau_start - tau_end) * schedule_fraction(step, 0, 1, segments))  # the last step at tau_end
+    return max(tau_end, tau_start - (tau_start - tau_end) * schedule_fraction(step, 0, 1, segments))  # last: tau_end
 
 
 def model_config():
@@ -386,22 +386,21 @@ def weights_seed():
 # -----------------------------------------------------------------------------
 # the update: skipped where the loss or the gradient norm is non-finite or far above its recent history
 
+# a parameter's group: the first whose marks its name contains
 GRADIENT_GROUPS = (('routing', ('.alpha', '.beta', '.gate_net.')), ('norms', ('.gama',)), ('attention', ('.gqa.',)),
-                   ('ffn', ('.polyglu.', '.swiglu.')), ('embedding', ('',)))  # the first match names a parameter's group
+                   ('ffn', ('.polyglu.', '.swiglu.')), ('embedding', ('',)))
 
 
 def gradient_norms(model, optimizer):
     """The gradient's norm per group of parameters (the head is the embedding, tied), before clipping; routing is the
-    one whose logits tau divides. Under DeepSpeed the full gradients are gathered: only on logged steps."""
+    one whose logits tau divides. Under DeepSpeed the full gradients are gathered (a collective): logged steps only."""
     masters = named_masters(model, optimizer) if backend == 'torch' else None
     if backend == 'deepspeed':
-        from deepspeed.utils import safe_get_full_grad as gradient
-    else:
-        gradient = lambda p: (p if masters is None else masters[names[id(p)]]).grad  # noqa: E731
-    names, squares = {id(p): n for n, p in model.named_parameters()}, {}
+        from deepspeed.utils import safe_get_full_grad
+    squares = {}
     for name, p in model.named_parameters():
         group = next(g for g, marks in GRADIENT_GROUPS if any(m in f'.{name}' for m in marks))
-        grad = gradient(p)
+        grad = safe_get_full_grad(p) if backend == 'deepspeed' else (p if masters is None else masters[name]).grad
         squares[group] = squares.get(group, 0.0) + (0.0 if grad is None else grad.float().pow(2).sum().item())
     return {f'grad_norm/{group}': math.sqrt(value) for group, value in squares.items()}
 
@@ -536,8 +535,8 @@ def check_budget(step, seconds_per_step, seconds_so_far, may_replan, world_size)
     seconds = seconds_so_far + (max_steps - step) * seconds_per_step
     cost, end = seconds * usd_per_second, time.strftime('%Y-%m-%d %H:%M', time.localtime(
         time.time() + (max_steps - step) * seconds_per_step))
-    line = (f"budget: {max_steps:,} steps at {seconds_per_step:.3g} s a step cost ${cost:,.2f} in all ({seconds / 3600:.2f} "
-            f"h x {world_size} GPU x ${usd_per_hour:g}/h), ending {end}")
+    line = (f"budget: {max_steps:,} steps at {seconds_per_step:.3g} s a step cost ${cost:,.2f} in all "
+            f"({seconds / 3600:.2f} h x {world_size} GPU x ${usd_per_hour:g}/h), ending {end}")
     fits = None
     if budget_usd and cost > budget_usd:
         affordable = (BUDGET_MARGIN * budget_usd / usd_per_second - seconds_so_far) / seconds_per_step
@@ -615,9 +614,8 @@ def main():
     wandb_run = init_wandb(wandb_log and is_master, wandb_project, wandb_run_name, globals())
     flops_per_step = describe_run(model, world_size, data_plan, start_step) if is_master else 0
     peak = peak_flops(device, peak_flops_override) * world_size
-    start_watchdog(rank, world_size, f"the last checkpoint in {out_dir} is intact: resume with the same command once "
-                   "every rank is healthy")
-    try:  # the watchdog ends with this loop, however it ends
+    with watchdog(rank, world_size, f"the last checkpoint in {out_dir} is intact: resume with the same command once "
+                  "every rank is healthy"):
         loss_engine.train()
         bad_in_a_row, timer, run_start, last_logged = 0, time.perf_counter(), time.perf_counter(), start_step
         budget_due = start_step + BUDGET_WARMUP_STEPS + budget_steps
@@ -669,9 +667,9 @@ def main():
             elif is_master:
                 print(f"step {step}: {reason}: update skipped ({bad_in_a_row} in a row, {skipped} in all)", flush=True)
             if bad_in_a_row >= max_bad_steps:
-                fail(f"{bad_in_a_row} skipped updates in a row at step {step} (max_bad_steps={max_bad_steps}): stopping; "
-                     f"the last good checkpoint in {out_dir} is intact (lower learning_rate, check the data, or raise "
-                     "spike_sigmas, then resume)")
+                fail(f"{bad_in_a_row} skipped updates in a row at step {step} (max_bad_steps={max_bad_steps}): "
+                     f"stopping; the last good checkpoint in {out_dir} is intact (lower learning_rate, check the data, "
+                     "or raise spike_sigmas, then resume)")
             if is_master and (logged or reason is not None):
                 elapsed = time.perf_counter() - timer
                 metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm, **norms,
@@ -695,14 +693,16 @@ def main():
                     print(line, flush=True)
                     log_entry(log_path, wandb_run, done, metrics)
                 if fits:
-                    changes = changes + [{'step': done, 'changes': {'max_steps': [max_steps, fits]}, 'reason': 'budget'}]
+                    changes = changes + [{'step': done, 'changes': {'max_steps': [max_steps, fits]},
+                                          'reason': 'budget'}]
                     max_steps, budget_replanned = fits, True
                     segments = replan(segments, done)
                     batches.close()  # the steps from here may take other rows: plan them again
                     data, plan, data_plan, _ = open_data(world_size, False, segments)
                     batches = step_batches(data, plan, done, rank, world_size)
                     if is_master:
-                        log_entry(log_path, None, done, {'changes': changes[-1]['changes'], 'run': run_record(data_plan, world_size)})
+                        log_entry(log_path, None, done, {'changes': changes[-1]['changes'],
+                                                         'run': run_record(data_plan, world_size)})
             if eval_interval and (done % eval_interval == 0 or done == max_steps):
                 heartbeat(f'the evaluation at step {done}', collective_timeout_s)
                 losses = evaluate(loss_engine, autocast, data, rank, world_size)
@@ -718,8 +718,6 @@ def main():
                     return
             step = done
         save(max_steps, final=True)
-    finally:
-        stop_watchdog()
     if is_master:
         print(f"done: {max_steps} steps in {(time.perf_counter() - run_start) / 60:.1f} min, "
               f"{skipped} skipped -> {os.path.join(out_dir, 'portable_final.pt')}")

@@ -378,7 +378,7 @@ def init_distributed(backend, device):
     if not device.startswith('cuda'):
         # its CPU shared-memory all-reduce (a ~35 s gcc build on a new machine) serves inference only; training uses gloo
         importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None
-    # the first step (compilation) and the first save can take minutes; after it, start_watchdog ends a hang sooner
+    # the first step (compilation) and the first save can take minutes; after it, watchdog ends a hang sooner
     deepspeed.init_distributed(timeout=timedelta(minutes=30))
     if device == 'cuda':
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -561,14 +561,14 @@ def end_of_session(stop_signal, stop_after_steps, steps_this_session, world_size
     return None
 
 HEARTBEAT = {'limit': 0}  # what this rank does now and since when, and its limit: the watchdog thread reads it
-STACK_AFTER_MEDIANS = 10   # a step this many times its median prints this rank's stack (after at least 30 s, and at
-                           # half its limit at the latest)
+STACK_AFTER_MEDIANS = 10   # a step this slow against its median prints this rank's stack (30 s to half its limit)
 
-def start_watchdog(rank, world_size, afterwards):
-    """A thread that ends this process with one line when what heartbeat() announced runs past its limit: what it
-    was, how long, and which ranks did not arrive (their last heartbeats, kept in the launcher's store). A step far
-    slower than its median first prints this rank's stack (faulthandler). `afterwards` ends the line. Without it a
-    hung collective holds every GPU until the process group's own timeout."""
+@contextlib.contextmanager
+def watchdog(rank, world_size, afterwards):
+    """While the block runs, a thread that ends this process with one line when what heartbeat() announced runs past
+    its limit: what it was, how long, and which ranks did not arrive (their last heartbeats, kept in the launcher's
+    store). A step far slower than its median first prints this rank's stack (faulthandler). `afterwards` ends the
+    line. Without it a hung collective holds every GPU until the process group's own timeout."""
     import faulthandler
     import threading
     from datetime import timedelta
@@ -578,8 +578,7 @@ def start_watchdog(rank, world_size, afterwards):
         with contextlib.suppress(Exception):  # no store: the line names no ranks
             store = torch.distributed.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
                                                is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False)
-    beat = HEARTBEAT = {'limit': 0, 'count': 0, 'store': store, 'rank': rank, 'durations': [],
-                        'stopped': threading.Event()}
+    beat = HEARTBEAT = {'limit': 0, 'count': 0, 'durations': [], 'stopped': threading.Event()}
 
     def watch(stopped=beat['stopped']):
         dumped, tick, published = None, 0, None
@@ -603,6 +602,11 @@ def start_watchdog(rank, world_size, afterwards):
                       file=sys.stderr, flush=True)
                 os._exit(1)
     threading.Thread(target=watch, name='watchdog', daemon=True).start()
+    try:
+        yield
+    finally:
+        beat['stopped'].set()
+        HEARTBEAT = {'limit': 0}
 
 def missing_ranks(store, rank, world_size, count):
     """', waiting for rank 1 (not responding, last seen in step 7)': the other ranks whose watchdog stopped publishing
@@ -631,12 +635,6 @@ def heartbeat(what, limit_s):
     if beat.get('what', '').startswith('step ') and what.startswith('step '):
         beat['durations'] = (beat['durations'] + [now - beat['since']])[-50:]
     beat.update(what=what, since=now, limit=limit_s, count=beat['count'] + 1)
-
-def stop_watchdog():
-    global HEARTBEAT
-    if 'stopped' in HEARTBEAT:
-        HEARTBEAT['stopped'].set()
-    HEARTBEAT = {'limit': 0}
 
 def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0, progress=None):
     """Linear warm-up from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps (or as far as

@@ -40,17 +40,19 @@ def test_train_and_sft_show_their_step():
     for stage in ('train', 'sft'):
         main = next(node for node in ast.parse(source(stage)).body
                     if isinstance(node, ast.FunctionDef) and node.name == 'main')
-        loop = ast.unparse(next(node for node in ast.walk(main) if isinstance(node, ast.For)))
+        loop = ast.unparse(next(node for node in ast.walk(main) if isinstance(node, (ast.For, ast.While))))
+        schedule = 'learning_rate_at(' if stage == 'train' else 'cosine_lr('  # train.py's: cosine_lr, re-planned
         for step in ('loss_engine(x, y, cu_seqlens, max_seqlen)', '.backward(', 'clip_grad_norm_(', 'optimizer.step()',
-                     'loss_engine.step()', 'cosine_lr(', 'save('):
+                     'loss_engine.step()', schedule, 'save('):
             assert step in loop, (stage, step)
 
 
 def test_utils_is_small_and_holds_only_what_two_stages_use():
     """Every function of utils.py is used by at least two stage scripts, directly or through another of its functions,
-    and the file stays under 760 lines (700 before plain PyTorch's bf16 engine, utils.fp32_masters, joined it)."""
+    and the file stays under 840 lines (700 before plain PyTorch's bf16 engine, utils.fp32_masters, joined it; 760
+    before the watchdog of train.py and sft.py, utils.watchdog)."""
     text = source('utils')
-    assert len(text.splitlines()) <= 760
+    assert len(text.splitlines()) <= 840
     functions = {node.name: ast.unparse(node) for node in ast.parse(text).body
                  if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     users = {name: {s for s in STAGES if re.search(rf'\b{name}\b', source(s))} for name in functions}
