@@ -100,7 +100,8 @@ def test_help_through_the_command_line_and_comments():
     result = subprocess.run([sys.executable, 'train.py', '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert re.search(r"--max_steps=19531 +~10B tokens at 512K tokens a step", result.stdout)  # the plan's comment
-    assert re.search(r"--max_bad_steps=10 +non-finite loss/grad steps in a row before the run stops", result.stdout)
+    assert re.search(r"--max_bad_steps=10 +skipped updates in a row \(non-finite, or spikes\) before the run stops",
+                     result.stdout)
 
 
 def test_a_renamed_key_names_its_new_name():

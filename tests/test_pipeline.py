@@ -99,6 +99,10 @@ def test_demo_and_readme_figures(tmp_path):
     assert f'already trained to max_steps={step}' in run('train.py', 'config/tiny.py', cwd=tmp_path)  # a re-run reuses it
     model, info = U.load_checkpoint(str(tmp_path / 'checkpoints/demo/portable_final.pt'))
     assert info['step'] == int(step) and info['tau'] == pytest.approx(0.1) and model.config.d_model == 48
+    # the spike check, on from the 20th step with train.py's defaults, skips nothing of the demo's normal training
+    assert info['skipped_updates'] == 0 and len(info['recent']['loss']) == int(step) > 20
+    assert 'update skipped' not in out
+    assert re.search(rf'budget: {step} steps at [\d.]+ s a step cost \$[\d.]+ in all', out)
 
     # sft: the held-out assistant loss before and after
     log = [json.loads(line) for line in open(tmp_path / 'checkpoints/demo/sft_log.jsonl')]

@@ -722,7 +722,7 @@ def test_a_stalled_rank_ends_the_run_within_the_timeout(data_dir, tmp_path):
     port = 29_700 + os.getpid() % 90
     args = synthetic.train_args(data_dir, str(tmp_path / 'run'), max_steps=100_000, log_interval=1, eval_interval=0,
                                 checkpoint_interval=4, backend='deepspeed', micro_batch_size=2, grad_accum_steps=1,
-                                collective_timeout_s=8)
+                                collective_timeout_s=5)
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', 'train.py',
                *args]
     launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -730,7 +730,7 @@ def test_a_stalled_rank_ends_the_run_within_the_timeout(data_dir, tmp_path):
     lines = []
     for line in launcher.stdout:
         lines.append(line)
-        if line.startswith('step 30/'):
+        if line.startswith('step 25/'):
             break
     ranks = rank_pids(f'train.py --data_dir={data_dir}', launcher.pid)
     os.kill(ranks[1], signal.SIGSTOP)
@@ -745,12 +745,12 @@ def test_a_stalled_rank_ends_the_run_within_the_timeout(data_dir, tmp_path):
         os.kill(ranks[1], signal.SIGKILL)
         launcher.communicate(timeout=120)
     out = ''.join(lines)
-    error = re.search(r"error: step (\d+) did not finish within 8 s on rank 0, waiting for rank 1 \(not responding, last "
+    error = re.search(r"error: step (\d+) did not finish within 5 s on rank 0, waiting for rank 1 \(not responding, last "
                       r"seen in step (\d+)\): ending the run; the last checkpoint in .*/run is intact: resume with the "
                       r"same command once every rank is healthy\n", out)
     assert error, out[-3000:]
-    assert int(error.group(2)) <= int(error.group(1)) and waited < 8 + 10
-    assert re.search(rf"rank 0: step {error.group(1)} has run 4 s \(a step's median: [\d.e-]+ s\); its stack:\n", out)
+    assert int(error.group(2)) <= int(error.group(1)) and waited < 5 + 10
+    assert re.search(rf"rank 0: step {error.group(1)} has run [23] s \(a step's median: [\d.e-]+ s\); its stack:\n", out)
     assert 'in all_reduce' in out or 'in barrier' in out or 'line' in out.split('its stack:')[1]
     newest = U.numbered_checkpoints(str(tmp_path / 'run'), 'portable_')[-1]  # every 4 steps, the newest intact
     assert newest > int(error.group(1)) - 4 and torch.load(tmp_path / 'run' / f'portable_{newest}.pt',
