@@ -356,8 +356,11 @@ def continue_plan(path, state, world_size, is_master):
     step, saved = state['step'], state.get('config', {})
     changed = {k: [saved[k], v] for k, v in plain_config(globals()).items()
                if k in saved and saved[k] != v and k not in SESSION_ONLY}
-    segments = (state.get('scheduler_state_dict') or {}).get('segments') or [
-        {**segment_from(0), 'max_steps': state['scheduler_state_dict']['max_steps']}]  # a checkpoint from before them
+    segments = (state.get('scheduler_state_dict') or {}).get('segments')
+    if not segments:  # a checkpoint from before them: one segment, as its config planned it
+        end = state['scheduler_state_dict']['max_steps']
+        segments = [{**segment_from(0), 'max_steps': end, 'anneal_from': saved.get('anneal_start', anneal_start) * end,
+                     **{k: list(saved[k]) for k in ('mixture_baseline', 'mixture_anneal') if k in saved}}]
     planned_end = segments[-1]['max_steps']
     if 'max_steps' not in changed:
         max_steps = planned_end  # the same command goes on with the plan as it stands, a budget's re-plan included
