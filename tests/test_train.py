@@ -174,7 +174,8 @@ def test_nan_guard_skips_then_stops(data_dir, tmp_path, capsys, monkeypatch):
         configure(vars(module), args)
         module.main()
 
-    with pytest.raises(SystemExit, match=r'3 skipped updates in a row at step 14 \(max_bad_steps=3\): stopping; the last good checkpoint'):
+    with pytest.raises(SystemExit, match=r'3 skipped updates in a row at step 14 \(max_bad_steps=3\): stopping; the last '
+                                         r'good checkpoint'):
         run(synthetic.train_args(data_dir, str(tmp_path), max_steps=30, eval_interval=0, max_bad_steps=3))
     out = capsys.readouterr().out
     assert 'step 3: non-finite loss nan or grad norm nan: update skipped (1 in a row, 1 in all)' in out
@@ -672,8 +673,9 @@ def test_a_spike_is_skipped_and_gradient_norms_are_logged_by_group(data_dir, tmp
 
 def test_a_budget_replans_the_run_to_fit_once(data_dir, tmp_path, capsys):
     """At $1 a second, after 3 untimed and 5 timed steps the projection of 60 steps exceeds budget_usd=$1 unless a step
-    takes under ~16 ms (measured: 37 ms, so ~25 steps fit): max_steps is re-planned to what 97% of the budget buys at the measured speed, the schedule
-    ends there whole, and the same command run again goes on with that plan. fit_budget=False only warns."""
+    takes under ~16 ms (measured: 37 ms, so ~25 steps fit): max_steps is re-planned to what 97% of the budget buys at
+    the measured speed, the schedule ends there whole, and the same command run again goes on with that plan.
+    fit_budget=False only warns."""
     import json
     budget = dict(max_steps=60, budget_steps=5, budget_usd=1.0, usd_per_hour=3600, eval_interval=0,
                   checkpoint_interval=0)
@@ -722,7 +724,7 @@ def test_a_stalled_rank_ends_the_run_within_the_timeout(data_dir, tmp_path):
     port = 29_700 + os.getpid() % 90
     args = synthetic.train_args(data_dir, str(tmp_path / 'run'), max_steps=100_000, log_interval=1, eval_interval=0,
                                 checkpoint_interval=4, backend='deepspeed', micro_batch_size=2, grad_accum_steps=1,
-                                collective_timeout_s=5)
+                                collective_timeout_s=5, save_timeout_s=5)  # rank 0 may be in a save
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', 'train.py',
                *args]
     launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -745,13 +747,15 @@ def test_a_stalled_rank_ends_the_run_within_the_timeout(data_dir, tmp_path):
         os.kill(ranks[1], signal.SIGKILL)
         launcher.communicate(timeout=120)
     out = ''.join(lines)
-    error = re.search(r"error: step (\d+) did not finish within 5 s on rank 0, waiting for rank 1 \(not responding, last "
-                      r"seen in step (\d+)\): ending the run; the last checkpoint in .*/run is intact: resume with the "
-                      r"same command once every rank is healthy\n", out)
+    at = r"(?:the save at )?step (\d+)"  # rank 0 may wait in a save's collective
+    error = re.search(rf"error: {at} did not finish within 5 s on rank 0, waiting for rank 1 \(not responding, last "
+                      rf"seen in {at}\): ending the run; the last checkpoint in .*/run is intact: resume with the same "
+                      r"command once every rank is healthy\n", out)  # rank 1's place is published every 0.5 s
     assert error, out[-3000:]
     assert int(error.group(2)) <= int(error.group(1)) and waited < 5 + 10
-    assert re.search(rf"rank 0: step {error.group(1)} has run [23] s \(a step's median: [\d.e-]+ s\); its stack:\n", out)
-    assert 'in all_reduce' in out or 'in barrier' in out or 'line' in out.split('its stack:')[1]
+    assert re.search(rf"rank 0: (?:the save at )?step {error.group(1)} has run [23] s \(a step's median: [\d.e-]+ s\); "
+                     r"its stack:\n", out)
+    assert re.search(r'File ".*/train\.py", line \d+ in main', out.split('its stack:')[1])  # the main thread's wait
     newest = U.numbered_checkpoints(str(tmp_path / 'run'), 'portable_')[-1]  # every 4 steps, the newest intact
-    assert newest > int(error.group(1)) - 4 and torch.load(tmp_path / 'run' / f'portable_{newest}.pt',
+    assert newest >= int(error.group(1)) - 4 and torch.load(tmp_path / 'run' / f'portable_{newest}.pt',
                                                            weights_only=True)['step'] == newest
