@@ -103,7 +103,7 @@ peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's na
 budget_usd = 0.0             # 0 = no budget (the projection is still printed and logged)
 usd_per_hour = 1.64          # the price of one GPU-hour (SPEC.md's A100/H100); a run of N ranks pays N of them
 fit_budget = True            # False: a run over budget only warns
-budget_steps = 20            # steps timed for the projection, after the session's first BUDGET_WARMUP_STEPS
+budget_steps = 20            # steps timed for the projection, after the first BUDGET_WARMUP_STEPS; 0 = none
 # stability
 max_bad_steps = 10           # skipped updates in a row (non-finite, or spikes) before the run stops
 spike_sigmas = 10.0          # skip an update whose loss or gradient norm is this many robust sigmas (of their logs)
@@ -685,7 +685,7 @@ def main():
                 print(step_line({'step': done, **metrics}, max_steps, elapsed / (done - last_logged)), flush=True)
                 log_entry(log_path, wandb_run, done, metrics)
                 timer, last_logged = time.perf_counter(), done
-            if done == budget_due and done < max_steps:
+            if budget_steps and done == budget_due and done < max_steps:
                 # every rank decides on the same mean times, so that all of them re-plan alike
                 seconds_per_step, seconds_so_far = (value / world_size for value in all_reduce_sums(
                     [(time.perf_counter() - budget_timer) / budget_steps, time.perf_counter() - run_start], world_size,
