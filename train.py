@@ -13,6 +13,11 @@ the data of an uninterrupted one, and ranks never share a window. The last val_t
 held out and give the validation loss. init_seed (the weights' initialisation and PolyGLU's Gumbel noise) is separate
 from the data's seed, so that runs which differ only in it, or only in model_type, train on the same rows in the same
 order: the paired arms of `make ablation` (config/ablation.py).
+
+The schedule (learning rate, tau, mixture) spans max_steps. A resume with another max_steps, or a budget_usd the
+measured speed cannot meet, re-plans it from that step with nothing jumping (continue_plan, schedule_fraction). An
+update whose loss or gradient norm is a spike is skipped (skip_reason), and a step that hangs ends the run
+(utils.watchdog).
 """
 import hashlib
 import json
