@@ -103,38 +103,6 @@ def test_gpu_config_without_cuda_and_torch_backend_with_ranks(monkeypatch):
         utils.init_distributed('torch', 'cpu')
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group('ports')
-def test_deepspeed_bf16_accumulates_gradients_in_fp32():
-    """DeepSpeed 0.19.8 with bf16 sums micro-batch gradients in bf16 unless data_types.grad_accum_dtype is fp32; with it
-    ZeRO-1 runs BF16_Optimizer, whose gradient buffers are fp32. And on the CPU it builds no shared-memory op."""
-    import subprocess
-    import sys
-    from conftest import ROOT
-    script = """
-import torch, model as M, utils
-utils.init_distributed('deepspeed', 'cpu')
-torch.manual_seed(0)
-model = M.create_model(M.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16))
-engine, optimizer, autocast = utils.make_engine(M.LanguageModelLoss(model), model, {
-    'backend': 'deepspeed', 'dtype': 'bfloat16', 'zero_stage': 1, 'micro_batch_size': 2, 'grad_accum_steps': 2,
-    'grad_clip': 1.0, 'learning_rate': 1e-3, 'weight_decay': 0.1, 'beta1': 0.9, 'beta2': 0.95, 'adam_eps': 1e-8,
-    'fused_adamw': False})
-x = torch.randint(0, 64, (2, 16))
-for _ in range(2):  # train.py's step: two micro-batches, the update at the boundary
-    engine.backward(engine(x, x))
-    engine.step()
-print('RESULT', type(engine.optimizer).__name__, engine.get_data_types(),
-      sorted({str(t.dtype) for t in engine.optimizer.fp32_groups_gradients_flat}), engine.was_step_applied())
-"""
-    env = {**os.environ, 'MASTER_PORT': str(29_300 + os.getpid() % 500)}
-    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith('RESULT'))
-    assert line == "RESULT BF16_Optimizer (torch.bfloat16, torch.float32) ['torch.float32'] True"
-    assert 'shm_comm' not in result.stdout + result.stderr  # no gcc build of an all-reduce only inference calls
-
-
 def test_a_signal_during_the_stop_flag_reduction_stops_every_rank_one_step_later(monkeypatch):
     """The SIGTERM lands on this rank while the stop flag is being all-reduced, after its snapshot: the other rank
     reduced a 0 and trains on, so this one must too (stopping alone was a collective mismatch: gloo aborted the rank,
@@ -187,6 +155,9 @@ for accumulation in (1, 2):
                 optimizer.zero_grad(set_to_none=False)  # DeepSpeed keeps its gradient buffer: count it alike
         if backend == 'deepspeed':
             zero = engine.optimizer
+            if accumulation == 2:
+                print('ENGINE', type(zero).__name__, engine.get_data_types(),
+                      sorted({str(t.dtype) for t in zero.fp32_groups_gradients_flat}), engine.was_step_applied())
             nbytes = [sum(t.nbytes for t in zero.bf16_groups_flat),
                       sum(t.nbytes for t in (*zero.fp32_groups_flat_partition, *zero.fp32_groups_gradients_flat)),
                       sum(t.nbytes for s in zero.optimizer.state.values() for k, t in s.items() if k != 'step')]
@@ -206,7 +177,9 @@ def test_plain_pytorch_in_bf16_is_deepspeeds_bf16_zero1():
     micro-batch give bit-identical masters, Adam moments and bf16 weights, and the two hold the same bytes of state
     (bf16 weights, float32 masters and gradients, float32 moments). With two micro-batches a step they part: DeepSpeed
     0.19.8's float32 gradient buffer holds the micro-batches' bf16 sum (grad_accum_dtype fp32 notwithstanding; measured
-    equal to it exactly), plain PyTorch adds each micro-batch into float32 (test_bf16_engine_sums_micro_batches...)."""
+    equal to it exactly), plain PyTorch adds each micro-batch into float32 (test_bf16_engine_sums_micro_batches...).
+    Without data_types.grad_accum_dtype=fp32 DeepSpeed would sum them in bf16 buffers: with it ZeRO-1 runs
+    BF16_Optimizer, whose gradient buffers are float32. On the CPU it builds no shared-memory op."""
     import subprocess
     import sys
     from conftest import ROOT
@@ -219,6 +192,9 @@ def test_plain_pytorch_in_bf16_is_deepspeeds_bf16_zero1():
     assert float(worst_one) == 0.0 and same_bytes == 'True' and same_step == 'True', lines
     assert nbytes == '40736,162944,162944'  # 20,368 parameters: 2 bytes of weight, 4 + 4 of master and gradient, 8 of moments
     assert 1e-4 < float(worst_two) < 2e-2  # bf16's rounding of a sum of two: DeepSpeed's, not ours
+    engine = next(line for line in result.stdout.splitlines() if line.startswith('ENGINE'))
+    assert engine == "ENGINE BF16_Optimizer (torch.bfloat16, torch.float32) ['torch.float32'] True"
+    assert 'shm_comm' not in result.stdout + result.stderr  # no gcc build of an all-reduce only inference calls
 
 
 def test_bf16_engine_sums_micro_batches_in_float32():
