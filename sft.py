@@ -29,8 +29,8 @@ from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_dist
                    export_training_state, heartbeat, hold_folder, import_training_state, init_distributed, init_wandb,
                    load_checkpoint, log_entry, make_engine, micro_batch_seed, optimizer_weights, peak_flops,
                    projected_cost, prune_checkpoints, rank_rows, read_manifest, report_save, resolve_device,
-                   resume_state, run_provenance, save_checkpoint, step_line, to_device, trim_log, verified_chunk,
-                   watchdog)
+                   resume_state, run_provenance, save_checkpoint, save_snapshot, step_line, to_device, trim_log,
+                   verified_chunk, watchdog)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -77,6 +77,8 @@ log_interval = 10
 eval_interval = 200
 checkpoint_interval = 500
 keep_checkpoints = 2
+snapshot_interval = 0        # steps: the weights alone (bf16) in {out_dir}/snapshots/snapshot_sft_{step}.pt, never pruned,
+                             # and at the end, as in train.py (analyze.py --run, eval.py --checkpoints); 0 = none
 ds_checkpoint = False        # also write DeepSpeed's own checkpoint (ds_checkpoint_sft/); nothing here reads it
 stop_after_steps = 0         # end this session (with a checkpoint) after this many steps; 0 = run to the end
 wandb_log = False
@@ -289,6 +291,9 @@ def main():
     ds_dir = os.path.join(out_dir, 'ds_checkpoint_sft') if backend == 'deepspeed' and ds_checkpoint else None
     log_path, peak = os.path.join(out_dir, 'sft_log.jsonl'), peak_flops(device, peak_flops_override) * world_size
 
+    def weights_info(step):
+        return dict(init_from=init_from, stage='sft', tokens=step * tokens_per_step, world_size=world_size, **provenance)
+
     def save(step, final=False):
         """Every rank (ZeRO's state is gathered by collectives); rank 0 writes."""
         heartbeat(f'the save at step {step}', save_timeout_s)
@@ -300,8 +305,7 @@ def main():
         if is_master:
             save_checkpoint(path, model, step, optimizer_state, {
                 'schedule': 'linear warmup + cosine', 'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
-                'warmup_steps': warmup_steps, 'max_steps': max_steps}, init_from=init_from, stage='sft',
-                rows_per_step=rows_per_step, world_size=world_size, **provenance)
+                'warmup_steps': warmup_steps, 'max_steps': max_steps}, rows_per_step=rows_per_step, **weights_info(step))
             prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
             report_save(step, path, time.perf_counter() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
 
@@ -378,10 +382,13 @@ def main():
             stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
             if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
                 save(done)
-                if stop_reason:
-                    if is_master:
-                        print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
-                    return
+            if is_master and snapshot_interval and (done % snapshot_interval == 0 or done == max_steps):
+                heartbeat(f'the snapshot at step {done}', save_timeout_s)
+                save_snapshot(out_dir, f'snapshot_sft_{done}.pt', model, done, weights_info(done))
+            if stop_reason and done < max_steps:
+                if is_master:
+                    print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
+                return
         save(max_steps, final=True)
     if wandb_run:
         wandb_run.finish()

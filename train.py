@@ -37,7 +37,7 @@ from utils import (all_reduce_sums, catch_stop_signals, check_resume, checkpoint
                    import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry, make_engine,
                    micro_batch_seed, named_masters, open_chunks, optimizer_weights, peak_flops, plain_config,
                    projected_cost, prune_checkpoints, rank_rows, report_save, resolve_device, resume_state,
-                   run_provenance, save_checkpoint, step_line, to_device, trim_log, watchdog)
+                   run_provenance, save_checkpoint, save_snapshot, step_line, to_device, trim_log, watchdog)
 
 # -----------------------------------------------------------------------------
 # config: the full run's plan, with system settings that run anywhere (the CPU, plain PyTorch); config/*.py and
@@ -121,6 +121,9 @@ log_interval = 10
 eval_interval = 500
 checkpoint_interval = 500
 keep_checkpoints = 3
+snapshot_interval = 0        # steps: the weights alone (bf16, 1.2 GB at full size) in {out_dir}/snapshots/, never pruned,
+                             # and at the end: routing and benchmarks over training (analyze.py --run, eval.py
+                             # --checkpoints); 0 = none
 ds_checkpoint = False        # also write DeepSpeed's own checkpoint to {out_dir}/ds_checkpoint/ (~8.4 GB a save at
                              # full size; nothing here reads it: resume reads the portable file on any number of ranks)
 stop_after_steps = 0         # end this session (with a checkpoint) after this many steps; 0 = run to max_steps
@@ -597,6 +600,13 @@ def main():
     if backend == 'deepspeed':
         guard_deepspeed_update(loss_engine, update)
 
+    def weights_info(step):
+        """What a checkpoint and a snapshot record beside the weights. data_dir, val_tokens and block_size: eval.py's
+        perplexity and analyze.py read the same held-out windows."""
+        return dict(tokens=step * tokens_per_step, train_seconds=seconds_before + time.perf_counter() - run_start,
+                    world_size=world_size, data_dir=data_dir, val_tokens=val_tokens, block_size=block_size,
+                    init_from=init_from, seed=seed, init_seed=weights_seed(), data_plan=data_plan, **provenance)
+
     def save(step, final=False):
         """Every rank (ZeRO's state is gathered by collectives); rank 0 writes."""
         heartbeat(f'the save at step {step}', save_timeout_s)
@@ -609,12 +619,8 @@ def main():
             save_checkpoint(path, model, step, optimizer_state, {
                 'schedule': 'linear warmup + cosine', 'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
                 'warmup_steps': warmup_steps, 'max_steps': max_steps, 'segments': segments}, recent=recent,
-                skipped_updates=skipped, config_changes=changes, tokens=step * tokens_per_step,
-                train_seconds=seconds_before + time.perf_counter() - run_start,
-                rows_per_step=micro_batch_size * grad_accum_steps * world_size,
-                world_size=world_size, data_dir=data_dir, val_tokens=val_tokens, block_size=block_size,
-                init_from=init_from, seed=seed, init_seed=weights_seed(), data_plan=data_plan,
-                **provenance)  # data_dir, val_tokens, block_size: eval.py's perplexity reads the same windows
+                skipped_updates=skipped, config_changes=changes,
+                rows_per_step=micro_batch_size * grad_accum_steps * world_size, **weights_info(step))
             prune_checkpoints(out_dir, 'portable_', ds_dir, keep_checkpoints)
             report_save(step, path, time.perf_counter() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
 
@@ -720,10 +726,13 @@ def main():
             stop_reason = end_of_session(stop_signal, stop_after_steps, done - start_step, world_size)
             if done < max_steps and (stop_reason or (checkpoint_interval and done % checkpoint_interval == 0)):
                 save(done)
-                if stop_reason:
-                    if is_master:
-                        print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
-                    return
+            if is_master and snapshot_interval and (done % snapshot_interval == 0 or done == max_steps):
+                heartbeat(f'the snapshot at step {done}', save_timeout_s)
+                save_snapshot(out_dir, f'snapshot_{done}.pt', model, done, weights_info(done))
+            if stop_reason and done < max_steps:
+                if is_master:
+                    print(f"{stop_reason}: checkpoint saved at step {done}; resume with the same command")
+                return
             step = done
         save(max_steps, final=True)
     if is_master:

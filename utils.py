@@ -754,11 +754,14 @@ def prune_checkpoints(out_dir, prefix, ds_dir, keep):
 
 HUB_PREFIX = 'hf:'  # --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B
 
-def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=None, **extra):
+def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=None, snapshot=False, **extra):
     """Portable checkpoint {model_state_dict (float32, the author's keys, the tied head once), optimizer_state_dict,
     scheduler_state_dict, step, tau, model_config, **extra}, written to a temporary name and renamed. Under DeepSpeed the
-    weights are the optimizer state's fp32 masters (the module holds their bf16 rounding). A full disk is one line."""
-    weights = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
+    weights are the optimizer state's fp32 masters (the module holds their bf16 rounding). A full disk is one line: it
+    stops the run, or for a snapshot (bf16 weights only) skips it. -> whether the file was written."""
+    buffers = set(dict(model.named_buffers()))  # the RoPE tables: float32 always
+    weights = {k: (v.detach().to(torch.bfloat16 if snapshot and k not in buffers else torch.float32)
+                   if v.is_floating_point() else v.detach()).cpu()
                for k, v in model.state_dict().items() if k != 'output_head.weight'}
     if isinstance(optimizer_state, dict) and optimizer_state.get('format') == 'per_parameter':
         weights.update(optimizer_state['master'])
@@ -771,7 +774,7 @@ def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=Non
                    default=None)
     needed = os.path.getsize(previous) if previous else 0  # the same model and optimizer: the same size again
     if needed and shutil.disk_usage(folder).free < needed:
-        disk_full(path, needed, previous)
+        return disk_full(path, needed, previous, snapshot=snapshot)
     tmp = f"{path}.tmp"
     try:
         torch.save(state, tmp)
@@ -783,18 +786,33 @@ def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=Non
             os.remove(tmp)  # a half-written file would keep the disk full
         if not full:
             raise
-        disk_full(path, needed, previous, e)
+        return disk_full(path, needed, previous, e, snapshot)
     os.replace(tmp, path)
+    return True
 
-def disk_full(path, needed, previous, error=None):
-    """Stop in one line: what was being written, the room it needs and finds, and what a resume continues from."""
+def disk_full(path, needed, previous, error=None, snapshot=False):
+    """One line: what was being written, the room it needs and finds, and what a resume continues from. A checkpoint
+    stops the run; a snapshot is skipped and the run goes on (a resume needs checkpoints, not snapshots)."""
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-    need = f"needs about {needed / 2 ** 20:,.1f} MiB" if needed else "did not fit"
+    line = (f"disk full: {path} {f'needs about {needed / 2 ** 20:,.1f} MiB' if needed else 'did not fit'}, "
+            f"{free / 2 ** 20:,.1f} MiB free" + (f" ({type(error).__name__} while writing; its .tmp removed)" if error
+                                                 else ' (nothing written)'))
+    if snapshot:
+        print(f"warning: {line}; this snapshot is skipped and the run goes on: free space (or raise "
+              "snapshot_interval) for the next", flush=True)
+        return False
     intact = (f"the previous checkpoint {previous} is intact and `resume` continues from it" if previous else
               "no earlier checkpoint is there, so a rerun starts from step 0")
-    fail(f"disk full: {path} {need}, {free / 2 ** 20:,.1f} MiB free"
-         + (f" ({type(error).__name__} while writing; its .tmp removed)" if error else ' (nothing written)')
-         + f"; {intact}: free space (or lower keep_checkpoints) and rerun the same command")
+    fail(f"{line}; {intact}: free space (or lower keep_checkpoints) and rerun the same command")
+
+def save_snapshot(out_dir, name, model, step, info):
+    """{out_dir}/snapshots/{name}: the weights alone in bf16 (the model's own rounding under bf16 training; 1.2 GB at
+    full size), kept for the whole run, never pruned, read wherever a checkpoint is (analyze.py --run, eval.py
+    --checkpoints). Rank 0 only: no collective."""
+    start, path = time.perf_counter(), os.path.join(out_dir, 'snapshots', name)
+    if save_checkpoint(path, model, step, snapshot=True, **info):
+        print(f"snapshot at step {step} -> {path} ({os.path.getsize(path) / 1e9:.3g} GB in "
+              f"{time.perf_counter() - start:.1f} s)", flush=True)
 
 def pick_checkpoint_file(names, where):
     """A folder's or hub repo's checkpoint: a .safetensors if any, else the newest portable_*.pt (final, else the

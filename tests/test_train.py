@@ -239,9 +239,14 @@ def test_a_second_run_on_a_live_out_dir_stops_and_a_killed_one_never_blocks(data
 
 
 def test_a_full_disk_is_one_line_and_the_resume_continues_exactly(data_dir, tmp_path, capsys, monkeypatch):
+    """And the snapshots: one every snapshot_interval steps and at the end, never pruned, rewritten alike by a resume;
+    one the disk cannot hold is skipped in one line, and the run goes on."""
     whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
-    run_train(synthetic.train_args(data_dir, whole, max_steps=20, log_interval=1, checkpoint_interval=5))
+    settings = dict(max_steps=20, log_interval=1, checkpoint_interval=5, snapshot_interval=5, keep_checkpoints=1)
+    run_train(synthetic.train_args(data_dir, whole, **settings))
     whole_losses = losses(capsys.readouterr().out)
+    assert sorted(os.listdir(whole)) == ['.lock', 'portable_15.pt', 'portable_final.pt', 'snapshots', 'train_log.jsonl']
+    assert sorted(os.listdir(f'{whole}/snapshots')) == [f'snapshot_{step}.pt' for step in (10, 15, 20, 5)]
     saving = torch.save
 
     def fills_the_disk(state, path):  # what torch.save does when the disk fills mid-write
@@ -251,28 +256,48 @@ def test_a_full_disk_is_one_line_and_the_resume_continues_exactly(data_dir, tmp_
         saving(state, path)
     monkeypatch.setattr(U.torch, 'save', fills_the_disk)
     with pytest.raises(SystemExit) as stopped:
-        run_train(synthetic.train_args(data_dir, parts, max_steps=20, log_interval=1, checkpoint_interval=5))
+        run_train(synthetic.train_args(data_dir, parts, **settings))
     assert re.fullmatch(rf"error: disk full: {parts}/portable_10\.pt needs about [\d.]+ MiB, [\d,.]+ MiB free "
                         r"\(RuntimeError while writing; its \.tmp removed\); the previous checkpoint "
                         rf"{parts}/portable_5\.pt is intact and `resume` continues from it: free space \(or lower "
                         r"keep_checkpoints\) and rerun the same command", str(stopped.value))
-    assert sorted(os.listdir(parts)) == ['.lock', 'portable_5.pt', 'train_log.jsonl']
+    assert sorted(os.listdir(parts)) == ['.lock', 'portable_5.pt', 'snapshots', 'train_log.jsonl']
     first = capsys.readouterr().out
     monkeypatch.setattr(U.torch, 'save', saving)
     free = U.shutil.disk_usage(parts).free
     monkeypatch.setattr(U.shutil, 'disk_usage', lambda folder: U.shutil._ntuple_diskusage(0, 0, 1000))
     with pytest.raises(SystemExit, match=r'disk full: .*portable_10\.pt needs about [\d.]+ MiB, 0\.0 MiB free '
                                          r'\(nothing written\)'):  # checked before it writes
-        run_train(synthetic.train_args(data_dir, parts, max_steps=20, log_interval=1, checkpoint_interval=5))
-    assert free > 0 and sorted(os.listdir(parts)) == ['.lock', 'portable_5.pt', 'train_log.jsonl']
+        run_train(synthetic.train_args(data_dir, parts, **settings))
+    assert free > 0 and sorted(os.listdir(parts)) == ['.lock', 'portable_5.pt', 'snapshots', 'train_log.jsonl']
     monkeypatch.undo()
+
+    def fills_the_disk_at_a_snapshot(state, path):
+        if path.endswith('snapshot_15.pt.tmp'):
+            raise OSError(28, 'No space left on device')
+        saving(state, path)
+    monkeypatch.setattr(U.torch, 'save', fills_the_disk_at_a_snapshot)
     capsys.readouterr()
-    run_train(synthetic.train_args(data_dir, parts, max_steps=20, log_interval=1, checkpoint_interval=5))
+    run_train(synthetic.train_args(data_dir, parts, **settings))
     second = capsys.readouterr().out
     assert 'resumed from step 5' in second
+    assert re.search(rf"\nwarning: disk full: {parts}/snapshots/snapshot_15\.pt needs about [\d.]+ MiB, [\d,.]+ MiB free "
+                     r"\(OSError while writing; its \.tmp removed\); this snapshot is skipped and the run goes on: free "
+                     r"space \(or raise snapshot_interval\) for the next\n", second)
     assert losses(first)[:5] + losses(second) == whole_losses
     for key, value in final_state(whole).items():
         assert torch.equal(value, final_state(parts)[key]), key
+    assert sorted(os.listdir(f'{parts}/snapshots')) == ['snapshot_10.pt', 'snapshot_20.pt', 'snapshot_5.pt']
+    for step in (5, 10, 20):  # the bf16 weights alone, and every script reads them as a checkpoint
+        a, b = (torch.load(f'{run}/snapshots/snapshot_{step}.pt', weights_only=True) for run in (whole, parts))
+        assert a['optimizer_state_dict'] is None and a['step'] == step and a['tokens'] == step * 4 * 2 * 32
+        for key, value in a['model_state_dict'].items():
+            assert value.dtype == (torch.float32 if 'rope' in key else torch.bfloat16), key
+            assert torch.equal(value, b['model_state_dict'][key]), (step, key)
+    model, info = U.load_checkpoint(f'{whole}/snapshots')  # a folder: its newest
+    assert info['step'] == 20 and info['tau'] == pytest.approx(0.1)
+    for key, value in final_state(whole).items():
+        assert torch.equal(model.state_dict()[key], value if 'rope' in key else value.bfloat16().float()), key
 
 
 def in_a_small_tmpfs(folder, script):
