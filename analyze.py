@@ -26,7 +26,7 @@ from tqdm import tqdm
 from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID, PolyGLU, enable_segment_pooling, packed_hidden_states
 from utils import (HUB_TOKENIZER, command_line, get_tokenizer, held_out_windows, init_wandb, load_checkpoint,
-                   open_chunks, resolve_device)
+                   numbered_checkpoints, open_chunks, resolve_device)
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -47,6 +47,9 @@ map_layers = ''              # layers for the neuron-level maps, e.g. '0,13,27';
 audit_sequences = 8          # causality audit: sequences, each cut at its middle
 compare = ''                 # training runs (out_dirs or their train_log.jsonl) instead of a checkpoint: two arms of paired
                              # runs, 'polyglu=dir1,dir2 vanilla=dir3,dir4' (make ablation), or two runs 'dir_a,dir_b'
+run = ''                     # one run over time: its out_dir (or its train_log.jsonl / sft_log.jsonl): the dynamics from
+                             # its log, routing at every snapshot (snapshot_interval) on the same held-out windows
+shift = ''                   # 'base.pt,fine_tuned.pt': what fine-tuning changed in routing, on the base's held-out text
 smoothing = 0.05             # the compared training loss is the mean over this trailing fraction of the logged points
 device = 'auto'
 attention = 'auto'           # CUDA kernel for packed rows: flash-attn, else torch's varlen_attn, else SDPA per segment
@@ -97,6 +100,22 @@ def domain_windows(name, path, model, held_tokens):
     return windows
 
 
+def analysis_windows(model, info):
+    """The text every analysis of a model routes: `data`, else the held-out ends of the math, stem and code folders its
+    checkpoint trained on (data_dir overrides) -> {domain: windows}."""
+    base = data_dir or info.get('data_dir') or 'data/tokenized'
+    domains = dict(item.split('=', 1) for item in data.split(',')) if data else {
+        name: os.path.join(base, name) for name in ('math', 'stem', 'code')
+        if os.path.isfile(os.path.join(base, name, 'manifest.json'))}
+    if not domains:
+        fail(f"no text to analyse: no prepared math/stem/code under {base}; give data=name=path,...")
+    return {name: domain_windows(name, path, model, info.get('val_tokens') or 2_000_000)
+            for name, path in domains.items()}
+
+
+def described(windows):
+    return ', '.join(f"{name} {len(w)} windows of {len(w[0]) - 1}" for name, w in windows.items())
+
 @torch.no_grad()
 def measure_routing(model, windows):
     """Routing probabilities per window, layer and neuron: [windows, layers, d_ff, K] (float32, on the CPU)."""
@@ -107,6 +126,39 @@ def measure_routing(model, windows):
         layers = [torch.softmax(b.ffn.last_logits.float() / b.ffn.tau, -1)[:, 0] for b in model.model_core]
         routing.append(torch.stack(layers, 1).cpu())
     return torch.cat(routing)
+
+def shares(probs):
+    """The share of neurons whose largest routing weight is each activation: [..., d_ff, K] -> [..., K]."""
+    return F.one_hot(probs.argmax(-1), len(ACTIVATION_NAMES)).float().mean(-2)
+
+
+def routing_layers(model, windows):
+    """What the maps and curves show of one model's routing, per layer, measured on windows {domain: [...]}: static
+    (alpha alone) and on text, entropy, collapsed neurons, the preferred activations' shares, the gate's KL over alpha,
+    beta. -> (per_layer, routing per domain [N, L, d_ff, K], mean routing on text [L, d_ff, K])."""
+    n_layers = len(model.model_core)
+    alpha = torch.stack([b.ffn.alpha.detach().float().cpu() for b in model.model_core])  # [L, d_ff, K]
+    beta = torch.stack([b.ffn.beta.detach().float().cpu() for b in model.model_core])    # [L, K]
+    static = torch.softmax(alpha / model.tau, -1)
+    routing = {name: measure_routing(model, w) for name, w in windows.items()}        # [N, L, d_ff, K]
+    dynamic = torch.cat(list(routing.values()))
+    mean_dynamic = dynamic.mean(0)                                                     # [L, d_ff, K]
+    static_entropy = entropy(static)                       # [L, d_ff]
+    dynamic_entropy = entropy(dynamic)                     # [N, L, d_ff]
+    kl = (dynamic * (torch.log(dynamic.clamp_min(1e-30)) - torch.log(static.clamp_min(1e-30)))).sum(-1)
+    per_layer = {
+        'static_entropy_mean': static_entropy.mean(-1).tolist(),
+        'static_entropy_std': static_entropy.std(-1).tolist(),
+        'dynamic_entropy_mean': dynamic_entropy.mean((0, 2)).tolist(),
+        'dynamic_entropy_std': dynamic_entropy.transpose(0, 1).reshape(n_layers, -1).std(-1).tolist(),
+        'collapsed_fraction_static': (static_entropy < collapse_threshold).float().mean(-1).tolist(),
+        'collapsed_fraction_dynamic': (dynamic_entropy < collapse_threshold).float().mean((0, 2)).tolist(),
+        'kl_dynamic_vs_static': kl.mean((0, 2)).tolist(),
+        'beta': beta.tolist(),
+        'static_shares': shares(static).tolist(),
+        'dynamic_shares': shares(mean_dynamic).tolist(),
+    }
+    return per_layer, routing, mean_dynamic
 
 # -----------------------------------------------------------------------------
 # the causality audit
@@ -453,6 +505,272 @@ def print_comparison(comparison):
     print(f"verdict: {comparison['verdict']}")
 
 # -----------------------------------------------------------------------------
+# one run over time: its log's dynamics, and routing at every snapshot (train.py, sft.py: snapshot_interval)
+
+DYNAMICS = (  # (figure, title, the log's keys, y label): one figure each, and all of them in training_dynamics.png
+    ('loss_curve.png', 'Loss', ('train/loss',), 'loss (validation: dots)'),
+    ('lr_schedule.png', 'Learning rate', ('train/lr',), 'learning rate'),
+    ('tau_annealing.png', 'Routing temperature τ', ('train/tau',), 'τ'),
+    ('throughput.png', 'Throughput', ('train/tokens_per_sec',), 'tokens/s'),
+    ('mfu.png', 'Model FLOPs utilisation', ('train/mfu',), 'MFU'),
+    ('gradient_norms.png', 'Gradient norm by group (before clipping)', ('train/grad_norm', 'grad_norm/'),
+     'gradient norm'),
+    ('skipped_updates.png', 'Skipped updates (spikes, non-finite)', ('train/skipped_steps',), 'skipped, in all'),
+    ('routing_entropy_logged.png', 'Routing entropy on the training batches (logged)', ('routing/entropy_layer_',),
+     'entropy (nats)'),
+)
+
+
+def run_files(path):
+    """--run's argument (an out_dir, or its train_log.jsonl / sft_log.jsonl) -> (the log, the snapshots [(step, path)]):
+    train.py's snapshot_{step}.pt, or sft.py's snapshot_sft_{step}.pt beside sft_log.jsonl."""
+    if os.path.isdir(path):
+        logs = [os.path.join(path, name) for name in ('train_log.jsonl', 'sft_log.jsonl')]
+        path = next((log for log in logs if os.path.isfile(log)), logs[0])
+    if not os.path.isfile(path):
+        fail(f"no training log at {path}: --run takes a train.py or sft.py out_dir, or its train_log.jsonl / "
+             "sft_log.jsonl")
+    folder, prefix = os.path.join(os.path.dirname(path), 'snapshots'), (
+        'snapshot_sft_' if os.path.basename(path) == 'sft_log.jsonl' else 'snapshot_')
+    return path, [(step, os.path.join(folder, f'{prefix}{step}.pt')) for step in numbered_checkpoints(folder, prefix)]
+
+
+def training_dynamics(path):
+    """The log's series against step (the last entry of a step wins): every key DYNAMICS plots, the validation losses,
+    and the steps where the plan changed (a resume with another max_steps, a budget)."""
+    train, validation, replans = {}, {}, []
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill
+            if 'train/loss' in entry:
+                train[entry['step']] = entry
+            elif any(key.startswith('val/') for key in entry):
+                validation[entry['step']] = {key[4:]: value for key, value in entry.items() if key.startswith('val/')}
+            if 'changes' in entry:
+                replans.append(entry['step'])
+    if not train:
+        fail(f"{path} holds no training-loss entry yet: --run reads a run once it has logged (log_interval)")
+    steps = sorted(train)
+    keys = sorted({key for entry in train.values() for key in entry if key not in ('step', 'train/skipped')})
+    series = {key: [train[step].get(key) for step in steps] for key in keys}
+    val_steps = sorted(validation)
+    names = sorted({name for losses in validation.values() for name in losses})
+    tokens = train[steps[-1]].get('train/tokens') or 0
+    return {'step': steps, 'series': series, 'tokens_per_step': tokens / steps[-1] if steps[-1] else 0,
+            'validation': {'step': val_steps, **{name: [validation[s].get(name) for s in val_steps] for name in names}},
+            'skipped_at': [step for step in steps if train[step].get('train/skipped')], 'replans': sorted(set(replans))}
+
+
+def tokens_axis(ax, tokens_per_step):
+    """A second x axis on top: tokens, from the run's fixed tokens a step."""
+    if not tokens_per_step:
+        return
+    top = max(ax.get_xlim()[1], 1) * tokens_per_step
+    scale, unit = next(((s, u) for s, u in ((1e9, 'B'), (1e6, 'M'), (1e3, 'K')) if top >= s), (1, ''))
+    axis = ax.secondary_xaxis('top', functions=(lambda step: step * tokens_per_step / scale,
+                                                lambda t: t * scale / tokens_per_step))
+    axis.set_xlabel(f'tokens{f" ({unit})" if unit else ""}', fontsize=8)
+    axis.tick_params(labelsize=7)
+
+
+def draw_dynamic(ax, dynamics, keys, title, ylabel):
+    steps, series = dynamics['step'], dynamics['series']
+    drawn = 0
+    for key in sorted(k for k in series if any(k == p or (p.endswith(('/', '_')) and k.startswith(p)) for p in keys)):
+        values = np.array([np.nan if v is None else v for v in series[key]], dtype=np.float64)
+        if np.isfinite(values).any():
+            label = 'train' if key == 'train/loss' else key.split('/')[-1].replace('entropy_layer_', 'layer ')
+            ax.plot(steps, values, label=label, linewidth=1)
+            drawn += 1
+    if keys == ('train/loss',):
+        validation = dynamics['validation']
+        for name in (n for n in validation if n != 'step'):
+            ax.plot(validation['step'], validation[name], marker='o', markersize=3, linestyle=':',
+                    label=f"val {'(mixture)' if name == 'loss' else name}")
+    if keys[0] == 'train/grad_norm':
+        ax.set_yscale('log')
+    if keys == ('train/skipped_steps',):
+        for step in dynamics['skipped_at']:
+            ax.axvline(step, color='C3', alpha=0.3, linewidth=0.8)
+    for step in dynamics['replans']:
+        ax.axvline(step, color='gray', linestyle='--', linewidth=0.8)
+    if not drawn:
+        ax.text(0.5, 0.5, 'not logged' + (' (no peak FLOP/s on this device)' if 'mfu' in keys[0] else ''),
+                ha='center', va='center', transform=ax.transAxes, color='gray')
+        ax.set(xlabel='step', ylabel=ylabel, title=title)
+        return
+    if 1 < drawn + (keys == ('train/loss',)) * len(dynamics['validation']):
+        ax.legend(fontsize=6, ncol=2)
+    ax.set(xlabel='step', ylabel=ylabel, title=title)
+    ax.title.set_fontsize(9)
+    tokens_axis(ax, dynamics['tokens_per_step'])
+
+
+def dynamics_figures(dynamics, folder):
+    """training_dynamics.png (every panel; dashed: a re-plan) and one figure per panel."""
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    for ax, (name, title, keys, ylabel) in zip(axes.flat, DYNAMICS):
+        draw_dynamic(ax, dynamics, keys, title, ylabel)
+    save(fig, folder, 'training_dynamics.png')
+    for name, title, keys, ylabel in DYNAMICS:
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        draw_dynamic(ax, dynamics, keys, title, ylabel)
+        save(fig, folder, name)
+
+
+def first_below(steps, values):
+    """The first step from which a layer's entropy stays below collapse_threshold, or None."""
+    below = np.asarray(values) < collapse_threshold
+    later = [i for i in range(len(steps)) if below[i:].all()]
+    return steps[later[0]] if later else None
+
+
+def routing_over_training(snapshots):
+    """Every snapshot's routing on the same held-out windows, measured as one checkpoint's is (routing_layers) ->
+    {snapshots: [{file, step, tokens, tau, per_layer}], collapse_step: {dynamic, static}, windows}."""
+    measured, windows = [], None
+    for step, path in tqdm(snapshots, desc='snapshots'):
+        model, info = load_checkpoint(path)
+        if not isinstance(model.model_core[0].ffn, PolyGLU):
+            return None  # VanillaLM: no routing to follow
+        model = model.to(device).eval()
+        enable_segment_pooling(model, attention)
+        windows = windows or analysis_windows(model, info)  # the first snapshot's data: the same windows for all
+        per_layer = routing_layers(model, windows)[0]
+        measured.append({'file': path, 'step': step, 'tokens': info.get('tokens'), 'tau': info['tau'],
+                         'per_layer': {key: per_layer[key] for key in (
+                             'static_entropy_mean', 'dynamic_entropy_mean', 'collapsed_fraction_static',
+                             'collapsed_fraction_dynamic', 'static_shares', 'dynamic_shares', 'beta')}})
+    steps = [m['step'] for m in measured]
+    collapse = {kind: [first_below(steps, layer) for layer in np.array(
+        [m['per_layer'][f'{kind}_entropy_mean'] for m in measured]).T] for kind in ('dynamic', 'static')}
+    return {'snapshots': measured, 'collapse_step': collapse, 'collapse_threshold': collapse_threshold,
+            'windows': {name: len(w) for name, w in windows.items()}, 'window_tokens': len(next(iter(
+                windows.values()))[0]) - 1}
+
+
+def routing_over_training_figures(routing, folder):
+    """entropy_over_training.png (layer x step, on text and static; the collapse step marked), activation_shares_over_
+    training.png (each activation's share of neurons, layer x step) and neurotransmitter_maps_over_training.png (the
+    maps at the first, middle and last snapshot)."""
+    measured = routing['snapshots']
+    steps = [m['step'] for m in measured]
+    grid = lambda key: np.array([m['per_layer'][key] for m in measured])  # noqa: E731  [snapshots, layers, ...]
+    n_layers = grid('dynamic_entropy_mean').shape[1]
+    ticks = dict(xticks=range(len(steps)), xticklabels=steps, xlabel='step (snapshot)', ylabel='layer',
+                 yticks=range(n_layers))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 0.25 * n_layers + 3))
+    for ax, kind in zip(axes, ('dynamic', 'static')):
+        image = ax.imshow(grid(f'{kind}_entropy_mean').T, aspect='auto', cmap='viridis', vmin=0,
+                          vmax=math.log(len(ACTIVATION_NAMES)), origin='lower', interpolation='nearest')
+        for layer, step in enumerate(routing['collapse_step'][kind]):
+            if step is not None:
+                ax.plot(steps.index(step), layer, marker='x', color='white', markersize=6)
+        ax.set(title=f"Routing entropy, {'on text' if kind == 'dynamic' else 'static (α)'} (×: below "
+                     f"{collapse_threshold} nats from here)", **ticks)
+        ax.tick_params(axis='x', labelsize=7, rotation=45)
+        fig.colorbar(image, ax=ax, label='mean entropy (nats)')
+    for layer, values in enumerate(grid('dynamic_entropy_mean').T):
+        axes[2].plot(steps, np.maximum(values, 1e-12), marker='.', linewidth=1, label=f'layer {layer}')
+    axes[2].axhline(collapse_threshold, color='gray', linestyle='--', label='collapse threshold')
+    axes[2].set(yscale='log', xlabel='step', ylabel='mean entropy on text (nats)', title='Each layer on text')
+    if n_layers <= 12:
+        axes[2].legend(fontsize=6)
+    save(fig, folder, 'entropy_over_training.png')
+
+    fig, axes = plt.subplots(1, len(ACTIVATION_NAMES), figsize=(17, 0.25 * n_layers + 3), sharey=True)
+    dynamic_shares = grid('dynamic_shares')  # [snapshots, layers, K]
+    for k, ax in enumerate(axes):
+        image = ax.imshow(dynamic_shares[:, :, k].T, aspect='auto', cmap='viridis', vmin=0, vmax=1, origin='lower',
+                          interpolation='nearest')
+        ax.set(title=f'{ACTIVATION_NAMES[k]}: share of neurons', **ticks)
+        ax.tick_params(axis='x', labelsize=7, rotation=45)
+    fig.colorbar(image, ax=axes, label='share of neurons (routing on text)')
+    fig.savefig(os.path.join(folder, 'activation_shares_over_training.png'), dpi=150, bbox_inches='tight')
+    plt.close(fig)
+
+    picks = sorted({0, len(measured) // 2, len(measured) - 1})
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.5 * len(picks), 0.22 * n_layers + 1.8), squeeze=False)
+    for ax, i in zip(axes[0], picks):
+        share_axes(ax, dynamic_shares[i], f"step {steps[i]} (τ {measured[i]['tau']:.2g})")
+    save(fig, folder, 'neurotransmitter_maps_over_training.png')
+
+
+def analyze_run(path):
+    log, snapshots = run_files(path)
+    dynamics = training_dynamics(log)
+    dynamics_figures(dynamics, output)
+    result = {'log': log, 'dynamics': dynamics}
+    print(f"{log}: {len(dynamics['step'])} logged steps, {len(dynamics['validation']['step'])} validations, "
+          f"{len(snapshots)} snapshots" + ('' if snapshots else " (none: train with --snapshot_interval=N for routing "
+                                           "over training)"))
+    routing = routing_over_training(snapshots) if snapshots else None
+    if routing:
+        result['routing'] = routing
+        routing_over_training_figures(routing, output)
+        for kind in ('dynamic', 'static'):
+            steps = routing['collapse_step'][kind]
+            print(f"entropy {'on text' if kind == 'dynamic' else 'static'} below {collapse_threshold} nats from step: "
+                  + ', '.join(f"layer {layer} {step if step is not None else '-'}" for layer, step in enumerate(steps)))
+    return result
+
+# -----------------------------------------------------------------------------
+# what fine-tuning changed: base against fine-tuned routing on the same windows
+
+def routing_shift(base_path, tuned_path):
+    """Per layer: each activation's share of neurons before and after, KL(fine-tuned || base) between the two routings
+    (mean over windows and neurons), and the fraction of neurons whose top activation changed."""
+    (base, base_info), (tuned, tuned_info) = (load_checkpoint(p) for p in (base_path, tuned_path))
+    if base.config != tuned.config or not isinstance(base.model_core[0].ffn, PolyGLU):
+        fail(f"shift= compares two PolyGLU checkpoints of one architecture; {base_path} is {base.config}, "
+             f"{tuned_path} is {tuned.config}")
+    windows, routing = analysis_windows(base, base_info), []  # the base model's held-out text, for both
+    for model in (base, tuned):
+        model = model.to(device).eval()
+        enable_segment_pooling(model, attention)
+        routing.append(torch.cat([measure_routing(model, w) for w in windows.values()]))
+    before, after = routing
+    kl = (after * (after.clamp_min(1e-30).log() - before.clamp_min(1e-30).log())).sum(-1)  # [N, L, d_ff]
+    top_before, top_after = before.mean(0).argmax(-1), after.mean(0).argmax(-1)            # [L, d_ff]
+    per_layer = {'shares_base': shares(before.mean(0)).tolist(), 'shares_fine_tuned': shares(after.mean(0)).tolist(),
+                 'kl': kl.mean((0, 2)).tolist(),
+                 'top_activation_changed': (top_before != top_after).float().mean(-1).tolist(),
+                 'entropy_base': entropy(before).mean((0, 2)).tolist(),
+                 'entropy_fine_tuned': entropy(after).mean((0, 2)).tolist()}
+    print(f"{base_path} (step {base_info['step']}) -> {tuned_path} (step {tuned_info['step']}) on "
+          f"{described(windows)}")
+    return {'base': base_path, 'fine_tuned': tuned_path, 'steps': [base_info['step'], tuned_info['step']],
+            'per_layer': per_layer, 'kl_mean': float(kl.mean()),
+            'top_activation_changed_fraction': float((top_before != top_after).float().mean())}
+
+
+def routing_shift_figure(shift, folder):
+    per_layer = shift['per_layer']
+    n_layers = len(per_layer['kl'])
+    x = np.arange(n_layers)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4))
+    for offset, key, label, hatch in ((-0.2, 'shares_base', 'base', ''), (0.2, 'shares_fine_tuned', 'fine-tuned', '//')):
+        bottom = np.zeros(n_layers)
+        for k, name in enumerate(ACTIVATION_NAMES):
+            values = np.array(per_layer[key])[:, k]
+            axes[0].bar(x + offset, values, 0.38, bottom=bottom, color=f'C{k}', hatch=hatch, edgecolor='white',
+                        label=name if offset < 0 else None)
+            bottom += values
+    axes[0].set(xlabel='layer', ylabel='share of neurons', title='Preferred activation: base (left), fine-tuned '
+                '(right, hatched)', ylim=(0, 1.02))
+    axes[0].legend(fontsize=7)
+    axes[1].bar(x, per_layer['kl'], color='C3')
+    axes[1].set(xlabel='layer', ylabel='KL(fine-tuned ‖ base), nats', title=f"Routing shift: mean KL "
+                f"{shift['kl_mean']:.2e}")
+    axes[2].bar(x, per_layer['top_activation_changed'], color='C4')
+    axes[2].set(xlabel='layer', ylabel='fraction of neurons', ylim=(0, 1.02), title="Neurons whose top activation "
+                f"changed ({100 * shift['top_activation_changed_fraction']:.1f}% in all)")
+    save(fig, folder, 'routing_shift.png')
+
+# -----------------------------------------------------------------------------
 # figures
 
 def save(fig, folder, name):
@@ -464,16 +782,21 @@ def save(fig, folder, name):
     plt.close(fig)
 
 
-def share_map(shares, title, name, folder):
-    fig, ax = plt.subplots(figsize=(5, 0.22 * len(shares) + 1.6))
-    image = ax.imshow(shares, aspect='auto', cmap='viridis', vmin=0, vmax=1)
-    ax.set(xticks=range(len(ACTIVATION_NAMES)), xticklabels=ACTIVATION_NAMES, yticks=range(len(shares)),
+def share_axes(ax, values, title):
+    """One neurotransmitter map: layer x activation, the share of neurons preferring each."""
+    image = ax.imshow(values, aspect='auto', cmap='viridis', vmin=0, vmax=1)
+    ax.set(xticks=range(len(ACTIVATION_NAMES)), xticklabels=ACTIVATION_NAMES, yticks=range(len(values)),
            ylabel='layer', title=title)
-    for layer in range(len(shares)):
+    for layer in range(len(values)):
         for k in range(len(ACTIVATION_NAMES)):
-            ax.text(k, layer, f'{shares[layer, k]:.2f}', ha='center', va='center', fontsize=6,
-                    color='white' if shares[layer, k] < 0.5 else 'black')
-    fig.colorbar(image, ax=ax, label='share of neurons')
+            ax.text(k, layer, f'{values[layer, k]:.2f}', ha='center', va='center', fontsize=6,
+                    color='white' if values[layer, k] < 0.5 else 'black')
+    ax.figure.colorbar(image, ax=ax, label='share of neurons')
+
+
+def share_map(values, title, name, folder):
+    fig, ax = plt.subplots(figsize=(5, 0.22 * len(values) + 1.6))
+    share_axes(ax, values, title)
     save(fig, folder, name)
 
 
@@ -488,7 +811,7 @@ def neuron_map(probs, layer, folder):
     save(fig, folder, f'neuron_map_layer_{layer:02d}.png')
 
 
-def routing_figures(per_layer, beta, domain_means, n_layers):
+def routing_figures(per_layer, domain_means, n_layers):
     """routing_entropy.png (static and on text, and the collapsed neurons), gate_contribution.png (β and what the gate
     adds over α) and domain_routing.png, per layer."""
     K = len(ACTIVATION_NAMES)
@@ -509,8 +832,9 @@ def routing_figures(per_layer, beta, domain_means, n_layers):
     save(fig, output, 'routing_entropy.png')
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    beta = np.array(per_layer['beta'])
     for k, name in enumerate(ACTIVATION_NAMES):
-        ax.plot(x, beta[:, k].numpy(), marker='o', label=name)
+        ax.plot(x, beta[:, k], marker='o', label=name)
     ax.set(xlabel='layer', ylabel='β', title='Gate scale β per activation')
     ax.legend()
     ax2.plot(x, per_layer['kl_dynamic_vs_static'], marker='o', color='C3')
@@ -539,6 +863,22 @@ def main():
         summary = {'comparison': compare_runs(parse_arms(compare), output), 'command': command_line()}
         print_comparison(summary['comparison'])
         return write_summary(summary)
+    if run or shift:
+        newest = [path for _, path in run_files(run)[1][-1:]] if run else shift.split(',')[:1]
+        trained = load_checkpoint(newest[0])[1] if wandb_log and newest else {}  # the project it trained in
+        name = wandb_run_name or f"analyze-{'run-' + os.path.basename(os.path.normpath(run)) if run else 'shift'}"
+        wandb_run = init_wandb(wandb_log, wandb_project, name, globals(), 'analyze', trained)
+        if run:
+            summary = {'run': analyze_run(run), 'command': command_line()}
+        else:
+            if len(shift.split(',')) != 2:
+                fail(f"shift={shift!r}: give two checkpoints, 'base.pt,fine_tuned.pt'")
+            summary = {'shift': routing_shift(*shift.split(',')), 'command': command_line()}
+            routing_shift_figure(summary['shift'], output)
+        write_summary(summary)
+        if wandb_run:
+            log_to_wandb(wandb_run, summary)
+        return
     model, state = load_checkpoint(checkpoint)
     step, tau = state['step'], state['tau']
     # started before the work, so that a missing login stops the run now
@@ -549,16 +889,8 @@ def main():
     summary = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'step': step, 'tau': tau,
                     'model_type': model.config.model_type,
                'activations': list(ACTIVATION_NAMES), 'max_entropy_nats': math.log(len(ACTIVATION_NAMES))}
-    base = data_dir or state.get('data_dir') or 'data/tokenized'
-    held_tokens = state.get('val_tokens') or 2_000_000
-    domains = dict(item.split('=', 1) for item in data.split(',')) if data else {
-        name: os.path.join(base, name) for name in ('math', 'stem', 'code')
-        if os.path.isfile(os.path.join(base, name, 'manifest.json'))}
-    if not domains:
-        fail(f"no text to analyse: no prepared math/stem/code under {base}; give data=name=path,...")
-    windows = {name: domain_windows(name, path, model, held_tokens) for name, path in domains.items()}
-    print(f"{checkpoint}: {model.config.model_type}, step {step}, tau {tau} | "
-          + ', '.join(f"{name} {len(w)} windows of {len(w[0]) - 1}" for name, w in windows.items()))
+    windows = analysis_windows(model, state)
+    print(f"{checkpoint}: {model.config.model_type}, step {step}, tau {tau} | " + described(windows))
 
     summary['causality_audit'] = causality_audit(model, next(iter(windows.values())))
     audit = summary['causality_audit']
@@ -575,38 +907,15 @@ def main():
         noise = summary['gumbel_noise_effect']
         print(f"Gumbel noise at evaluation (tau {model.tau}) would move predictions by mean KL {noise['mean_kl']:.3e}; "
               f"top-1 agreement {100 * noise['top1_agreement']:.1f}%")
-        n_layers, K = len(model.model_core), len(ACTIVATION_NAMES)
-        alpha = torch.stack([b.ffn.alpha.detach().float().cpu() for b in model.model_core])  # [L, d_ff, K]
-        beta = torch.stack([b.ffn.beta.detach().float().cpu() for b in model.model_core])    # [L, K]
-        static = torch.softmax(alpha / model.tau, -1)
-        routing = {name: measure_routing(model, w) for name, w in windows.items()}        # [N, L, d_ff, K]
-        dynamic = torch.cat(list(routing.values()))
-        mean_dynamic = dynamic.mean(0)                                                     # [L, d_ff, K]
-        shares = lambda probs: F.one_hot(probs.argmax(-1), K).float().mean(-2).numpy()  # noqa: E731
-        static_shares, dynamic_shares = shares(static), shares(mean_dynamic)
-        share_map(static_shares, 'Neurotransmitter map: static preference (α)', 'neurotransmitter_map_static.png',
-                  output)
-        share_map(dynamic_shares, 'Neurotransmitter map: routing on text', 'neurotransmitter_map_dynamic.png',
-                  output)
+        per_layer, routing, mean_dynamic = routing_layers(model, windows)
+        share_map(np.array(per_layer['static_shares']), 'Neurotransmitter map: static preference (α)',
+                  'neurotransmitter_map_static.png', output)
+        share_map(np.array(per_layer['dynamic_shares']), 'Neurotransmitter map: routing on text',
+                  'neurotransmitter_map_dynamic.png', output)
+        n_layers = len(model.model_core)
         layers = [int(x) for x in map_layers.split(',')] if map_layers else sorted({0, n_layers // 2, n_layers - 1})
         for layer in layers:
             neuron_map(mean_dynamic[layer].numpy(), layer, output)
-
-        static_entropy = entropy(static)                       # [L, d_ff]
-        dynamic_entropy = entropy(dynamic)                     # [N, L, d_ff]
-        kl = (dynamic * (torch.log(dynamic.clamp_min(1e-30)) - torch.log(static.clamp_min(1e-30)))).sum(-1)
-        per_layer = {
-            'static_entropy_mean': static_entropy.mean(-1).tolist(),
-            'static_entropy_std': static_entropy.std(-1).tolist(),
-            'dynamic_entropy_mean': dynamic_entropy.mean((0, 2)).tolist(),
-            'dynamic_entropy_std': dynamic_entropy.transpose(0, 1).reshape(n_layers, -1).std(-1).tolist(),
-            'collapsed_fraction_static': (static_entropy < collapse_threshold).float().mean(-1).tolist(),
-            'collapsed_fraction_dynamic': (dynamic_entropy < collapse_threshold).float().mean((0, 2)).tolist(),
-            'kl_dynamic_vs_static': kl.mean((0, 2)).tolist(),
-            'beta': beta.tolist(),
-            'static_shares': static_shares.tolist(),
-            'dynamic_shares': dynamic_shares.tolist(),
-        }
         domain_means = {name: r.mean((0, 2)).numpy() for name, r in routing.items()}  # [L, K] mean weight
         per_layer['domain_mean_routing'] = {name: m.tolist() for name, m in domain_means.items()}
         names = list(domain_means)
@@ -615,8 +924,9 @@ def main():
             for i, a in enumerate(names) for b in names[i + 1:]}
         summary['per_layer'] = per_layer
         summary['collapse_threshold'] = collapse_threshold
+        dynamic_entropy = torch.tensor(per_layer['dynamic_entropy_mean'])
         summary['routing_entropy_mean_nats'] = float(dynamic_entropy.mean())  # the model card's 0.0004 nats
-        summary['routing_entropy_mean_fraction'] = float(dynamic_entropy.mean() / math.log(K))
+        summary['routing_entropy_mean_fraction'] = float(dynamic_entropy.mean() / math.log(len(ACTIVATION_NAMES)))
 
         if precision:
             first_domain = next(iter(windows.values()))
@@ -627,7 +937,7 @@ def main():
                       f"{100 * effect['top1_agreement']:.2f}%, loss change {effect['loss_change']:+.5f}"
                       + (f" after {effect['steps']} steps (head gradient off by {effect['head_gradient_relative_error']:.1e})"
                          if 'steps' in effect else ''))
-        routing_figures(per_layer, beta, domain_means, n_layers)
+        routing_figures(per_layer, domain_means, n_layers)
         print(f"routing entropy on text: {summary['routing_entropy_mean_nats']:.2e} nats on average "
               f"({100 * summary['routing_entropy_mean_fraction']:.3f}% of ln 4); "
               f"collapsed neurons (< {collapse_threshold} nats): "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import analyze as A
 import model as M
 import utils as U
 import synthetic
@@ -183,3 +184,58 @@ def test_wandb_offline_logs_the_figures_and_the_summary(tmp_path, data_dir):
     for key in ('routing_entropy_mean_nats', 'routing_entropy_mean_fraction'):  # the run's summary: key, then value
         assert re.search(rb'analyze/' + key.encode() + rb'.{1,8}' + str(summary[key]).encode(), run, re.S), key
     assert b'hf_canary_do_not_log' not in everything_under(tmp_path) + result.stdout.encode() + result.stderr.encode()
+
+
+@pytest.fixture(scope='module')
+def run_with_snapshots(tmp_path_factory):
+    """A tiny train.py run on the analysed format (the real EOS id in the manifests), with 4 snapshots."""
+    import train
+    folder = tmp_path_factory.mktemp('run')
+    data = str(folder / 'data')
+    for i, name in enumerate(('math', 'stem', 'code')):
+        synthetic.write_source(data, name, n_tokens=8000, seed=i, manifest_eos=M.EOS_ID)
+    out_dir = str(folder / 'run')
+    module = importlib.reload(train)
+    configure(vars(module), synthetic.train_args(data, out_dir, eos_id=M.EOS_ID, max_steps=20, snapshot_interval=5,
+                                                 checkpoint_interval=0, learning_rate=1e-2, val_tokens=800))
+    module.main()
+    return data, out_dir
+
+
+def test_routing_over_training_is_each_snapshot_analysed_alone(run_with_snapshots, tmp_path):
+    data, out_dir = run_with_snapshots
+    summary = run_analyze(args('', data, str(tmp_path / 'run'), run=out_dir))['run']
+    figures = {'training_dynamics.png', 'entropy_over_training.png', 'activation_shares_over_training.png',
+               'neurotransmitter_maps_over_training.png', 'summary.json'} | {name for name, *_ in A.DYNAMICS}
+    assert set(os.listdir(tmp_path / 'run')) == figures
+    log = [json.loads(line) for line in open(os.path.join(out_dir, 'train_log.jsonl'))]
+    dynamics = summary['dynamics']
+    assert dynamics['step'] == [5, 10, 15, 20] and dynamics['tokens_per_step'] == 4 * 2 * 32
+    assert dynamics['series']['train/lr'] == [e['train/lr'] for e in log if 'train/lr' in e]
+    assert set(dynamics['validation']) == {'step', 'math', 'stem', 'code', 'loss'} and dynamics['validation']['step'] \
+        == [10, 20]
+    snapshots = summary['routing']['snapshots']
+    assert [s['step'] for s in snapshots] == [5, 10, 15, 20]
+    for snapshot in snapshots:
+        alone = run_analyze(args(snapshot['file'], data, str(tmp_path / f"alone_{snapshot['step']}")))
+        assert alone['step'] == snapshot['step'] and alone['tau'] == snapshot['tau']
+        for key, values in snapshot['per_layer'].items():
+            assert np.allclose(values, alone['per_layer'][key], rtol=1e-6, atol=0), (snapshot['step'], key)
+    entropies = np.array([s['per_layer']['dynamic_entropy_mean'] for s in snapshots])
+    assert np.ptp(entropies, 0).min() > 1e-3  # routing moved: the curves are not one checkpoint four times
+    assert A.first_below([5, 10, 15], [0.5, 0.05, 0.01]) == 10 and A.first_below([5, 10, 15], [0.05, 0.5, 0.01]) == 15
+    assert A.first_below([5, 10], [0.5, 0.2]) is None
+
+
+def test_a_shift_of_a_checkpoint_against_itself_is_zero(run_with_snapshots, tmp_path):
+    data, out_dir = run_with_snapshots
+    final = os.path.join(out_dir, 'portable_final.pt')
+    same = run_analyze(args('', data, str(tmp_path / 'same'), shift=f'{final},{final}'))['shift']
+    layers = same['per_layer']
+    assert layers['kl'] == [0.0, 0.0] and layers['top_activation_changed'] == [0.0, 0.0]
+    assert layers['shares_base'] == layers['shares_fine_tuned'] and same['kl_mean'] == 0.0
+    assert sorted(os.listdir(tmp_path / 'same')) == ['routing_shift.png', 'summary.json']
+    moved = run_analyze(args('', data, str(tmp_path / 'moved'), shift=f'{out_dir}/snapshots/snapshot_5.pt,{final}'))
+    assert min(moved['shift']['per_layer']['kl']) > 1e-4 and moved['shift']['steps'] == [5, 20]
+    with pytest.raises(SystemExit, match='shift= compares two PolyGLU checkpoints of one architecture'):
+        run_analyze(args('', data, str(tmp_path / 'f'), shift=f"{final},{checkpoint(tmp_path, 'other')}"))
