@@ -25,6 +25,7 @@ the settings: an interrupted evaluation rerun with the same command computes onl
 import collections
 import contextlib
 import difflib
+import glob
 import hashlib
 import itertools
 import json
@@ -54,6 +55,9 @@ from utils import (chatml, checkpoint_tokenizer, command_line, file_digest, fine
 # -----------------------------------------------------------------------------
 # config
 checkpoint = 'checkpoints/portable_final.pt'
+checkpoints = ''             # benchmarks over training: a folder (e.g. {out_dir}/snapshots) or a glob of checkpoints, each
+                             # evaluated as `checkpoint` would be into {output stem}_checkpoints/, a finished one not
+                             # again; the table (output, .csv) and a figure of each metric against step
 tasks = 'gsm8k,minerva_math500,mmlu_stem'  # harness task names, comma separated ('' = none; 'paper' = the model card)
 num_fewshot = -1             # -1: each task's own default (the harness's, as the author ran them), else N for every task
 limit = 0                    # examples per task, 0 = all
@@ -886,10 +890,18 @@ def main():
             os.remove(os.path.join(folder, '.write_test'))
         except OSError as e:
             fail(f"cannot write results to {output} ({e.strerror}); choose another --output")
+    if checkpoints and not benchmark:
+        return sweep(task_names)
+    evaluate_checkpoint(task_names, wandb_log)
+
+
+def evaluate_checkpoint(task_names, with_wandb):
+    """`checkpoint` evaluated as configured, its report written to `output`."""
+    paper = tasks == 'paper'
     model, state = load_for_evaluation()
     step, tau = state['step'], state['tau']
     # started before the work, so that a missing login stops the run now, not after hours of evaluation
-    wandb_run = init_wandb(wandb_log and not benchmark, wandb_project, wandb_run_name, globals(), 'eval', state)
+    wandb_run = init_wandb(with_wandb and not benchmark, wandb_project, wandb_run_name, globals(), 'eval', state)
     if benchmark:  # random token ids: no tokenizer needed (gpu-check runs it on a machine without one)
         run_benchmark(model)
         return
@@ -901,7 +913,7 @@ def main():
     use_chat = (sft_model and not paper) if chat is None else bool(chat)
     scoring = 'author' if paper else 'harness'
     report = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'format': state['format'],
-              'step': step, 'tau': tau,
+              'step': step, 'tau': tau, 'tokens': state.get('tokens'), 'checkpoint_sha256': file_digest(state['file']),
               'model_config': state['model_config'], 'chat': use_chat, 'scoring': scoring, 'complete': False,
               'eval_config': plain_config(globals()), 'lm_eval_version': harness_version(),
               'git': git_commit(), 'library_versions': package_versions()}
@@ -919,6 +931,100 @@ def main():
     if wandb_run:
         log_to_wandb(wandb_run, report)
 
+
+SWEEP_KEYS = ('checkpoint', 'checkpoints', 'output', 'wandb_log', 'wandb_project', 'wandb_run_name')  # not the answers'
+
+
+def sweep(task_names):
+    """Every checkpoint of `checkpoints`, in step order, evaluated alike: each report in {output stem}_checkpoints/
+    (answers kept beside it: an interrupted sweep resumes, and a finished checkpoint with the same settings and bytes
+    is read, not redone); then one table of every metric against step (output, and a .csv) and one figure."""
+    global checkpoint, output, device, dtype
+    device, dtype = resolve_device(device, dtype)  # as each report records them
+    paths = sorted(glob.glob(os.path.join(checkpoints, '*.pt')) + glob.glob(os.path.join(checkpoints, '*.safetensors'))
+                   if os.path.isdir(checkpoints) else glob.glob(checkpoints), key=checkpoint_order)
+    if not paths:
+        fail(f"checkpoints={checkpoints!r}: no .pt or .safetensors there (train.py --snapshot_interval=N writes "
+             "{out_dir}/snapshots/)")
+    table_output, folder = output, os.path.splitext(output)[0] + '_checkpoints'
+    os.makedirs(folder, exist_ok=True)
+    settings = json.loads(json.dumps({key: value for key, value in plain_config(globals()).items()
+                                      if key not in SWEEP_KEYS}, default=str))  # as a report holds them
+    name = wandb_run_name or f'eval-{os.path.basename(os.path.normpath(checkpoints))}'
+    wandb_run = init_wandb(wandb_log, wandb_project, name, globals(), 'eval',
+                           load_checkpoint(paths[-1])[1] if wandb_log else None)  # the project it trained in
+    reports = []
+    try:
+        for i, path in enumerate(paths):
+            checkpoint, output = path, os.path.join(folder, f'{os.path.splitext(os.path.basename(path))[0]}.json')
+            print(f"[{i + 1}/{len(paths)}] {path} -> {output}")
+            report = json.load(open(output)) if os.path.isfile(output) else {}
+            if not (report.get('complete') and report.get('checkpoint_sha256') == file_digest(path) and {
+                    k: v for k, v in report['eval_config'].items() if k not in SWEEP_KEYS} == settings):
+                evaluate_checkpoint(task_names, False)
+                report = json.load(open(output))
+            else:
+                print(f"evaluated already with these settings: {output} read, not redone")
+            reports.append(report)
+    finally:
+        checkpoint, output = paths[0], table_output
+    reports.sort(key=lambda report: report['step'])
+    table = {'checkpoints': [{key: report.get(key) for key in ('checkpoint', 'step', 'tokens', 'tau')}
+                             for report in reports], 'metrics': {}, 'command': command_line(), 'eval_config': settings}
+    for j, report in enumerate(reports):
+        for task, metric, filter_name, value, stderr in result_rows(report):
+            series = table['metrics'].setdefault(f"{task} {metric}" + (f" ({filter_name})" if filter_name not in (
+                'none', 'validation') else ''), {'value': [None] * len(reports), 'stderr': [None] * len(reports)})
+            series['value'][j], series['stderr'][j] = value, stderr
+    write_report(table)
+    with open(f'{os.path.splitext(output)[0]}.csv', 'w') as f:
+        f.write(','.join(['step', 'tokens', 'checkpoint', *table['metrics']]) + '\n')
+        for j, entry in enumerate(table['checkpoints']):
+            values = [series['value'][j] for series in table['metrics'].values()]
+            f.write(','.join(map(str, [entry['step'], entry['tokens'] or '', entry['checkpoint'], *values])) + '\n')
+    figure = over_training_figure(table)
+    print('step     ' + ' | '.join(table['metrics']))
+    for j, entry in enumerate(table['checkpoints']):
+        print(f"{entry['step']:<8} " + ' | '.join(f"{series['value'][j]:.4g}" if series['value'][j] is not None
+                                                  else '-' for series in table['metrics'].values()))
+    print(f"{len(reports)} checkpoints -> {output}, {os.path.splitext(output)[0]}.csv, {figure}")
+    if wandb_run:
+        import wandb
+        rows = [[entry['step'], name, series['value'][j]] for name, series in table['metrics'].items()
+                for j, entry in enumerate(table['checkpoints'])]
+        wandb_run.log({'eval/over_training': wandb.Table(columns=['step', 'metric', 'value'], data=rows),
+                       'eval/over_training_figure': wandb.Image(figure)})
+        wandb_run.finish()
+
+
+def checkpoint_order(path):
+    """Numbered files by their number, a final one last (the step itself is known once loaded)."""
+    name = os.path.basename(path)
+    return 'final' in name, int(''.join(c for c in name if c.isdigit()) or -1), name
+
+
+def over_training_figure(table):
+    """One panel per metric against step (error bars: the harness's stderr)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    steps = [entry['step'] for entry in table['checkpoints']]
+    columns = min(4, max(1, len(table['metrics'])))
+    rows = max(1, -(-len(table['metrics']) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax, (name, series) in zip(axes.flat, table['metrics'].items()):
+        values = [np.nan if v is None else v for v in series['value']]
+        errors = [0 if e is None else e for e in series['stderr']]
+        ax.errorbar(steps, values, yerr=errors, marker='o', capsize=3)
+        ax.set(xlabel='step', title=name)
+        ax.title.set_fontsize(9)
+    for ax in list(axes.flat)[len(table['metrics']):]:
+        ax.axis('off')
+    fig.tight_layout()
+    path = f'{os.path.splitext(output)[0]}_over_training.png'
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
 
 def result_rows(report):
     """[task, metric, filter, value, stderr] for every harness figure and held-out perplexity of a report."""

@@ -190,9 +190,14 @@ def git_commit():
 
 def package_versions():
     """The installed versions of the libraries a result depends on (None: not installed)."""
-    from importlib.metadata import distributions
-    installed = {d.metadata['Name'].lower().replace('-', '_'): d.version for d in distributions()}
-    return {name: installed.get(name) for name in TRACKED_PACKAGES}
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {}
+    for name in TRACKED_PACKAGES:  # looked up by name: reading every installed package's metadata takes 0.4 s a call
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 def plain_config(namespace):
     """A stage script's config as checkpoints, results and wandb record it: no key named like a secret."""

@@ -778,3 +778,54 @@ def test_wandb_offline_logs_the_results_into_the_training_project(harness_setup,
     assert len(tables) == 1 and 'media/table/eval/results' in tables[0]  # the table, with each figure a row
     assert ['poly_mc', 'acc', 'none', accuracy] in [row[:4] for row in json.load(open(tables[0]))['data']]
     assert b'hf_canary_do_not_log' not in everything_under(tmp_path) + result.stdout.encode() + result.stderr.encode()
+
+
+def test_benchmarks_over_training_are_single_evaluations_and_resume(harness_setup, tmp_path, monkeypatch, capsys):
+    """eval.py --checkpoints over 3 snapshots: each report is the single evaluation of that snapshot; a sweep killed
+    in its second snapshot resumes there, reading the first and the answers the second had."""
+    folder, _ = harness_setup
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    snapshots = tmp_path / 'run' / 'snapshots'
+    for step in (10, 20, 30):
+        torch.manual_seed(step)  # three different models, as three points of one run would be
+        U.save_snapshot(str(tmp_path / 'run'), f'snapshot_{step}.pt', M.create_model(M.ModelConfig(
+            d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=256)), step, {'tokens': step * 100})
+    for i, name in enumerate(('math', 'stem', 'code')):
+        synthetic.write_source(str(tmp_path / 'data'), name, n_tokens=1200, seed=i, manifest_eos=M.EOS_ID)
+    settings = ['--tasks=poly_mc', f'--include_path={folder}', '--tokenizer=packaged', f'--data_dir={tmp_path}/data',
+                '--val_tokens=300', '--perplexity_tokens=256', '--device=cpu', '--batch_tokens=32']
+    alone, forwards = {}, []
+    for step in (10, 20, 30):
+        single = eval_module(settings + [f'--checkpoint={snapshots}/snapshot_{step}.pt',
+                                         f'--output={tmp_path}/alone_{step}.json'])
+        forwards = count_forwards(single, monkeypatch)
+        single.main()
+        alone[step] = json.load(open(f'{tmp_path}/alone_{step}.json'))
+    assert len({report['perplexity']['math']['perplexity'] for report in alone.values()}) == 3
+    args = settings + [f'--checkpoints={snapshots}', f'--output={tmp_path}/sweep/eval.json']
+    per_checkpoint = len(forwards)
+    assert per_checkpoint > 4
+    killed = eval_module(args)
+    count_forwards(killed, monkeypatch, stop_after=per_checkpoint + per_checkpoint // 2)  # within the second
+    with pytest.raises(KeyboardInterrupt):
+        killed.main()
+    capsys.readouterr()
+    resumed = eval_module(args)
+    rest = count_forwards(resumed, monkeypatch)
+    resumed.main()
+    out = capsys.readouterr().out
+    assert out.count('evaluated already with these settings') == 1 and 0 < len(rest) < 2 * per_checkpoint
+    for run in ('sweep',):
+        table = json.load(open(f'{tmp_path}/{run}/eval.json'))
+        assert [(c['step'], c['tokens']) for c in table['checkpoints']] == [(10, 1000), (20, 2000), (30, 3000)]
+        for metric in ('acc', 'acc_norm'):
+            assert table['metrics'][f'poly_mc {metric}']['value'] == [alone[s]['results']['poly_mc'][f'{metric},none']
+                                                                      for s in (10, 20, 30)]
+        for source in ('math', 'stem', 'code'):
+            assert table['metrics'][f'{source} held-out perplexity']['value'] == [
+                alone[s]['perplexity'][source]['perplexity'] for s in (10, 20, 30)]
+        assert os.path.getsize(f'{tmp_path}/{run}/eval_over_training.png') > 1000
+        assert open(f'{tmp_path}/{run}/eval.csv').read().splitlines()[0] == ('step,tokens,checkpoint,poly_mc acc,'
+            'poly_mc acc_norm,math held-out perplexity,stem held-out perplexity,code held-out perplexity')
+    with pytest.raises(SystemExit, match='no .pt or .safetensors there'):
+        run_eval(settings + [f'--checkpoints={tmp_path}/nothing', f'--output={tmp_path}/e.json'])
