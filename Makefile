@@ -21,8 +21,8 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed
 
-# prepare -> train -> sft -> eval -> analyze -> a chat turn with the SFT model -> its export, on the embedded sample;
-# each stage reuses what an earlier run finished
+# prepare -> train -> sft -> eval -> analyze (the base model, its run over time, what SFT changed) -> a chat turn with
+# the SFT model -> its export, on the embedded sample; each stage reuses what an earlier run finished
 demo: setup
 	@test -f $(DEMO)/raw/sft.jsonl || $(PY) prepare.py --sample=$(DEMO)/raw
 	@for source in math stem code; do \
@@ -32,6 +32,9 @@ demo: setup
 	$(PY) sft.py config/tiny_sft.py
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) eval.py config/tiny_eval.py
 	$(PY) analyze.py config/tiny_analyze.py
+	$(PY) analyze.py config/tiny_analyze.py --run=checkpoints/demo --output=figures/demo/run
+	$(PY) analyze.py config/tiny_analyze.py --shift=checkpoints/demo/portable_final.pt,checkpoints/demo/portable_sft_final.pt \
+		--output=figures/demo/shift
 	echo "$(DEMO_QUESTION)" | $(PY) sample.py --checkpoint=checkpoints/demo/portable_sft_final.pt --tokenizer=packaged \
 		--max_new_tokens=60
 	$(PY) export.py --checkpoint=checkpoints/demo/portable_sft_final.pt --out_dir=checkpoints/demo/export \

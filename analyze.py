@@ -1,10 +1,13 @@
 """
 Interpretability of PolyGLU routing: neurotransmitter maps, routing entropy, the gate's contribution, routing
-by domain, a causality audit of the mean-pooled gate; and, from training logs alone, PolyGLU against VanillaLM at
+by domain, a causality audit of the mean-pooled gate; one run over time (its log's dynamics, routing at each of its
+snapshots); what fine-tuning changed in routing; and, from training logs alone, PolyGLU against VanillaLM at
 matched tokens (paired runs, mean and 95% interval over seeds).
 
     python analyze.py --checkpoint=checkpoints/portable_final.pt --output=figures/
     python analyze.py --checkpoint=... --data=math=data/tokenized/math,prose=notes.txt,code=snippets.jsonl
+    python analyze.py --run=checkpoints --output=figures/run     # its train_log.jsonl and snapshots/ (snapshot_interval)
+    python analyze.py --shift=checkpoints/portable_final.pt,checkpoints/portable_sft_final.pt --output=figures/shift
     python analyze.py --compare='polyglu=runs/p1,runs/p2 vanilla=runs/v1,runs/v2' --output=figures/ablation
 
 Writes PNG figures and summary.json (every number a figure shows) into `output`. Routing is measured with the

@@ -6,6 +6,7 @@ Evaluation: lm-evaluation-harness tasks through our own LM wrapper, held-out per
     python eval.py --checkpoint=... --tasks= --perplexity=True          # held-out perplexity only
     python eval.py --checkpoint=... --benchmark=True                     # time exact generation, project GSM8K
     python eval.py --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B --tasks=paper  # the card, as the author ran it
+    python eval.py --checkpoints=checkpoints/snapshots --tasks=arc_easy --output=results/snapshots.json  # each snapshot
     python eval.py lm_eval --model polychromatic --model_args checkpoint=ckpt.pt --tasks gsm8k \
                    --output_path results/ --log_samples    # lm-evaluation-harness's own command line, every flag
 

@@ -66,6 +66,7 @@ log_interval = 10
 eval_interval = 500
 checkpoint_interval = 500
 keep_checkpoints = 3
+snapshot_interval = 1000        # 20 bf16 weight snapshots of 1.2 GB (24 GB), kept: routing over training (analyze.py --run)
 wandb_log = True
 wandb_project = 'polychromatic'
 wandb_run_name = 'polyglu-600m'

@@ -19,3 +19,4 @@ zero_stage = 1
 dtype = 'bfloat16'
 wandb_log = True
 wandb_run_name = 'polyglu-600m-sft'
+snapshot_interval = 500         # bf16 weight snapshots of 1.2 GB, kept: analyze.py --run, eval.py --checkpoints

@@ -31,5 +31,6 @@ dtype = 'float32'
 log_interval = 5
 eval_interval = 20
 checkpoint_interval = 20
+snapshot_interval = 10             # 4 snapshots: analyze.py --run follows routing over the 40 steps
 wandb_log = False
 wandb_run_name = 'tiny'

@@ -18,3 +18,4 @@ dtype = 'float32'
 log_interval = 10
 eval_interval = 10
 checkpoint_interval = 10
+snapshot_interval = 5

@@ -129,6 +129,24 @@ def test_demo_and_readme_figures(tmp_path):
     assert summary['causality_audit']['mean_kl'] > 0
     assert len([f for f in os.listdir(tmp_path / 'figures/demo') if f.endswith('.png')]) == 8
 
+    # over training: the snapshots, the run's figures, and README's caption and rows against them
+    assert sorted(os.listdir(tmp_path / 'checkpoints/demo/snapshots')) == sorted(
+        [f'snapshot_{s}.pt' for s in (10, 20, 30, 40)] + [f'snapshot_sft_{s}.pt' for s in (5, 10, steps)])
+    run_summary = json.load(open(tmp_path / 'figures/demo/run/summary.json'))['run']
+    assert len([f for f in os.listdir(tmp_path / 'figures/demo/run') if f.endswith('.png')]) == 12
+    snapshots = run_summary['routing']['snapshots']
+    assert [s['step'] for s in snapshots] == [10, 20, 30, 40] and run_summary['dynamics']['step'][-1] == 40
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        caption = re.search(r"layer 1's entropy on text falls from ([\d.]+) to ([\d.]+)\s+nats while layer 0 stays mixed "
+                            r"\(([\d.]+)\)", f.read()).groups()
+    entropy = [s['per_layer']['dynamic_entropy_mean'] for s in snapshots]
+    assert all(map(matches, caption, (entropy[0][1], entropy[-1][1], entropy[-1][0]))), (caption, entropy)
+    shift = json.load(open(tmp_path / 'figures/demo/shift/summary.json'))['shift']
+    kl, changed = re.search(r"layer 1's routing moves by a KL of ([\d.]+) nats, (\d+)% of its neurons",
+                            readme_row('base → SFT')).groups()
+    assert matches(kl, shift['per_layer']['kl'][1])
+    assert abs(int(changed) / 100 - shift['per_layer']['top_activation_changed'][1]) <= 0.005 + 2 / 192  # 2 neurons
+
     # chat: the demo's turn, then two turns through stdin, each reply ended by <|im_end|> (never printed) or
     # max_new_tokens, then EOF
     assert re.search(r'^assistant> .+$', out, re.M)
