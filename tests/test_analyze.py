@@ -239,3 +239,25 @@ def test_a_shift_of_a_checkpoint_against_itself_is_zero(run_with_snapshots, tmp_
     assert min(moved['shift']['per_layer']['kl']) > 1e-4 and moved['shift']['steps'] == [5, 20]
     with pytest.raises(SystemExit, match='shift= compares two PolyGLU checkpoints of one architecture'):
         run_analyze(args('', data, str(tmp_path / 'f'), shift=f"{final},{checkpoint(tmp_path, 'other')}"))
+
+
+def test_a_run_without_snapshots_draws_its_log(tmp_path):
+    """A log alone (a run from before snapshot_interval): the dynamics, a re-plan and a skipped update marked where they
+    happened, the last entry of a step winning, a torn last line ignored."""
+    os.makedirs(tmp_path / 'run')
+    with open(tmp_path / 'run' / 'train_log.jsonl', 'w') as f:
+        for step in range(10, 110, 10):
+            f.write(json.dumps({'step': step, 'train/loss': 9.0 - step / 20, 'train/lr': 1e-3, 'train/tau': 1 - step / 200,
+                                'train/tokens': 512 * step, 'train/skipped': float(step == 70),
+                                'train/skipped_steps': int(step >= 70), 'grad_norm/routing': 0.01}) + '\n')
+        f.write(json.dumps({'step': 50, 'changes': {'max_steps': [100, 120]}}) + '\n')
+        f.write(json.dumps({'step': 100, 'train/tokens': 51_200, 'val/math': 4.5, 'val/loss': 4.4}) + '\n')
+        f.write(json.dumps({'step': 100, 'train/loss': 3.5, 'train/tokens': 51_200}) + '\n')  # a resumed step, again
+        f.write('{"step": 110, "train/lo')
+    summary = run_analyze([f"--run={tmp_path / 'run'}", f"--output={tmp_path / 'f'}"])['run']
+    assert 'routing' not in summary and set(os.listdir(tmp_path / 'f')) == {
+        'training_dynamics.png', 'summary.json'} | {name for name, *_ in A.DYNAMICS}
+    dynamics = summary['dynamics']
+    assert dynamics['step'] == list(range(10, 110, 10)) and dynamics['series']['train/loss'][-1] == 3.5
+    assert dynamics['replans'] == [50] and dynamics['skipped_at'] == [70] and dynamics['tokens_per_step'] == 512
+    assert dynamics['validation'] == {'step': [100], 'math': [4.5], 'loss': [4.4]}
