@@ -69,6 +69,11 @@ wandb_run_name = ''          # '' = analyze-{the checkpoint's file name}
 def entropy(probs):
     return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
 
+
+def kl_divergence(p, q):
+    """KL(p || q) over the last axis (routing distributions over the activations), in nats."""
+    return (p * (torch.log(p.clamp_min(1e-30)) - torch.log(q.clamp_min(1e-30)))).sum(-1)
+
 # -----------------------------------------------------------------------------
 # text
 
@@ -148,7 +153,7 @@ def routing_layers(model, windows):
     mean_dynamic = dynamic.mean(0)                                                     # [L, d_ff, K]
     static_entropy = entropy(static)                       # [L, d_ff]
     dynamic_entropy = entropy(dynamic)                     # [N, L, d_ff]
-    kl = (dynamic * (torch.log(dynamic.clamp_min(1e-30)) - torch.log(static.clamp_min(1e-30)))).sum(-1)
+    kl = kl_divergence(dynamic, static)
     per_layer = {
         'static_entropy_mean': static_entropy.mean(-1).tolist(),
         'static_entropy_std': static_entropy.std(-1).tolist(),
@@ -229,7 +234,7 @@ ROUTING_PARAMETERS = ('.alpha', '.beta', '.gate_net.')
 
 def routing_agreement(probs, reference):
     """Mean KL(reference || probs) over windows, layers and neurons, and how often their top activation agrees."""
-    kl = (reference * (reference.clamp_min(1e-30).log() - probs.clamp_min(1e-30).log())).sum(-1)
+    kl = kl_divergence(reference, probs)
     return {'kl': float(kl.mean()), 'top1_agreement': float((probs.argmax(-1) == reference.argmax(-1)).float().mean())}
 
 
@@ -736,18 +741,17 @@ def routing_shift(base_path, tuned_path):
         enable_segment_pooling(model, attention)
         routing.append(torch.cat([measure_routing(model, w) for w in windows.values()]))
     before, after = routing
-    kl = (after * (after.clamp_min(1e-30).log() - before.clamp_min(1e-30).log())).sum(-1)  # [N, L, d_ff]
-    top_before, top_after = before.mean(0).argmax(-1), after.mean(0).argmax(-1)            # [L, d_ff]
+    kl = kl_divergence(after, before)                                                       # [N, L, d_ff]
+    changed = (before.mean(0).argmax(-1) != after.mean(0).argmax(-1)).float()                # [L, d_ff]
     per_layer = {'shares_base': shares(before.mean(0)).tolist(), 'shares_fine_tuned': shares(after.mean(0)).tolist(),
-                 'kl': kl.mean((0, 2)).tolist(),
-                 'top_activation_changed': (top_before != top_after).float().mean(-1).tolist(),
+                 'kl': kl.mean((0, 2)).tolist(), 'top_activation_changed': changed.mean(-1).tolist(),
                  'entropy_base': entropy(before).mean((0, 2)).tolist(),
                  'entropy_fine_tuned': entropy(after).mean((0, 2)).tolist()}
     print(f"{base_path} (step {base_info['step']}) -> {tuned_path} (step {tuned_info['step']}) on "
           f"{described(windows)}")
     return {'base': base_path, 'fine_tuned': tuned_path, 'steps': [base_info['step'], tuned_info['step']],
             'per_layer': per_layer, 'kl_mean': float(kl.mean()),
-            'top_activation_changed_fraction': float((top_before != top_after).float().mean())}
+            'top_activation_changed_fraction': float(changed.mean())}
 
 
 def routing_shift_figure(shift, folder):

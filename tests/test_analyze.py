@@ -242,7 +242,7 @@ def test_a_shift_of_a_checkpoint_against_itself_is_zero(run_with_snapshots, tmp_
 
 
 def test_a_run_without_snapshots_draws_its_log(tmp_path):
-    """A log alone (a run from before snapshot_interval): the dynamics, a re-plan and a skipped update marked where they
+    """A log alone (a run that kept no snapshots): the dynamics, a re-plan and a skipped update marked where they
     happened, the last entry of a step winning, a torn last line ignored."""
     os.makedirs(tmp_path / 'run')
     with open(tmp_path / 'run' / 'train_log.jsonl', 'w') as f:
