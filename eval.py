@@ -281,10 +281,18 @@ def generate_texts(model, tok, prompts, budget, cached=False, desc='generate', r
 # -----------------------------------------------------------------------------
 # the harness wrapper
 
+def weights_digest(state):
+    """The loaded checkpoint's sha256, hashed once (a second for 1.2 GB): the answer store, the report and the harness's
+    record all name the weights by it."""
+    if 'sha256' not in state:
+        state['sha256'] = file_digest(state['file'])
+    return state['sha256']
+
+
 def answers_path(state, tok, settings):
     """Where the answers of this model under these settings are kept: <output>_answers/<hash>.jsonl. The hash covers the
     checkpoint's bytes, the tokenizer and every setting that moves an answer, so nothing else ever reuses them."""
-    identity = {'checkpoint': file_digest(state['file']), 'tokenizer': hashlib.sha256(tok.to_str().encode()).hexdigest(),
+    identity = {'checkpoint': weights_digest(state), 'tokenizer': hashlib.sha256(tok.to_str().encode()).hexdigest(),
                 **settings}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     return os.path.join(os.path.splitext(output)[0] + '_answers', f'{key}.jsonl')
@@ -389,7 +397,7 @@ class HarnessLM(LM):
         """What the harness records under config: the weights, by file and digest."""
         if not self.info.get('file'):
             return {}
-        return {'checkpoint': checkpoint, 'checkpoint_sha256': file_digest(self.info['file']),
+        return {'checkpoint': checkpoint, 'checkpoint_sha256': weights_digest(self.info),
                 'step': self.info.get('step'), 'tau': self.info.get('tau'), 'model_config': self.info.get('model_config')}
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):
@@ -914,7 +922,7 @@ def evaluate_checkpoint(task_names, with_wandb):
     use_chat = (sft_model and not paper) if chat is None else bool(chat)
     scoring = 'author' if paper else 'harness'
     report = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'format': state['format'],
-              'step': step, 'tau': tau, 'tokens': state.get('tokens'), 'checkpoint_sha256': file_digest(state['file']),
+              'step': step, 'tau': tau, 'tokens': state.get('tokens'), 'checkpoint_sha256': weights_digest(state),
               'model_config': state['model_config'], 'chat': use_chat, 'scoring': scoring, 'complete': False,
               'eval_config': plain_config(globals()), 'lm_eval_version': harness_version(),
               'git': git_commit(), 'library_versions': package_versions()}
