@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure, fail
-from model import ACTIVATION_NAMES, EOS_ID, PolyGLU, enable_segment_pooling, packed_hidden_states
+from model import ACTIVATION_NAMES, EOS_ID, PolyGLU, packed_hidden_states, wrap_model
 from utils import (HUB_TOKENIZER, command_line, get_tokenizer, held_out_windows, init_wandb, load_checkpoint,
                    numbered_checkpoints, open_chunks, resolve_device)
 
@@ -296,7 +296,7 @@ def bf16_head_gradient_effect(windows, steps=20, learning_rate=1e-3, chunks=32):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         model.eval()
-        enable_segment_pooling(model, attention)
+        wrap_model(model, attention=attention, segment_pooling=True)
         results.append((first_gradient, measure_routing(model, windows), window_loss(model, windows)))
     (grad32, routing32, loss32), (grad16, routing16, loss16) = results
     return {'steps': steps, 'chunks': chunks, 'head_gradient_relative_error': float((grad16 - grad32).norm() /
@@ -645,7 +645,7 @@ def routing_over_training(snapshots):
         if not isinstance(model.model_core[0].ffn, PolyGLU):
             return None  # VanillaLM: no routing to follow
         model = model.to(device).eval()
-        enable_segment_pooling(model, attention)
+        wrap_model(model, attention=attention, segment_pooling=True)
         windows = windows or analysis_windows(model, info)  # the first snapshot's data: the same windows for all
         per_layer = routing_layers(model, windows)[0]
         measured.append({'file': path, 'step': step, 'tokens': info.get('tokens'), 'tau': info['tau'],
@@ -738,7 +738,7 @@ def routing_shift(base_path, tuned_path):
     windows, routing = analysis_windows(base, base_info), []  # the base model's held-out text, for both
     for model in (base, tuned):
         model = model.to(device).eval()
-        enable_segment_pooling(model, attention)
+        wrap_model(model, attention=attention, segment_pooling=True)
         routing.append(torch.cat([measure_routing(model, w) for w in windows.values()]))
     before, after = routing
     kl = kl_divergence(after, before)                                                       # [N, L, d_ff]
@@ -891,7 +891,7 @@ def main():
     # started before the work, so that a missing login stops the run now
     wandb_run = init_wandb(wandb_log, wandb_project, wandb_run_name, globals(), 'analyze', state)
     model = model.to(device).eval()
-    enable_segment_pooling(model, attention)
+    wrap_model(model, attention=attention, segment_pooling=True)
     polyglu = isinstance(model.model_core[0].ffn, PolyGLU)
     summary = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'step': step, 'tau': tau,
                     'model_type': model.config.model_type,

@@ -90,7 +90,6 @@ device = RUN['device']
 dtype = RUN['dtype']
 attention = RUN['attention']  # or 'all': every kernel available here, side by side
 fused = RUN['fused']
-gradient_checkpointing = RUN['gradient_checkpointing']
 recompute_blocks = RUN['recompute_blocks']
 loss_chunk_size = 2048       # train.py's
 loss_kernel = RUN['loss_kernel']
@@ -144,8 +143,10 @@ def model_config(model_type, layers=None):
                        n_kv_heads=n_kv_heads, d_ff=d_ff, max_seq_len=max(block_size, 4096), model_type=model_type)
 
 
-def recomputed_blocks():
-    return (recompute_blocks if recompute_blocks >= 0 else n_layers) if gradient_checkpointing else 0
+def recomputed_blocks(settings=None):
+    """How many blocks recompute their activations under `settings` (lever_settings; default this file's)."""
+    blocks = (settings or lever_settings())['recompute_blocks']
+    return n_layers if blocks < 0 else blocks
 
 
 def saved_kib_per_token(model_type, kernel='auto', tokens=256):
@@ -179,16 +180,16 @@ def lever_settings(**changes):
 
 
 LEVER_KEYS = ('attention', 'fused', 'lean_mix', 'compile_blocks', 'loss_kernel', 'fused_adamw', 'prefetch',
-              'gradient_checkpointing', 'recompute_blocks', 'selective_checkpointing', 'micro_batch_size',
+              'recompute_blocks', 'selective_checkpointing', 'micro_batch_size',
               'grad_accum_steps')
 
 
 def lever_model(config, settings, blocks, model=None):
     """A model of `config` (or `model`, built) with the wrappers of `settings` (lever_settings), the first `blocks`
     blocks recomputed, and its loss module."""
-    model = wrap_model(model or create_model(config, device=device), settings['attention'],
-                       settings['gradient_checkpointing'], settings['fused'], blocks, settings['lean_mix'],
-                       settings['compile_blocks'], settings['selective_checkpointing'])
+    model = wrap_model(model or create_model(config, device=device), attention=settings['attention'],
+                       fused=settings['fused'], lean_mix=settings['lean_mix'], compile_blocks=settings['compile_blocks'],
+                       recompute_blocks=blocks, selective_checkpointing=settings['selective_checkpointing'] and blocks != 0)
     return model, LanguageModelLoss(model, loss_chunk_size, settings['loss_kernel'])
 
 
@@ -205,7 +206,7 @@ def measure(model_type, kernel=None, **changes):
     settings = lever_settings(**changes, **({'attention': kernel} if kernel else {}))
     config = model_config(model_type)
     torch.manual_seed(seed)
-    model, loss_module = lever_model(config, settings, recompute_blocks)
+    model, loss_module = lever_model(config, settings, settings['recompute_blocks'])
     loss_engine, optimizer, autocast = make_engine(loss_module, model, engine_settings(fused_adamw=settings['fused_adamw']))
     kernel_name = attention_name(model)
     loss_engine.train()
@@ -319,8 +320,8 @@ def main(kernels=None):
     name = torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
     print(f"bench on {name} ({device}, {dtype}, {backend}, ZeRO-{zero_stage}): d_model {d_model}, {n_layers} layers, "
           f"d_ff {d_ff}, micro-batch {micro_batch_size} x {block_size} x {grad_accum_steps} micro-steps a step, "
-          f"fused={fused}, attention {', '.join(kernels)}, checkpointing={gradient_checkpointing} "
-          f"({recomputed_blocks()} of {n_layers} blocks recomputed), loss {loss_kernel} (chunk {loss_chunk_size}), "
+          f"fused={fused}, attention {', '.join(kernels)}, "
+          f"{recomputed_blocks()} of {n_layers} blocks recomputed, loss {loss_kernel} (chunk {loss_chunk_size}), "
           f"lean_mix={lean_mix}, compile_blocks={compile_blocks}, fused_adamw={fused_adamw}, {steps} steps after "
           f"{warmup}")
     if memory_only:
@@ -405,10 +406,9 @@ def a100_hours(mfu, n_params):
 # micro-batch and needs a card of BIG_CARD_GIB or more.
 LEVERS = {'loss_kernel=liger': {'loss_kernel': 'liger'}, 'lean_mix': {'fused': True, 'lean_mix': True},
           'compile_blocks': {'compile_blocks': True}, 'fused_adamw': {'fused_adamw': True}, 'prefetch': {'prefetch': True},
-          'selective_checkpointing': {'gradient_checkpointing': True, 'selective_checkpointing': True},
-          'no_recompute': {'gradient_checkpointing': False, 'recompute_blocks': 0, 'micro_batch_size': 'half',
-                           'grad_accum_steps': 'double'},
-          'recompute=0': {'gradient_checkpointing': False, 'recompute_blocks': 0},
+          'selective_checkpointing': {'selective_checkpointing': True},
+          'no_recompute': {'recompute_blocks': 0, 'micro_batch_size': 'half', 'grad_accum_steps': 'double'},
+          'recompute=0': {'recompute_blocks': 0},
           **{f'attention={name}': {'attention': name} for name in ('flash_attn', 'cudnn', 'flex', 'fa4')}}
 EXCLUSIVE = {'attention': ('attention=',), 'memory': ('selective_checkpointing', 'no_recompute', 'recompute=0')}
 BIG_CARD_GIB = 120           # micro-batch 16 without recomputation: ~62 GB of activations (33.5 KiB a token a block)
@@ -486,8 +486,7 @@ def exactness_run(settings, run_dtype, data):
     bf16 ZeRO-1), from the same weights, rows and Gumbel noise -> (losses, {name: gradient of the first step},
     {name: the weight's change after the last}), float32."""
     torch.manual_seed(seed)
-    model, loss_module = lever_model(model_config('polyglu', layers=2), settings, min(settings['recompute_blocks'], 1)
-                                     if settings['gradient_checkpointing'] else 0)
+    model, loss_module = lever_model(model_config('polyglu', layers=2), settings, min(recomputed_blocks(settings), 1))
     _, optimizer, _ = make_engine(None, model, engine_settings(backend='torch', dtype=run_dtype, grad_accum_steps=1,
                                                                learning_rate=1e-3, fused_adamw=settings['fused_adamw']))
     weights = named_masters(model, optimizer) or dict(model.named_parameters())
@@ -573,8 +572,7 @@ def row_runner(row, shared, rng):
     """A copy of the shared model holding the same weights and buffers, with the row's wrappers, and its batches."""
     settings = row['settings']
     weights = {id(t): t for t in (*shared.parameters(), *shared.buffers())}
-    model, loss_module = lever_model(None, settings, settings['recompute_blocks'] if settings['gradient_checkpointing']
-                                     else 0, copy.deepcopy(shared, weights))
+    model, loss_module = lever_model(None, settings, settings['recompute_blocks'], copy.deepcopy(shared, weights))
     return {'loss': loss_module, 'rows': [host_rows(rng, settings['micro_batch_size']) for _ in range(2)], 'next': None,
             'loader': ThreadPoolExecutor(1) if settings['prefetch'] else None, 'count': 0}
 
@@ -668,8 +666,7 @@ def row_figures(row, optimizer_steps, config, n_params):
     row['step_s'] = settings['grad_accum_steps'] * median + update_s
     row['spread_s'] = settings['grad_accum_steps'] * (samples[-1] - samples[0]) / 2
     tokens = settings['micro_batch_size'] * settings['grad_accum_steps'] * block_size
-    recomputed = ((n_layers if settings['recompute_blocks'] < 0 else settings['recompute_blocks'])
-                  if settings['gradient_checkpointing'] else 0)
+    recomputed = recomputed_blocks(settings)
     peak = peak_flops(device, peak_flops_override)
     row['tokens_per_s'] = tokens / row['step_s']
     row['mfu'] = flops_per_token(config, block_size, n_params) * row['tokens_per_s'] / peak if peak else None
@@ -801,7 +798,7 @@ def recommended_line(best):
     settings = lever_settings()
     changes = {k: v for k, v in best['settings'].items() if v != settings[k]}
     line = 'python train.py config/pretrain.py ' + ' '.join(f"--{k}={v}" for k, v in changes.items())
-    if best.get('needed_gb') and best['settings']['gradient_checkpointing'] and not best['settings'][
+    if best.get('needed_gb') and best['settings']['recompute_blocks'] and not best['settings'][
             'selective_checkpointing']:
         blocks = recompute_for(CARDS_GIB[0][1], best)
         line += f" --recompute_blocks={blocks}" if blocks is not None else " (no recompute_blocks fits 80 GB)"
@@ -815,8 +812,7 @@ def recompute_for(gib, row):
     peak and what a block keeps for its backward (activation_gb), or None when none fits."""
     kib = saved_kib_per_token('polyglu', row['settings']['attention'])
     settings = row['settings']
-    recomputed = n_layers if settings['recompute_blocks'] < 0 else settings['recompute_blocks']
-    measured = activation_gb(kib, recomputed) * 1e9 / 2**30
+    measured = activation_gb(kib, recomputed_blocks(settings)) * 1e9 / 2**30
     for blocks in range(n_layers + 1):
         if row['needed_gb'] - measured + activation_gb(kib, blocks) * 1e9 / 2**30 <= HEADROOM * gib:
             return blocks

@@ -13,7 +13,7 @@ Evaluation: lm-evaluation-harness tasks through our own LM wrapper, held-out per
 Exact under the frozen design. The PolyGLU gate mean-pools the whole sequence, so a padded or batched
 forward would change a request's score. Here every request is scored as if it ran alone: requests are
 packed, unpadded, into long rows, and cu_seqlens give each one its own attention block and (through
-model.enable_segment_pooling) its own gate mean. Batch composition cannot move a score: only float rounding
+model.wrap_model's segment_pooling) its own gate mean. Batch composition cannot move a score: only float rounding
 differs. Generation is exact too: a new token changes the gate mean and so every position's FFN output in
 every layer, so no key/value can be reused. Each step runs a full forward of every unfinished sequence, packed
 together, and finished sequences drop out. `generation='cached'` trades exactness for speed: it reuses
@@ -47,8 +47,8 @@ except ImportError:  # the perplexity and the generation benchmark need no harne
     LM = object
 
 from configurator import configure, fail
-from model import (EOS_ID, PolyGLU, attention_name, count_parameters, cu_seqlens_from_eos, enable_segment_pooling,
-                   generate_cached, generate_exact, packed_hidden_states, sampler, segment_forward)
+from model import (EOS_ID, PolyGLU, attention_name, count_parameters, cu_seqlens_from_eos, generate_cached,
+                   generate_exact, packed_hidden_states, sampler, wrap_model)
 from utils import (chatml, checkpoint_tokenizer, command_line, file_digest, fine_tuned, get_tokenizer, git_commit,
                    harness_metrics, held_out_windows, init_wandb, load_checkpoint, open_chunks, package_versions,
                    plain_config, resolve_device)
@@ -115,18 +115,14 @@ AUTHOR_WINDOWS, AUTHOR_MIN_CHUNK = 244, 100_000  # src/evaluation/domain_perplex
 
 @contextlib.contextmanager
 def whole_row_pooling(model):
-    """Within: the frozen whole-row gate mean (training's) even where enable_segment_pooling routes per segment, so a
-    held-out window is scored exactly as train.py's validation scores it: document-masked attention, one gate mean
-    per row."""
-    patched = [(m, m.forward) for m in model.modules() if isinstance(m, PolyGLU)
-               and isinstance(m.forward, partial) and m.forward.func is segment_forward]
-    for m, forward in patched:
-        m.forward = forward.args[0]
+    """Within: the frozen whole-row gate mean (training's) on a model wrapped with segment_pooling=True, so a held-out
+    window is scored exactly as train.py's validation scores it: document-masked attention, one gate mean per row."""
+    wrapping = dict(model.wrapping)
+    wrap_model(model, **{**wrapping, 'segment_pooling': False})
     try:
         yield model
     finally:
-        for m, forward in patched:
-            m.forward = forward
+        wrap_model(model, **wrapping)
 
 
 @contextlib.contextmanager
@@ -860,12 +856,12 @@ def run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report):
 
 
 def load_for_evaluation():
-    """The checkpoint on the device, at the dtype, packed and exact (enable_segment_pooling) -> (model, its info)."""
+    """The checkpoint on the device, at the dtype, packed and exact (wrap_model's segment_pooling) -> (model, its info)."""
     global device, dtype
     device, dtype = resolve_device(device, dtype)
     model, state = load_checkpoint(checkpoint)
     model = model.to(device=device, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
-    enable_segment_pooling(model, attention)
+    wrap_model(model, attention=attention, segment_pooling=True)
     print(f"{checkpoint} ({state['format']}): {model.config.model_type}, step {state['step']}, tau {state['tau']} | "
           f"{device} {dtype} | attention {attention_name(model)}")
     return model, state

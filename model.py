@@ -1,24 +1,26 @@
 """
 PolychromaticLM: a ~600M decoder-only transformer whose FFN layers use PolyGLU (per-neuron routing over ReLU, Tanh,
-SiLU and GELU). This file is the model and what nanoGPT keeps beside it; it imports none of the project's other files.
+SiLU and GELU), and what a state dict and a forward pass need. It imports none of the project's other files.
+
+Where things go (docs/tests.md, "Where code lives"): model.py holds what a state dict and a forward pass need, in this
+order; utils.py holds the file, process and network code that two or more stages share (checkpoint files, loaders,
+engines, logs); a stage's own machinery stays in its script.
 
   1. The frozen architecture: ModelConfig, RMSNorm, RoPE, GQA, PolyGLU, SwiGLU, TransformerBlock, PolychromaticLM.
      Class and parameter names, shapes, init and forward math are the author's (docs/SPEC.md; the published
      checkpoints depend on them), pinned by tests/test_model.py: wrap them, never edit them.
-  2. The patches, applied from outside: document masking (cu_seqlens from EOS), the CUDA attention kernels, the
-     compiled elementwise kernels, whole-block compilation, block recomputation, the training loss (the tied head
-     in checkpointed chunks, or fused with liger-kernel), and segment pooling for evaluation.
-  3. The model's own numbers: parameters, FLOPs a token, routing entropy, AdamW's groups.
-  4. create_model / wrap_model; a checkpoint file into the model (read_checkpoint, model_from_weights; utils.py's
-     load_checkpoint finds the file, on disk or on the hub).
-  5. Generation: exact (a full forward a token) and cached (approximate), continuous batching.
+  2. How they compute: the attention kernels, the compiled elementwise kernels, segment pooling, whole-block
+     compilation and recomputation, each a per-instance patch that wrap_model alone applies, in one fixed order.
+  3. The training loss: the tied head in checkpointed chunks, or fused by liger-kernel.
+  4. The model's numbers: parameters, FLOPs a token, routing entropy, AdamW's groups.
+  5. A model from a state dict: its config read off the shapes, every shape checked (utils.load_checkpoint reads the
+     file).
+  6. Generation: exact (a full forward a token) and cached (approximate), continuous batching.
 """
 import collections
 import contextlib
 import inspect
-import json
 import math
-import pickle
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache, partial
 from types import MethodType
@@ -64,7 +66,7 @@ class ModelConfig:
             raise SystemExit(f"error: n_activations must be {len(ACTIVATIONS)} ({', '.join(ACTIVATION_NAMES)})")
 
 # =============================================================================
-# The frozen architecture
+# 1. The frozen architecture
 # =============================================================================
 
 class RMSNorm(nn.Module):
@@ -284,7 +286,7 @@ class PolychromaticLM(nn.Module):
         return tau
 
 # =============================================================================
-# Document masking and the wrappers applied from outside
+# 2. How the frozen classes compute: the patches wrap_model applies
 # =============================================================================
 
 def cu_seqlens_from_eos(tokens, eos_id=EOS_ID):
@@ -496,7 +498,7 @@ def available_attention():
 def attention_kernel(device, attention='auto'):
     """The attention function for a device and an `attention` setting ('auto' | 'flash_attn' | 'varlen' | 'sdpa'),
     chosen once: flash-attn if it is installed, else torch's varlen_attn on sm80+, else SDPA's memory-efficient kernel
-    with a dense document bias (every T x T score computed: 17% slower on an H200). The CPU runs the frozen path."""
+    with a dense document bias (every T x T score computed; docs/benchmarks.md times them). The CPU runs the frozen path."""
     if attention not in ('auto', *ATTENTION_KERNELS):
         raise SystemExit(f"error: attention must be 'auto' or one of {', '.join(ATTENTION_KERNELS)}, got {attention!r}")
     if not str(device).startswith('cuda'):
@@ -540,9 +542,9 @@ def rms_norm(x, weight, eps):
 
 
 def polyglu_mix(gate, up, g):
-    """[sum_k g_k * act_k(gate)] * up, the elementwise heart of PolyGLU, written out for the compiler."""
-    return (g[..., 0] * F.relu(gate) + g[..., 1] * torch.tanh(gate) + g[..., 2] * F.silu(gate)
-            + g[..., 3] * F.gelu(gate)) * up
+    """[sum_k g_k * act_k(gate)] * up: PolyGLU.forward's mix, the same expression as a function of tensors, for the
+    compiler. Its backward, polyglu_mix_backward, is checked against autograd through this function."""
+    return sum(g[..., k] * act(gate) for k, act in enumerate(ACTIVATIONS)) * up
 
 
 def activations_and_slopes(x):
@@ -555,32 +557,31 @@ def activations_and_slopes(x):
             ((x > 0).float(), 1.0 - tanh * tanh, sigmoid * (1.0 + x * (1.0 - sigmoid)), cdf + x * pdf))
 
 
-def polyglu_mix_backward(gate, up, g, grad_h):
-    """The backward of h = polyglu_mix(gate, up, g), recomputing h on the way (for W_down's gradient) instead of
-    keeping it from the forward, with the derivatives in float32 (activations_and_slopes). The K activations are
-    stacked so that grad_g is one reduction over the tokens (4 compiled kernels on CPU instead of 7). -> (h, grad_gate,
-    grad_up, grad_g)."""
+def polyglu_mix_backward(gate, up, g, grad_h, stacked=True):
+    """The backward of h = polyglu_mix(gate, up, g) -> (h, grad_gate, grad_up, grad_g), recomputing h (for W_down's
+    gradient) instead of keeping it, with the derivatives in float32 (activations_and_slopes); tests check it against
+    autograd through polyglu_mix. stacked: the K terms as [..., K] tensors, so that grad_g is one reduction over the
+    tokens; unstacked (polyglu_mix_backward_lean), K reductions and no [tokens, d_ff, K] float32 tensor, the same
+    operations in the same order."""
     x, u, dh, w = gate.float(), up.float(), grad_h.float(), g.float()
-    acts, slopes = (torch.stack(terms, dim=-1) for terms in activations_and_slopes(x))
-    mix, slope = (w * acts).sum(-1), (w * slopes).sum(-1)
-    grad_g = ((dh * u)[..., None] * acts).sum_to_size(w.shape)
+    acts, slopes = activations_and_slopes(x)
+    if stacked:
+        acts, slopes = torch.stack(acts, dim=-1), torch.stack(slopes, dim=-1)
+        mix, slope = (w * acts).sum(-1), (w * slopes).sum(-1)
+        grad_g = ((dh * u)[..., None] * acts).sum_to_size(w.shape)
+    else:
+        weights = w.unbind(-1)
+        mix = weights[0] * acts[0] + weights[1] * acts[1] + weights[2] * acts[2] + weights[3] * acts[3]
+        slope = weights[0] * slopes[0] + weights[1] * slopes[1] + weights[2] * slopes[2] + weights[3] * slopes[3]
+        dh_u = dh * u
+        grad_g = torch.stack([(dh_u * act).sum_to_size(weights[0].shape) for act in acts], dim=-1)
     return ((mix * u).to(grad_h.dtype), (dh * u * slope).to(gate.dtype), (dh * mix).to(up.dtype),
             grad_g.to(g.dtype))
 
 
 def polyglu_mix_backward_lean(gate, up, g, grad_h):
-    """polyglu_mix_backward without its [..., K] stacks (lean_mix=True): grad_g is K reductions over the tokens, so no
-    [tokens, d_ff, K] float32 tensor exists (Inductor keeps two of today's: 4 GiB each a layer at 16 x 4,096). The same
-    operations in the same order: bit-identical in float32 eagerly where d_ff is a multiple of 16 (4,096 is)."""
-    x, u, dh, w = gate.float(), up.float(), grad_h.float(), g.float()
-    acts, slopes = activations_and_slopes(x)
-    weights = w.unbind(-1)
-    mix = weights[0] * acts[0] + weights[1] * acts[1] + weights[2] * acts[2] + weights[3] * acts[3]
-    slope = weights[0] * slopes[0] + weights[1] * slopes[1] + weights[2] * slopes[2] + weights[3] * slopes[3]
-    dh_u = dh * u
-    grad_g = torch.stack([(dh_u * act).sum_to_size(weights[0].shape) for act in acts], dim=-1)
-    return ((mix * u).to(grad_h.dtype), (dh * u * slope).to(gate.dtype), (dh * mix).to(up.dtype),
-            grad_g.to(g.dtype))
+    """lean_mix=True's backward: polyglu_mix_backward unstacked (a function of its own, compiled on its own)."""
+    return polyglu_mix_backward(gate, up, g, grad_h, stacked=False)
 
 
 def swiglu_mix(gate, up, g=None):
@@ -660,10 +661,9 @@ def enable_fused_kernels(model, lean_mix=False):
     """torch.compile the elementwise work of every block, PolyGLU's mix (VanillaLM's SiLU product, for a fair
     baseline) and the RMSNorms, as per-instance patches like the flash patch: the frozen classes are untouched
     and tests compare the result with them. Each patch is the same function bound to each module (MethodType), so a
-    compiled block sees one function whatever the block: a partial per module was a new object per block, and Dynamo,
-    which guards on it, compiled every block again (tests/test_levers.py counts the graphs). Measured (bench.py
-    --memory_only, bf16, full size): the tensors a block keeps for its backward shrink from 109.5 to 33.5 KiB a token
-    (PolyGLU) and from 77.2 to 33.2 KiB (VanillaLM)."""
+    compiled block sees one function whatever the block (Dynamo guards on the function: a new object per block would
+    compile every block again; tests/test_levers.py counts the graphs). What a block keeps for its backward shrinks by
+    two thirds (docs/benchmarks.md)."""
     forwards = {RMSNorm: fused_norm_forward, PolyGLU: lean_polyglu_forward if lean_mix else fused_polyglu_forward,
                 SwiGLU: fused_swiglu_forward}
     for m in model.modules():
@@ -720,13 +720,150 @@ def enable_block_compilation(model):
     return model
 
 
+# segment pooling: packed requests computed each as if alone (evaluation, generation, analysis)
+
+def segment_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    """sdpa_attention for one packed row, one causal SDPA call per segment: no [T, T] mask (268 MB at 16K tokens)."""
+    if cu_seqlens is None or q.shape[0] != 1:
+        return sdpa_attention(q, k, v, cu_seqlens, max_seqlen)
+    bounds = segment_bounds(cu_seqlens)
+    return torch.cat([sdpa_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
+
+
+segment_bounds_cache = []  # [cu_seqlens, its Python list]: every layer of one forward asks for the same bounds
+
+
+def segment_bounds(cu_seqlens):
+    """cu_seqlens as a list, once per forward, not once per layer (on a GPU each .tolist() waits for the device)."""
+    if not segment_bounds_cache or segment_bounds_cache[0] is not cu_seqlens:
+        segment_bounds_cache[:] = [cu_seqlens, cu_seqlens.tolist()]
+    return segment_bounds_cache[1]
+
+
+def segment_forward(frozen_forward, ffn, x, cu_seqlens=None):
+    """PolyGLU over a packed row one segment at a time, each routed on its own mean exactly as if it ran alone;
+    last_logits holds every segment's, [segments, 1, d_ff, K]. Without cu_seqlens it is the frozen forward."""
+    if cu_seqlens is None:
+        return frozen_forward(x)
+    B, T, C = x.shape
+    flat, bounds = x.reshape(1, B * T, C), segment_bounds(cu_seqlens)
+    outputs, logits = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        outputs.append(frozen_forward(flat[:, start:end]))
+        logits.append(ffn.last_logits)
+    ffn.last_logits = torch.cat(logits)
+    return torch.cat(outputs, dim=1).view(B, T, C)
+
+
+def packed_hidden_states(model, sequences):
+    """Final hidden states of sequences packed into one row, each at RoPE positions 0.. (the row may be longer than
+    max_seq_len); wrapped with segment_pooling=True the packed forward computes what separate forwards would.
+    -> (hidden [T, d_model], offsets: where each sequence starts, and T at the end)."""
+    lengths = [len(s) for s in sequences]
+    if max(lengths) > model.config.max_seq_len:
+        raise ValueError(f"a packed sequence of {max(lengths)} tokens exceeds max_seq_len={model.config.max_seq_len}")
+    device = model.embeddings.weight.device
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    idx = torch.tensor(np.concatenate(sequences), dtype=torch.long, device=device)[None]
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
+    flat = torch.arange(idx.shape[1], device=device)
+    positions = flat - cu_seqlens[:-1].long()[torch.searchsorted(cu_seqlens[1:].long(), flat, right=True)]
+    rope = (model.rope.cosines[positions], model.rope.sins[positions])
+    x = model.embeddings(idx)
+    for block in model.model_core:
+        x = block(x, rope, cu_seqlens, max(lengths))
+    return model.rmsnorm(x)[0], offsets
+
+
+def enable_segment_pooling(model):
+    """Route each cu_seqlens segment of a packed row on its own mean (SPEC.md: evaluation, generation and analysis),
+    a wrapper of whatever forward the PolyGLU has; training keeps the frozen whole-row mean."""
+    for m in model.modules():
+        if isinstance(m, PolyGLU):
+            m.forward = partial(segment_forward, m.forward, m)
+
+
+# -----------------------------------------------------------------------------
+# wrap_model: the one way to apply them
+
+WRAPPING = {'attention': 'auto', 'fused': False, 'lean_mix': False, 'segment_pooling': False, 'compile_blocks': False,
+            'recompute_blocks': 0, 'selective_checkpointing': False}
+
+
+def unwrapped(model):
+    """The model as its frozen classes compute it: every per-instance patch removed."""
+    for m in model.modules():
+        m.__dict__.pop('forward', None)
+        if isinstance(m, GQA):
+            m.attend = sdpa_attention
+        if isinstance(m, PolyGLU):
+            m.__dict__.pop('routing_weights', None)
+            m.pool = sequence_mean
+    model.wrapping = dict(WRAPPING)
+    return model
+
+
+def wrapping_errors(settings, n_layers):
+    """The combinations wrap_model refuses, as one line each."""
+    recompute = settings['recompute_blocks']
+    return [message for wrong, message in (
+        (settings['lean_mix'] and not settings['fused'],
+         "lean_mix=True rewrites the fused kernels' PolyGLU backward: set fused=True too"),
+        (not -1 <= recompute <= n_layers, f"recompute_blocks must be -1 (all), 0 (none) or 1..{n_layers}, got {recompute}"),
+        (settings['selective_checkpointing'] and not recompute,
+         "selective_checkpointing=True chooses what the recomputed blocks keep: set recompute_blocks too (-1: all)"),
+        (settings['segment_pooling'] and (settings['compile_blocks'] or recompute),
+         "segment_pooling=True is for evaluation, which runs without compile_blocks and recompute_blocks"),
+    ) if wrong]
+
+
+def wrap_model(model, **wrapping):
+    """The one way to change how the frozen classes compute. From the model's plain state, whatever was applied before,
+    and in this order: the attention kernel (attention_kernel's; on the CPU the frozen SDPA path), the compiled
+    elementwise kernels (fused; lean_mix: their PolyGLU backward without stacks), segment pooling (each packed segment
+    routed on its own mean, attended alone), whole-block compilation (compile_blocks), and recomputation in the
+    backward of the first recompute_blocks blocks (-1: all, 0: none; selective_checkpointing: their elementwise work
+    only). Settings not given take WRAPPING's values; model.wrapping records them, so a caller can rewrap with one
+    changed. A combination that cannot work stops in one line."""
+    unknown = sorted(set(wrapping) - set(WRAPPING))
+    if unknown:
+        raise TypeError(f"wrap_model: unknown setting(s) {unknown}; known: {sorted(WRAPPING)}")
+    settings = {**WRAPPING, **wrapping}
+    for message in wrapping_errors(settings, len(model.model_core)):
+        raise SystemExit(f"error: {message}")
+    unwrapped(model)
+    kernel = attention_kernel(model.embeddings.weight.device, settings['attention'])
+    if settings['segment_pooling'] and kernel in (sdpa_attention, efficient_sdpa_attention):
+        kernel = segment_attention  # one SDPA call per segment, never a [T, T] mask
+    set_attention_kernel(model, kernel)
+    if settings['fused']:
+        enable_fused_kernels(model, settings['lean_mix'])
+    if settings['segment_pooling']:
+        enable_segment_pooling(model)
+    if settings['compile_blocks']:
+        enable_block_compilation(model)
+    if settings['recompute_blocks']:
+        enable_gradient_checkpointing(model, settings['recompute_blocks'], settings['selective_checkpointing'])
+    model.wrapping = settings
+    return model
+
+
+def create_model(config, device='cpu', dtype=torch.float32, **wrapping):
+    """A new model, initialised per SPEC.md, on a device and dtype, wrapped by wrap_model(**wrapping)."""
+    return wrap_model(PolychromaticLM(config).to(device=device, dtype=dtype), **wrapping)
+
+
+# =============================================================================
+# 3. The training loss
+# =============================================================================
+
 HEAD_ROWS_MULTIPLE = 128
 
 
 def padded_head(head_weight):
     """The tied head with zero rows up to a multiple of HEAD_ROWS_MULTIPLE -> (weight, the real vocabulary size).
-    Qwen3's 151,669 rows leave every head GEMM unaligned, and cuBLAS then falls back to sm75 kernels: on an H200 they
-    took 42% of a pretrain step (make gpu-check's profile). The pad rows' logits never reach the softmax."""
+    Qwen3's 151,669 rows leave every head GEMM unaligned, and cuBLAS then falls back to slow sm75 kernels
+    (docs/benchmarks.md). The pad rows' logits never reach the softmax."""
     vocab_size = head_weight.shape[0]
     padding = -vocab_size % HEAD_ROWS_MULTIPLE
     return (F.pad(head_weight, (0, 0, 0, padding)) if padding else head_weight), vocab_size  # no copy when aligned
@@ -801,78 +938,8 @@ class LanguageModelLoss(nn.Module):
         hidden = self.model.hidden_states(idx, cu_seqlens, max_seqlen)
         return self.loss(hidden, self.model.embeddings.weight, targets, self.chunk_size)
 
-# -----------------------------------------------------------------------------
-# segment pooling: packed requests scored each as if alone (eval.py, sample.py, analyze.py)
-
-def segment_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
-    """sdpa_attention for one packed row, one causal SDPA call per segment: no [T, T] mask (268 MB at 16K tokens)."""
-    if cu_seqlens is None or q.shape[0] != 1:
-        return sdpa_attention(q, k, v, cu_seqlens, max_seqlen)
-    bounds = segment_bounds(cu_seqlens)
-    return torch.cat([sdpa_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
-
-
-segment_bounds_cache = []  # [cu_seqlens, its Python list]: every layer of one forward asks for the same bounds
-
-
-def segment_bounds(cu_seqlens):
-    """cu_seqlens as a list, once per forward, not once per layer (on a GPU each .tolist() waits for the device)."""
-    if not segment_bounds_cache or segment_bounds_cache[0] is not cu_seqlens:
-        segment_bounds_cache[:] = [cu_seqlens, cu_seqlens.tolist()]
-    return segment_bounds_cache[1]
-
-
-def segment_forward(frozen_forward, ffn, x, cu_seqlens=None):
-    """PolyGLU over a packed row one segment at a time, each routed on its own mean exactly as if it ran alone;
-    last_logits holds every segment's, [segments, 1, d_ff, K]. Without cu_seqlens it is the frozen forward."""
-    if cu_seqlens is None:
-        return frozen_forward(x)
-    B, T, C = x.shape
-    flat, bounds = x.reshape(1, B * T, C), segment_bounds(cu_seqlens)
-    outputs, logits = [], []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        outputs.append(frozen_forward(flat[:, start:end]))
-        logits.append(ffn.last_logits)
-    ffn.last_logits = torch.cat(logits)
-    return torch.cat(outputs, dim=1).view(B, T, C)
-
-
-def packed_hidden_states(model, sequences):
-    """Final hidden states of sequences packed into one row, each at RoPE positions 0.. (the row may be longer than
-    max_seq_len); with enable_segment_pooling the packed forward computes what separate forwards would.
-    -> (hidden [T, d_model], offsets: where each sequence starts, and T at the end)."""
-    lengths = [len(s) for s in sequences]
-    if max(lengths) > model.config.max_seq_len:
-        raise ValueError(f"a packed sequence of {max(lengths)} tokens exceeds max_seq_len={model.config.max_seq_len}")
-    device = model.embeddings.weight.device
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    idx = torch.tensor(np.concatenate(sequences), dtype=torch.long, device=device)[None]
-    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
-    flat = torch.arange(idx.shape[1], device=device)
-    positions = flat - cu_seqlens[:-1].long()[torch.searchsorted(cu_seqlens[1:].long(), flat, right=True)]
-    rope = (model.rope.cosines[positions], model.rope.sins[positions])
-    x = model.embeddings(idx)
-    for block in model.model_core:
-        x = block(x, rope, cu_seqlens, max(lengths))
-    return model.rmsnorm(x)[0], offsets
-
-
-def enable_segment_pooling(model, attention='auto'):
-    """For evaluation, generation and analysis (SPEC.md): route each cu_seqlens segment on its own mean, a wrapper of
-    the frozen forward, and attend per segment (attention_kernel's, else one SDPA call per segment, never a [T, T]
-    mask). Training keeps the frozen whole-row mean."""
-    kernel = attention_kernel(model.embeddings.weight.device, attention)
-    if kernel in (sdpa_attention, efficient_sdpa_attention):
-        kernel = segment_attention
-    for m in model.modules():
-        if isinstance(m, PolyGLU) and not isinstance(m.forward, partial):
-            m.forward = partial(segment_forward, m.forward, m)
-        if isinstance(m, GQA):
-            m.attend = kernel
-    return model
-
 # =============================================================================
-# The model's own numbers: parameters, FLOPs, routing entropy, AdamW's groups
+# 4. The model's numbers: parameters, FLOPs, routing entropy, AdamW's groups
 # =============================================================================
 
 def count_parameters(config):
@@ -920,8 +987,8 @@ def routing_entropy(model):
 
 
 def optimizer_groups(model, weight_decay):
-    """AdamW groups: decay on >=2-D parameters except PolyGLU's alpha (decay pulls routing back to uniform, the
-    prototype's mistake); 1-D parameters (norms, beta, biases) never decay."""
+    """AdamW groups: decay on >=2-D parameters except PolyGLU's alpha (decay would pull routing back to
+    uniform); 1-D parameters (norms, beta, biases) never decay."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -930,100 +997,8 @@ def optimizer_groups(model, weight_decay):
 
 
 # =============================================================================
-# Create, wrap, and a checkpoint file into the model
+# 5. A model from a state dict
 # =============================================================================
-
-def create_model(config, device='cpu', dtype=torch.float32, attention='auto', gradient_checkpointing=False,
-                 fused=False, recompute_blocks=-1, lean_mix=False, compile_blocks=False, selective_checkpointing=False):
-    """Build the model (initialised per SPEC.md) on a device and dtype, with the optional wrappers."""
-    model = PolychromaticLM(config).to(device=device, dtype=dtype)
-    return wrap_model(model, attention, gradient_checkpointing, fused, recompute_blocks, lean_mix, compile_blocks,
-                      selective_checkpointing)
-
-
-def wrap_model(model, attention='auto', gradient_checkpointing=False, fused=False, recompute_blocks=-1, lean_mix=False,
-               compile_blocks=False, selective_checkpointing=False):
-    """Apply the optional wrappers to a built model: on CUDA the attention kernel of attention_kernel (on the CPU the
-    frozen SDPA path; all compute the same masked attention), the fused kernels (lean_mix: their PolyGLU backward
-    without stacks), whole-block compilation, and recomputation of the first recompute_blocks blocks (-1: all) when
-    gradient_checkpointing is on (selective_checkpointing: their elementwise work only)."""
-    if lean_mix and not fused:
-        raise SystemExit("error: lean_mix=True rewrites the fused kernels' PolyGLU backward: set fused=True too")
-    if selective_checkpointing and not gradient_checkpointing:
-        raise SystemExit("error: selective_checkpointing=True chooses what the recomputed blocks keep: set "
-                         "gradient_checkpointing=True too")
-    if not -1 <= recompute_blocks <= len(model.model_core):
-        raise SystemExit(f"error: recompute_blocks must be -1 (all) or 0..{len(model.model_core)}, "
-                         f"got {recompute_blocks}")
-    if recompute_blocks > 0 and not gradient_checkpointing:
-        raise SystemExit(f"error: recompute_blocks={recompute_blocks} does nothing without "
-                         "gradient_checkpointing=True: set it too, or drop recompute_blocks")
-    set_attention_kernel(model, attention_kernel(model.embeddings.weight.device, attention))
-    if fused:
-        enable_fused_kernels(model, lean_mix)
-    if compile_blocks:
-        enable_block_compilation(model)
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model, recompute_blocks, selective_checkpointing)
-    return model
-
-
-class NotRun:
-    """Stands in for a class a checkpoint's pickle names and weights_only refuses (the author's optimizer entry holds
-    DeepSpeed objects): it keeps what it is given, and no code of the named class is imported or run."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def read_checkpoint(path):
-    """Any checkpoint file -> (state dict, info): our portable .pt, the author's portable .pt {model: bf16 state dict,
-    optimizer, scheduler, step, tau}, or a .safetensors. torch.load(weights_only=True, mmap=True): nothing pickled
-    runs, and the optimizer's tensors are never read."""
-    info = {'file': path}
-    try:
-        if path.endswith('.safetensors'):
-            from safetensors import safe_open
-            with safe_open(path, framework='pt') as f:
-                weights = {k: f.get_tensor(k) for k in f.keys()}
-                metadata = f.metadata() or {}
-            info['format'] = 'safetensors'
-            for key, value in metadata.items():  # export.py's: step, tau, model_config, stage, ... as JSON values
-                if key != 'format':
-                    try:
-                        info[key] = json.loads(value)
-                    except ValueError:
-                        info[key] = value
-            return weights, info
-        foreign = []
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except pickle.UnpicklingError:
-            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            with torch.serialization.safe_globals([(NotRun, name) for name in foreign]):
-                state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
-    if isinstance(state, dict) and isinstance(state.get('model_state_dict'), dict):
-        info['format'], weights = 'portable', state['model_state_dict']
-    elif isinstance(state, dict) and isinstance(state.get('model'), dict):
-        info['format'], weights = 'author portable', state['model']
-    else:
-        raise SystemExit(f"error: {path} is not a PolychromaticLM checkpoint (expected a portable .pt with "
-             "model_state_dict or model, or a .safetensors state dict)")
-    if foreign:
-        print(f"{path}: read the weights; its pickle names {len(foreign)} classes that were not run "
-              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
-    info.update({k: v for k, v in state.items() if k not in ('model', 'model_state_dict', 'optimizer',
-                                                              'optimizer_state_dict', 'scheduler', 'scheduler_state_dict')})
-    return weights, info
-
 
 def infer_config(weights, path):
     """The ModelConfig a state dict of the author's names implies, read off its shapes (rope_theta and norm_eps cannot
@@ -1107,11 +1082,10 @@ def model_from_weights(weights, info, expected=None):
     model.load_state_dict(weights)
     if info['tau'] is not None:
         model.set_tau(info['tau'])
-    return model
-
+    return unwrapped(model)
 
 # =============================================================================
-# Generation (eval.py, sample.py), on a model wrapped by enable_segment_pooling
+# 6. Generation (eval.py, sample.py), on a model wrapped with segment_pooling=True
 # =============================================================================
 
 def sampler(temperature=0.0, top_k=0, seed=1337):

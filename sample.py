@@ -20,7 +20,7 @@ import time
 import torch
 
 from configurator import configure, fail
-from model import EOS_ID, enable_segment_pooling, generate_cached, generate_exact, sampler
+from model import EOS_ID, generate_cached, generate_exact, sampler, wrap_model
 from utils import chatml, checkpoint_tokenizer, fine_tuned, get_tokenizer, load_checkpoint, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def main():
         fail(f"generation must be 'exact' or 'cached', got {generation!r}")
     model, info = load_checkpoint(checkpoint)
     model = model.to(device=device, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
-    enable_segment_pooling(model, attention)
+    wrap_model(model, attention=attention, segment_pooling=True)
     tok = get_tokenizer(checkpoint_tokenizer(info, tokenizer), model.config.vocab_size)
     use_chat = fine_tuned(info, checkpoint) if chat is None else bool(chat)
     print(f"{checkpoint} ({info['format']}): {model.config.model_type}, step {info['step']} | {device} {dtype} | "

@@ -59,8 +59,7 @@ zero_stage = 1
 device = 'auto'
 dtype = 'auto'
 attention = 'auto'           # CUDA kernel: 'auto' = flash-attn if installed, else torch's varlen_attn, else 'sdpa'
-gradient_checkpointing = False
-recompute_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
+recompute_blocks = 0         # blocks that recompute their activations in the backward, from the first; -1 = all
 fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
 loss_chunk_size = 2048
 loss_kernel = 'chunked'      # the speed levers of train.py, off until measured: 'liger' fuses the head and the loss
@@ -187,8 +186,9 @@ def load_model():
              "pick the matching checkpoint")
     if block_size > model.config.max_seq_len:
         fail(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    wrap_model(model.to(device).train(), attention, gradient_checkpointing, fused, recompute_blocks, lean_mix,
-               compile_blocks, selective_checkpointing)
+    wrap_model(model.to(device).train(), attention=attention, fused=fused, lean_mix=lean_mix,
+               compile_blocks=compile_blocks, recompute_blocks=recompute_blocks,
+               selective_checkpointing=selective_checkpointing)
     model.set_tau(tau)
     return model, pretrained
 

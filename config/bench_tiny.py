@@ -14,5 +14,4 @@ device = 'cpu'
 dtype = 'float32'
 backend = 'torch'
 fused = False                 # compiling takes longer than this size's steps
-gradient_checkpointing = False
-recompute_blocks = -1
+recompute_blocks = 0

@@ -38,18 +38,13 @@ device = 'cuda'                # a GPU run: no CUDA is an error at start, never 
 zero_stage = 1
 dtype = 'bfloat16'
 attention = 'auto'             # 'auto': flash-attn if installed, else torch's varlen_attn (sm80+), else SDPA; printed at start
-# Memory and speed (train.py's defaults are off, for CPU): chosen from what a block keeps for its backward, measured
-# with `python bench.py --memory_only=True [--fused=True]` (device-independent, bf16): 109.5 KiB a token unfused, so
-# 206 GB of activations at 16 x 4,096 x 28 blocks; 33.5 KiB with the compiled kernels, 63 GB. Neither fits an 80 GB
-# card beside ~12 GB of weights, gradients and AdamW state, so some blocks recompute their activations (~1/3 more
-# compute each). With the fused kernels, recomputing 8 of the 28 blocks keeps the activations under 50 GB (unfused it
-# takes 23). Not yet checked against a GPU's peak memory: out of memory at the first step means raise recompute_blocks.
-# Measured on an H200 with these settings (chunked loss): 63.0 GiB peak allocated, 74.1 GiB reserved, so this is the
-# 80 GB card's setting (A100/H100 80 GB). A 141 GB H200 fits fewer recomputed blocks, each ~1/3 of a block's compute
-# faster: `make gpu-check` prints the count for the card it runs on (from its measured peak) and for an 80 GB card.
+# Memory and speed (train.py's defaults are off, for CPU): no variant fits micro-batch 16 x 4,096 on an 80 GB card
+# without recomputing some blocks; with the compiled kernels (fused), recomputing the first 8 of 28 keeps the
+# activations under 50 GB, beside ~12 GB of weights, gradients and AdamW state. The bytes a block keeps come from
+# `python bench.py --memory_only=True --fused=True`, the peak memory an H200 measured from `make gpu-check`: both in
+# docs/benchmarks.md. A larger card fits fewer recomputed blocks; `make gpu-check` prints the count for the card at hand.
 fused = True
-gradient_checkpointing = True
-recompute_blocks = 8
+recompute_blocks = 8           # the first 8 blocks recompute their activations in the backward (-1: all, 0: none)
 # The speed levers (docs/gpu.md, "Speed levers"), each off until a GPU has measured it faster and exact: `make gpu-check`
 # times today's path beside each lever and all together, checks each against today's loss, gradients and update, and
 # prints the line to run on that card, e.g. `deepspeed train.py config/pretrain.py --loss_kernel=liger --lean_mix=True`.

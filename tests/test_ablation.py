@@ -48,7 +48,7 @@ def test_ablation_config_is_a_budget_sized_pair():
     timed = configure(dict(vars(bench)), [os.path.join(ROOT, 'config', 'bench_ablation.py')])
     assert timed['token_budget'] == tokens
     for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'd_ff', 'block_size', 'micro_batch_size', 'fused',
-                'gradient_checkpointing', 'backend', 'dtype'):
+                'recompute_blocks', 'backend', 'dtype'):
         assert timed[key] == settings[key], key
 
 

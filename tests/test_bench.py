@@ -55,11 +55,11 @@ def test_bench_through_deepspeed_with_the_pretrain_settings():
     """README's card check (DeepSpeed, fused kernels, partial checkpointing) on CPU; a subprocess, as DeepSpeed
     initialises torch.distributed once per process."""
     result = subprocess.run([sys.executable, 'bench.py', 'config/bench_tiny.py', '--backend=deepspeed', '--fused=True',
-                             '--gradient_checkpointing=True', '--recompute_blocks=1'], cwd=ROOT, capture_output=True,
+                             '--recompute_blocks=1'], cwd=ROOT, capture_output=True,
                             text=True, timeout=600, env={**os.environ, 'MASTER_PORT': str(28_500 + os.getpid() % 1000)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert '(cpu, float32, deepspeed, ZeRO-1)' in result.stdout
-    assert 'step-time ratio PolyGLU / VanillaLM' in result.stdout and '(1 of 2 blocks recomputed)' in result.stdout
+    assert 'step-time ratio PolyGLU / VanillaLM' in result.stdout and '1 of 2 blocks recomputed' in result.stdout
     assert 'warning' not in result.stdout  # nothing compiles again once warmed up
 
 
@@ -107,8 +107,7 @@ def run_models(config, dtype, fused, recompute_blocks=None):
     """Output and all parameter gradients of one forward/backward from the same weights and Gumbel noise."""
     torch.manual_seed(0)
     state = M.create_model(config).state_dict()
-    model = M.create_model(config, dtype=dtype, fused=fused, gradient_checkpointing=recompute_blocks is not None,
-                           recompute_blocks=recompute_blocks or 0).train()
+    model = M.create_model(config, dtype=dtype, fused=fused, recompute_blocks=recompute_blocks or 0).train()
     model.load_state_dict(state)
     idx = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(2))
     torch.manual_seed(1)
@@ -140,7 +139,7 @@ def test_pretrain_config_recomputes_the_fewest_blocks_that_fit():
     train, bench = importlib.reload(train), importlib.reload(bench)
     configure(vars(train), ['config/pretrain.py'])
     configure(vars(bench), ['--memory_only=True', '--device=cpu', '--backend=torch'])
-    assert train.gradient_checkpointing and (bench.micro_batch_size, bench.block_size, bench.fused) == (16, 4096, True)
+    assert train.recompute_blocks == 8 and (bench.micro_batch_size, bench.block_size, bench.fused) == (16, 4096, True)
     kib = {r['model_type']: r['saved_kib_per_token'] for r in bench.main()}
     for model_type in kib:  # the VanillaLM baseline runs with the same config
         assert bench.activation_gb(kib[model_type], train.recompute_blocks) <= bench.activation_budget_gb
@@ -169,7 +168,7 @@ def test_bench_defaults_are_read_from_the_pretrain_config(tmp_path):
     bench, train = importlib.reload(bench), importlib.reload(train)
     configure(vars(train), ['config/pretrain.py'])
     for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'block_size', 'micro_batch_size',
-                'fused', 'gradient_checkpointing', 'recompute_blocks', 'loss_chunk_size', 'zero_stage', 'backend',
+                'fused', 'recompute_blocks', 'loss_chunk_size', 'zero_stage', 'backend',
                 'dtype', 'device', 'attention'):
         assert getattr(bench, key) == getattr(train, key), key
     assert (bench.micro_batch_size, bench.fused, bench.recompute_blocks, bench.zero_stage) == (16, True, 8, 1)
@@ -190,13 +189,8 @@ def test_bench_default_runs_the_pretrain_settings_shrunk(capsys):
     polyglu, = bench.main()
     out = capsys.readouterr().out
     assert 'x 8 micro-steps a step, fused=True' in out  # train.py's step: grad_accum_steps micro-batches, one update
-    assert 'checkpointing=True (8 of 9 blocks recomputed), loss chunked (chunk 2048)' in out
+    assert '8 of 9 blocks recomputed, loss chunked (chunk 2048)' in out
     assert polyglu['model_type'] == 'polyglu' and polyglu['tokens_per_s'] > 0
-
-
-def test_bench_recompute_blocks_without_checkpointing_is_one_line():
-    with pytest.raises(SystemExit, match='recompute_blocks=1 does nothing without gradient_checkpointing=True'):
-        load_bench('--recompute_blocks=1').main()
 
 
 def test_gpu_check_without_cuda_is_one_line(tmp_path):

@@ -79,8 +79,8 @@ def small_training_step(attention='auto', loss_kernel='chunked', **wrappers):
     state = M.create_model(config).state_dict()
     idx = torch.randint(1, 512, (2, 257), device='cuda')
     idx[:, ::60] = 0
-    model = M.create_model(config, device='cuda', attention=attention, fused=True, gradient_checkpointing=True,
-                           recompute_blocks=1, **wrappers).train()
+    model = M.create_model(config, device='cuda', attention=attention, fused=True, recompute_blocks=1,
+                           **wrappers).train()
     model.load_state_dict(state)
     torch.manual_seed(1)
     with torch.autocast('cuda', dtype=torch.bfloat16):

@@ -30,7 +30,7 @@ def tiny():
             block.ffn.alpha.normal_(std=2.0)
             block.ffn.gate_net[0].weight.normal_(std=1.0)
             block.ffn.gate_net[2].weight.normal_(std=1.0)
-    return M.enable_segment_pooling(model)
+    return M.wrap_model(model, segment_pooling=True)
 
 
 @pytest.fixture(scope='module')
@@ -111,7 +111,7 @@ def test_cached_generation_is_exact_when_it_refreshes_every_step(tiny, word_toke
 
 def test_vanilla_cached_generation_is_exact(word_tokenizer):
     torch.manual_seed(0)
-    vanilla = M.enable_segment_pooling(M.create_model(small_config(model_type='vanilla', max_seq_len=64)).eval())
+    vanilla = M.create_model(small_config(model_type='vanilla', max_seq_len=64), segment_pooling=True).eval()
     prompts = [(context, [], 5) for context, _ in requests(3)]
     assert E.generate_texts(vanilla, word_tokenizer, prompts, 4096, cached=True) == \
         E.generate_texts(vanilla, word_tokenizer, prompts, 4096)
@@ -123,7 +123,7 @@ def test_held_out_perplexity_is_document_masked_by_hand(tmp_path):
     folder = synthetic.write_source(str(tmp_path), 'math', n_tokens=3000, chunk_tokens=5000, manifest_eos=M.EOS_ID,
                                     eos=M.EOS_ID, max_length=12)  # short documents: several in every window
     manifest = json.load(open(os.path.join(folder, 'manifest.json')))
-    result = E.held_out_perplexity(M.enable_segment_pooling(model), folder, held_tokens=700, max_tokens=10_000, context=32)
+    result = E.held_out_perplexity(M.wrap_model(model, segment_pooling=True), folder, held_tokens=700, max_tokens=10_000, context=32)
     tokens = np.concatenate([np.fromfile(os.path.join(folder, c['file']), dtype=np.uint32) for c in manifest['chunks']])
     held = torch.from_numpy(tokens[-700:].astype(np.int64))
     masked, unmasked = [], []
@@ -258,7 +258,7 @@ def test_harness_runs_local_tasks(harness_setup, tmp_path, monkeypatch, capsys):
     assert '|poly_mc' in capsys.readouterr().out  # the summary table
     # the harness's accuracy is what our own scores give: argmax over the choices' log-likelihoods
     model, _ = U.load_checkpoint(checkpoint)
-    M.enable_segment_pooling(model)
+    M.wrap_model(model, segment_pooling=True)
     tok = module.get_tokenizer('packaged')
     correct = 0
     for i in range(6):
@@ -303,7 +303,7 @@ def test_eval_runs_on_the_author_formats(kind, author_files, harness_setup, tmp_
     assert report['format'] == {'pt': 'author portable', 'safetensors': 'safetensors'}[kind]
     assert 0.0 <= report['results']['poly_mc']['acc,none'] <= 1.0
     model, _ = U.load_checkpoint(author_files[kind])
-    expected = E.held_out_perplexity(M.enable_segment_pooling(model), os.path.join(data, 'math'), 1000, 1000, 256)
+    expected = E.held_out_perplexity(M.wrap_model(model, segment_pooling=True), os.path.join(data, 'math'), 1000, 1000, 256)
     assert report['perplexity']['math']['loss'] == pytest.approx(expected['loss'], rel=1e-6)
 
 
@@ -319,7 +319,7 @@ def test_scoring_memory_does_not_grow_with_the_vocabulary():
     script = """
 import resource, numpy as np, torch, model as M, utils as U, eval as E
 torch.manual_seed(0)
-model = M.enable_segment_pooling(M.create_model(M.ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64)))
+model = M.create_model(M.ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64), segment_pooling=True)
 requests = [([M.EOS_ID], np.random.default_rng(i).integers(0, 151_669, 4095).tolist()) for i in range(2)]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 assert len(E.packs([4096] * 2, 8_192)) == 1
@@ -436,7 +436,7 @@ def test_author_perplexity_by_hand(tmp_path):
     manifest = json.load(open(os.path.join(folder, 'manifest.json')))
     sizes = [c['tokens'] for c in manifest['chunks']]
     assert len(sizes) == 3 and sizes[-1] < 3000 <= sizes[-2]  # the last chunk is a small remainder: the one before
-    result = E.author_perplexity(M.enable_segment_pooling(model), folder, 8, min_chunk=3000)
+    result = E.author_perplexity(M.wrap_model(model, segment_pooling=True), folder, 8, min_chunk=3000)
     tokens = np.fromfile(os.path.join(folder, manifest['chunks'][1]['file']), dtype=np.uint32).astype(np.int64)
     n = min(244, (len(tokens) - 9) // 9)
     stride = (len(tokens) - 9) // n

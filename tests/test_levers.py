@@ -80,8 +80,8 @@ def training_steps(compile_blocks, steps=5, n_layers=2):
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    model = M.create_model(small_config(n_layers=n_layers), fused=True, lean_mix=True, gradient_checkpointing=True,
-                           recompute_blocks=1, compile_blocks=compile_blocks).train()
+    model = M.create_model(small_config(n_layers=n_layers), fused=True, lean_mix=True, recompute_blocks=1,
+                           compile_blocks=compile_blocks).train()
     loss_module, generator, results = M.LanguageModelLoss(model, 64), torch.Generator().manual_seed(1), []
     for step in range(steps):
         model.update_tau(step, steps - 1)
@@ -213,10 +213,8 @@ def test_selective_checkpointing_trains_as_no_checkpointing():
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
     loss, grads = run()
-    selective_loss, selective_grads = run(gradient_checkpointing=True, selective_checkpointing=True, recompute_blocks=2)
+    selective_loss, selective_grads = run(selective_checkpointing=True, recompute_blocks=2)
     assert selective_loss == loss and torch.equal(selective_grads, grads)
     from torch.utils.checkpoint import CheckpointPolicy
     assert M.keep_matmuls(None, torch.ops.aten.mm.default) == CheckpointPolicy.MUST_SAVE
     assert M.keep_matmuls(None, torch.ops.aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
-    with pytest.raises(SystemExit, match='selective_checkpointing=True chooses what the recomputed blocks keep'):
-        M.create_model(small_config(), selective_checkpointing=True)

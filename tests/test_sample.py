@@ -53,7 +53,7 @@ def test_greedy_sample_is_evals_exact_generation(setup, monkeypatch, capsys):
     out = run([f'--checkpoint={checkpoint}', f'--prompt={prompt}', '--chat=False', '--temperature=0',
                '--max_new_tokens=12'], monkeypatch, capsys)
     model, _ = U.load_checkpoint(checkpoint)
-    expected = E.generate_texts(M.enable_segment_pooling(model), tok, [(tok.encode(prompt).ids, [], 12)], 4096)[0]
+    expected = E.generate_texts(M.wrap_model(model, segment_pooling=True), tok, [(tok.encode(prompt).ids, [], 12)], 4096)[0]
     assert out.out.rstrip('\n') == prompt + expected and len(expected.split()) == 12
     assert re.search(r'12 new tokens in [\d.]+s: [\d.]+ tokens/s \(exact generation on cpu\)', out.err)
 

@@ -407,7 +407,7 @@ def test_deepspeed_matches_torch_and_resumes_exactly(data_dir, tmp_path, capsys,
     # the GPU run's settings (bf16 weights under DeepSpeed, compiled kernels, the first block recomputed) with fused
     # AdamW, stopped, then resumed by plain PyTorch's bf16 engine with fused AdamW: the same per-parameter state (Adam's
     # step where the fused kernel wants it); the losses are the float32 run's to bf16 precision
-    bf16_settings = dict(dtype='bfloat16', fused=True, gradient_checkpointing=True, recompute_blocks=1, fused_adamw=True)
+    bf16_settings = dict(dtype='bfloat16', fused=True, recompute_blocks=1, fused_adamw=True)
     stopped = run('bf16_fused', backend='deepspeed', stop_after_steps=7, **bf16_settings)
     masters = torch.load(tmp_path / 'bf16_fused' / 'portable_7.pt', weights_only=True)['model_state_dict']
     weight = masters['model_core.0.polyglu.W_gate.weight']  # the fp32 masters, not the module's bf16 rounding of them
@@ -485,7 +485,7 @@ def test_defaults_are_the_full_run_of_config_pretrain():
     import train
     from configurator import config_file_values
     train = importlib.reload(train)
-    gpu_run = {'device', 'dtype', 'fused', 'gradient_checkpointing', 'recompute_blocks', 'wandb_log', 'wandb_run_name',
+    gpu_run = {'device', 'dtype', 'fused', 'recompute_blocks', 'wandb_log', 'wandb_run_name',
                'snapshot_interval'}
     pretrain = config_file_values(os.path.join(ROOT, 'config', 'pretrain.py'))
     shared = set(pretrain) & set(vars(train))
