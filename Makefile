@@ -46,12 +46,12 @@ TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(5, (os.cpu_count() or
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
-# bench.py --gpu_check=True, in at most 8 minutes: the CUDA tests, the speed levers side by side at full size, train.py
+# tests/gpu_check.py, in at most 8 minutes: the CUDA tests, the speed levers side by side at full size, train.py
 # stopped and resumed, exact generation; tables, JSON and log in results/gpu_check/ ($$GPU_CHECK_DIR), rewritten after
 # every stage. ARGS: e.g. --stages=levers,train --levers=lean_mix. A bare CUDA image with torch, numpy and
 # pytest runs it too. GPU_CHECK_DRY=1: on the CPU, tiny.
 gpu-check:
-	@$(ANY_PY) bench.py --gpu_check=True $(ARGS)
+	@$(ANY_PY) tests/gpu_check.py $(ARGS)
 
 # PolyGLU against VanillaLM (README, "Is PolyGLU better?"): both arms x SEEDS init seeds on the same data, one run after
 # another, each in $(ABLATION_DIR)/{arm}-seed{n}; a finished run is skipped, an interrupted one resumes; then the paired

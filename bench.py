@@ -7,7 +7,6 @@ The card check: training steps of config/pretrain.py's run, PolyGLU beside Vanil
     python bench.py --memory_only=True          # what a block keeps for its backward (seconds, any device)
     python bench.py --profile=True              # the top entries of a profiled PolyGLU step
     python bench.py --levers=all                # today's path, each speed lever alone, the recommended (lever_table)
-    make gpu-check                              # = python bench.py --gpu_check=True: all a fresh GPU must pass, 8 min
 
 The defaults are train.py's settings under config/pretrain.py (run_settings): the model, the micro-batch and its
 grad_accum_steps, the fused kernels, the recomputed blocks, the loss chunk and kernel, the speed levers, the backend,
@@ -23,30 +22,14 @@ It also measures what one block keeps for its backward (every tensor saved by au
 per token, and from it the activation memory of the micro-batch with and without checkpointing: a device-independent
 figure that says how many blocks must be recomputed for a micro-batch to fit.
 
-gpu_check=True runs, in order, each stage within its own time limit (STAGE_LIMITS_S, 8 minutes together; the plan is
-printed first): the environment; the CUDA tests (tests/test_cuda.py); the lever table at full size in its own process
-(lever_table: rows that share one model's weights, timed in interleaved rounds, each checked against float32, the
-recommended setting run as a row, VanillaLM beside it, the profile); train.py for a few steps on token chunks it writes
-itself, stopped and resumed, with the save of a full-size checkpoint timed; and exact generation at full size
-(eval.py --benchmark). gpu_check.json, summary.txt, levers.json and levers.txt in results/gpu_check/ (or
-$GPU_CHECK_DIR) are rewritten after every stage and every round of rows, so a check killed at any moment keeps what it
-measured. It needs only torch, numpy and pytest (DeepSpeed, liger-kernel and flash-attn where installed) and says what
-it skipped. Without CUDA it stops with exit status 2, unless GPU_CHECK_DRY=1 runs it all on the CPU at a tiny size
-(the test suite does), the CUDA-only parts reported as skipped.
+`make gpu-check` (tests/gpu_check.py) runs the lever table at full size as one of its stages, in its own process.
 """
 import copy
 import gc
 import importlib.util
 import json
 import os
-import platform
-import re
 import resource
-import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,8 +41,8 @@ from configurator import config_file_values, configure
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, available_attention, check_loss_kernel,
                    count_parameters, create_model, flops_per_token, recompute_flops_per_token, use_fa4,
                    wrap_model)
-from utils import (LAUNCHER_GRACE_S, file_digest, init_distributed, make_engine, named_masters, optimizer_weights,
-                   peak_flops, resolve_device, round_masters, save_checkpoint, to_device)
+from utils import (init_distributed, make_engine, named_masters, optimizer_weights, peak_flops, resolve_device,
+                   round_masters, to_device)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUN_CONFIG = os.path.join(ROOT, 'config', 'pretrain.py')
@@ -110,8 +93,6 @@ levers = ''                  # the lever table: 'all' (today's path, each lever 
 levers_json = ''             # where the lever table writes its rows after every round (make gpu-check sets it)
 levers_seconds = 0.0         # the lever table's time limit: rows it cannot reach are reported as not run; 0 = none
 memory_only = False          # only measure what a block keeps for its backward (seconds, any device), no steps
-gpu_check = False            # `make gpu-check`: every stage a fresh GPU must pass before the run (module docstring)
-stages = 'all'               # the stages gpu-check runs: all, or some of cuda,levers,train,generation
 seed = 1337
 # -----------------------------------------------------------------------------
 CARDS_GIB = (('80 GB', 79.2), ('40 GB', 39.4))  # what torch reports as the total memory of an 80 GB and a 40 GB card
@@ -868,337 +849,8 @@ def write_json(path, data):
     os.replace(f"{path}.tmp", path)
 
 
-# -----------------------------------------------------------------------------
-# make gpu-check
-
-# (liger's kernels run in Triton's interpreter here: its cost grows with the tokens and the vocabulary)
-DRY_SIZE = dict(vocab_size=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256, block_size=64,
-                micro_batch_size=2, grad_accum_steps=1, loss_chunk_size=32, recompute_blocks=1, device='cpu',
-                dtype='float32', backend='torch')
-# Each stage's time limit: together 8 minutes. A stage ends cleanly at its limit (a subprocess is killed, the lever table
-# stops starting rows LIMIT_MARGIN_S before it) with what it measured kept.
-STAGE_LIMITS_S = {'cuda tests': 75, 'speed levers': 210, 'train, stop, resume': 150, 'generation': 45}
-STAGE_NAMES = {'cuda': 'cuda tests', 'levers': 'speed levers', 'train': 'train, stop, resume', 'generation': 'generation'}
-LIMIT_MARGIN_S = 20
-H200_MICRO_BATCH_S = 1.124   # one 16 x 4,096 micro-batch of today's path, measured on an H200 (docs/benchmarks.md)
-TRAIN_STEPS, STOP_AT = 6, 3      # the resume check: an uninterrupted run against one stopped at STOP_AT and resumed
-GENERATION = {'requests': 8, 'new_tokens': 64}
-# the resumed losses against the uninterrupted ones: float32 on the CPU repeats exactly; bf16 on a GPU only as far as
-# kernels whose atomics reorder sums allow. A resume that loses Adam's moments is off by 0.009 in the dry run.
-LOSS_TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-2}
-
-
-def check_plan(names):
-    """What each stage will run, printed before the first: full-size micro-batches at the H200's measured seconds, the
-    model builds and compilations around them (their time is what the stage's limit leaves), and the limit."""
-    rows = lever_rows(levers or 'all')
-    lever_work = budget(rows)
-    work = {'cuda tests': (0, "tests/test_cuda.py: small models, the padded head and liger's loss at the real vocabulary"),
-            'speed levers': (lever_work['micro_batches'], f"{len([r for r in rows if 'changes' in r])} rows, "
-                             f"{lever_work['full_size_builds']} full-size and {lever_work['two_block_builds']} 2-block "
-                             f"model builds, {lever_work['compiled_settings']} compiled settings"),
-            'train, stop, resume': (2 * TRAIN_STEPS, "train.py 3 times: each a full-size build, DeepSpeed's start and "
-                                    "a ~10 GB save"),
-            'generation': (0, f"eval.py --benchmark: a full-size load, {GENERATION['requests']} requests x "
-                           f"{GENERATION['new_tokens']} new tokens")}
-    print(f"gpu-check plan (micro-batches of {micro_batch_size} x {block_size} tokens at the H200's measured "
-          f"{H200_MICRO_BATCH_S} s; each stage stops at its limit):")
-    for name in names:
-        micro_batches, what = work[name]
-        print(f"  {name:<21} {micro_batches:>3} micro-batches ({micro_batches * H200_MICRO_BATCH_S:>4.0f} s) + {what}; "
-              f"limit {STAGE_LIMITS_S[name]} s")
-    total = sum(STAGE_LIMITS_S[name] for name in names)
-    print(f"  {'all':<21} {sum(work[n][0] for n in names):>3} micro-batches "
-          f"({sum(work[n][0] for n in names) * H200_MICRO_BATCH_S:>4.0f} s); limits together {total} s = "
-          f"{total / 60:.1f} min")
-    return {name: {'micro_batches': work[name][0], 'work': work[name][1], 'limit_s': STAGE_LIMITS_S[name]}
-            for name in names}
-
-
-class Tee:
-    """stdout that is also written to the check's log file."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for stream in self.streams:
-            stream.write(text)
-            stream.flush()
-
-    def flush(self):
-        for stream in self.streams:
-            stream.flush()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def run_logged(args, timeout):
-    """Run a command in the repository, echoing its output as it comes -> (exit status, output). Killed after
-    `timeout` seconds, so that a hang cannot eat the rented hour. Its own MASTER_PORT: this process may hold one."""
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'MASTER_PORT': str(free_port())}
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    timer = threading.Timer(max(1.0, timeout), process.kill)
-    timer.start()
-    lines = []
-    for line in process.stdout:
-        print(f"    {line}", end='')
-        lines.append(line)
-    process.wait()
-    timer.cancel()
-    if process.returncode < 0:
-        lines.append(f"killed at its time limit, {timeout:.0f} s\n")
-    return process.returncode, ''.join(lines)
-
-
-def last_line(output):
-    return (output.strip().splitlines() or [''])[-1][:200]
-
-
-def environment():
-    """One line: the card, its driver, torch and its CUDA, and the kernels and packages that are there."""
-    packages = ('deepspeed', 'flash_attn', 'triton', 'liger_kernel', 'lm_eval', 'wandb')
-    installed = {name: importlib.util.find_spec(name) is not None for name in packages}
-    env = {'python': platform.python_version(), 'torch': torch.__version__, 'torch_cuda': torch.version.cuda,
-           'cuda': torch.cuda.is_available(), 'kernels': available_attention(), **installed}
-    if env['cuda']:
-        try:
-            driver = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
-                                    capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.SubprocessError):
-            driver = 'unknown'
-        env.update(gpu=torch.cuda.get_device_name(), capability='.'.join(map(str, torch.cuda.get_device_capability())),
-                   memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1), driver=driver)
-    print(f"environment: {env.get('gpu', 'no GPU')} (sm {env.get('capability', '-')}, {env.get('memory_gib', '-')} GiB, "
-          f"driver {env.get('driver', '-')}) | Python {env['python']} | torch {env['torch']} (CUDA {env['torch_cuda']}) "
-          f"| attention kernels: {', '.join(env['kernels']) or 'none (CPU)'} | "
-          + ' | '.join(f"{name} {'yes' if installed[name] else 'no'}" for name in packages))
-    return env
-
-
-def stage_cuda_tests(limit):
-    code, output = run_logged([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'tests/test_cuda.py'],
-                              timeout=limit)
-    counts = {word: int(n) for n, word in re.findall(r'(\d+) (passed|failed|skipped|error)', output)}
-    if code not in (0, 5) or counts.get('failed') or counts.get('error'):
-        raise RuntimeError(f"tests/test_cuda.py: {counts or last_line(output)}")
-    if not counts.get('passed'):
-        return 'skipped', f"{counts.get('skipped', 0)} skipped (no CUDA)", counts
-    return 'ok', ', '.join(f"{n} {word}" for word, n in counts.items()), counts
-
-
-def stage_levers(limit, folder, dry):
-    """The lever table in its own process (a crash or a hang of one lever cannot take the check with it), killed at the
-    stage's limit; its rows, written after every round to levers.json, are what the stage reports."""
-    out = os.path.join(folder, 'levers.json')
-    if os.path.exists(out):
-        os.remove(out)
-    sizes = [f'--{k}={v}' for k, v in DRY_SIZE.items()] if dry else []
-    overrides = [arg for arg in sys.argv[1:] if not arg.startswith(('--gpu_check', '--stages', '--levers'))]
-    code, output = run_logged([sys.executable, 'bench.py', *overrides, *sizes, f'--levers={levers or "all"}',
-                               f'--levers_json={out}', f'--levers_seconds={limit - LIMIT_MARGIN_S}'], timeout=limit)
-    if not os.path.exists(out):
-        raise RuntimeError(f"bench.py --levers exited {code} before its first row: {last_line(output)}")
-    with open(out) as f:
-        result = json.load(f)
-    rows = {row['lever']: row for row in result['rows']}
-    today, best = rows['today'], rows.get(result.get('recommended'), rows['today'])
-    if 'tokens_per_s' not in today:
-        raise RuntimeError(f"today's path was not timed: {today.get('error') or last_line(output)}")
-    mfu = (lambda row: f", MFU {100 * row['mfu']:.1f}%" if row.get('mfu') is not None else '')
-    vanilla = {row['lever']: row for row in result.get('vanilla', []) if row.get('step_s')}
-    ratio = f", PolyGLU/VanillaLM {today['step_s'] / vanilla['today']['step_s']:.3f}" if 'today' in vanilla else ''
-    best_line = (f"recommended {best['tokens_per_s']:,.0f} tokens/s{mfu(best)}" if best is not today else
-                 "no lever measured faster and exact")
-    summary = (f"today {today['tokens_per_s']:,.0f} tokens/s{mfu(today)}{ratio}; {best_line}; {best['hours']:,.0f} h / "
-               f"${best['hours'] * usd_per_hour:,.0f} for {token_budget:.0e} tokens; {result.get('line', '')}")
-    failed = [row['lever'] for row in result['rows'] if row.get('error')] + (['the table'] if result.get('error') else [])
-    inexact = [row['lever'] for row in result['rows'] if row.get('exact') is False]
-    if code != 0 or not result['finished']:
-        return 'partial', summary + f"; stopped at the time limit or exit {code}", result
-    if failed or inexact:
-        return 'warning', summary + ''.join(f"; {what}: {', '.join(names)}" for what, names in
-                                            (('failed', failed), ('not exact', inexact)) if names), result
-    return 'ok', summary, result
-
-
-def check_folder():
-    return os.environ.get('GPU_CHECK_DIR', os.path.join(ROOT, 'results', 'gpu_check'))
-
-
-def write_check_data(folder, eos):
-    """math, stem and code as prepare.py writes them (one chunk and its manifest each): random ids, skewed towards the
-    first of 4,096 (a unigram the model learns within the check's few steps, so that a resume that lost its state shows
-    in the losses), an EOS every ~1,000 tokens."""
-    rng = np.random.default_rng(seed)
-    rows = TRAIN_STEPS * micro_batch_size + 4   # every row of the check's steps, and the held-out rows
-    for name in ('math', 'stem', 'code'):
-        tokens = (rng.random(rows * (block_size + 1)) ** 3 * min(4096, vocab_size)).astype(np.uint32)
-        tokens[tokens == eos] = eos + 1
-        tokens[rng.random(tokens.size) < 1 / 1000] = eos
-        tokens[-1] = eos
-        os.makedirs(os.path.join(folder, name), exist_ok=True)
-        tokens.tofile(os.path.join(folder, name, 'chunk_00000.bin'))
-        chunk = {'file': 'chunk_00000.bin', 'tokens': int(tokens.size),
-                 'sha256': file_digest(os.path.join(folder, name, 'chunk_00000.bin'))}
-        with open(os.path.join(folder, name, 'manifest.json'), 'w') as f:
-            json.dump({'format': 'polychromatic-tokens-v1', 'source': name, 'tokenizer': 'random (gpu-check)',
-                       'eos_id': eos, 'dtype': 'uint32', 'vocab_size': vocab_size, 'chunks': [chunk],
-                       'total_tokens': int(tokens.size), 'complete': True}, f)
-
-
-def train_losses(out_dir):
-    with open(os.path.join(out_dir, 'train_log.jsonl')) as f:
-        return {entry['step']: entry['train/loss'] for entry in map(json.loads, f) if 'train/loss' in entry}
-
-
-def stage_train(limit, work):
-    """train.py with config/pretrain.py's settings for TRAIN_STEPS steps of one micro-batch, uninterrupted, and again
-    stopped at STOP_AT and resumed: the losses must agree. Every save is a checkpoint of the configured model (full
-    size on a GPU), timed against the launchers' grace. The three runs share the stage's limit."""
-    deadline = time.perf_counter() + limit
-    eos = EOS_ID if vocab_size > EOS_ID else 1
-    write_check_data(os.path.join(work, 'data'), eos)
-    sizes = {k: globals()[k] for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff',
-                                       'block_size', 'micro_batch_size', 'loss_chunk_size', 'recompute_blocks',
-                                       'fused', 'device', 'dtype', 'backend', 'zero_stage')}
-    settings = dict(sizes, max_seq_len=max(block_size, 4096), eos_id=eos, data_dir=os.path.join(work, 'data'),
-                    max_steps=TRAIN_STEPS, grad_accum_steps=1, warmup_steps=1, learning_rate=1e-3, min_lr=1e-4,
-                    val_tokens=2 * block_size, eval_rows=1, eval_interval=0, checkpoint_interval=0, log_interval=1,
-                    keep_checkpoints=1, wandb_log=False, attention=attention if attention != 'all' else 'auto')
-    args = [sys.executable, 'train.py', RUN_CONFIG, *(f'--{k}={v}' for k, v in settings.items())]
-    saves, outputs = [], []
-    for name, extra in (('uninterrupted', []), ('stopped', [f'--stop_after_steps={STOP_AT}']), ('resumed', [])):
-        out_dir = os.path.join(work, 'uninterrupted' if name == 'uninterrupted' else 'resumed')
-        print(f"  train.py, {name} ({TRAIN_STEPS} steps{f', stop at {STOP_AT}' if extra else ''})")
-        code, output = run_logged([*args, f'--out_dir={out_dir}', *extra], timeout=deadline - time.perf_counter())
-        if code != 0:
-            raise RuntimeError(f"train.py ({name}) exited {code}: {last_line(output)}")
-        outputs.append(output)
-        saves += [(float(gb), float(s)) for gb, s in re.findall(r'saved checkpoint .*\(([\d.e+-]+) GB in ([\d.]+) s', output)]
-        if name == 'uninterrupted':
-            reference = train_losses(out_dir)
-            shutil.rmtree(out_dir)  # a full-size checkpoint is ~10 GB of disk
-    resumed = train_losses(os.path.join(work, 'resumed'))
-    if f"resumed from step {STOP_AT}" not in outputs[2] or sorted(resumed) != sorted(reference):
-        raise RuntimeError(f"the resumed run did not continue from step {STOP_AT}: steps {sorted(resumed)}")
-    difference, tolerance = max(abs(resumed[s] - reference[s]) for s in reference), LOSS_TOLERANCE[dtype]
-    size, seconds = max(saves, key=lambda save: save[1])
-    info = {'losses_uninterrupted': reference, 'losses_resumed': resumed, 'max_loss_difference': difference,
-            'save_gb': size, 'save_s': seconds, 'saves': saves}
-    summary = (f"losses over {TRAIN_STEPS} steps {reference[1]:.3f} -> {reference[TRAIN_STEPS]:.3f}, resumed at "
-               f"{STOP_AT}: max |difference| {difference:.5f} (<= {tolerance:g}); slowest save {size:.3g} GB in "
-               f"{seconds:.1f} s (<= {LAUNCHER_GRACE_S} s)")
-    if difference > tolerance:
-        raise RuntimeError(f"the resumed losses leave the uninterrupted ones: {summary}")
-    if seconds > LAUNCHER_GRACE_S:
-        return 'warning', summary + ': a pre-emption would kill the save; use a faster disk for out_dir', info
-    return 'ok', summary, info
-
-
-def stage_generation(limit, checkpoint, dry):
-    """eval.py's benchmark on the checkpoint the train stage wrote (the configured model, trained for a few steps)."""
-    extra = (['--benchmark_requests=2', '--max_gen_toks=4', '--benchmark_prompt_tokens=32', '--batch_tokens=256'] if dry
-             else [f"--benchmark_requests={GENERATION['requests']}", f"--max_gen_toks={GENERATION['new_tokens']}"])
-    code, output = run_logged([sys.executable, 'eval.py', f'--checkpoint={checkpoint}', '--benchmark=True',
-                               f'--device={device}', f'--dtype={dtype}', *extra], timeout=limit)
-    rate = re.search(r'([\d.]+) new tokens/s, ([\d.]+) TFLOP/s', output)
-    hours = re.search(r'full GSM8K .*: ([\d.]+) hours', output)
-    if code != 0 or not rate or not hours:
-        raise RuntimeError(f"eval.py --benchmark exited {code}: {last_line(output)}")
-    info = {'new_tokens_per_s': float(rate[1]), 'tflops': float(rate[2]), 'gsm8k_hours': float(hours[1])}
-    return 'ok', (f"exact generation {info['new_tokens_per_s']:,.1f} new tokens/s ({info['tflops']:.3f} TFLOP/s); full "
-                  f"GSM8K, worst case: {info['gsm8k_hours']:.2f} h"), info
-
-
-def summary_lines(report):
-    env = report['environment']
-    lines = [f"gpu-check summary: {env.get('gpu', 'CPU (dry run)')}, torch {env['torch']}, "
-             f"{report['seconds'] / 60:.1f} min of {sum(STAGE_LIMITS_S.values()) / 60:.0f}",
-             f"{'stage':<22} {'status':<8} {'seconds':>7} {'limit':>5}  result"]
-    for name, s in report['stages'].items():
-        lines.append(f"{name:<22} {s['status']:<8} {s['seconds']:>7.0f} {STAGE_LIMITS_S[name]:>5}  {s['summary']}")
-    return '\n'.join(lines) + '\n'
-
-
-def run_gpu_check():
-    dry = os.environ.get('GPU_CHECK_DRY') == '1'
-    if not dry and not torch.cuda.is_available():
-        print("gpu-check needs CUDA (none here: torch.cuda.is_available() is False); GPU_CHECK_DRY=1 runs it on the "
-              "CPU at a tiny size")
-        sys.exit(2)
-    names = list(STAGE_NAMES.values()) if stages == 'all' else [STAGE_NAMES.get(n.strip(), n.strip())
-                                                                 for n in stages.split(',') if n.strip()]
-    unknown = [name for name in names if name not in STAGE_LIMITS_S]
-    if unknown:
-        raise SystemExit(f"error: unknown stages {unknown}: --stages=all or some of {','.join(STAGE_NAMES)}")
-    folder = check_folder()
-    work = os.path.join(folder, 'work')
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    log = open(os.path.join(folder, 'gpu_check.log'), 'w')
-    sys.stdout = Tee(sys.__stdout__, log)
-    if dry:
-        globals().update(DRY_SIZE)
-        print(f"gpu-check, dry run (GPU_CHECK_DRY=1): every stage on the CPU at a tiny size: {DRY_SIZE}")
-    report = {'dry_run': dry, 'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'environment': environment(),
-              'plan': check_plan(names), 'stages': {}, 'seconds': 0.0}
-
-    def save():  # after every stage: a check killed at any moment keeps what it measured
-        write_json(os.path.join(folder, 'gpu_check.json'), report)
-        with open(os.path.join(folder, 'summary.txt'), 'w') as f:
-            f.write(summary_lines(report))
-
-    def stage(name, function, *args):
-        print(f"\n== {name} (limit {STAGE_LIMITS_S[name]} s)")
-        start = time.perf_counter()
-        try:
-            status, summary, info = function(STAGE_LIMITS_S[name], *args)
-        except (Exception, SystemExit) as e:  # one stage's failure must not cost the others' GPU minutes
-            status, summary, info = 'failed', f"{type(e).__name__}: {last_line(str(e))}", {}
-        report['stages'][name] = {'status': status, 'summary': summary, 'seconds': time.perf_counter() - start, **info}
-        report['seconds'] = sum(s['seconds'] for s in report['stages'].values())
-        print(f"== {name}: {status} ({report['stages'][name]['seconds']:.0f} s): {summary}")
-        save()
-
-    save()
-    if 'cuda tests' in names:
-        stage('cuda tests', stage_cuda_tests)
-    if 'speed levers' in names:
-        stage('speed levers', stage_levers, folder, dry)
-    try:
-        setup(distributed=False)  # the stages run their own processes
-    except (Exception, SystemExit) as e:
-        for name in ('train, stop, resume', 'generation'):
-            if name in names:
-                report['stages'][name] = {'status': 'failed', 'summary': f"set-up: {e}", 'seconds': 0}
-        names = []
-    if 'train, stop, resume' in names:
-        stage('train, stop, resume', stage_train, work)
-    if 'generation' in names:
-        checkpoint = os.path.join(work, 'resumed', 'portable_final.pt')
-        if not os.path.isfile(checkpoint):  # the train stage failed or did not run: generation still gets measured
-            checkpoint = os.path.join(work, 'initialised.pt')
-            save_checkpoint(checkpoint, create_model(model_config(RUN['model_type'])), step=0)
-        stage('generation', stage_generation, checkpoint, dry)
-    shutil.rmtree(work, ignore_errors=True)
-    save()
-    print('\n' + summary_lines(report), end='')
-    print(f"-> {os.path.join(folder, 'gpu_check.json')}, {os.path.join(folder, 'summary.txt')}, "
-          f"{os.path.join(folder, 'levers.txt')}, {os.path.join(folder, 'gpu_check.log')}")
-    sys.stdout = sys.__stdout__
-    log.close()
-    return 1 if any(s['status'] == 'failed' for s in report['stages'].values()) else 0
-
-
 if __name__ == '__main__':
     configure(globals())
-    if gpu_check:
-        sys.exit(run_gpu_check())
     if levers:
         setup(distributed=False)  # the lever table runs plain PyTorch's bf16 engine (lever_table)
         lever_table(levers, levers_seconds, levers_json)

@@ -19,7 +19,8 @@ import sys
 
 LAUNCHER_KEYS = ('local_rank',)  # added by `deepspeed` / torch.distributed launchers; read from env instead
 CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
-RENAMED = {'checkpoint_blocks': 'recompute_blocks'}  # old key -> new: an old command line gets the new name
+# old key -> the key that now holds its setting: an old command line or config file gets the new name
+RENAMED = {'checkpoint_blocks': 'recompute_blocks', 'gradient_checkpointing': 'recompute_blocks'}
 
 
 def config_keys(namespace):
@@ -35,7 +36,7 @@ def fail(message):
 
 def nearest(key, keys):
     if RENAMED.get(key) in keys:
-        return f"did you mean '{RENAMED[key]}'? ({key} was renamed)"
+        return f"did you mean '{RENAMED[key]}'? ({key} is now {RENAMED[key]})"
     match = difflib.get_close_matches(key, keys, n=1)
     return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(sorted(keys))}"
 

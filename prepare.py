@@ -353,7 +353,7 @@ def write_chunk(folder, index, tokens, mask=None, problems=None):
 
 def write_source(folder, name, chunks, eos_id, vocab_size, tokenizer):
     """A complete source folder from token arrays ready in memory, one chunk each, in exactly the format train.py reads
-    (tests/synthetic.py and bench.py's gpu-check write their data with it)."""
+    (tests/synthetic.py writes its data with it)."""
     os.makedirs(folder, exist_ok=True)
     entries = []
     for i, tokens in enumerate(chunks):

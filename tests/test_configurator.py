@@ -104,8 +104,8 @@ def test_help_through_the_command_line_and_comments():
                      result.stdout)
 
 
-def test_a_renamed_key_names_its_new_name():
-    namespace = {'recompute_blocks': -1}
-    with pytest.raises(SystemExit, match=r"unknown config key 'checkpoint_blocks' .*did you mean 'recompute_blocks'\? "
-                                         r"\(checkpoint_blocks was renamed\)"):
-        configure(namespace, ['--checkpoint_blocks=8'])
+@pytest.mark.parametrize('old', ['checkpoint_blocks', 'gradient_checkpointing'])
+def test_a_renamed_key_names_its_new_name(old):
+    with pytest.raises(SystemExit, match=rf"unknown config key '{old}' .*did you mean 'recompute_blocks'\? "
+                                         rf"\({old} is now recompute_blocks\)"):
+        configure({'recompute_blocks': 0}, [f'--{old}=True'])

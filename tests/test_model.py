@@ -1,5 +1,6 @@
 import functools
 import math
+import re
 
 import pytest
 import torch
@@ -422,3 +423,45 @@ def test_mfu_count_and_what_it_leaves_out():
     assert extra == 8 * (2 * block_params + 2 * 1024 * 4096) + 2 * 1024 * 151_669
     # 8 recomputed blocks 7.5% and the loss chunks' second head forward 7.2% of the 4.29 GFLOP counted
     assert round(100 * extra / M.flops_per_token(config), 1) == 14.7
+
+
+WRAP_ERRORS = [  # wrap_model's settings -> the one line it stops with
+    ({'lean_mix': True}, "lean_mix=True rewrites the fused kernels' PolyGLU backward: set fused=True too"),
+    ({'recompute_blocks': 3}, 'recompute_blocks must be -1 (all), 0 (none) or 1..2, got 3'),
+    ({'selective_checkpointing': True}, 'selective_checkpointing=True chooses what the recomputed blocks keep'),
+    ({'segment_pooling': True, 'recompute_blocks': 1}, 'segment_pooling=True is for evaluation, which runs without'),
+    ({'segment_pooling': True, 'compile_blocks': True}, 'segment_pooling=True is for evaluation, which runs without'),
+]
+
+
+@pytest.mark.parametrize('wrapping, line', WRAP_ERRORS)
+def test_wrap_model_refuses_a_combination_in_one_line(config, wrapping, line):
+    with pytest.raises(SystemExit, match=re.escape(f'error: {line}')):
+        M.create_model(config, **wrapping)
+
+
+def test_segment_pooling_on_the_fused_kernels_is_exact_whatever_was_wrapped_before(config):
+    """Packed requests are computed as if each ran alone, also on the fused kernels; wrap_model starts from the plain
+    model, so an earlier wrapping (recomputation, segment pooling then fused) changes nothing, and rewrapping
+    without segment pooling gives the frozen whole-row mean back."""
+    torch.manual_seed(0)
+    model = M.create_model(config, recompute_blocks=1).eval()
+    with torch.no_grad():
+        for block in model.model_core:  # routing that depends on the gate's input
+            block.ffn.alpha.normal_()
+            block.ffn.gate_net[2].weight.normal_()
+    sequences = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13]]
+
+    def packed_minus_alone():
+        with torch.no_grad():
+            packed = M.packed_hidden_states(model, sequences)[0]
+            alone = torch.cat([M.packed_hidden_states(model, [s])[0] for s in sequences])
+        return (packed - alone).abs().max().item()
+    M.wrap_model(model, segment_pooling=True)
+    M.wrap_model(model, fused=True, segment_pooling=True)
+    assert model.wrapping['recompute_blocks'] == 0 and packed_minus_alone() < 1e-5
+    assert all(type(block.ffn.forward) is functools.partial for block in model.model_core)
+    M.wrap_model(model, fused=True)
+    assert packed_minus_alone() > 1e-3  # one gate mean over both requests
+    M.wrap_model(model)
+    assert all('forward' not in m.__dict__ for m in model.modules()) and model.wrapping == M.WRAPPING
