@@ -1,16 +1,16 @@
 """
 The card check: training steps of config/pretrain.py's run, PolyGLU beside VanillaLM, on the device at hand.
 
-    python bench.py                             # config/pretrain.py's run, read from that file (a GPU)
+    python bench.py                             # config/pretrain.py's run (a GPU)
     python bench.py --attention=all             # ... on every attention kernel this machine has, side by side
     python bench.py config/bench_small.py       # CPU-sized
     python bench.py --memory_only=True          # what a block keeps for its backward (seconds, any device)
     python bench.py --profile=True              # the top entries of a profiled PolyGLU step
     python bench.py --levers=all                # today's path, each speed lever alone, the recommended (lever_table)
 
-The defaults are train.py's settings under config/pretrain.py (run_settings): the model, the micro-batch and its
-grad_accum_steps, the fused kernels, the recomputed blocks, the loss chunk and kernel, the speed levers, the backend,
-ZeRO stage, dtype and attention kernel. A config file or --key=value shrinks or changes them. Times `steps` training
+The defaults are config/pretrain.py's settings, read again from that file at start (run_config): the model, the
+micro-batch and its grad_accum_steps, the fused kernels, the recomputed blocks, the loss chunk and kernel, the speed
+levers, the backend, ZeRO stage, dtype and attention kernel. A config file or --key=value shrinks or changes them. Times `steps` training
 steps (grad_accum_steps micro-batches, forward and backward, then one clipped AdamW update, as train.py) after
 `warmup` steps through the engine train.py uses (DeepSpeed with bf16 weights, plain PyTorch where DeepSpeed is not
 installed or on the CPU), on random tokens with a document separator every ~1,000 tokens (document masking on).
@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import resource
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from torch._dynamo.utils import counters
 
-from configurator import config_file_values, configure
+from configurator import config_file_values, config_keys, configure
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, available_attention, check_loss_kernel,
                    count_parameters, create_model, flops_per_token, recompute_flops_per_token, use_fa4,
                    wrap_model)
@@ -48,39 +49,34 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 RUN_CONFIG = os.path.join(ROOT, 'config', 'pretrain.py')
 
 
-def run_settings(config_file=RUN_CONFIG):
-    """What `train.py config_file` runs with, as far as a step needs it: config/pretrain.py (train.py's defaults, held
-    equal by a test), then the file."""
-    return {**config_file_values(RUN_CONFIG), **config_file_values(config_file)}
-
-
-RUN = run_settings()
 # -----------------------------------------------------------------------------
-# config: the run of config/pretrain.py unless a config file or --key=value changes it
+# config: config/pretrain.py's run (these values are its own, a test holds them equal); a run whose config/pretrain.py
+# was edited is read from the file at start (run_config), then a config file and --key=value change it
+run_config = 'config/pretrain.py'  # the run whose step is timed: its values of the keys below come first ('' = none)
 model_types = ('polyglu', 'vanilla')
-vocab_size = RUN['vocab_size']
-d_model = RUN['d_model']
-n_layers = RUN['n_layers']
-n_heads = RUN['n_heads']
-n_kv_heads = RUN['n_kv_heads']
-d_ff = RUN['d_ff']
-block_size = RUN['block_size']
-micro_batch_size = RUN['micro_batch_size']
-grad_accum_steps = RUN['grad_accum_steps']  # a timed step is train.py's: this many micro-batches, then one update
-backend = RUN['backend']     # where DeepSpeed is not installed, plain PyTorch's bf16 engine (its bf16 ZeRO-1, in one process)
-zero_stage = RUN['zero_stage']
-device = RUN['device']
-dtype = RUN['dtype']
-attention = RUN['attention']  # or 'all': every kernel available here, side by side
-fused = RUN['fused']
-recompute_blocks = RUN['recompute_blocks']
+vocab_size = 151_669
+d_model = 1024
+n_layers = 28
+n_heads = 16
+n_kv_heads = 8
+d_ff = 4096
+block_size = 4096
+micro_batch_size = 16
+grad_accum_steps = 8         # a timed step is train.py's: this many micro-batches, then one update
+backend = 'deepspeed'        # where DeepSpeed is not installed, plain PyTorch's bf16 engine (its bf16 ZeRO-1, in one process)
+zero_stage = 1
+device = 'cuda'
+dtype = 'bfloat16'
+attention = 'auto'           # or 'all': every kernel available here, side by side
+fused = True
+recompute_blocks = 8
 loss_chunk_size = 2048       # train.py's
-loss_kernel = RUN['loss_kernel']
-lean_mix = RUN['lean_mix']
-compile_blocks = RUN['compile_blocks']
-fused_adamw = RUN['fused_adamw']
-prefetch = RUN['prefetch']
-selective_checkpointing = RUN['selective_checkpointing']
+loss_kernel = 'chunked'
+lean_mix = False
+compile_blocks = False
+fused_adamw = False
+prefetch = False
+selective_checkpointing = False
 peak_flops_override = 0.0    # device peak FLOP/s for MFU; 0 = from the GPU's name
 steps = 10
 warmup = 3
@@ -849,8 +845,23 @@ def write_json(path, data):
     os.replace(f"{path}.tmp", path)
 
 
+def run_settings(config_file):
+    """What `train.py config_file` runs with, as far as a step needs it: config/pretrain.py, then the file."""
+    return {**config_file_values(RUN_CONFIG), **config_file_values(config_file)}
+
+
+def configure_run(argv):
+    """This file's config as every script's (configure), after the values of run_config's file for this file's keys:
+    an edited config/pretrain.py is what gets timed."""
+    configure(globals(), argv)
+    if run_config:
+        keys = config_keys(globals())
+        globals().update({k: v for k, v in config_file_values(run_config).items() if k in keys})
+        configure(globals(), argv)  # the command line over the run's file
+
+
 if __name__ == '__main__':
-    configure(globals())
+    configure_run(sys.argv[1:])
     if levers:
         setup(distributed=False)  # the lever table runs plain PyTorch's bf16 engine (lever_table)
         lever_table(levers, levers_seconds, levers_json)

@@ -311,7 +311,7 @@ def run_gpu_check():
     log = open(os.path.join(folder, 'gpu_check.log'), 'w')
     sys.stdout = Tee(sys.__stdout__, log)
     if dry:
-        vars(bench).update(DRY_SIZE)
+        configure(vars(bench), [f'--{k}={v}' for k, v in DRY_SIZE.items()])
         print(f"gpu-check, dry run (GPU_CHECK_DRY=1): every stage on the CPU at a tiny size: {DRY_SIZE}")
     report = {'dry_run': dry, 'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'environment': environment(),
               'plan': check_plan(names), 'stages': {}, 'seconds': 0.0}
@@ -351,7 +351,7 @@ def run_gpu_check():
         checkpoint = os.path.join(work, 'resumed', 'portable_final.pt')
         if not os.path.isfile(checkpoint):  # the train stage failed or did not run: generation still gets measured
             checkpoint = os.path.join(work, 'initialised.pt')
-            save_checkpoint(checkpoint, create_model(bench.model_config(bench.RUN['model_type'])), step=0)
+            save_checkpoint(checkpoint, create_model(bench.model_config(bench.model_types[0])), step=0)
         stage('generation', stage_generation, checkpoint, dry)
     shutil.rmtree(work, ignore_errors=True)
     save()
@@ -370,7 +370,7 @@ def main(argv):
         if arg.startswith('--stages'):
             stages = arg.partition('=')[2] or fail("--stages needs a value: --stages=all or some of "
                                                    f"{','.join(STAGE_NAMES)}")
-    configure(vars(bench), [arg for arg in argv if not arg.startswith('--stages')])
+    bench.configure_run([arg for arg in argv if not arg.startswith('--stages')])
     return run_gpu_check()
 
 

@@ -160,7 +160,8 @@ def test_fused_mix_is_one_kernel_forward():
 
 
 def test_bench_defaults_are_read_from_the_pretrain_config(tmp_path):
-    """bench.py's defaults are train.py's settings under config/pretrain.py, read from the file, not copied."""
+    """bench.py's defaults are config/pretrain.py's settings, and a run whose file was edited is read from it at start
+    (run_config), the command line over it."""
     import bench
     import train
     bench, train = importlib.reload(bench), importlib.reload(train)
@@ -172,7 +173,10 @@ def test_bench_defaults_are_read_from_the_pretrain_config(tmp_path):
     assert (bench.micro_batch_size, bench.fused, bench.recompute_blocks, bench.zero_stage) == (16, True, 8, 1)
     edited = tmp_path / 'pretrain.py'
     edited.write_text(open(os.path.join(ROOT, 'config', 'pretrain.py')).read() + '\nmicro_batch_size = 12\n')
-    assert bench.run_settings(str(edited))['micro_batch_size'] == 12
+    bench.configure_run([f'--run_config={edited}', '--steps=2'])
+    assert (bench.micro_batch_size, bench.steps) == (12, 2)
+    bench.configure_run([f'--run_config={edited}', '--micro_batch_size=4'])
+    assert bench.micro_batch_size == 4
 
 
 @pytest.mark.slow
