@@ -177,6 +177,51 @@ def engine_settings(**changes):
             'beta1': 0.9, 'beta2': 0.95, 'adam_eps': 1e-8, 'fused_adamw': fused_adamw, **changes}
 
 
+def train_step(loss_engine, optimizer, autocast, batches):
+    """train.py's step as a function of its index: forward and backward over grad_accum_steps micro-batches, then one
+    clipped update; the loss and the gradient norm read, as train.py reads them every step (the same device waits)."""
+    def step(i):
+        for m in range(grad_accum_steps):
+            x, y, cu_seqlens, max_seqlen = batches[(i + m) % 2]
+            with autocast:
+                loss = loss_engine(x, y, cu_seqlens, max_seqlen)
+            if backend == 'deepspeed':
+                loss_engine.backward(loss)
+                loss_engine.step()
+            else:
+                (loss / grad_accum_steps).backward()
+        loss.item()
+        if backend == 'deepspeed':
+            loss_engine.get_global_grad_norm()
+            return
+        torch.nn.utils.clip_grad_norm_(optimizer_weights(optimizer), 1.0).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def profiled(step):
+    """The costliest kernels of one step, by self time (a parent op's total holds its children's)."""
+    from torch.profiler import ProfilerActivity, profile as profiler
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith('cuda') else [])
+    with profiler(activities=activities) as prof:
+        step(0)
+        synchronize()
+    sort = 'self_cuda_time_total' if device.startswith('cuda') else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60)
+
+
+def memory_peaks():
+    """-> (peak GiB allocated, peak reserved, what the process holds outside the allocator: the CUDA context, cuBLAS
+    and NCCL workspaces); on the CPU the process's peak RSS and None."""
+    if not device.startswith('cuda'):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return rss, rss, None
+    free, total = torch.cuda.mem_get_info()
+    return (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30,
+            max(0.0, (total - free) / 2**30 - torch.cuda.memory_reserved() / 2**30))
+
+
 def measure(model_type, kernel=None, **changes):
     """-> dict of step seconds, tokens/s, MFU, HFU, memory and saved activations for one model type, kernel and
     lever settings (`changes` over this file's). A step is train.py's: grad_accum_steps micro-batches, one update."""
@@ -188,26 +233,7 @@ def measure(model_type, kernel=None, **changes):
     kernel_name = attention_name(model)
     loss_engine.train()
     rng = np.random.default_rng(seed)
-    batches = [batch(rng) for _ in range(2)]
-
-    def step(i):  # train.py's step: forward and backward over the micro-batches, then one clipped update
-        for m in range(grad_accum_steps):
-            x, y, cu_seqlens, max_seqlen = batches[(i + m) % 2]
-            with autocast:
-                loss = loss_engine(x, y, cu_seqlens, max_seqlen)
-            if backend == 'deepspeed':
-                loss_engine.backward(loss)
-                loss_engine.step()
-            else:
-                (loss / grad_accum_steps).backward()
-        loss.item()  # train.py reads the loss and the gradient norm every step: the same waits for the device
-        if backend == 'deepspeed':
-            loss_engine.get_global_grad_norm()
-            return
-        torch.nn.utils.clip_grad_norm_(optimizer_weights(optimizer), 1.0).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = train_step(loss_engine, optimizer, autocast, [batch(rng) for _ in range(2)])
     for i in range(warmup):
         step(i)
     if device.startswith('cuda'):
@@ -222,31 +248,16 @@ def measure(model_type, kernel=None, **changes):
     if counters['stats']['unique_graphs'] > graphs:  # a compile inside the timed steps would recur in training
         print(f"warning: {model_type} compiled {counters['stats']['unique_graphs'] - graphs} graphs during the timed "
               "steps: too few warmup steps, or a shape or guard that changes from step to step")
-    profiled = None
-    if profile and model_type == 'polyglu':
-        from torch.profiler import ProfilerActivity, profile as profiler
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith('cuda') else [])
-        with profiler(activities=activities) as prof:
-            step(0)
-            synchronize()
-        # self time: a parent op's total holds its children's, so the top rows of a total sort say little
-        sort = 'self_cuda_time_total' if device.startswith('cuda') else 'self_cpu_time_total'
-        profiled = prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60)
-        print(profiled)
+    top_kernels = profiled(step) if profile and model_type == 'polyglu' else None
+    if top_kernels:
+        print(top_kernels)
     tokens = micro_batch_size * block_size * grad_accum_steps
     n_params = count_parameters(config)[0]
     peak = peak_flops(device, peak_flops_override)
     model_flops = flops_per_token(config, block_size, n_params) * tokens / seconds
     hardware_flops = model_flops + recompute_flops_per_token(config, block_size, recomputed_blocks(),
                                                              settings['loss_kernel']) * tokens / seconds
-    if device.startswith('cuda'):
-        memory, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
-        free, total = torch.cuda.mem_get_info()
-        # what the process holds outside the allocator: the CUDA context, cuBLAS and NCCL workspaces
-        outside = max(0.0, (total - free) / 2**30 - torch.cuda.memory_reserved() / 2**30)
-    else:
-        memory = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS
-        outside = None
+    memory, reserved, outside = memory_peaks()
     if backend == 'deepspeed':
         loss_engine.destroy()  # its hooks would otherwise keep this model and its optimizer state alive beside the next
     del loss_engine, optimizer, model
@@ -258,7 +269,7 @@ def measure(model_type, kernel=None, **changes):
             'tokens_per_s': tokens / seconds, 'mfu': model_flops / peak if peak else None,
             'hfu': hardware_flops / peak if peak else None, 'memory_gb': memory, 'reserved_gb': reserved,
             'needed_gb': needed, 'fits': {card: needed <= HEADROOM * gib for card, gib in CARDS_GIB} if needed else None,
-            'hours': token_budget / (tokens / seconds) / 3600, 'settings': settings, 'profile': profiled,
+            'hours': token_budget / (tokens / seconds) / 3600, 'settings': settings, 'profile': top_kernels,
             'saved_kib_per_token': saved_kib_per_token(model_type, settings['attention'])}
 
 
@@ -671,6 +682,24 @@ def decide(rows):
     return {k: v for row in winners for k, v in row['changes'].items()}
 
 
+def optimizer_steps(result, optimizer):
+    """optimizer_seconds for AdamW as today's path runs it, and fused where a row asks for it -> {fused: (seconds,
+    GiB)}, kept in the result; 0 s where it failed, and the failure recorded."""
+    steps = {False: (0.0, 0.0), True: (0.0, 0.0)}
+    for kind in {False, fused_adamw, any('fused_adamw' in row.get('changes', {}) for row in result['rows'])}:
+        attempt(result, lambda: steps.update({kind: optimizer_seconds(optimizer, kind)}))
+    result['optimizer_s_gib'] = {str(k): v for k, v in steps.items()}
+    return steps
+
+
+def profile_row(row, runner, optimizer, out):
+    """The row's profiled micro-batch, kept in it and in profile.txt beside `out`."""
+    attempt(row, lambda: row.update(profile=profile_micro_batch(row, runner, optimizer)))
+    if out and row.get('profile'):
+        with open(os.path.join(os.path.dirname(out), 'profile.txt'), 'w') as f:
+            f.write(f"{row['lever']}: {row['settings']}\n{row['profile']}")
+
+
 def lever_table(names='all', seconds=0.0, out=''):
     """Today's path, each lever alone and the recommended setting: PolyGLU's step time (REPEATS micro-batches a row,
     interleaved, today again at the end, the median and its spread, one update added), tokens/s, MFU, HFU and peak memory;
@@ -703,10 +732,7 @@ def lever_table(names='all', seconds=0.0, out=''):
     warm(rows, runners, shared, optimizer, rng, deadline)
     in_time = timed_rounds(rows, runners, optimizer, REPEATS, deadline, write)
     in_time = in_time and timed_rounds(rows[:1], runners, optimizer, REPEATS, deadline, write)  # today again
-    steps = {False: (0.0, 0.0), True: (0.0, 0.0)}
-    for kind in {False, fused_adamw, any('fused_adamw' in row.get('changes', {}) for row in rows)}:
-        attempt(result, lambda: steps.update({kind: optimizer_seconds(optimizer, kind)}))  # 0 s if it fails: said
-    result['optimizer_s_gib'] = {str(k): v for k, v in steps.items()}
+    steps = optimizer_steps(result, optimizer)
     for row in rows:
         if row.get('samples'):
             row_figures(row, steps, config, n_params)
@@ -724,18 +750,12 @@ def lever_table(names='all', seconds=0.0, out=''):
     best = next((row for row in rows[::-1] if row['lever'] == 'recommended' and row.get('step_s')), rows[0])
     result['recommended'] = best['lever']
     if in_time and best.get('samples'):
-        attempt(best, lambda: best.update(profile=profile_micro_batch(best, runners[best['lever']], optimizer)))
-        if out and best.get('profile'):
-            with open(os.path.join(os.path.dirname(out), 'profile.txt'), 'w') as f:
-                f.write(f"{best['lever']}: {best['settings']}\n{best['profile']}")
+        profile_row(best, runners[best['lever']], optimizer, out)
     del runners, shared, optimizer
     gc.collect()
     if device.startswith('cuda'):
         torch.cuda.empty_cache()
-    result['vanilla'] = vanilla_rows([rows[0], best] if best is not rows[0] else [rows[0]], deadline, rng)
-    for vanilla in result['vanilla']:
-        if vanilla.get('samples'):
-            row_figures(vanilla, steps, model_config('vanilla'), count_parameters(model_config('vanilla'))[0])
+    result['vanilla'] = vanilla_rows([rows[0], best] if best is not rows[0] else [rows[0]], deadline, rng, steps)
     attempt(result, lambda: result.update(line=recommended_line(best)))
     result['finished'], result['ended'] = time.perf_counter() <= deadline, True
     write()
@@ -743,8 +763,9 @@ def lever_table(names='all', seconds=0.0, out=''):
     return result
 
 
-def vanilla_rows(polyglu_rows, deadline, rng):
-    """VanillaLM through the settings of today's and the recommended row, interleaved."""
+def vanilla_rows(polyglu_rows, deadline, rng, steps):
+    """VanillaLM through the settings of today's and the recommended row, interleaved, with their figures (steps:
+    optimizer_steps')."""
     rows = [{'lever': row['lever'], 'changes': row['changes'], 'settings': row['settings']} for row in polyglu_rows]
     if time.perf_counter() > deadline:
         return [{**row, 'error': 'not run: the time limit'} for row in rows]
@@ -755,6 +776,10 @@ def vanilla_rows(polyglu_rows, deadline, rng):
         return [{**row, 'error': f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"} for row in rows]
     warm(rows, runners, shared, optimizer, rng, deadline)
     timed_rounds(rows, runners, optimizer, REPEATS, deadline, lambda: None)
+    config = model_config('vanilla')
+    for row in rows:
+        if row.get('samples'):
+            row_figures(row, steps, config, count_parameters(config)[0])
     return rows
 
 
