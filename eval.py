@@ -97,19 +97,6 @@ wandb_run_name = ''          # '' = eval-{the checkpoint's file name}
 # -----------------------------------------------------------------------------
 
 
-# The model cards (lm-eval 0.4.11; paper_reporting/base_pretrained__performance.md and sft__performance.md in
-# danielxmed/PolyGLU): (task, the author's metric, base, instruct), in percent. Every task ran at the harness's default
-# shots (scripts/run_*_eval.sh pass no --num-fewshot): 0 for all ten, MMLU-STEM included, though the card says 5-shot.
-PAPER = [('hellaswag', 'acc_norm', 28.51, 27.84), ('arc_easy', 'acc_norm', 41.04, 36.11),
-         ('arc_challenge', 'acc_norm', 22.27, 24.15), ('piqa', 'acc_norm', 58.87, 54.52),
-         ('winogrande', 'acc', 52.17, 52.72), ('boolq', 'acc', 61.13, 55.63), ('mmlu_stem', 'acc', 25.28, 28.42),
-         ('lambada_openai', 'acc', 15.35, 7.01), ('openbookqa', 'acc_norm', 29.00, 26.80),
-         ('sciq', 'acc_norm', 61.20, 52.70)]
-PAPER_STATED_SHOTS = {'mmlu_stem': 5}  # what the card says was run, also scored and labelled as such
-PAPER_LAMBADA_PERPLEXITY = {'base': 911.8, 'instruct': None}
-PAPER_PERPLEXITY = {'base': {'math': 3.56, 'code': 7.08, 'stem': 31.93}, 'instruct': {}}
-AUTHOR_WINDOWS, AUTHOR_MIN_CHUNK = 244, 100_000  # src/evaluation/domain_perplexity.py
-
 # -----------------------------------------------------------------------------
 # packed, exact forward passes
 
@@ -123,32 +110,6 @@ def whole_row_pooling(model):
         yield model
     finally:
         wrap_model(model, **wrapping)
-
-
-@contextlib.contextmanager
-def gumbel_routing(model, seeds):
-    """Within: PolyGLU routes as the author's class ran at evaluation (gumbel_softmax with no train/eval switch):
-    softmax((logits + G) / tau), G ~ Gumbel(0, 1). seeds: one per segment of the next forward, each its own generator,
-    so a segment draws what it would alone in train mode after torch.manual_seed(seed), whatever it is packed with."""
-    device = model.embeddings.weight.device
-    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
-
-    def noisy(ffn):
-        turns = itertools.cycle(generators)
-
-        def routing_weights(logits):  # torch's gumbel_softmax, hard=False, with the segment's own generator
-            gumbels = -torch.empty_like(logits).exponential_(generator=next(turns)).log()
-            return torch.softmax((logits + gumbels) / ffn.tau, dim=-1)
-        return routing_weights
-
-    polyglus = [m for m in model.modules() if isinstance(m, PolyGLU)]
-    for m in polyglus:
-        m.routing_weights = noisy(m)
-    try:
-        yield model
-    finally:
-        for m in polyglus:
-            del m.routing_weights  # the class's deterministic routing again
 
 
 def packs(lengths, budget):
@@ -180,13 +141,6 @@ def target_log_probs(model, hidden, positions, targets, chunk=1024):
     if not log_probs:
         return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
     return torch.cat(log_probs), torch.cat(greedy)
-
-
-def request_seed(noise_seed, ids):
-    """The Gumbel seed of one request under noise seed N: a hash of its tokens, so its noise does not depend on what it
-    is packed with, nor on whether an interrupted run already answered its neighbours."""
-    digest = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=7, key=str(noise_seed).encode())
-    return int.from_bytes(digest.digest(), 'little')
 
 
 @torch.no_grad()
@@ -274,8 +228,22 @@ def generate_texts(model, tok, prompts, budget, cached=False, desc='generate', r
               f"(threshold {refresh_threshold})")
     return outputs
 
+
+def compare_with_exact(model, tok, prompts, outputs):
+    """cached generation: how far it strays from exact generation on these prompts."""
+    start = time.perf_counter()
+    exact = generate_texts(model, tok, prompts, batch_tokens, desc='generate (exact check)')
+    agreement = [a == b for a, b in zip(outputs, exact)]
+    same_tokens = [sum(x == y for x, y in zip(tok.encode(a).ids, tok.encode(b).ids)) /
+                   max(1, len(tok.encode(b).ids)) for a, b in zip(outputs, exact)]
+    print(f"cached vs exact on {len(exact)} requests: {100 * np.mean(agreement):.1f}% identical outputs, "
+          f"{100 * np.mean(same_tokens):.1f}% of tokens agree position by position, so a score on these "
+          f"requests moves by at most {100 * (1 - np.mean(agreement)):.1f} points "
+          f"(exact took {time.perf_counter() - start:.1f}s)")
+
+
 # -----------------------------------------------------------------------------
-# the harness wrapper
+# the answers store: an interrupted evaluation continues
 
 def weights_digest(state):
     """The loaded checkpoint's sha256, hashed once (a second for 1.2 GB): the answer store, the report and the harness's
@@ -313,6 +281,9 @@ def read_answers(path):
             continue  # a damaged line: that request is answered again
     return answers
 
+
+# -----------------------------------------------------------------------------
+# the harness wrapper and its command line
 
 GENERATION_KEYS = ('until', 'max_gen_toks', 'do_sample', 'temperature', 'top_k')
 NEUTRAL_GENERATION = {'top_p': 1.0, 'num_beams': 1, 'num_return_sequences': 1}  # values that ask for nothing else
@@ -517,18 +488,8 @@ def harness_command_line(arguments):
         lm_eval.tasks.TaskManager = index
 
 
-def compare_with_exact(model, tok, prompts, outputs):
-    """cached generation: how far it strays from exact generation on these prompts."""
-    start = time.perf_counter()
-    exact = generate_texts(model, tok, prompts, batch_tokens, desc='generate (exact check)')
-    agreement = [a == b for a, b in zip(outputs, exact)]
-    same_tokens = [sum(x == y for x, y in zip(tok.encode(a).ids, tok.encode(b).ids)) /
-                   max(1, len(tok.encode(b).ids)) for a, b in zip(outputs, exact)]
-    print(f"cached vs exact on {len(exact)} requests: {100 * np.mean(agreement):.1f}% identical outputs, "
-          f"{100 * np.mean(same_tokens):.1f}% of tokens agree position by position, so a score on these "
-          f"requests moves by at most {100 * (1 - np.mean(agreement)):.1f} points "
-          f"(exact took {time.perf_counter() - start:.1f}s)")
-
+# -----------------------------------------------------------------------------
+# tasks
 
 @lru_cache(maxsize=4)
 def task_index(path, defaults=True):
@@ -613,198 +574,6 @@ def write_samples(samples, output):
     return paths
 
 
-def percent(value):
-    return None if value is None or value == 'N/A' else 100 * value
-
-
-def task_shots(results, name):
-    """The shots the harness ran a task (or a group, through its subtasks) at."""
-    shots = results.get('n-shot', {})
-    counts = {shots.get(task) for task in results.get('group_subtasks', {}).get(name, [])} - {None}
-    return shots.get(name, counts.pop() if len(counts) == 1 else None)
-
-
-def paper_comparison(results, perplexity, column, prompts, scoring, routing=None):
-    """The model card's figures beside ours -> {'rows': [...], 'mean': {...}, 'notes': [...]}. Every row says its
-    metric, shots, prompt format and scoring; routing: {'seeds': N, 'results': {task: [results of seed k]}} adds the
-    mean and spread under the author's Gumbel routing."""
-    rows = []
-    tasks_results = results.get('results', {})
-    as_run = "the author's" if scoring == 'author' and prompts == 'plain' else f"ours: {scoring} scoring, {prompts}"
-
-    def add(benchmark, metric, ours, stderr, card, protocol, task=None, kind='loglikelihood'):
-        row = {'benchmark': benchmark, 'metric': metric, 'shots': task_shots(results, task) if task else None,
-               'prompts': prompts if task else None, 'scoring': scoring if task else None, 'protocol': protocol,
-               'ours': ours, 'stderr': stderr, 'card': card,
-               'difference': None if ours is None or card is None else ours - card, 'kind': kind}
-        if routing and task in routing['results']:
-            scale = (lambda v: v) if metric == 'perplexity' else percent
-            values = [scale(r.get(f'{metric},none')) for r in routing['results'][task]]
-            if values and None not in values:
-                row.update(noisy_mean=float(np.mean(values)), noisy_std=float(np.std(values, ddof=1)) if
-                           len(values) > 1 else 0.0, noisy_values=values)
-        rows.append(row)
-
-    for task, metric, base, instruct in PAPER:
-        card = instruct if column == 'instruct' else base
-        values = tasks_results.get(task, {})
-        add(task, metric, percent(values.get(f'{metric},none')), percent(values.get(f'{metric}_stderr,none')), card,
-            as_run, task)
-        if task in PAPER_STATED_SHOTS:
-            label = f'{task}@{PAPER_STATED_SHOTS[task]}-shot'
-            values = tasks_results.get(label, {})
-            add(label, metric, percent(values.get(f'{metric},none')), percent(values.get(f'{metric}_stderr,none')),
-                card, "the card's stated shots", label)
-    lambada = tasks_results.get('lambada_openai', {})
-    add('lambada_openai', 'perplexity', lambada.get('perplexity,none'), lambada.get('perplexity_stderr,none'),
-        PAPER_LAMBADA_PERPLEXITY[column], as_run, 'lambada_openai' if lambada else None)
-    for name, values in perplexity.items():
-        add(f'{name} perplexity', 'perplexity', values.get('perplexity'), None, PAPER_PERPLEXITY[column].get(name),
-            "the author's" if values.get('protocol') == 'author' else "ours: train.py's validation", kind='perplexity')
-    ten = [row for row in rows if row['protocol'] == as_run and row['metric'] != 'perplexity']
-    mean = {'card': float(np.mean([row['card'] for row in ten])),
-            'ours': float(np.mean([row['ours'] for row in ten])) if all(r['ours'] is not None for r in ten) else None}
-    if all('noisy_mean' in row for row in ten):
-        mean['noisy_mean'] = float(np.mean([row['noisy_mean'] for row in ten]))
-    notes = [
-        "prompts: the author scored every model, the instruct one too, on plain prompts; a ChatML row is ours, not the "
-        "card's protocol",
-        "scoring: as the author's wrapper, context + continuation go through the model whole, the last token included, "
-        "so the mean-pooled gate sees the whole choice (every score here is loglikelihood-based and sees it)"
-        if scoring == 'author' else "scoring: the harness's (the last token is not fed); tasks=paper scores as the "
-        "author's wrapper did, the whole context + continuation through the model",
-        "routing: the author's PolyGLU sampled Gumbel noise at evaluation too (gumbel_softmax with no train/eval switch, "
-        "tau 0.1, unseeded): each card figure is one noisy draw; ours is deterministic"
-        + (f"; 'noisy' is the mean and spread over {routing['seeds']} seeds of the author's routing" if routing else
-           "; paper_routing_seeds=N gives the mean and spread of the author's noisy routing"),
-        "mmlu_stem@5-shot: the card says 5-shot, but the author's scripts pass no --num-fewshot and lm-eval's MMLU sets "
-        "none, so its figure was most likely 0-shot: the mmlu_stem row",
-        "perplexity: 'the author's' is src/evaluation/domain_perplexity.py's protocol (perplexity_protocol='author'), "
-        "the card's held-out text was another corpus: expect the order math < code < STEM, not the values"]
-    return {'model': column, 'rows': rows, 'mean': mean, 'notes': notes}
-
-
-def print_paper_comparison(comparison, model_label):
-    column = comparison['model']
-    print(f"\n{model_label} against the author's model card, {column} column (PolyChromaticLM-1.0-{column}-0.6B; "
-          f"lm-eval 0.4.11 there, {harness_version()} here):")
-    print(f"{'benchmark':<23} {'metric':<10} {'shots':>5} {'prompts':<7} {'ours':>8} {'stderr':>6} {'noisy':>14} "
-          f"{'card':>7} {'diff':>8}  protocol")
-    show = lambda v, fmt: format(v, fmt) if v is not None else '-'  # noqa: E731
-    for row in comparison['rows']:
-        noisy = f"{row['noisy_mean']:.2f}±{row['noisy_std']:.2f}" if 'noisy_mean' in row else '-'
-        print(f"{row['benchmark']:<23} {row['metric']:<10} {show(row['shots'], 'd'):>5} {row['prompts'] or '-':<7} "
-              f"{show(row['ours'], '.2f'):>8} {show(row['stderr'], '.2f'):>6} {noisy:>14} {show(row['card'], '.2f'):>7} "
-              f"{show(row['difference'], '+.2f'):>8}  {row['protocol'] if row['ours'] is not None else 'not run'}")
-    mean = comparison['mean']
-    noisy = f"{mean['noisy_mean']:.2f}" if 'noisy_mean' in mean else '-'
-    print(f"{'mean of the ten':<23} {'':<10} {'':>5} {'':<7} {show(mean['ours'], '.2f'):>8} {'':>6} {noisy:>14} "
-          f"{mean['card']:>7.2f} {show(None if mean['ours'] is None else mean['ours'] - mean['card'], '+.2f'):>8}")
-    for note in comparison['notes']:
-        print(f"- {note}")
-
-# -----------------------------------------------------------------------------
-# held-out perplexity
-
-@torch.no_grad()
-def held_out_perplexity(model, folder, held_tokens, max_tokens, context):
-    """Token-level loss and perplexity over the held-out end of a source, scored as train.py's validation scores it:
-    windows of `context` + 1 tokens from the start of the held-out slice, `context` apart, each row alone with its
-    documents masked from each other in attention (cu_seqlens from EOS) and the frozen whole-row gate mean. On the
-    same windows the loss equals train.py's validation loss."""
-    chunks, _ = open_chunks(folder, EOS_ID, model.config.vocab_size)
-    _, windows = held_out_windows(chunks, held_tokens, context, max(1, max_tokens // context))
-    total, count = 0.0, 0
-    device = model.embeddings.weight.device
-    with whole_row_pooling(model):
-        for c, start in tqdm(windows, desc=os.path.basename(folder), disable=len(windows) < 20):
-            ids = torch.from_numpy(chunks[c][start:start + context + 1].astype(np.int64)).to(device)
-            x = ids[None, :-1]
-            cu_seqlens, max_seqlen = cu_seqlens_from_eos(x)
-            hidden = model.hidden_states(x, cu_seqlens, max_seqlen)[0]
-            log_probs, _ = target_log_probs(model, hidden, torch.arange(context, device=device), ids[1:])
-            total -= log_probs.sum().item()
-            count += context
-    loss = total / max(1, count)
-    return {'protocol': 'validation', 'loss': loss, 'perplexity': math.exp(loss), 'tokens': count,
-            'windows': len(windows), 'context': context}
-
-
-@torch.no_grad()
-def author_perplexity(model, folder, context, windows=AUTHOR_WINDOWS, min_chunk=AUTHOR_MIN_CHUNK):
-    """The card's domain perplexity as the author's src/evaluation/domain_perplexity.py computes it: the last chunk
-    with at least `min_chunk` tokens (else the last chunk); n = min(windows, (len - (S+1)) // (S+1)) windows of S + 1
-    tokens at i * stride, stride = (len - (S+1)) // n, S = `context`; each window one sequence with full causal
-    attention (no document masking) and one gate mean; loss in float32 from the model's logits; perplexity = exp(mean
-    loss over every scored token). -> None when the chunk holds fewer than 2 (S+1) tokens."""
-    chunks, manifest = open_chunks(folder, EOS_ID, model.config.vocab_size)
-    index = next((c for c in reversed(range(len(chunks))) if chunks[c].size >= min_chunk), len(chunks) - 1)
-    chunk, span = chunks[index], chunks[index].size - (context + 1)
-    n = min(windows, span // (context + 1)) if span > 0 else 0
-    if n == 0:
-        return None
-    stride = span // n
-    # each window a request of its first token and the S targets after it: score packs them, each its own segment
-    rows = [chunk[i * stride:i * stride + context + 1].tolist() for i in range(n)]
-    scored = score(model, [(ids[:1], ids[1:]) for ids in rows], batch_tokens, os.path.basename(folder))
-    loss = -sum(log_prob for log_prob, _ in scored) / (n * context)
-    return {'protocol': 'author', 'loss': loss, 'perplexity': math.exp(loss), 'tokens': n * context, 'windows': n,
-            'stride': stride, 'context': context, 'chunk': manifest['chunks'][index]['file'],
-            'dtype': str(model.embeddings.weight.dtype).replace('torch.', '')}
-
-# -----------------------------------------------------------------------------
-
-def generation_flops(model, prompt_tokens, new_tokens):
-    """Forward FLOPs of exact generation of one request: step t runs all prompt + t tokens through the blocks
-    (2 x non-embedding parameters each, plus causal attention 2 * n_layers * d * length) and the head once."""
-    config = model.config
-    block_params = count_parameters(config)[0] - config.vocab_size * config.d_model  # the lookup is no matmul
-    lengths = prompt_tokens + np.arange(new_tokens)
-    attention = 2 * config.n_layers * config.n_heads * config.head_dim * lengths ** 2
-    return float(np.sum(2 * block_params * lengths + attention + 2 * config.d_model * config.vocab_size))
-
-
-def run_benchmark(model):
-    """Exact generation of benchmark_requests synthetic requests of GSM8K's shape, measured; then the full
-    GSM8K test set (1,319 problems, 5-shot) projected from the measured FLOP rate, worst case (every answer runs to
-    max_gen_toks). For the 600M model on a GPU, run this with its checkpoint there."""
-    rng = np.random.default_rng(seed)
-    vocab = min(model.config.vocab_size, 150_000)
-    prompts = [(rng.integers(0, vocab, benchmark_prompt_tokens).tolist(), [], max_gen_toks)
-               for _ in range(benchmark_requests)]
-
-    class Silent:  # no stop strings: decoding text is not what is measured
-        @staticmethod
-        def decode(ids, skip_special_tokens=False):
-            return ''
-
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    generate_texts(model, Silent, prompts, batch_tokens, desc='benchmark')
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    flops = benchmark_requests * generation_flops(model, benchmark_prompt_tokens, max_gen_toks)
-    gsm8k = 1319 * generation_flops(model, benchmark_prompt_tokens, max_gen_toks)
-    print(f"exact generation, {benchmark_requests} requests x ({benchmark_prompt_tokens} prompt + {max_gen_toks} new "
-          f"tokens), batch_tokens={batch_tokens}: {seconds:.1f}s, {benchmark_requests * max_gen_toks / seconds:.1f} "
-          f"new tokens/s, {flops / seconds / 1e12:.3f} TFLOP/s achieved")
-    print(f"full GSM8K (1,319 x {max_gen_toks} new tokens, worst case) for this model on this device: "
-          f"{gsm8k / (flops / seconds) / 3600:.2f} hours (projected from the measured rate)")
-    return seconds
-
-
-def harness_version():
-    return package_versions()['lm_eval']
-
-
-def write_report(report):
-    with open(f'{output}.tmp', 'w') as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(f'{output}.tmp', output)
-
-
 def run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report):
     """The harness tasks (with tasks=paper, the author's protocol and its noisy-routing repeats), each finished task and
     its samples written at once; answers kept in a store that a rerun of the same command reuses. -> results."""
@@ -855,6 +624,115 @@ def run_tasks(model, state, tok, task_names, paper, use_chat, scoring, report):
     return results
 
 
+# -----------------------------------------------------------------------------
+# held-out perplexity and the generation benchmark
+
+@torch.no_grad()
+def held_out_perplexity(model, folder, held_tokens, max_tokens, context):
+    """Token-level loss and perplexity over the held-out end of a source, scored as train.py's validation scores it:
+    windows of `context` + 1 tokens from the start of the held-out slice, `context` apart, each row alone with its
+    documents masked from each other in attention (cu_seqlens from EOS) and the frozen whole-row gate mean. On the
+    same windows the loss equals train.py's validation loss."""
+    chunks, _ = open_chunks(folder, EOS_ID, model.config.vocab_size)
+    _, windows = held_out_windows(chunks, held_tokens, context, max(1, max_tokens // context))
+    total, count = 0.0, 0
+    device = model.embeddings.weight.device
+    with whole_row_pooling(model):
+        for c, start in tqdm(windows, desc=os.path.basename(folder), disable=len(windows) < 20):
+            ids = torch.from_numpy(chunks[c][start:start + context + 1].astype(np.int64)).to(device)
+            x = ids[None, :-1]
+            cu_seqlens, max_seqlen = cu_seqlens_from_eos(x)
+            hidden = model.hidden_states(x, cu_seqlens, max_seqlen)[0]
+            log_probs, _ = target_log_probs(model, hidden, torch.arange(context, device=device), ids[1:])
+            total -= log_probs.sum().item()
+            count += context
+    loss = total / max(1, count)
+    return {'protocol': 'validation', 'loss': loss, 'perplexity': math.exp(loss), 'tokens': count,
+            'windows': len(windows), 'context': context}
+
+
+def domain_perplexity(model, state):
+    """Perplexity per source under perplexity_protocol -> {source: result}; a source without data is skipped, said."""
+    base = data_dir or state.get('data_dir') or 'data/tokenized'
+    held_tokens = val_tokens if val_tokens > 0 else state.get('val_tokens') or 2_000_000
+    context = state.get('block_size') or min(model.config.max_seq_len, 4096)  # train.py's validation windows
+    if perplexity_protocol == 'author' and dtype != 'bfloat16':
+        print(f"perplexity: the author's protocol ran bf16 weights; this runs {dtype} (--dtype=bfloat16 for theirs)")
+    perplexities = {}
+    for name in sources:
+        folder = os.path.join(base, name)
+        if not os.path.isfile(os.path.join(folder, 'manifest.json')):
+            print(f"held-out {name}: no prepared data in {folder}, skipped (set data_dir=)")
+            continue
+        if perplexity_protocol == 'validation':
+            perplexities[name] = held_out_perplexity(model, folder, held_tokens, perplexity_tokens, context)
+        elif (result := author_perplexity(model, folder, model.config.max_seq_len)) is None:
+            print(f"{name}: no chunk in {folder} holds two windows of {model.config.max_seq_len + 1} tokens, skipped "
+                  "(the author's protocol needs one)")
+        else:
+            perplexities[name] = result
+    for name, values in perplexities.items():
+        where = (f"the author's protocol: {values['windows']} windows of {values['context']} in {values['chunk']}"
+                 if values['protocol'] == 'author' else "train.py's validation windows")
+        print(f"{name} perplexity: loss {values['loss']:.4f}, perplexity {values['perplexity']:.2f} "
+              f"({values['tokens']:,} tokens; {where})")
+    return perplexities
+
+
+def generation_flops(model, prompt_tokens, new_tokens):
+    """Forward FLOPs of exact generation of one request: step t runs all prompt + t tokens through the blocks
+    (2 x non-embedding parameters each, plus causal attention 2 * n_layers * d * length) and the head once."""
+    config = model.config
+    block_params = count_parameters(config)[0] - config.vocab_size * config.d_model  # the lookup is no matmul
+    lengths = prompt_tokens + np.arange(new_tokens)
+    attention = 2 * config.n_layers * config.n_heads * config.head_dim * lengths ** 2
+    return float(np.sum(2 * block_params * lengths + attention + 2 * config.d_model * config.vocab_size))
+
+
+def run_benchmark(model):
+    """Exact generation of benchmark_requests synthetic requests of GSM8K's shape, measured; then the full
+    GSM8K test set (1,319 problems, 5-shot) projected from the measured FLOP rate, worst case (every answer runs to
+    max_gen_toks). For the 600M model on a GPU, run this with its checkpoint there."""
+    rng = np.random.default_rng(seed)
+    vocab = min(model.config.vocab_size, 150_000)
+    prompts = [(rng.integers(0, vocab, benchmark_prompt_tokens).tolist(), [], max_gen_toks)
+               for _ in range(benchmark_requests)]
+
+    class Silent:  # no stop strings: decoding text is not what is measured
+        @staticmethod
+        def decode(ids, skip_special_tokens=False):
+            return ''
+
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    generate_texts(model, Silent, prompts, batch_tokens, desc='benchmark')
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    flops = benchmark_requests * generation_flops(model, benchmark_prompt_tokens, max_gen_toks)
+    gsm8k = 1319 * generation_flops(model, benchmark_prompt_tokens, max_gen_toks)
+    print(f"exact generation, {benchmark_requests} requests x ({benchmark_prompt_tokens} prompt + {max_gen_toks} new "
+          f"tokens), batch_tokens={batch_tokens}: {seconds:.1f}s, {benchmark_requests * max_gen_toks / seconds:.1f} "
+          f"new tokens/s, {flops / seconds / 1e12:.3f} TFLOP/s achieved")
+    print(f"full GSM8K (1,319 x {max_gen_toks} new tokens, worst case) for this model on this device: "
+          f"{gsm8k / (flops / seconds) / 3600:.2f} hours (projected from the measured rate)")
+    return seconds
+
+
+# -----------------------------------------------------------------------------
+# one checkpoint's report, and benchmarks over training
+
+def harness_version():
+    return package_versions()['lm_eval']
+
+
+def write_report(report):
+    with open(f'{output}.tmp', 'w') as f:
+        json.dump(report, f, indent=1, default=str)
+    os.replace(f'{output}.tmp', output)
+
+
 def load_for_evaluation():
     """The checkpoint on the device, at the dtype, packed and exact (wrap_model's segment_pooling) -> (model, its info)."""
     global device, dtype
@@ -865,39 +743,6 @@ def load_for_evaluation():
     print(f"{checkpoint} ({state['format']}): {model.config.model_type}, step {state['step']}, tau {state['tau']} | "
           f"{device} {dtype} | attention {attention_name(model)}")
     return model, state
-
-
-def main():
-    if prompt:
-        fail(f"--prompt moved to sample.py: python sample.py --checkpoint={checkpoint} --prompt=... (it streams, "
-             "samples and chats)")
-    if generation not in ('exact', 'cached'):
-        fail(f"generation must be 'exact' or 'cached', got {generation!r}")
-    if perplexity_protocol not in ('validation', 'author'):
-        fail(f"perplexity_protocol must be 'validation' or 'author', got {perplexity_protocol!r}")
-    if paper_model not in ('auto', 'base', 'instruct'):
-        fail(f"paper_model must be 'auto', 'base' or 'instruct', got {paper_model!r}")
-    paper = tasks == 'paper'
-    if paper and num_fewshot >= 0:
-        fail("tasks=paper runs every task at the shots the author ran (and MMLU-STEM 5-shot beside it); drop "
-             "--num_fewshot, or list the tasks yourself")
-    task_names = [task for task, *_ in PAPER] if paper else list(dict.fromkeys(t.strip() for t in tasks.split(',')
-                                                                               if t.strip()))
-    if task_names and not benchmark and LM is object:
-        fail(f"tasks={tasks!r} need lm-evaluation-harness, which is not installed: pip install -r requirements.txt "
-             "(--perplexity and --benchmark run without it)")
-    if (task_names or perplexity) and not benchmark:
-        folder = os.path.dirname(os.path.abspath(output))
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, '.write_test'), 'w'):
-                pass
-            os.remove(os.path.join(folder, '.write_test'))
-        except OSError as e:
-            fail(f"cannot write results to {output} ({e.strerror}); choose another --output")
-    if checkpoints and not benchmark:
-        return sweep(task_names)
-    evaluate_checkpoint(task_names, wandb_log)
 
 
 def evaluate_checkpoint(task_names, with_wandb):
@@ -935,6 +780,24 @@ def evaluate_checkpoint(task_names, with_wandb):
     print(f"wall time {report['wall_time_s']:.1f}s -> {output}")
     if wandb_run:
         log_to_wandb(wandb_run, report)
+
+
+def result_rows(report):
+    """[task, metric, filter, value, stderr] for every harness figure and held-out perplexity of a report."""
+    rows = [list(figure) for figure in harness_metrics(report.get('results', {}))]
+    rows += [[f'{name} held-out', 'perplexity', values['protocol'], values['perplexity'], None]
+             for name, values in report.get('perplexity', {}).items()]
+    return rows
+
+
+def log_to_wandb(run, report):
+    """The results as a wandb table and as the run's summary."""
+    rows = result_rows(report)
+    import wandb
+    run.log({'eval/results': wandb.Table(columns=['task', 'metric', 'filter', 'value', 'stderr'], data=rows)})
+    run.summary.update({f'eval/{task}/{metric},{filter_name}': value for task, metric, filter_name, value, _ in rows})
+    run.summary.update({'eval/step': report['step'], 'eval/checkpoint': report['checkpoint']})
+    run.finish()
 
 
 SWEEP_KEYS = ('checkpoint', 'checkpoints', 'output', 'wandb_log', 'wandb_project', 'wandb_run_name')  # not the answers'
@@ -1031,50 +894,214 @@ def over_training_figure(table):
     plt.close(fig)
     return path
 
-def result_rows(report):
-    """[task, metric, filter, value, stderr] for every harness figure and held-out perplexity of a report."""
-    rows = [list(figure) for figure in harness_metrics(report.get('results', {}))]
-    rows += [[f'{name} held-out', 'perplexity', values['protocol'], values['perplexity'], None]
-             for name, values in report.get('perplexity', {}).items()]
-    return rows
+
+# =============================================================================
+# The author's protocol: the model card's numbers, scored as the author's scripts scored them (tasks=paper,
+# perplexity_protocol='author', paper_routing_seeds)
+# =============================================================================
+
+# The model cards (lm-eval 0.4.11; paper_reporting/base_pretrained__performance.md and sft__performance.md in
+# danielxmed/PolyGLU): (task, the author's metric, base, instruct), in percent. Every task ran at the harness's default
+# shots (scripts/run_*_eval.sh pass no --num-fewshot): 0 for all ten, MMLU-STEM included, though the card says 5-shot.
+PAPER = [('hellaswag', 'acc_norm', 28.51, 27.84), ('arc_easy', 'acc_norm', 41.04, 36.11),
+         ('arc_challenge', 'acc_norm', 22.27, 24.15), ('piqa', 'acc_norm', 58.87, 54.52),
+         ('winogrande', 'acc', 52.17, 52.72), ('boolq', 'acc', 61.13, 55.63), ('mmlu_stem', 'acc', 25.28, 28.42),
+         ('lambada_openai', 'acc', 15.35, 7.01), ('openbookqa', 'acc_norm', 29.00, 26.80),
+         ('sciq', 'acc_norm', 61.20, 52.70)]
+PAPER_STATED_SHOTS = {'mmlu_stem': 5}  # what the card says was run, also scored and labelled as such
+PAPER_LAMBADA_PERPLEXITY = {'base': 911.8, 'instruct': None}
+PAPER_PERPLEXITY = {'base': {'math': 3.56, 'code': 7.08, 'stem': 31.93}, 'instruct': {}}
+AUTHOR_WINDOWS, AUTHOR_MIN_CHUNK = 244, 100_000  # src/evaluation/domain_perplexity.py
 
 
-def log_to_wandb(run, report):
-    """The results as a wandb table and as the run's summary."""
-    rows = result_rows(report)
-    import wandb
-    run.log({'eval/results': wandb.Table(columns=['task', 'metric', 'filter', 'value', 'stderr'], data=rows)})
-    run.summary.update({f'eval/{task}/{metric},{filter_name}': value for task, metric, filter_name, value, _ in rows})
-    run.summary.update({'eval/step': report['step'], 'eval/checkpoint': report['checkpoint']})
-    run.finish()
+@contextlib.contextmanager
+def gumbel_routing(model, seeds):
+    """Within: PolyGLU routes as the author's class ran at evaluation (gumbel_softmax with no train/eval switch):
+    softmax((logits + G) / tau), G ~ Gumbel(0, 1). seeds: one per segment of the next forward, each its own generator,
+    so a segment draws what it would alone in train mode after torch.manual_seed(seed), whatever it is packed with."""
+    device = model.embeddings.weight.device
+    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+
+    def noisy(ffn):
+        turns = itertools.cycle(generators)
+
+        def routing_weights(logits):  # torch's gumbel_softmax, hard=False, with the segment's own generator
+            gumbels = -torch.empty_like(logits).exponential_(generator=next(turns)).log()
+            return torch.softmax((logits + gumbels) / ffn.tau, dim=-1)
+        return routing_weights
+
+    polyglus = [m for m in model.modules() if isinstance(m, PolyGLU)]
+    for m in polyglus:
+        m.routing_weights = noisy(m)
+    try:
+        yield model
+    finally:
+        for m in polyglus:
+            del m.routing_weights  # the class's deterministic routing again
 
 
-def domain_perplexity(model, state):
-    """Perplexity per source under perplexity_protocol -> {source: result}; a source without data is skipped, said."""
-    base = data_dir or state.get('data_dir') or 'data/tokenized'
-    held_tokens = val_tokens if val_tokens > 0 else state.get('val_tokens') or 2_000_000
-    context = state.get('block_size') or min(model.config.max_seq_len, 4096)  # train.py's validation windows
-    if perplexity_protocol == 'author' and dtype != 'bfloat16':
-        print(f"perplexity: the author's protocol ran bf16 weights; this runs {dtype} (--dtype=bfloat16 for theirs)")
-    perplexities = {}
-    for name in sources:
-        folder = os.path.join(base, name)
-        if not os.path.isfile(os.path.join(folder, 'manifest.json')):
-            print(f"held-out {name}: no prepared data in {folder}, skipped (set data_dir=)")
-            continue
-        if perplexity_protocol == 'validation':
-            perplexities[name] = held_out_perplexity(model, folder, held_tokens, perplexity_tokens, context)
-        elif (result := author_perplexity(model, folder, model.config.max_seq_len)) is None:
-            print(f"{name}: no chunk in {folder} holds two windows of {model.config.max_seq_len + 1} tokens, skipped "
-                  "(the author's protocol needs one)")
-        else:
-            perplexities[name] = result
-    for name, values in perplexities.items():
-        where = (f"the author's protocol: {values['windows']} windows of {values['context']} in {values['chunk']}"
-                 if values['protocol'] == 'author' else "train.py's validation windows")
-        print(f"{name} perplexity: loss {values['loss']:.4f}, perplexity {values['perplexity']:.2f} "
-              f"({values['tokens']:,} tokens; {where})")
-    return perplexities
+def request_seed(noise_seed, ids):
+    """The Gumbel seed of one request under noise seed N: a hash of its tokens, so its noise does not depend on what it
+    is packed with, nor on whether an interrupted run already answered its neighbours."""
+    digest = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=7, key=str(noise_seed).encode())
+    return int.from_bytes(digest.digest(), 'little')
+
+
+def percent(value):
+    return None if value is None or value == 'N/A' else 100 * value
+
+
+def task_shots(results, name):
+    """The shots the harness ran a task (or a group, through its subtasks) at."""
+    shots = results.get('n-shot', {})
+    counts = {shots.get(task) for task in results.get('group_subtasks', {}).get(name, [])} - {None}
+    return shots.get(name, counts.pop() if len(counts) == 1 else None)
+
+
+def paper_comparison(results, perplexity, column, prompts, scoring, routing=None):
+    """The model card's figures beside ours -> {'rows': [...], 'mean': {...}, 'notes': [...]}. Every row says its
+    metric, shots, prompt format and scoring; routing: {'seeds': N, 'results': {task: [results of seed k]}} adds the
+    mean and spread under the author's Gumbel routing."""
+    rows = []
+    tasks_results = results.get('results', {})
+    as_run = "the author's" if scoring == 'author' and prompts == 'plain' else f"ours: {scoring} scoring, {prompts}"
+
+    def add(benchmark, metric, ours, stderr, card, protocol, task=None, kind='loglikelihood'):
+        row = {'benchmark': benchmark, 'metric': metric, 'shots': task_shots(results, task) if task else None,
+               'prompts': prompts if task else None, 'scoring': scoring if task else None, 'protocol': protocol,
+               'ours': ours, 'stderr': stderr, 'card': card,
+               'difference': None if ours is None or card is None else ours - card, 'kind': kind}
+        if routing and task in routing['results']:
+            scale = (lambda v: v) if metric == 'perplexity' else percent
+            values = [scale(r.get(f'{metric},none')) for r in routing['results'][task]]
+            if values and None not in values:
+                row.update(noisy_mean=float(np.mean(values)), noisy_std=float(np.std(values, ddof=1)) if
+                           len(values) > 1 else 0.0, noisy_values=values)
+        rows.append(row)
+
+    for task, metric, base, instruct in PAPER:
+        card = instruct if column == 'instruct' else base
+        values = tasks_results.get(task, {})
+        add(task, metric, percent(values.get(f'{metric},none')), percent(values.get(f'{metric}_stderr,none')), card,
+            as_run, task)
+        if task in PAPER_STATED_SHOTS:
+            label = f'{task}@{PAPER_STATED_SHOTS[task]}-shot'
+            values = tasks_results.get(label, {})
+            add(label, metric, percent(values.get(f'{metric},none')), percent(values.get(f'{metric}_stderr,none')),
+                card, "the card's stated shots", label)
+    lambada = tasks_results.get('lambada_openai', {})
+    add('lambada_openai', 'perplexity', lambada.get('perplexity,none'), lambada.get('perplexity_stderr,none'),
+        PAPER_LAMBADA_PERPLEXITY[column], as_run, 'lambada_openai' if lambada else None)
+    for name, values in perplexity.items():
+        add(f'{name} perplexity', 'perplexity', values.get('perplexity'), None, PAPER_PERPLEXITY[column].get(name),
+            "the author's" if values.get('protocol') == 'author' else "ours: train.py's validation", kind='perplexity')
+    ten = [row for row in rows if row['protocol'] == as_run and row['metric'] != 'perplexity']
+    mean = {'card': float(np.mean([row['card'] for row in ten])),
+            'ours': float(np.mean([row['ours'] for row in ten])) if all(r['ours'] is not None for r in ten) else None}
+    if all('noisy_mean' in row for row in ten):
+        mean['noisy_mean'] = float(np.mean([row['noisy_mean'] for row in ten]))
+    notes = [
+        "prompts: the author scored every model, the instruct one too, on plain prompts; a ChatML row is ours, not the "
+        "card's protocol",
+        "scoring: as the author's wrapper, context + continuation go through the model whole, the last token included, "
+        "so the mean-pooled gate sees the whole choice (every score here is loglikelihood-based and sees it)"
+        if scoring == 'author' else "scoring: the harness's (the last token is not fed); tasks=paper scores as the "
+        "author's wrapper did, the whole context + continuation through the model",
+        "routing: the author's PolyGLU sampled Gumbel noise at evaluation too (gumbel_softmax with no train/eval switch, "
+        "tau 0.1, unseeded): each card figure is one noisy draw; ours is deterministic"
+        + (f"; 'noisy' is the mean and spread over {routing['seeds']} seeds of the author's routing" if routing else
+           "; paper_routing_seeds=N gives the mean and spread of the author's noisy routing"),
+        "mmlu_stem@5-shot: the card says 5-shot, but the author's scripts pass no --num-fewshot and lm-eval's MMLU sets "
+        "none, so its figure was most likely 0-shot: the mmlu_stem row",
+        "perplexity: 'the author's' is src/evaluation/domain_perplexity.py's protocol (perplexity_protocol='author'), "
+        "the card's held-out text was another corpus: expect the order math < code < STEM, not the values"]
+    return {'model': column, 'rows': rows, 'mean': mean, 'notes': notes}
+
+
+def print_paper_comparison(comparison, model_label):
+    column = comparison['model']
+    print(f"\n{model_label} against the author's model card, {column} column (PolyChromaticLM-1.0-{column}-0.6B; "
+          f"lm-eval 0.4.11 there, {harness_version()} here):")
+    print(f"{'benchmark':<23} {'metric':<10} {'shots':>5} {'prompts':<7} {'ours':>8} {'stderr':>6} {'noisy':>14} "
+          f"{'card':>7} {'diff':>8}  protocol")
+    show = lambda v, fmt: format(v, fmt) if v is not None else '-'  # noqa: E731
+    for row in comparison['rows']:
+        noisy = f"{row['noisy_mean']:.2f}±{row['noisy_std']:.2f}" if 'noisy_mean' in row else '-'
+        print(f"{row['benchmark']:<23} {row['metric']:<10} {show(row['shots'], 'd'):>5} {row['prompts'] or '-':<7} "
+              f"{show(row['ours'], '.2f'):>8} {show(row['stderr'], '.2f'):>6} {noisy:>14} {show(row['card'], '.2f'):>7} "
+              f"{show(row['difference'], '+.2f'):>8}  {row['protocol'] if row['ours'] is not None else 'not run'}")
+    mean = comparison['mean']
+    noisy = f"{mean['noisy_mean']:.2f}" if 'noisy_mean' in mean else '-'
+    print(f"{'mean of the ten':<23} {'':<10} {'':>5} {'':<7} {show(mean['ours'], '.2f'):>8} {'':>6} {noisy:>14} "
+          f"{mean['card']:>7.2f} {show(None if mean['ours'] is None else mean['ours'] - mean['card'], '+.2f'):>8}")
+    for note in comparison['notes']:
+        print(f"- {note}")
+
+
+@torch.no_grad()
+def author_perplexity(model, folder, context, windows=AUTHOR_WINDOWS, min_chunk=AUTHOR_MIN_CHUNK):
+    """The card's domain perplexity as the author's src/evaluation/domain_perplexity.py computes it: the last chunk
+    with at least `min_chunk` tokens (else the last chunk); n = min(windows, (len - (S+1)) // (S+1)) windows of S + 1
+    tokens at i * stride, stride = (len - (S+1)) // n, S = `context`; each window one sequence with full causal
+    attention (no document masking) and one gate mean; loss in float32 from the model's logits; perplexity = exp(mean
+    loss over every scored token). -> None when the chunk holds fewer than 2 (S+1) tokens."""
+    chunks, manifest = open_chunks(folder, EOS_ID, model.config.vocab_size)
+    index = next((c for c in reversed(range(len(chunks))) if chunks[c].size >= min_chunk), len(chunks) - 1)
+    chunk, span = chunks[index], chunks[index].size - (context + 1)
+    n = min(windows, span // (context + 1)) if span > 0 else 0
+    if n == 0:
+        return None
+    stride = span // n
+    # each window a request of its first token and the S targets after it: score packs them, each its own segment
+    rows = [chunk[i * stride:i * stride + context + 1].tolist() for i in range(n)]
+    scored = score(model, [(ids[:1], ids[1:]) for ids in rows], batch_tokens, os.path.basename(folder))
+    loss = -sum(log_prob for log_prob, _ in scored) / (n * context)
+    return {'protocol': 'author', 'loss': loss, 'perplexity': math.exp(loss), 'tokens': n * context, 'windows': n,
+            'stride': stride, 'context': context, 'chunk': manifest['chunks'][index]['file'],
+            'dtype': str(model.embeddings.weight.dtype).replace('torch.', '')}
+
+
+def checked_tasks():
+    """The settings checked, each wrong one in one line -> the task names to run."""
+    if prompt:
+        fail(f"--prompt moved to sample.py: python sample.py --checkpoint={checkpoint} --prompt=... (it streams, "
+             "samples and chats)")
+    if generation not in ('exact', 'cached'):
+        fail(f"generation must be 'exact' or 'cached', got {generation!r}")
+    if perplexity_protocol not in ('validation', 'author'):
+        fail(f"perplexity_protocol must be 'validation' or 'author', got {perplexity_protocol!r}")
+    if paper_model not in ('auto', 'base', 'instruct'):
+        fail(f"paper_model must be 'auto', 'base' or 'instruct', got {paper_model!r}")
+    paper = tasks == 'paper'
+    if paper and num_fewshot >= 0:
+        fail("tasks=paper runs every task at the shots the author ran (and MMLU-STEM 5-shot beside it); drop "
+             "--num_fewshot, or list the tasks yourself")
+    task_names = [task for task, *_ in PAPER] if paper else list(dict.fromkeys(t.strip() for t in tasks.split(',')
+                                                                               if t.strip()))
+    if task_names and not benchmark and LM is object:
+        fail(f"tasks={tasks!r} need lm-evaluation-harness, which is not installed: pip install -r requirements.txt "
+             "(--perplexity and --benchmark run without it)")
+    return task_names
+
+
+def check_output_folder():
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, '.write_test'), 'w'):
+            pass
+        os.remove(os.path.join(folder, '.write_test'))
+    except OSError as e:
+        fail(f"cannot write results to {output} ({e.strerror}); choose another --output")
+
+
+def main():
+    task_names = checked_tasks()
+    if (task_names or perplexity) and not benchmark:
+        check_output_folder()  # before the model loads: a read-only folder is found in a second, not after the tasks
+    if checkpoints and not benchmark:
+        return sweep(task_names)
+    evaluate_checkpoint(task_names, wandb_log)
 
 
 if __name__ == '__main__':
