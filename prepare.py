@@ -99,7 +99,7 @@ GATED = ('nvidia/Nemotron-CC-Math-v1', 'nvidia/Nemotron-CC-v2', 'nvidia/Nemotron
 MANIFEST_FORMAT = 'polychromatic-tokens-v1'
 IM_START, IM_END = 151_644, 151_645
 THINK_START, THINK_END = 151_667, 151_668  # Qwen3's <think> and </think>
-SKIP_REASONS = ('malformed', 'tool', 'extra_trace')  # why an SFT row is not a conversation; -1, -2, -3 as lengths
+SKIP_REASONS = ('malformed', 'tool', 'extra_trace')  # why a row is kept out: no usable text, a tool row, a trace too many
 
 
 # -----------------------------------------------------------------------------
@@ -205,21 +205,24 @@ def row_text(row, field):
 
 
 def tokenize_documents(job):
-    """(rows, field) -> (tokens, lengths): one EOS after every document; lengths[i] = -1 for a bad row."""
+    """(rows, field) -> (tokens, lengths, None, None, reasons): one EOS after every document; a row without usable
+    text has length 0 and the reason 'malformed' (reasons[i] is None for a kept row)."""
     rows, field = job
     texts = [row_text(row, field) for row in rows]
     encoded = worker_tokenizer.encode_batch([t for t in texts if t is not None], add_special_tokens=False)
     encoded = iter(encoded)
-    pieces, lengths = [], []
+    pieces, lengths, reasons = [], [], []
     for text in texts:
         if text is None:
-            lengths.append(-1)
+            lengths.append(0)
+            reasons.append('malformed')
             continue
         ids = next(encoded).ids
         pieces.append(np.array(ids + [EOS_ID], dtype=np.uint32))
         lengths.append(len(ids) + 1)
+        reasons.append(None)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
-    return tokens, np.array(lengths, dtype=np.int64), None, None
+    return tokens, np.array(lengths, dtype=np.int64), None, None, reasons
 
 
 def conversation(row, field):
@@ -261,15 +264,17 @@ def tokenize_conversations(job):
     """ChatML: <|im_start|>role\ncontent<|im_end|>\n per turn, EOS after the conversation; with sft_reasoning, an
     assistant turn is <think>\nreasoning\n</think>\n\ncontent (Qwen3's layout). Loss mask 1 on the assistant body
     (reasoning included) and its <|im_end|>; 0 on headers, other roles, the newline after <|im_end|> and EOS.
-    -> (tokens, lengths: -1 - SKIP_REASONS index for a skipped row, mask, problem ids)."""
+    -> (tokens, lengths, mask, problem ids, reasons: the SKIP_REASONS name of a row that is no conversation, whose
+    length is 0; None for a kept row)."""
     rows, field = job
     encode = lambda text: worker_tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
     newline = encode('\n')
-    token_pieces, mask_pieces, lengths, problems = [], [], [], []
+    token_pieces, mask_pieces, lengths, problems, reasons = [], [], [], [], []
     for row in rows:
         turns, problem = conversation(row, field)
+        reasons.append(None if turns else problem)
         if turns is None:
-            lengths.append(-1 - SKIP_REASONS.index(problem))
+            lengths.append(0)
             problems.append(0)
             continue
         ids, mask = [], []
@@ -288,8 +293,9 @@ def tokenize_conversations(job):
         problems.append(problem_id(problem))
     problems = np.array(problems, dtype=np.uint64)
     if not token_pieces:
-        return np.zeros(0, np.uint32), np.array(lengths, dtype=np.int64), np.zeros(0, np.uint8), problems
-    return np.concatenate(token_pieces), np.array(lengths, dtype=np.int64), np.concatenate(mask_pieces), problems
+        return np.zeros(0, np.uint32), np.array(lengths, dtype=np.int64), np.zeros(0, np.uint8), problems, reasons
+    return (np.concatenate(token_pieces), np.array(lengths, dtype=np.int64), np.concatenate(mask_pieces), problems,
+            reasons)
 
 
 def ordered_map(pool, fn, jobs, ahead):
@@ -383,13 +389,8 @@ def plan(name):
     return [(d, int(budget * d['share'])) for d in datasets]
 
 
-def prepare_source(name):
-    """Tokenize one source into {output_base}/{name}/, resuming from its manifest if one is there."""
-    folder = os.path.join(output_base, name)
-    hold_folder(folder)  # one prepare per folder: a second one stops here, naming this one
-    for leftover in glob.glob(os.path.join(folder, '*.tmp')):
-        os.remove(leftover)  # a half-written chunk or manifest of a killed run
-    streams = plan(name)
+def source_identity(name, streams):
+    """What makes a preparation this one: a manifest of another identity in the folder is refused, not extended."""
     identity = {
         'format': MANIFEST_FORMAT, 'source': name, 'tokenizer': tokenizer, 'eos_id': EOS_ID, 'dtype': 'uint32',
         'chunk_tokens': chunk_tokens, 'max_tokens': sum(budget for _, budget in streams),
@@ -399,127 +400,152 @@ def prepare_source(name):
     if name == 'sft':
         identity.update(sft_reasoning=sft_reasoning, sft_traces_per_problem=sft_traces_per_problem,
                         sft_max_examples=sft_max_examples)
-    path = os.path.join(folder, 'manifest.json')
-    if os.path.isfile(path):
-        manifest = read_manifest(folder)
-        old = {k: manifest.get(k) for k in identity}
-        if old != identity:
-            changed = [k for k in identity if old[k] != identity[k]]
-            fail(f"{folder} holds a preparation with different {', '.join(changed)}; use another "
-                 "output_base or delete the folder")
-        if manifest['complete']:
-            print(f"{name}: already complete in {folder} ({manifest['total_tokens']:,} tokens), nothing to do")
-            return manifest
-        print(f"{name}: resuming after {len(manifest['chunks'])} chunks ({manifest['total_tokens']:,} tokens)")
-    else:
-        manifest = dict(identity, vocab_size=None, chunks=[], total_tokens=0, total_documents=0,
-                        bad_rows=0, skipped={reason: 0 for reason in SKIP_REASONS}, complete=False,
-                        streams=[{'rows_read': 0, 'tokens': 0, 'done': False} for _ in streams])
-    vocab_tokenizer = get_tokenizer(tokenizer)  # checks vocabulary size and special ids before any work
-    manifest['vocab_size'] = vocab_tokenizer.get_vocab_size(with_added_tokens=True)
-    is_sft = name == 'sft'
-    work = tokenize_conversations if is_sft else tokenize_documents
-    if is_sft and sft_max_examples == 0:
-        fail("sft_max_examples=0 keeps no conversation; -1 means no limit")
+    return identity
 
-    # what the last complete chunk recorded; everything after it is re-read
-    state = [dict(s) for s in manifest['streams']]
-    skipped = dict(manifest['skipped'])
+
+def resumed_manifest(folder, name, identity, n_streams):
+    """The folder's manifest to continue (complete: nothing to do), or a new one."""
+    if not os.path.isfile(os.path.join(folder, 'manifest.json')):
+        return dict(identity, vocab_size=None, chunks=[], total_tokens=0, total_documents=0, bad_rows=0,
+                    skipped={reason: 0 for reason in SKIP_REASONS}, complete=False,
+                    streams=[{'rows_read': 0, 'tokens': 0, 'done': False} for _ in range(n_streams)])
+    manifest = read_manifest(folder)
+    old = {k: manifest.get(k) for k in identity}
+    if old != identity:
+        changed = [k for k in identity if old[k] != identity[k]]
+        fail(f"{folder} holds a preparation with different {', '.join(changed)}; use another output_base or delete "
+             "the folder")
+    if manifest['complete']:
+        print(f"{name}: already complete in {folder} ({manifest['total_tokens']:,} tokens), nothing to do")
+    else:
+        print(f"{name}: resuming after {len(manifest['chunks'])} chunks ({manifest['total_tokens']:,} tokens)")
+    return manifest
+
+
+def write_pending(folder, manifest, pending, read):
+    """The pending rows as the next chunk, and the manifest after it, recording what had been read up to it (read: the
+    streams' state and the skip counts): a resume starts there. pending is emptied."""
+    tokens = np.concatenate(pending['tokens'])
+    mask = np.concatenate(pending['masks']) if pending['masks'] else None
+    problems = np.array(pending['problems'], dtype=np.uint64) if pending['masks'] else None
+    manifest['chunks'].append(write_chunk(folder, len(manifest['chunks']), tokens, mask, problems))
+    manifest['total_tokens'] += int(tokens.size)
+    manifest['total_documents'] += manifest['chunks'][-1]['documents']
+    record_read(manifest, read)
+    save_manifest(folder, manifest)
+    pending.update(tokens=[], masks=[], problems=[], size=0)
+
+
+def record_read(manifest, read):
+    manifest['streams'] = [dict(s) for s in read['streams']]
+    manifest['skipped'] = dict(read['skipped'])
+    manifest['bad_rows'] = read['skipped']['malformed']
+
+
+def stream_rows(dataset, stream):
+    """The rows of one stream from where the last complete chunk left it, and advance(): the stream's state moves one
+    row on (a chunk ending there records it). A local file is read again from its start: it costs no download."""
+    if dataset['id'] == 'local':
+        rows, positions = skip(local_rows(dataset['input']), stream['rows_read']), None
+    else:
+        positions = collections.deque()  # the hub stream's state after each row read
+        rows = hub_rows(dataset, stream.get('position'), positions)
+
+    def advance():
+        stream['rows_read'] += 1
+        if positions:
+            stream['position'] = positions.popleft()
+    return rows, advance
+
+
+def prepare_stream(dataset, budget, stream, run):
+    """One stream's rows through the workers into chunks, until its budget, the SFT example limit, or its end. run: the
+    source's folder, manifest, pending rows, what was read, the kept traces, the workers and the progress bar."""
+    rows, advance = stream_rows(dataset, stream)
+    read, pending, traces, local = run['read'], run['pending'], run['traces'], run['local']
+    for tokens, lengths, mask, problems, reasons in ordered_map(run['pool'], run['work'],
+                                                                batches(rows, dataset['field'], batch_docs),
+                                                                ahead=2 * num_proc):
+        offset = 0
+        for row, length in enumerate(lengths.tolist()):
+            reason = reasons[row]
+            if reason is None and mask is not None and 0 < sft_traces_per_problem <= traces[int(problems[row])]:
+                reason, offset = 'extra_trace', offset + length
+            if reason:
+                advance()
+                read['skipped'][reason] += 1
+                run['progress'].update(1 if local else 0)
+                continue
+            if pending['size'] and pending['size'] + length > chunk_tokens:
+                write_pending(run['folder'], run['manifest'], pending, read)  # this row is not in that chunk
+            pending['tokens'].append(tokens[offset:offset + length])
+            if mask is not None:
+                pending['masks'].append(mask[offset:offset + length])
+                pending['problems'].append(int(problems[row]))
+                traces[int(problems[row])] += 1
+            offset += length
+            pending['size'] += length
+            stream['tokens'] += length
+            advance()
+            run['progress'].update(1 if local else length)
+            if stream['tokens'] >= budget or enough(run):
+                break
+        rows_read = sum(s['rows_read'] for s in read['streams'])
+        if rows_read >= 1000 and read['skipped']['malformed'] > max_bad_fraction * rows_read:
+            fail(f"{read['skipped']['malformed']:,} of {rows_read:,} rows of {dataset['id']} are malformed (no usable "
+                 f"'{dataset['field']}'), above max_bad_fraction={max_bad_fraction}: wrong files or schema?")
+        if stream['tokens'] >= budget or enough(run):
+            break
+    stream['done'] = True
+
+
+def enough(run):
+    """SFT: sft_max_examples conversations are in the chunks or pending."""
+    return (run['manifest']['source'] == 'sft' and
+            0 <= sft_max_examples <= run['manifest']['total_documents'] + len(run['pending']['problems']))
+
+
+def prepare_source(name):
+    """Tokenize one source into {output_base}/{name}/, resuming from its manifest if one is there."""
+    folder = os.path.join(output_base, name)
+    hold_folder(folder)  # one prepare per folder: a second one stops here, naming this one
+    for leftover in glob.glob(os.path.join(folder, '*.tmp')):
+        os.remove(leftover)  # a half-written chunk or manifest of a killed run
+    streams = plan(name)
+    manifest = resumed_manifest(folder, name, source_identity(name, streams), len(streams))
+    if manifest['complete']:
+        return manifest
+    manifest['vocab_size'] = get_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)  # checked before work
+    if name == 'sft' and sft_max_examples == 0:
+        fail("sft_max_examples=0 keeps no conversation; -1 means no limit")
+    # what the last complete chunk recorded; everything after it is read again
+    read = {'streams': [dict(s) for s in manifest['streams']], 'skipped': dict(manifest['skipped'])}
     traces = collections.Counter()  # problem id -> conversations kept, for sft_traces_per_problem
     for entry in manifest['chunks']:
         if 'problems_file' in entry:
             traces.update(np.fromfile(os.path.join(folder, entry['problems_file']), dtype=np.uint64).tolist())
-    pending_tokens, pending_masks, pending_problems, pending_size = [], [], [], 0
-    # the bar measures the work at hand: a local file's rows, or the hub's token budget
-    local = streams[0][0]['id'] == 'local'
-    progress = tqdm(total=count_rows(streams[0][0]['input']) if local else identity['max_tokens'],
-                    initial=sum(s['rows_read'] for s in state) if local else manifest['total_tokens'],
+    local = streams[0][0]['id'] == 'local'  # the bar measures the work at hand: a file's rows, or the token budget
+    progress = tqdm(total=count_rows(streams[0][0]['input']) if local else manifest['max_tokens'],
+                    initial=sum(s['rows_read'] for s in read['streams']) if local else manifest['total_tokens'],
                     unit='row' if local else 'tok', unit_scale=True, desc=name, smoothing=0.05)
-
-    def flush():
-        nonlocal pending_tokens, pending_masks, pending_problems, pending_size
-        tokens = np.concatenate(pending_tokens)
-        mask = np.concatenate(pending_masks) if is_sft else None
-        problems = np.array(pending_problems, dtype=np.uint64) if is_sft else None
-        manifest['chunks'].append(write_chunk(folder, len(manifest['chunks']), tokens, mask, problems))
-        manifest['total_tokens'] += int(tokens.size)
-        manifest['total_documents'] += manifest['chunks'][-1]['documents']
-        manifest['streams'] = [dict(s) for s in state]
-        manifest['skipped'] = dict(skipped)
-        manifest['bad_rows'] = skipped['malformed']
-        save_manifest(folder, manifest)
-        pending_tokens, pending_masks, pending_problems, pending_size = [], [], [], 0
-
-    def enough():
-        return is_sft and 0 <= sft_max_examples <= manifest['total_documents'] + len(pending_problems)
-
-    context = multiprocessing.get_context('fork')
-    pool = context.Pool(num_proc, initializer=init_worker, initargs=(tokenizer,)) if num_proc > 1 else None
-    if pool is None:
+    pool = None
+    if num_proc > 1:
+        pool = multiprocessing.get_context('fork').Pool(num_proc, initializer=init_worker, initargs=(tokenizer,))
+    else:
         init_worker(tokenizer)
+    run = {'folder': folder, 'manifest': manifest, 'read': read, 'traces': traces, 'local': local, 'pool': pool,
+           'pending': {'tokens': [], 'masks': [], 'problems': [], 'size': 0}, 'progress': progress,
+           'work': tokenize_conversations if name == 'sft' else tokenize_documents}
     try:
-        for stream_index, (dataset, budget) in enumerate(streams):
-            stream = state[stream_index]
-            if stream['done']:
-                continue
-            if dataset['id'] == 'local':  # a local file is read again from its start: it costs no download
-                positions, rows = None, skip(local_rows(dataset['input']), stream['rows_read'])
-            else:  # the hub: from the stream state the last chunk recorded
-                positions = collections.deque()  # the stream's state after each row read
-                rows = hub_rows(dataset, stream.get('position'), positions)
-                if stream['rows_read'] and 'position' not in stream:  # a manifest from before streams recorded it
-                    rows = skip(rows, stream['rows_read'])
-                    positions.clear()
-
-            def advance():  # one more row of the stream consumed: the state a chunk ending here records
-                stream['rows_read'] += 1
-                if positions:
-                    stream['position'] = positions.popleft()
-            jobs = batches(rows, dataset['field'], batch_docs)
-            results = ordered_map(pool, work, jobs, ahead=2 * num_proc)
-            for tokens, lengths, mask, problems in results:
-                offset = 0
-                for row, length in enumerate(lengths.tolist()):
-                    if length > 0 and is_sft and sft_traces_per_problem > 0 and \
-                            traces[int(problems[row])] >= sft_traces_per_problem:
-                        offset += length
-                        length = -1 - SKIP_REASONS.index('extra_trace')
-                    if length < 0:
-                        advance()
-                        skipped[SKIP_REASONS[-1 - length]] += 1
-                        progress.update(1 if local else 0)
-                        continue
-                    if pending_size and pending_size + length > chunk_tokens:
-                        flush()  # the snapshot it saves must not count this row yet: it is not in the chunk
-                    pending_tokens.append(tokens[offset:offset + length])
-                    if is_sft:
-                        pending_masks.append(mask[offset:offset + length])
-                        pending_problems.append(int(problems[row]))
-                        traces[int(problems[row])] += 1
-                    offset += length
-                    pending_size += length
-                    stream['tokens'] += length
-                    advance()
-                    progress.update(1 if local else length)
-                    if stream['tokens'] >= budget or enough():
-                        break
-                read = sum(s['rows_read'] for s in state)
-                if read >= 1000 and skipped['malformed'] > max_bad_fraction * read:
-                    fail(f"{skipped['malformed']:,} of {read:,} rows of {dataset['id']} are malformed (no usable "
-                         f"'{dataset['field']}'), above max_bad_fraction={max_bad_fraction}: wrong files or schema?")
-                if stream['tokens'] >= budget or enough():
-                    break
-            stream['done'] = True
-            if enough():
-                break
-        if pending_size:
-            flush()
+        for (dataset, budget), stream in zip(streams, read['streams']):
+            if not stream['done'] and not enough(run):
+                prepare_stream(dataset, budget, stream, run)
+        if run['pending']['size']:
+            write_pending(folder, manifest, run['pending'], read)
         if not manifest['chunks']:
             fail(f"{name}: no usable document in the input (every row lacked '{streams[0][0]['field']}')")
-        manifest['streams'] = [dict(s) for s in state]
-        manifest['skipped'] = dict(skipped)
-        manifest['bad_rows'] = skipped['malformed']
-        if is_sft:
+        record_read(manifest, read)
+        if name == 'sft':
             manifest['sft'] = sft_statistics(folder, manifest)
         manifest['complete'] = True
         save_manifest(folder, manifest)
@@ -527,7 +553,12 @@ def prepare_source(name):
         progress.close()
         if pool is not None:
             pool.terminate()
-    if is_sft:
+    print_prepared(name, folder, manifest)
+    return manifest
+
+
+def print_prepared(name, folder, manifest):
+    if name == 'sft':
         stats = manifest['sft']
         print(f"{name}: {stats['conversations']:,} conversations of {stats['problems']:,} problems, "
               f"{manifest['total_tokens']:,} tokens ({stats['assistant_tokens']:,} assistant), "
@@ -537,7 +568,6 @@ def prepare_source(name):
     else:
         print(f"{name}: {manifest['total_tokens']:,} tokens, {manifest['total_documents']:,} documents in "
               f"{len(manifest['chunks'])} chunks, {manifest['bad_rows']:,} malformed rows skipped -> {folder}")
-    return manifest
 
 
 def sft_statistics(folder, manifest):
