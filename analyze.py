@@ -206,7 +206,7 @@ def causality_audit(model, windows):
 
 @torch.no_grad()
 def gumbel_noise_effect(model, windows):
-    """What sampling Gumbel noise at evaluation would change (the author's prototype did; ours is deterministic):
+    """What sampling Gumbel noise at evaluation would change (the author's code did; ours is deterministic):
     mean KL between the next-token distributions with and without noise, and how often the top token agrees."""
     torch.manual_seed(seed)
     device_ = model.embeddings.weight.device
@@ -376,7 +376,7 @@ def check_pairs(arms, logs):
         if plan_a and plan_b and plan_a != plan_b:
             fail(f"{a} and {b} trained on different data (data plans {plan_a} and {plan_b}): a paired comparison "
                  "needs the same data, seed, batch and max_steps in both arms")
-    return 'identical' if all(a and b for a, b, _, _ in plans) else 'not recorded (logs from before train.py kept them)'
+    return 'identical' if all(a and b for a, b, _, _ in plans) else 'not recorded in the logs'
 
 
 def smoothing_window(grid):

@@ -370,7 +370,7 @@ def print_timings(results):
     peak = peak_flops(device, peak_flops_override)
     polyglu = [r for r in results if r['model_type'] == 'polyglu']
     if peak and polyglu:
-        # the targets (issue 31): 45% MFU, PolyGLU's step at most 1.12 x VanillaLM's, 10B tokens on an A100 (at this
+        # the project's targets: 45% MFU, PolyGLU's step at most 1.12 x VanillaLM's, 10B tokens on an A100 (at this
         # MFU of its peak) for at most $130
         r = max(polyglu, key=lambda r: r['tokens_per_s'])
         a100_usd = a100_hours(r['mfu'], r['params']) * usd_per_hour
@@ -404,8 +404,7 @@ REPEATS = 3                  # timed micro-batches a row, in rounds over the row
 EXACT_STEPS = 3              # AdamW steps of the exactness check
 # A lever is exact when its worst relative error in every group is at most EXACT_FACTOR x today's own (bf16 against
 # the float32 reference) plus EXACT_FLOOR. In float32 (the dry run) today's error is 0 and the levers measured at most
-# FLOAT32_MEASURED (liger's update, in Triton's interpreter; lean_mix 7.2e-5, compile_blocks 4.9e-5; docs/gpu.md has the
-# command): the floor is ten times that. A gradient 5% off in one tensor is 50 times over it.
+# FLOAT32_MEASURED (liger's update, in Triton's interpreter; docs/gpu.md has the command): the floor is ten times that. A gradient 5% off in one tensor is 50 times over it.
 FLOAT32_MEASURED = 1.2e-4
 EXACT_FACTOR, EXACT_FLOOR = 2.0, {'float32': 10 * FLOAT32_MEASURED, 'bfloat16': 1e-3}
 GROUPS = (('routing', ('.alpha', '.beta', '.gate_net.')), ('attention', ('.gqa.',)),

@@ -96,8 +96,7 @@ def load_conversations():
         fail(f"{data_dir} is not a complete SFT preparation (tokens + loss masks): run "
              "`python prepare.py --source=sft` (it resumes)")
     if not all('problems_file' in c for c in manifest['chunks']):
-        fail(f"{data_dir} was prepared without problem ids (an older prepare.py): prepare it again into a new "
-             "output_base")
+        fail(f"{data_dir} records no problem id per conversation: prepare it again into a new output_base")
     tokens, masks, starts, problems = [], [], [], []
     offsets = np.concatenate([[0], np.cumsum([entry['tokens'] for entry in manifest['chunks']])])
     for entry, offset in zip(manifest['chunks'], offsets):

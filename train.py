@@ -113,8 +113,8 @@ max_bad_steps = 10           # skipped updates in a row (non-finite, or spikes) 
 spike_sigmas = 10.0          # skip an update whose loss or gradient norm is this many robust sigmas (of their logs)
 spike_window = 100           # above the median of the last spike_window applied steps; 0 = skip only non-finite ones
 collective_timeout_s = 300   # after the first step: a step or evaluation not done in this long ends the run, naming the
-                             # ranks that did not arrive (a hang holds every GPU; a full-size step: 9 s on an H200)
-save_timeout_s = 1200        # the same for a checkpoint save (12-14 s measured at full size on an H200)
+                             # ranks that did not arrive (a hang holds every GPU; a full-size step takes seconds)
+save_timeout_s = 1200        # the same for a checkpoint save (seconds at full size: docs/benchmarks.md)
 # logging and checkpoints
 log_interval = 10
 eval_interval = 500
@@ -354,7 +354,7 @@ def continue_plan(path, state, world_size, is_master):
     if state['model_config'] != {**state['model_config'], **model_config().__dict__}:
         fail(f"{path} was trained with another model config; use another out_dir or resume=''")
     for key, value in (('seed', seed), ('init_seed', weights_seed())):
-        if state.get(key, value) != value:  # a checkpoint from before init_seed records neither
+        if state.get(key, value) != value:  # what a checkpoint does not record cannot disagree
             fail(f"{path} was trained with {key}={state[key]}, this run has {key}={value}: resuming would change "
                  f"its {'data order' if key == 'seed' else 'Gumbel noise'} midway; pass --{key}={state[key]}, or use "
                  "another out_dir")
@@ -364,7 +364,7 @@ def continue_plan(path, state, world_size, is_master):
     changed = {k: [saved[k], v] for k, v in plain_config(globals()).items()
                if k in saved and saved[k] != v and k not in SESSION_ONLY}
     segments = (state.get('scheduler_state_dict') or {}).get('segments')
-    if not segments:  # a checkpoint from before them: one segment, as its config planned it
+    if not segments:  # a checkpoint that records no plan: one segment, as its config planned it
         end = state['scheduler_state_dict']['max_steps']
         segments = [{**segment_from(0), 'max_steps': end, 'anneal_from': saved.get('anneal_start', anneal_start) * end,
                      **{k: list(saved[k]) for k in ('mixture_baseline', 'mixture_anneal') if k in saved}}]

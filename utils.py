@@ -1,5 +1,12 @@
-"""What two or more stage scripts share, and nothing else: a stage's own helpers live in that stage, the model's (its
-patches, loading a state dict, generation) in model.py. Each section names the scripts that use it."""
+"""
+The file, process and network code that two or more stage scripts share, and nothing else.
+
+Where things go (docs/tests.md, "Where code lives"): model.py holds what a state dict and a forward pass need (the
+frozen classes, the patches wrap_model applies, the loss, the model's numbers, a model from a state dict, generation);
+this file holds what two or more stages do with files, processes and the network (the tokenizer and the hub, token
+chunks, the distributed engine, logs, checkpoint files: writing them and reading any of them); a stage's own machinery
+stays in its script. Each section names the scripts that use it.
+"""
 import contextlib
 import errno
 import importlib.util

@@ -22,8 +22,7 @@ learning_rate = 1e-2               # high for a 7M model: 40 steps must show the
 min_lr = 1e-3
 warmup_steps = 4
 
-# chunks this small stay below glibc's mmap threshold, which would otherwise page-fault every allocation (measured:
-# 1.7 s -> 1.3 s a step at 1,024 tokens)
+# chunks this small stay below glibc's mmap threshold, which would otherwise page-fault every allocation
 loss_chunk_size = 32
 backend = 'torch'
 device = 'cpu'

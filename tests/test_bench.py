@@ -197,8 +197,8 @@ def test_bench_default_runs_the_pretrain_settings_shrunk(capsys):
 
 def test_exactness_rejects_one_wrong_ffn_or_routing_gradient(monkeypatch):
     """A lever that gets one FFN weight's gradient 5% wrong, or one routing weight's (α), is not exact, and the group it
-    broke is named, while today's path (0 error in float32) passes. One norm over all the gradients (the old check)
-    saw the FFN one 0.7% off, within its 1e-2, and α's 1e-5 off; the loss and Adam's update barely move."""
+    broke is named, while today's path (0 error in float32) passes. One norm over all the gradients (a coarser check)
+    sees the FFN one 0.7% off, within its 1e-2, and α's 1e-5 off; the loss and Adam's update barely move."""
     bench = load_bench(*(f'--{k}={v}' for k, v in bench_dry_size().items()))
     build = bench.lever_model
     planted = iter([None, None, 'model_core.1.polyglu.W_down.weight', 'model_core.0.polyglu.alpha'])
@@ -216,7 +216,7 @@ def test_exactness_rejects_one_wrong_ffn_or_routing_gradient(monkeypatch):
     today, ffn, alpha = rows
     assert today['exact'] and (ffn['inexact'], alpha['inexact']) == (['grads/ffn'], ['grads/routing'])
     assert ffn['errors']['grads/ffn'] == pytest.approx(0.05, rel=1e-3) and ffn['errors']['grads/routing'] == 0.0
-    # what the old check looked at: one norm over all gradients, the loss, and one AdamW update (≈ g/|g|)
+    # what a coarser check would look at: one norm over all gradients, the loss, and one AdamW update (≈ g/|g|)
     assert ffn['errors']['grads/all'] < 1e-2 and alpha['errors']['grads/all'] < 1e-4
     assert ffn['errors']['loss'] < 1e-5 and ffn['errors']['update/ffn'] < 1e-3
 
