@@ -269,18 +269,30 @@ def test_harness_runs_local_tasks(harness_setup, tmp_path, monkeypatch, capsys):
     assert acc == pytest.approx(correct / 6)
 
 
-def test_bad_input_is_one_clear_line(harness_setup, tmp_path, monkeypatch):
-    folder, checkpoint = harness_setup
-    with pytest.raises(SystemExit, match='checkpoint .*nothing.pt not found'):
-        run_eval([f'--checkpoint={tmp_path}/nothing.pt', f'--output={tmp_path}/r.json'])
+EVAL_ERRORS = [  # eval.py's arguments -> the line it stops with; {checkpoint} and {tasks}: harness_setup's, {tmp}: a
+    # folder holding the file `file`
+    ('--checkpoint={tmp}/nothing.pt', r'checkpoint .*nothing\.pt not found'),
+    ('--tasks=poly_mcq --include_path={tasks}', r"unknown task 'poly_mcq'; did you mean poly_mc"),
+    ('--output={tmp}/file/r.json', r'cannot write results to .*file/r\.json \(.*\); choose another --output'),
+    ('--prompt=w1', r'--prompt moved to sample\.py: python sample\.py --checkpoint=.* --prompt=\.\.\.'),
+    ('--generation=beam', r"generation must be 'exact' or 'cached', got 'beam'"),
+    ('--perplexity_protocol=mine', r"perplexity_protocol must be 'validation' or 'author', got 'mine'"),
+    ('--paper_model=large', r"paper_model must be 'auto', 'base' or 'instruct', got 'large'"),
+    ('--tasks=paper --num_fewshot=5', r'tasks=paper runs every task at the shots the author ran .*drop --num_fewshot'),
+    ('--checkpoints={tmp}/nothing', r"checkpoints='.*nothing': no \.pt or \.safetensors there \(train\.py "
+                                    r'--snapshot_interval=N writes'),
+]
+
+
+@pytest.mark.parametrize('arguments, line', EVAL_ERRORS)
+def test_bad_input_is_one_clear_line(harness_setup, tmp_path, monkeypatch, arguments, line):
+    tasks, checkpoint = harness_setup
+    (tmp_path / 'file').write_text('')
     monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
-    with pytest.raises(SystemExit, match="unknown task 'poly_mcq'; did you mean poly_mc"):
-        run_eval([f'--checkpoint={checkpoint}', '--tasks=poly_mcq', f'--include_path={folder}',
-                  f'--output={tmp_path}/r.json', '--tokenizer=packaged', '--device=cpu'])
-    blocker = tmp_path / 'file'
-    blocker.write_text('')
-    with pytest.raises(SystemExit, match='cannot write results to .*file/r.json'):
-        run_eval([f'--checkpoint={checkpoint}', f'--output={blocker}/r.json'])
+    given = [f'--checkpoint={checkpoint}', f'--output={tmp_path}/r.json', '--tokenizer=packaged', '--device=cpu']
+    given += arguments.format(checkpoint=checkpoint, tasks=tasks, tmp=tmp_path).split()
+    with pytest.raises(SystemExit, match=f'^error: {line}'):
+        run_eval(given)
 
 
 @pytest.fixture(scope='module')
@@ -536,8 +548,6 @@ def test_paper_runs_the_author_protocol(harness_setup, tmp_path, monkeypatch, ca
                              '--chat=True')
     assert report['paper']['model'] == 'base' and report['paper']['rows'][0]['prompts'] == 'ChatML'
     assert report['paper']['rows'][0]['protocol'] == 'ours: author scoring, ChatML' and report['paper']['mean']['card'] == 40
-    with pytest.raises(SystemExit, match='tasks=paper runs every task at the shots the author ran'):
-        paper_run(folder, checkpoint, str(tmp_path / 'x.json'), monkeypatch, '--num_fewshot=5')
 
 
 def test_default_shots_are_the_tasks_own(harness_setup, tmp_path, monkeypatch):
@@ -827,5 +837,3 @@ def test_benchmarks_over_training_are_single_evaluations_and_resume(harness_setu
         assert os.path.getsize(f'{tmp_path}/{run}/eval_over_training.png') > 1000
         assert open(f'{tmp_path}/{run}/eval.csv').read().splitlines()[0] == ('step,tokens,checkpoint,poly_mc acc,'
             'poly_mc acc_norm,math held-out perplexity,stem held-out perplexity,code held-out perplexity')
-    with pytest.raises(SystemExit, match='no .pt or .safetensors there'):
-        run_eval(settings + [f'--checkpoints={tmp_path}/nothing', f'--output={tmp_path}/e.json'])

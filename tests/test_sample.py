@@ -143,9 +143,3 @@ def test_cached_generation_says_its_bound(setup, monkeypatch, capsys):
     assert 'refresh_threshold=0.05 since the last full forward' in out.err
     assert re.search(r'6 new tokens .*\(cached generation on cpu; \d+ full refreshes in 5 cached steps\)', out.err)
 
-
-def test_evals_prompt_points_to_sample_py(setup):
-    module = importlib.reload(E)
-    configure(vars(module), [f'--checkpoint={setup[0]}', '--prompt=w1 w2'])
-    with pytest.raises(SystemExit, match=r'^error: --prompt moved to sample\.py: python sample\.py --checkpoint=.*'):
-        module.main()

@@ -152,15 +152,31 @@ def test_resumed_sft_is_exact(sft_data, pretrained, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_wrong_starting_checkpoint(sft_data, pretrained, tmp_path):
-    with pytest.raises(SystemExit, match='checkpoint .*missing.pt not found'):
-        run_sft(sft_args(sft_data, str(tmp_path / 'missing.pt'), str(tmp_path)))
-    with pytest.raises(SystemExit, match=r"vanilla\.pt is a vanilla model but model_type='polyglu'"):
-        run_sft(sft_args(sft_data, pretrained['vanilla'], str(tmp_path)))
+SFT_ERRORS = [  # sft.py's settings over sft_args' -> the line it stops with; {tmp}: an empty folder, {vanilla}: a
+    # VanillaLM checkpoint
+    ({'init_from': '{tmp}/missing.pt'}, r'checkpoint .*missing\.pt not found'),
+    ({'init_from': '{vanilla}'}, r".*vanilla\.pt is a vanilla model but model_type='polyglu': fix model_type or pick"),
+    ({'data_dir': '{tmp}/nothing'}, r'missing data folder .*nothing'),
+    ({'block_size': 256}, r"block_size=256 exceeds the model's max_seq_len=128"),
+    ({'long_conversations': 'wrap'}, r"long_conversations must be 'truncate' or 'skip', got 'wrap'"),
+    ({'micro_batch_size': 64}, r'\d+ packed rows are fewer than one step\'s \d+: lower micro_batch_size or'),
+    ({'recompute_blocks': 3}, r'recompute_blocks must be -1 \(all\), 0 \(none\) or 1\.\.2, got 3'),
+]
+
+
+@pytest.mark.parametrize('settings, line', SFT_ERRORS)
+def test_bad_settings_are_one_clear_line(sft_data, pretrained, tmp_path, settings, line):
+    places = {'tmp': tmp_path, 'vanilla': pretrained['vanilla']}
+    settings = {k: v.format(**places) if isinstance(v, str) else v for k, v in settings.items()}
+    given = sft_args(settings.pop('data_dir', sft_data), settings.pop('init_from', pretrained['polyglu']),
+                     str(tmp_path / 'out'), **settings)
+    with pytest.raises(SystemExit, match=f'^error: {line}'):
+        run_sft(given)
+
+
+def test_a_vanilla_checkpoint_fine_tunes_as_vanilla(sft_data, pretrained, tmp_path):
     run_sft(sft_args(sft_data, pretrained['vanilla'], str(tmp_path / 'baseline'), model_type='vanilla'))
     assert os.path.isfile(tmp_path / 'baseline' / 'portable_sft_final.pt')
-    with pytest.raises(SystemExit, match='missing data folder .*nothing'):
-        run_sft(sft_args(str(tmp_path / 'nothing'), pretrained['polyglu'], str(tmp_path)))
 
 
 def test_a_folder_held_by_a_live_run_stops_sft_at_once(sft_data, pretrained, tmp_path):

@@ -3,6 +3,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,18 +186,31 @@ def test_nan_guard_skips_then_stops(data_dir, tmp_path, capsys, monkeypatch):
     assert step == 10 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_bad_data_is_one_clear_line(data_dir, tmp_path):
-    with pytest.raises(SystemExit, match=r'missing data folder .*nowhere/math .*run `python prepare.py --source=math`'):
-        run_train(synthetic.train_args(str(tmp_path / 'nowhere'), str(tmp_path / 'out')))
-    broken = str(tmp_path / 'broken')
-    for i, name in enumerate(('math', 'stem', 'code')):
-        synthetic.write_source(broken, name, seed=i)
-    chunk = os.path.join(broken, 'stem', 'chunk_00001.bin')
-    open(chunk, 'r+b').truncate(1000)
-    with pytest.raises(SystemExit, match=r'chunk_00001\.bin has 1,000 bytes, its manifest says .*truncated or foreign'):
-        run_train(synthetic.train_args(broken, str(tmp_path / 'out')))
-    with pytest.raises(SystemExit, match=r'foreign .*expected prepare.py\'s polychromatic-tokens-v1 with eos 151643'):
-        run_train(synthetic.train_args(data_dir, str(tmp_path / 'out'), eos_id=151643, vocab_size=151669))
+TRAIN_ERRORS = [  # train.py's settings over synthetic.train_args' -> the line it stops with; {data}: the shared
+    # synthetic data, {broken}: a copy whose stem chunk 1 is truncated to 1,000 bytes, {tmp}: an empty folder
+    ({'data_dir': '{tmp}/nowhere'}, r'missing data folder .*nowhere/math .*run `python prepare\.py --source=math`'),
+    ({'data_dir': '{broken}'}, r'.*chunk_00001\.bin has 1,000 bytes, its manifest says .*truncated or foreign'),
+    ({'eos_id': 151643, 'vocab_size': 151669}, r".*foreign .*expected prepare\.py's polychromatic-tokens-v1 with eos 151643"),
+    ({'block_size': 128}, r'block_size=128 exceeds max_seq_len=64'),
+    ({'mixture_baseline': (0.5, 0.5)}, r"sources \('math', 'stem', 'code'\) and the mixtures \(0\.5, 0\.5\) / .* differ "
+                                         r'in length'),
+    ({'val_tokens': 10**6}, r'.*math \([\d,]+ tokens\) is too small to hold out val_tokens=1,000,000 and train on '
+                            r'windows of 33 tokens: lower val_tokens or prepare more data'),
+    ({'recompute_blocks': 3}, r'recompute_blocks must be -1 \(all\), 0 \(none\) or 1\.\.2, got 3'),
+    ({'lean_mix': True}, r"lean_mix=True rewrites the fused kernels' PolyGLU backward: set fused=True too"),
+]
+
+
+@pytest.mark.parametrize('settings, line', TRAIN_ERRORS)
+def test_bad_settings_and_data_are_one_clear_line(data_dir, tmp_path, settings, line):
+    broken = tmp_path / 'broken'
+    if settings.get('data_dir') == '{broken}':
+        shutil.copytree(data_dir, broken)
+        open(broken / 'stem' / 'chunk_00001.bin', 'r+b').truncate(1000)
+    places = {'data': data_dir, 'broken': broken, 'tmp': tmp_path}
+    settings = {k: v.format(**places) if isinstance(v, str) else v for k, v in settings.items()}
+    with pytest.raises(SystemExit, match=f'^error: {line}'):
+        run_train(synthetic.train_args(settings.pop('data_dir', data_dir), str(tmp_path / 'out'), **settings))
 
 
 def train_until(args, line_start):
