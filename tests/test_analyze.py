@@ -117,13 +117,28 @@ def test_two_runs_compared_at_equal_tokens(tmp_path):
     assert sorted(os.listdir(tmp_path / 'f')) == ['loss_comparison.png', 'summary.json']
 
 
-def test_bad_input(tmp_path, data_dir):
-    with pytest.raises(SystemExit, match='checkpoint .*missing.pt not found'):
-        run_analyze(args(str(tmp_path / 'missing.pt'), data_dir, str(tmp_path / 'f')))
-    with pytest.raises(SystemExit, match='no text to analyse'):
-        run_analyze(args(checkpoint(tmp_path, 'c'), str(tmp_path / 'empty'), str(tmp_path / 'f')))
-    with pytest.raises(SystemExit, match='no training log at'):
-        run_analyze(args(checkpoint(tmp_path, 'c'), data_dir, str(tmp_path / 'f'), compare=f'{tmp_path},{tmp_path}'))
+ANALYZE_ERRORS = [  # analyze.py's settings over args' -> the line it stops with; {tmp}: a folder with no log,
+    # {c}: a checkpoint in it, {other}: one of another width
+    ({'checkpoint': '{tmp}/missing.pt'}, r'checkpoint .*missing\.pt not found'),
+    ({'data_dir': '{tmp}/empty'}, r'no text to analyse: no prepared math/stem/code under .*empty; give data=name=path'),
+    ({'data': 'math={tmp}/none.bin'}, r"data for 'math': .*none\.bin is neither a prepared folder nor a file"),
+    ({'compare': '{tmp},{tmp}'}, r'no training log at .*: train\.py writes train_log\.jsonl into its out_dir'),
+    ({'compare': 'polyglu={tmp}'}, r"compare='polyglu=.*': give two arms, 'polyglu=dir1,dir2 vanilla=dir3,dir4' "
+                                    r'\(quoted: one argument\)'),
+    ({'run': '{tmp}'}, r'no training log at .*: --run takes a train\.py or sft\.py out_dir'),
+    ({'shift': '{c}'}, r"shift='.*c\.pt': give two checkpoints, 'base\.pt,fine_tuned\.pt'"),
+    ({'shift': '{c},{other}'}, r'shift= compares two PolyGLU checkpoints of one architecture; .*c\.pt is'),
+    ({'output': '{c}/figures'}, r'cannot create .*figures \(.*\); choose another --output'),
+]
+
+
+@pytest.mark.parametrize('settings, line', ANALYZE_ERRORS)
+def test_bad_input_is_one_clear_line(tmp_path, data_dir, settings, line):
+    places = {'tmp': tmp_path, 'c': checkpoint(tmp_path, 'c'), 'other': checkpoint(tmp_path, 'other', d_model=48)}
+    settings = {k: v.format(**places) for k, v in settings.items()}
+    with pytest.raises(SystemExit, match=f'^error: {line}'):
+        run_analyze(args(settings.pop('checkpoint', places['c']), settings.pop('data_dir', data_dir),
+                         settings.pop('output', str(tmp_path / 'f')), **settings))
 
 
 def test_gumbel_noise_effect_small_when_routing_is_sharp(tmp_path, data_dir):
@@ -237,8 +252,6 @@ def test_a_shift_of_a_checkpoint_against_itself_is_zero(run_with_snapshots, tmp_
     assert sorted(os.listdir(tmp_path / 'same')) == ['routing_shift.png', 'summary.json']
     moved = run_analyze(args('', data, str(tmp_path / 'moved'), shift=f'{out_dir}/snapshots/snapshot_5.pt,{final}'))
     assert min(moved['shift']['per_layer']['kl']) > 1e-4 and moved['shift']['steps'] == [5, 20]
-    with pytest.raises(SystemExit, match='shift= compares two PolyGLU checkpoints of one architecture'):
-        run_analyze(args('', data, str(tmp_path / 'f'), shift=f"{final},{checkpoint(tmp_path, 'other')}"))
 
 
 def test_a_run_without_snapshots_draws_its_log(tmp_path):

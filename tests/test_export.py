@@ -232,17 +232,23 @@ def test_upload_faults_are_one_line(fault, trained, tmp_path, hub, monkeypatch, 
     assert TOKEN not in capsys.readouterr().out
 
 
-def test_a_missing_token_or_offline_mode_is_one_line(trained, tmp_path, hub, monkeypatch):
+EXPORT_ERRORS = [  # export.py's arguments and whether the hub is offline -> the line it stops with; no HF_TOKEN
+    ('--push=me/tiny-lm', False, r'upload of hf:me/tiny-lm needs a write token: put HF_TOKEN=\.\.\. in the environment'),
+    ('--push=me/tiny-lm', True, r'upload of hf:me/tiny-lm failed: HF_HUB_OFFLINE is set: unset it to upload'),
+    ('--push=tiny-lm', False, r"push= takes a hub model id owner/name, got 'tiny-lm'"),
+    ('--dtype=int8', False, r'dtype must be one of .*, got .int8.'),
+    ('--eval_results={tmp}/none.json', False, r'.*none\.json not found'),
+]
+
+
+@pytest.mark.parametrize('arguments, offline, line', EXPORT_ERRORS)
+def test_bad_input_is_one_line_and_uploads_nothing(trained, tmp_path, hub, monkeypatch, arguments, offline, line):
     checkpoint, tokenizer = trained
-    args = [f'--checkpoint={checkpoint}', '--out_dir=release', f'--tokenizer={tokenizer}', '--push=me/tiny-lm']
     os.remove(tmp_path / '.env')
-    with pytest.raises(SystemExit, match=r'^error: upload of hf:me/tiny-lm needs a write token: put HF_TOKEN=\.\.\.'):
-        export(args)
-    monkeypatch.setattr(huggingface_hub, 'is_offline_mode', lambda: True)
-    with pytest.raises(SystemExit, match=r'HF_HUB_OFFLINE is set: unset it to upload'):
-        export(args)
-    with pytest.raises(SystemExit, match=r"push= takes a hub model id owner/name, got 'tiny-lm'"):
-        export(args[:-1] + ['--push=tiny-lm'])
+    monkeypatch.setattr(huggingface_hub, 'is_offline_mode', lambda: offline)
+    with pytest.raises(SystemExit, match=f'^error: {line}'):
+        export([f'--checkpoint={checkpoint}', '--out_dir=release', f'--tokenizer={tokenizer}',
+                *arguments.format(tmp=tmp_path).split()])
     assert hub == []
 
 

@@ -235,23 +235,25 @@ def test_metamath_schema(monkeypatch, tmp_path):
     assert TOKENIZER.decode(tokens[mask].tolist(), skip_special_tokens=False) == 'The answer is: 42<|im_end|>'
 
 
-def test_bad_input_is_one_clear_line(monkeypatch, tmp_path):
-    empty = tmp_path / 'empty.jsonl'
-    empty.write_text('')
-    configure(monkeypatch, tmp_path, str(empty))
-    with pytest.raises(SystemExit, match='empty.jsonl is empty'):
-        prepare.prepare_source('math')
-    configure(monkeypatch, tmp_path, str(tmp_path / 'nothing*.jsonl'))
-    with pytest.raises(SystemExit, match='matches no file'):
-        prepare.prepare_source('math')
-    rows = [{'content': d} for d in documents(1500)]  # wrong schema: no 'text'; checked every batch of 16
-    configure(monkeypatch, tmp_path, write_jsonl(tmp_path / 'wrong.jsonl', rows))
-    with pytest.raises(SystemExit, match=r"1,008 of 1,008 rows of local are malformed \(no usable 'text'\)"):
-        prepare.prepare_source('math')
-    configure(monkeypatch, tmp_path, '')
+PREPARE_ERRORS = [  # prepare.py's settings over configure's, for source math -> the line it stops with; {tmp}: a
+    # folder holding empty.jsonl and wrong.jsonl (1,500 rows without 'text', checked every batch of 16); no HF_TOKEN
+    ({'input': '{tmp}/empty.jsonl'}, r'.*empty\.jsonl is empty'),
+    ({'input': '{tmp}/nothing*.jsonl'}, r'.*nothing\*\.jsonl matches no file'),
+    ({'input': '{tmp}/wrong.jsonl'}, r"1,008 of 1,008 rows of local are malformed \(no usable 'text'\), above "
+                                     r'max_bad_fraction=0\.01: wrong files or schema\?'),
+    ({'input': ''}, r'HF_TOKEN is not set and nvidia/Nemotron-CC-Math-v1 is gated'),
+]
+
+
+@pytest.mark.parametrize('settings, line', PREPARE_ERRORS)
+def test_bad_input_is_one_clear_line(monkeypatch, tmp_path, settings, line):
+    (tmp_path / 'empty.jsonl').write_text('')
+    write_jsonl(tmp_path / 'wrong.jsonl', [{'content': d} for d in documents(1500)])
     monkeypatch.delenv('HF_TOKEN', raising=False)
     monkeypatch.chdir(tmp_path)  # no .env here
-    with pytest.raises(SystemExit, match='HF_TOKEN is not set and nvidia/Nemotron-CC-Math-v1 is gated'):
+    settings = {k: v.format(tmp=tmp_path) for k, v in settings.items()}
+    configure(monkeypatch, tmp_path, settings.pop('input'), **settings)
+    with pytest.raises(SystemExit, match=f'^error: {line}'):
         prepare.prepare_source('math')
 
 

@@ -126,14 +126,19 @@ def test_chat_keeps_within_max_seq_len_and_ends_on_ctrl_c(setup, monkeypatch, ca
     assert run([f'--checkpoint={checkpoint}'], monkeypatch, capsys, fresh=False).out.endswith('assistant> \n')
 
 
-def test_a_prompt_longer_than_max_seq_len_is_one_line(setup, monkeypatch, capsys, tmp_path):
-    checkpoint, _ = setup
+SAMPLE_ERRORS = [  # sample.py's arguments (beside --checkpoint) -> the line it stops with; {tmp}/prompt.txt: 80 words
+    ('--prompt=FILE:{tmp}/prompt.txt --chat=False', r'the prompt is 80 tokens; the model reads at most max_seq_len=64 '),
+    ('--prompt=FILE:{tmp}/missing.txt', r'prompt file .*missing\.txt not found \(--prompt=FILE:path reads a text file\)'),
+    ('--prompt=w1 --generation=beam', r"generation must be 'exact' or 'cached', got 'beam'"),
+    ('--checkpoint={tmp}/nothing.pt', r'checkpoint .*nothing\.pt not found'),
+]
+
+
+@pytest.mark.parametrize('arguments, line', SAMPLE_ERRORS)
+def test_bad_input_is_one_clear_line(setup, monkeypatch, capsys, tmp_path, arguments, line):
     (tmp_path / 'prompt.txt').write_text(' '.join(f'w{i}' for i in range(80)))
-    with pytest.raises(SystemExit, match=r'^error: the prompt is 80 tokens; the model reads at most max_seq_len=64 '):
-        run([f'--checkpoint={checkpoint}', f'--prompt=FILE:{tmp_path}/prompt.txt', '--chat=False'], monkeypatch, capsys)
-    with pytest.raises(SystemExit, match=r'prompt file .*missing.txt not found'):
-        run([f'--checkpoint={checkpoint}', f'--prompt=FILE:{tmp_path}/missing.txt', '--chat=False'], monkeypatch,
-            capsys)
+    with pytest.raises(SystemExit, match=f'^error: {line}'):
+        run([f'--checkpoint={setup[0]}', *arguments.format(tmp=tmp_path).split()], monkeypatch, capsys)
 
 
 def test_cached_generation_says_its_bound(setup, monkeypatch, capsys):
