@@ -1,7 +1,5 @@
 import importlib
-import json
 import os
-import re
 import subprocess
 import sys
 
