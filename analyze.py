@@ -859,48 +859,26 @@ def routing_figures(per_layer, domain_means, n_layers):
     save(fig, output, 'domain_routing.png')
 
 
-def main():
-    global device
-    device, _ = resolve_device(device, dtype)
-    try:
-        os.makedirs(output, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create {output} ({e.strerror}); choose another --output")
-    if compare:  # training logs only: no checkpoint, no text
-        summary = {'comparison': compare_runs(parse_arms(compare), output), 'command': command_line()}
-        print_comparison(summary['comparison'])
-        return write_summary(summary)
-    if run or shift:
-        newest = [path for _, path in run_files(run)[1][-1:]] if run else shift.split(',')[:1]
-        trained = load_checkpoint(newest[0])[1] if wandb_log and newest else {}  # the project it trained in
-        name = wandb_run_name or f"analyze-{'run-' + os.path.basename(os.path.normpath(run)) if run else 'shift'}"
-        wandb_run = init_wandb(wandb_log, wandb_project, name, globals(), 'analyze', trained)
-        if run:
-            summary = {'run': analyze_run(run), 'command': command_line()}
-        else:
-            if len(shift.split(',')) != 2:
-                fail(f"shift={shift!r}: give two checkpoints, 'base.pt,fine_tuned.pt'")
-            summary = {'shift': routing_shift(*shift.split(',')), 'command': command_line()}
-            routing_shift_figure(summary['shift'], output)
-        write_summary(summary)
-        if wandb_run:
-            log_to_wandb(wandb_run, summary)
-        return
-    model, state = load_checkpoint(checkpoint)
-    step, tau = state['step'], state['tau']
-    # started before the work, so that a missing login stops the run now
-    wandb_run = init_wandb(wandb_log, wandb_project, wandb_run_name, globals(), 'analyze', state)
-    model = model.to(device).eval()
-    wrap_model(model, attention=attention, segment_pooling=True)
-    polyglu = isinstance(model.model_core[0].ffn, PolyGLU)
-    summary = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'step': step, 'tau': tau,
-                    'model_type': model.config.model_type,
-               'activations': list(ACTIVATION_NAMES), 'max_entropy_nats': math.log(len(ACTIVATION_NAMES))}
-    windows = analysis_windows(model, state)
-    print(f"{checkpoint}: {model.config.model_type}, step {step}, tau {tau} | " + described(windows))
+def over_time():
+    """--run (a run's dynamics and routing over its snapshots) or --shift (what fine-tuning changed): the summary, its
+    figures and wandb."""
+    newest = [path for _, path in run_files(run)[1][-1:]] if run else shift.split(',')[:1]
+    trained = load_checkpoint(newest[0])[1] if wandb_log and newest else {}  # the project it trained in
+    name = wandb_run_name or f"analyze-{'run-' + os.path.basename(os.path.normpath(run)) if run else 'shift'}"
+    wandb_run = init_wandb(wandb_log, wandb_project, name, globals(), 'analyze', trained)
+    if run:
+        summary = {'run': analyze_run(run), 'command': command_line()}
+    else:
+        if len(shift.split(',')) != 2:
+            fail(f"shift={shift!r}: give two checkpoints, 'base.pt,fine_tuned.pt'")
+        summary = {'shift': routing_shift(*shift.split(',')), 'command': command_line()}
+        routing_shift_figure(summary['shift'], output)
+    write_summary(summary)
+    if wandb_run:
+        log_to_wandb(wandb_run, summary)
 
-    summary['causality_audit'] = causality_audit(model, next(iter(windows.values())))
-    audit = summary['causality_audit']
+
+def audit_figure(audit):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(range(len(audit['relative_change_per_layer'])), audit['relative_change_per_layer'])
     ax.set(xlabel='layer', ylabel='relative change at positions <= t',
@@ -909,46 +887,73 @@ def main():
     print(f"causality audit: mean KL {audit['mean_kl']:.3e}, max |delta log p| {audit['max_abs_delta_log_p']:.3e} "
           f"at positions before the change")
 
-    if polyglu:
-        summary['gumbel_noise_effect'] = gumbel_noise_effect(model, next(iter(windows.values())))
-        noise = summary['gumbel_noise_effect']
+
+def routing_analysis(model, windows):
+    """A PolyGLU's routing on the windows: the maps drawn, and the per-layer numbers -> (summary entries, the mean
+    routing per domain)."""
+    per_layer, routing, mean_dynamic = routing_layers(model, windows)
+    share_map(np.array(per_layer['static_shares']), 'Neurotransmitter map: static preference (α)',
+              'neurotransmitter_map_static.png', output)
+    share_map(np.array(per_layer['dynamic_shares']), 'Neurotransmitter map: routing on text',
+              'neurotransmitter_map_dynamic.png', output)
+    n_layers = len(model.model_core)
+    layers = [int(x) for x in map_layers.split(',')] if map_layers else sorted({0, n_layers // 2, n_layers - 1})
+    for layer in layers:
+        neuron_map(mean_dynamic[layer].numpy(), layer, output)
+    domain_means = {name: r.mean((0, 2)).numpy() for name, r in routing.items()}  # [L, K] mean weight
+    per_layer['domain_mean_routing'] = {name: m.tolist() for name, m in domain_means.items()}
+    names = list(domain_means)
+    per_layer['domain_total_variation'] = {
+        f'{a}|{b}': (0.5 * (routing[a].mean(0) - routing[b].mean(0)).abs().sum(-1).mean(-1)).tolist()
+        for i, a in enumerate(names) for b in names[i + 1:]}
+    dynamic_entropy = torch.tensor(per_layer['dynamic_entropy_mean'])
+    return {'per_layer': per_layer, 'collapse_threshold': collapse_threshold,
+            'routing_entropy_mean_nats': float(dynamic_entropy.mean()),  # the model card's 0.0004 nats
+            'routing_entropy_mean_fraction': float(dynamic_entropy.mean() / math.log(len(ACTIVATION_NAMES)))
+            }, domain_means
+
+
+def precision_analysis(model, windows):
+    first_domain = next(iter(windows.values()))
+    effects = {'bf16_routing_parameters': bf16_routing_effect(model, first_domain),
+               'bf16_head_gradient_sum': bf16_head_gradient_effect(first_domain)}
+    for what, effect in effects.items():
+        print(f"precision, {what}: routing KL {effect['kl']:.2e} nats, top-1 agreement "
+              f"{100 * effect['top1_agreement']:.2f}%, loss change {effect['loss_change']:+.5f}"
+              + (f" after {effect['steps']} steps (head gradient off by {effect['head_gradient_relative_error']:.1e})"
+                 if 'steps' in effect else ''))
+    return effects
+
+
+def one_checkpoint():
+    """The checkpoint's causality audit, and for PolyGLU its routing (maps, entropy, domains), the Gumbel noise's and
+    (precision=True) bf16's effect: the summary, its figures and wandb."""
+    model, state = load_checkpoint(checkpoint)
+    step, tau = state['step'], state['tau']
+    # started before the work, so that a missing login stops the run now
+    wandb_run = init_wandb(wandb_log, wandb_project, wandb_run_name, globals(), 'analyze', state)
+    model = model.to(device).eval()
+    wrap_model(model, attention=attention, segment_pooling=True)
+    summary = {'checkpoint': checkpoint, 'file': state['file'], 'command': command_line(), 'step': step, 'tau': tau,
+               'model_type': model.config.model_type,
+               'activations': list(ACTIVATION_NAMES), 'max_entropy_nats': math.log(len(ACTIVATION_NAMES))}
+    windows = analysis_windows(model, state)
+    print(f"{checkpoint}: {model.config.model_type}, step {step}, tau {tau} | " + described(windows))
+    summary['causality_audit'] = causality_audit(model, next(iter(windows.values())))
+    audit_figure(summary['causality_audit'])
+    if isinstance(model.model_core[0].ffn, PolyGLU):
+        summary['gumbel_noise_effect'] = noise = gumbel_noise_effect(model, next(iter(windows.values())))
         print(f"Gumbel noise at evaluation (tau {model.tau}) would move predictions by mean KL {noise['mean_kl']:.3e}; "
               f"top-1 agreement {100 * noise['top1_agreement']:.1f}%")
-        per_layer, routing, mean_dynamic = routing_layers(model, windows)
-        share_map(np.array(per_layer['static_shares']), 'Neurotransmitter map: static preference (α)',
-                  'neurotransmitter_map_static.png', output)
-        share_map(np.array(per_layer['dynamic_shares']), 'Neurotransmitter map: routing on text',
-                  'neurotransmitter_map_dynamic.png', output)
-        n_layers = len(model.model_core)
-        layers = [int(x) for x in map_layers.split(',')] if map_layers else sorted({0, n_layers // 2, n_layers - 1})
-        for layer in layers:
-            neuron_map(mean_dynamic[layer].numpy(), layer, output)
-        domain_means = {name: r.mean((0, 2)).numpy() for name, r in routing.items()}  # [L, K] mean weight
-        per_layer['domain_mean_routing'] = {name: m.tolist() for name, m in domain_means.items()}
-        names = list(domain_means)
-        per_layer['domain_total_variation'] = {
-            f'{a}|{b}': (0.5 * (routing[a].mean(0) - routing[b].mean(0)).abs().sum(-1).mean(-1)).tolist()
-            for i, a in enumerate(names) for b in names[i + 1:]}
-        summary['per_layer'] = per_layer
-        summary['collapse_threshold'] = collapse_threshold
-        dynamic_entropy = torch.tensor(per_layer['dynamic_entropy_mean'])
-        summary['routing_entropy_mean_nats'] = float(dynamic_entropy.mean())  # the model card's 0.0004 nats
-        summary['routing_entropy_mean_fraction'] = float(dynamic_entropy.mean() / math.log(len(ACTIVATION_NAMES)))
-
+        routing, domain_means = routing_analysis(model, windows)
+        summary.update(routing)
         if precision:
-            first_domain = next(iter(windows.values()))
-            summary['precision'] = {'bf16_routing_parameters': bf16_routing_effect(model, first_domain),
-                                    'bf16_head_gradient_sum': bf16_head_gradient_effect(first_domain)}
-            for what, effect in summary['precision'].items():
-                print(f"precision, {what}: routing KL {effect['kl']:.2e} nats, top-1 agreement "
-                      f"{100 * effect['top1_agreement']:.2f}%, loss change {effect['loss_change']:+.5f}"
-                      + (f" after {effect['steps']} steps (head gradient off by {effect['head_gradient_relative_error']:.1e})"
-                         if 'steps' in effect else ''))
-        routing_figures(per_layer, domain_means, n_layers)
+            summary['precision'] = precision_analysis(model, windows)
+        routing_figures(summary['per_layer'], domain_means, len(model.model_core))
         print(f"routing entropy on text: {summary['routing_entropy_mean_nats']:.2e} nats on average "
               f"({100 * summary['routing_entropy_mean_fraction']:.3f}% of ln 4); "
               f"collapsed neurons (< {collapse_threshold} nats): "
-              f"{100 * np.mean(per_layer['collapsed_fraction_dynamic']):.1f}%")
+              f"{100 * np.mean(summary['per_layer']['collapsed_fraction_dynamic']):.1f}%")
     write_summary(summary)
     if wandb_run:
         log_to_wandb(wandb_run, summary)
@@ -979,6 +984,23 @@ def write_summary(summary):
         json.dump(summary, f, indent=1)
     os.replace(os.path.join(output, 'summary.json.tmp'), os.path.join(output, 'summary.json'))
     print(f"figures and summary.json -> {output}: {', '.join(sorted(os.listdir(output)))}")
+
+
+def main():
+    global device
+    device, _ = resolve_device(device, dtype)
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create {output} ({e.strerror}); choose another --output")
+    if compare:  # training logs only: no checkpoint, no text
+        summary = {'comparison': compare_runs(parse_arms(compare), output), 'command': command_line()}
+        print_comparison(summary['comparison'])
+        write_summary(summary)
+    elif run or shift:
+        over_time()
+    else:
+        one_checkpoint()
 
 
 if __name__ == '__main__':
