@@ -27,9 +27,9 @@ from configurator import configure, fail
 from model import EOS_ID, LanguageModelLoss, attention_name, flops_per_token, routing_entropy, wrap_model
 from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, cosine_lr, end_of_session,
                    export_training_state, heartbeat, hold_folder, import_training_state, init_distributed, init_wandb,
-                   load_checkpoint, log_entry, make_engine, micro_batch_seed, optimizer_weights, peak_flops,
+                   load_checkpoint, log_entry, log_step, make_engine, micro_batch_seed, optimizer_weights, peak_flops,
                    projected_cost, prune_checkpoints, rank_rows, read_manifest, report_save, resolve_device,
-                   resume_state, run_provenance, save_checkpoint, save_snapshot, step_line, to_device, trim_log,
+                   resume_state, run_provenance, save_checkpoint, save_snapshot, to_device, trim_log,
                    verified_chunk, watchdog)
 
 # -----------------------------------------------------------------------------
@@ -365,16 +365,10 @@ def main():
                 fail(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last good checkpoint in "
                      f"{out_dir} is intact (lower learning_rate or check the data, then resume)")
             if applied and is_master and (done % log_interval == 0 or done == max_steps):
-                elapsed = time.perf_counter() - timer
-                metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
-                           'train/tokens_per_sec': (done - last_logged) * tokens_per_step / elapsed,
-                           'train/mfu': flops_per_step * (done - last_logged) / elapsed / peak if peak else None,
-                           'train/skipped_steps': skipped, 'train/tokens': done * tokens_per_step,
-                           **routing_entropy(model)}
-                if device.startswith('cuda'):
-                    metrics['train/gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
-                print(step_line({'step': done, **metrics}, max_steps, elapsed / (done - last_logged)), flush=True)
-                log_entry(log_path, wandb_run, done, metrics)
+                log_step(log_path, wandb_run, done, max_steps, {
+                    'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm,
+                    'train/skipped_steps': skipped, 'train/tokens': done * tokens_per_step, **routing_entropy(model)},
+                    (done - last_logged, time.perf_counter() - timer), (tokens_per_step, flops_per_step, peak), device)
                 timer, last_logged = time.perf_counter(), done
             if eval_interval and (done % eval_interval == 0 or done == max_steps):
                 validate(done)

@@ -34,10 +34,10 @@ from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, count
                    flops_per_token, recompute_flops_per_token, routing_entropy)
 from utils import (all_reduce_sums, catch_stop_signals, check_resume, checkpoint_file, close_distributed, cosine_lr,
                    end_of_session, export_training_state, heartbeat, held_out_windows, hold_folder,
-                   import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry, make_engine,
+                   import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry, log_step, make_engine,
                    micro_batch_seed, named_masters, open_chunks, optimizer_weights, peak_flops, plain_config,
                    projected_cost, prune_checkpoints, rank_rows, report_save, resolve_device, resume_state,
-                   run_provenance, save_checkpoint, save_snapshot, step_line, to_device, trim_log, watchdog)
+                   run_provenance, save_checkpoint, save_snapshot, to_device, trim_log, watchdog)
 
 # -----------------------------------------------------------------------------
 # config: the full run's plan, with system settings that run anywhere (the CPU, plain PyTorch); config/*.py and
@@ -683,16 +683,11 @@ def main():
                      f"stopping; the last good checkpoint in {out_dir} is intact (lower learning_rate, check the data, "
                      "or raise spike_sigmas, then resume)")
             if is_master and (logged or reason is not None):
-                elapsed = time.perf_counter() - timer
-                metrics = {'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm, **norms,
-                           'train/tokens_per_sec': (done - last_logged) * tokens_per_step / elapsed,
-                           'train/mfu': flops_per_step * (done - last_logged) / elapsed / peak if peak else None,
-                           'train/skipped_steps': skipped, 'train/tokens': done * tokens_per_step,
-                           'train/skipped': float(reason is not None), **routing_entropy(model)}
-                if device.startswith('cuda'):
-                    metrics['train/gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
-                print(step_line({'step': done, **metrics}, max_steps, elapsed / (done - last_logged)), flush=True)
-                log_entry(log_path, wandb_run, done, metrics)
+                log_step(log_path, wandb_run, done, max_steps, {
+                    'train/loss': loss, 'train/lr': lr, 'train/tau': tau, 'train/grad_norm': grad_norm, **norms,
+                    'train/skipped_steps': skipped, 'train/tokens': done * tokens_per_step,
+                    'train/skipped': float(reason is not None), **routing_entropy(model)},
+                    (done - last_logged, time.perf_counter() - timer), (tokens_per_step, flops_per_step, peak), device)
                 timer, last_logged = time.perf_counter(), done
             if budget_steps and done == budget_due and done < max_steps:
                 # every rank decides on the same mean times, so that all of them re-plan alike

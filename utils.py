@@ -733,6 +733,20 @@ def step_line(metrics, max_steps, seconds_per_step):
             + f"{seconds_per_step:.2f}s/step | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m")
 
 
+def log_step(log_path, wandb_run, done, max_steps, metrics, since, rates, device):
+    """A logged step of train.py or sft.py: its metrics with the pace since the last logged step (since: steps and
+    seconds; rates: tokens and model FLOPs a step, the devices' peak FLOP/s) and the GPU's peak memory, printed as one
+    line with the ETA and written to the log."""
+    steps, seconds = since
+    tokens_per_step, flops_per_step, peak = rates
+    metrics = {**metrics, 'train/tokens_per_sec': steps * tokens_per_step / seconds,
+               'train/mfu': flops_per_step * steps / seconds / peak if peak else None}
+    if device.startswith('cuda'):
+        metrics['train/gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
+    print(step_line({'step': done, **metrics}, max_steps, seconds / steps), flush=True)
+    log_entry(log_path, wandb_run, done, metrics)
+
+
 def log_entry(log_path, wandb_run, step, metrics):
     """One entry of a run's jsonl log (analyze.py reads it) and, with wandb on, of its wandb run."""
     with open(log_path, 'a') as f:
