@@ -708,8 +708,7 @@ def lever_table(names='all', seconds=0.0, out=''):
     deadline = time.perf_counter() + (seconds or float('inf'))
     rows = lever_rows(names)
     result = {'lever': 'the table', 'rows': rows, 'budget': budget(rows), 'repeats': REPEATS, 'finished': False}
-    config, n_params = model_config('polyglu'), count_parameters(model_config('polyglu'))[0]
-    plan = result['budget']
+    config, n_params, plan = model_config('polyglu'), count_parameters(model_config('polyglu'))[0], result['budget']
     print(f"lever table: {len([r for r in rows if 'changes' in r])} rows; {plan['micro_batches']} micro-batches of "
           f"{micro_batch_size} x {block_size} or fewer tokens, {plan['full_size_builds']} full-size and "
           f"{plan['two_block_builds']} 2-block models, {plan['compiled_settings']} compiled settings"

@@ -83,7 +83,7 @@ data_dir = ''                # '' = the data_dir stored in the checkpoint (train
 sources = ('math', 'stem', 'code')
 val_tokens = -1              # -1 = the held-out size stored in the checkpoint (train.py's val_tokens)
 perplexity_tokens = 500_000  # validation: at most this many held-out tokens scored per source
-prompt = ''                  # moved: sample.py --prompt=... (this key stays only to say so)
+prompt = ''                  # text generation is sample.py's (--prompt=...): here it is one line saying so
 benchmark = False            # time exact generation on GSM8K-shaped requests and project the full GSM8K run
 benchmark_requests = 16      # benchmark: how many synthetic requests (random tokens, no early stop)
 benchmark_prompt_tokens = 850  # a 5-shot GSM8K prompt is about this long with the Qwen3 tokenizer

@@ -288,6 +288,9 @@ class PolychromaticLM(nn.Module):
 # =============================================================================
 # 2. How the frozen classes compute: the patches wrap_model applies
 # =============================================================================
+# wrap_model's patches last the model's life. The frozen classes' hook points (GQA.attend, PolyGLU.pool and
+# PolyGLU.routing_weights) also serve context managers for a single pass (generation's hooked, eval.py's
+# gumbel_routing), which put back what they found.
 
 def cu_seqlens_from_eos(tokens, eos_id=EOS_ID):
     """Document boundaries of a packed batch [B, T] as cumulative lengths over the flattened B*T tokens
@@ -823,8 +826,8 @@ def wrap_model(model, **wrapping):
     elementwise kernels (fused; lean_mix: their PolyGLU backward without stacks), segment pooling (each packed segment
     routed on its own mean, attended alone), whole-block compilation (compile_blocks), and recomputation in the
     backward of the first recompute_blocks blocks (-1: all, 0: none; selective_checkpointing: their elementwise work
-    only). Settings not given take WRAPPING's values; model.wrapping records them, so a caller can rewrap with one
-    changed. A combination that cannot work stops in one line."""
+    only). Settings not given take WRAPPING's values; the model's `wrapping` records them, so a caller can rewrap
+    with one changed. A combination that cannot work stops in one line."""
     unknown = sorted(set(wrapping) - set(WRAPPING))
     if unknown:
         raise TypeError(f"wrap_model: unknown setting(s) {unknown}; known: {sorted(WRAPPING)}")
