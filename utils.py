@@ -431,13 +431,19 @@ def close_distributed():
         dist.destroy_process_group()
 
 
-def make_engine(loss_module, model, config):
-    """AdamW over optimizer_groups under DeepSpeed ZeRO or plain PyTorch, from a stage's config (its globals: backend,
-    dtype, zero_stage, micro_batch_size, grad_accum_steps, grad_clip, learning_rate, weight_decay, beta1, beta2,
-    adam_eps, fused_adamw) -> (loss_engine, optimizer, autocast). loss_engine(x, y, cu_seqlens, max_seqlen) is the
+ENGINE_KEYS = ('backend', 'dtype', 'zero_stage', 'micro_batch_size', 'grad_accum_steps', 'grad_clip', 'learning_rate',
+               'weight_decay', 'beta1', 'beta2', 'adam_eps', 'fused_adamw')  # what make_engine reads of a stage's config
+
+
+def make_engine(loss_module, model, settings):
+    """AdamW over optimizer_groups under DeepSpeed ZeRO or plain PyTorch, from settings holding ENGINE_KEYS (a stage
+    passes its globals) -> (loss_engine, optimizer, autocast). loss_engine(x, y, cu_seqlens, max_seqlen) is the
     loss: the module itself under 'torch', DeepSpeed's engine around it under 'deepspeed'. Plain PyTorch in bf16 is
     DeepSpeed's bf16 ZeRO-1 in one process (fp32_masters); clip optimizer_weights(optimizer), not the module's."""
-    c = config
+    missing = [key for key in ENGINE_KEYS if key not in settings]
+    if missing:
+        raise TypeError(f"make_engine: the settings lack {missing} (ENGINE_KEYS)")
+    c = {key: settings[key] for key in ENGINE_KEYS}
     groups = optimizer_groups(model, c['weight_decay'])
     if c['backend'] == 'torch' and c['dtype'] == 'bfloat16':
         groups = fp32_masters(model, groups)

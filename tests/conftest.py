@@ -25,7 +25,8 @@ if not torch.cuda.is_available():  # liger-kernel's Triton kernels run on the CP
 
 
 def engine_config(**overrides):
-    """utils.make_engine's settings, as a stage script's globals hold them: plain PyTorch, float32, one micro-batch."""
+    """utils.make_engine's settings (utils.ENGINE_KEYS), as a stage script's globals hold them: plain PyTorch, float32,
+    one micro-batch."""
     return {'backend': 'torch', 'dtype': 'float32', 'zero_stage': 0, 'micro_batch_size': 2, 'grad_accum_steps': 1,
             'grad_clip': 1.0, 'learning_rate': 1e-3, 'weight_decay': 0.1, 'beta1': 0.9, 'beta2': 0.95, 'adam_eps': 1e-8,
             'fused_adamw': False, **overrides}

@@ -50,20 +50,33 @@ def test_cosine_lr():
     assert lr(19_531) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_zero3_is_a_clear_error():
-    import torch
-    model = torch.nn.Linear(2, 2)
-    with pytest.raises(SystemExit, match='zero_stage must be 0, 1 or 2, got 3: ZeRO-3 partitions the weights'):
-        utils.make_engine(model, model, engine_config(backend='deepspeed', zero_stage=3))
+ENGINE_ERRORS = [  # make_engine's settings over engine_config's -> the line it stops with
+    ({'backend': 'deepspeed', 'zero_stage': 3}, r'zero_stage must be 0, 1 or 2, got 3: ZeRO-3 partitions the weights'),
+    # DeepSpeed 0.19.8 would raise NotImplementedError deep in its engine: one line before it starts
+    ({'backend': 'deepspeed', 'dtype': 'bfloat16', 'zero_stage': 0},
+     r"zero_stage=0 with dtype='bfloat16' would accumulate gradients in bf16 .* use zero_stage=1"),
+]
 
 
-def test_zero0_with_bf16_is_a_clear_error():
-    """DeepSpeed 0.19.8 raises NotImplementedError deep in its engine for bf16 weights with fp32 accumulation and ZeRO
-    off: one line before it starts."""
-    import torch
+@pytest.mark.parametrize('settings, line', ENGINE_ERRORS)
+def test_engine_settings_that_cannot_work_are_one_line(settings, line):
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(SystemExit, match="zero_stage=0 with dtype='bfloat16' .* use zero_stage=1"):
-        utils.make_engine(model, model, engine_config(backend='deepspeed', dtype='bfloat16', zero_stage=0))
+    with pytest.raises(SystemExit, match=f'^error: {line}'):
+        utils.make_engine(model, model, engine_config(**settings))
+
+
+def test_the_engine_reads_the_settings_it_states():
+    """make_engine reads ENGINE_KEYS of a stage's config: train.py's, sft.py's and bench.py's hold them all."""
+    import bench
+    import sft
+    import train
+    assert all(set(utils.ENGINE_KEYS) <= set(vars(module)) for module in (train, sft))
+    assert set(bench.engine_settings()) == set(utils.ENGINE_KEYS)
+    settings = engine_config()
+    del settings['adam_eps']
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match=r"make_engine: the settings lack \['adam_eps'\]"):
+        utils.make_engine(model, model, settings)
 
 
 def test_wandb_missing_is_a_clear_error(monkeypatch):
