@@ -252,32 +252,42 @@ def test_checkpoint_round_trip(tmp_path, config):
     assert not any(p.name.endswith('.tmp') for p in tmp_path.iterdir())
 
 
-def test_bad_checkpoints_are_one_line_errors(tmp_path, config):
-    with pytest.raises(SystemExit, match='not found'):
-        U.load_checkpoint(str(tmp_path / 'missing.pt'))
-    garbage = tmp_path / 'garbage.pt'
-    garbage.write_bytes(b'not a checkpoint at all')
-    with pytest.raises(SystemExit, match='not a readable checkpoint'):
-        U.load_checkpoint(str(garbage))
-    foreign = tmp_path / 'foreign.pt'
-    torch.save({'weights': torch.zeros(3)}, foreign)
-    with pytest.raises(SystemExit, match='not a PolychromaticLM checkpoint'):
-        U.load_checkpoint(str(foreign))
-    vanilla = str(tmp_path / 'vanilla.pt')
-    U.save_checkpoint(vanilla, M.create_model(small_config(model_type='vanilla')), step=1)
-    with pytest.raises(SystemExit, match="different model than configured.*model_type.*'polyglu', 'vanilla'"):
-        U.load_checkpoint(vanilla, config=config)
-    truncated = tmp_path / 'truncated.pt'
-    good = str(tmp_path / 'good.pt')
+def bad_checkpoint(kind, folder, config):
+    """A checkpoint file damaged or mismatched as `kind` says -> its path."""
+    path = str(folder / f'{kind}.pt')
+    good = str(folder / 'good.pt')
     U.save_checkpoint(good, M.create_model(config), step=1)
-    truncated.write_bytes(open(good, 'rb').read()[:2000])
-    with pytest.raises(SystemExit, match='not a readable checkpoint'):
-        U.load_checkpoint(str(truncated))
-    tampered = torch.load(good, weights_only=True)
-    tampered['model_state_dict']['model_core.0.polyglu.alpha'] = torch.zeros(64, 4)
-    torch.save(tampered, tmp_path / 'tampered.pt')
-    with pytest.raises(SystemExit, match=r'wrong shape.*model_core\.0\.polyglu\.alpha: checkpoint \(64, 4\) vs model \(128, 4\)'):
-        U.load_checkpoint(str(tmp_path / 'tampered.pt'))
+    if kind == 'garbage':
+        open(path, 'wb').write(b'not a checkpoint at all')
+    elif kind == 'foreign':
+        torch.save({'weights': torch.zeros(3)}, path)
+    elif kind == 'vanilla':
+        U.save_checkpoint(path, M.create_model(small_config(model_type='vanilla')), step=1)
+    elif kind == 'truncated':
+        open(path, 'wb').write(open(good, 'rb').read()[:2000])
+    elif kind == 'tampered':
+        tampered = torch.load(good, weights_only=True)
+        tampered['model_state_dict']['model_core.0.polyglu.alpha'] = torch.zeros(64, 4)
+        torch.save(tampered, path)
+    return path
+
+
+CHECKPOINT_ERRORS = [  # a checkpoint file (bad_checkpoint) loaded for the test's config -> the line it stops with
+    ('missing', r'checkpoint .*missing\.pt not found'),
+    ('garbage', r'.*garbage\.pt is not a readable checkpoint'),
+    ('truncated', r'.*truncated\.pt is not a readable checkpoint'),
+    ('foreign', r'.*foreign\.pt is not a PolychromaticLM checkpoint \(expected a portable \.pt'),
+    ('vanilla', r".*vanilla\.pt holds a different model than configured.*model_type.*'polyglu', 'vanilla'"),
+    ('tampered', r'.*tampered\.pt does not match its model config: .*wrong shape.*model_core\.0\.polyglu\.alpha: '
+                 r'checkpoint \(64, 4\) vs model \(128, 4\)'),
+]
+
+
+@pytest.mark.parametrize('kind, line', CHECKPOINT_ERRORS)
+def test_bad_checkpoints_are_one_line_errors(tmp_path, config, kind, line):
+    path = bad_checkpoint(kind, tmp_path, config)
+    with pytest.raises(SystemExit, match=f'^error: {line}'):
+        U.load_checkpoint(path, config=config if kind == 'vanilla' else None)
 
 
 def test_flops_per_token_full_model():
