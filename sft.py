@@ -26,11 +26,10 @@ import torch
 from configurator import configure, fail
 from model import EOS_ID, LanguageModelLoss, attention_name, flops_per_token, routing_entropy, wrap_model
 from utils import (all_reduce_sums, catch_stop_signals, check_resume, close_distributed, cosine_lr, end_of_session,
-                   export_training_state, heartbeat, hold_folder, import_training_state, init_distributed, init_wandb,
-                   load_checkpoint, log_entry, log_step, make_engine, micro_batch_seed, optimizer_weights, peak_flops,
-                   projected_cost, prune_checkpoints, rank_rows, read_manifest, report_save, resolve_device,
-                   resume_state, run_provenance, save_checkpoint, save_snapshot, to_device, trim_log,
-                   verified_chunk, watchdog)
+                   heartbeat, hold_folder, import_training_state, init_distributed, init_wandb, load_checkpoint,
+                   log_entry, log_step, make_engine, micro_batch_seed, optimizer_weights, peak_flops, projected_cost,
+                   rank_rows, read_manifest, resolve_device, resume_state, run_provenance, save_run, save_snapshot,
+                   to_device, trim_log, verified_chunk, watchdog)
 
 # -----------------------------------------------------------------------------
 # config (SPEC.md's SFT section; config/sft.py spells out the run)
@@ -294,19 +293,13 @@ def main():
         return dict(init_from=init_from, stage='sft', tokens=step * tokens_per_step, world_size=world_size, **provenance)
 
     def save(step, final=False):
-        """Every rank (ZeRO's state is gathered by collectives); rank 0 writes."""
+        """On every rank (utils.save_run)."""
         heartbeat(f'the save at step {step}', save_timeout_s)
-        path = os.path.join(out_dir, 'portable_sft_final.pt' if final else f'portable_sft_{step}.pt')
-        save_start = time.perf_counter()
-        if ds_dir:
-            loss_engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
-        optimizer_state = export_training_state(loss_engine, optimizer, model, backend)
-        if is_master:
-            save_checkpoint(path, model, step, optimizer_state, {
-                'schedule': 'linear warmup + cosine', 'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
-                'warmup_steps': warmup_steps, 'max_steps': max_steps}, rows_per_step=rows_per_step, **weights_info(step))
-            prune_checkpoints(out_dir, 'portable_sft_', ds_dir, keep_checkpoints)
-            report_save(step, path, time.perf_counter() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
+        save_run(out_dir, 'portable_sft_', step, final, (loss_engine, optimizer, model, backend, ds_dir),
+                 keep_checkpoints, is_master, {'schedule': 'linear warmup + cosine', 'step': step,
+                                               'learning_rate': learning_rate, 'min_lr': min_lr,
+                                               'warmup_steps': warmup_steps, 'max_steps': max_steps},
+                 rows_per_step=rows_per_step, **weights_info(step))
 
     def validate(done):
         heartbeat(f'the validation at step {done}', collective_timeout_s if done > start_step else 0)

@@ -33,11 +33,10 @@ from configurator import configure, fail
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, count_parameters, create_model,
                    flops_per_token, recompute_flops_per_token, routing_entropy)
 from utils import (all_reduce_sums, catch_stop_signals, check_resume, checkpoint_file, close_distributed, cosine_lr,
-                   end_of_session, export_training_state, heartbeat, held_out_windows, hold_folder,
-                   import_training_state, init_distributed, init_wandb, load_checkpoint, log_entry, log_step, make_engine,
-                   micro_batch_seed, named_masters, open_chunks, optimizer_weights, peak_flops, plain_config,
-                   projected_cost, prune_checkpoints, rank_rows, report_save, resolve_device, resume_state,
-                   run_provenance, save_checkpoint, save_snapshot, to_device, trim_log, watchdog)
+                   end_of_session, heartbeat, held_out_windows, hold_folder, import_training_state, init_distributed,
+                   init_wandb, load_checkpoint, log_entry, log_step, make_engine, micro_batch_seed, named_masters,
+                   open_chunks, optimizer_weights, peak_flops, plain_config, projected_cost, rank_rows, resolve_device,
+                   resume_state, run_provenance, save_run, save_snapshot, to_device, trim_log, watchdog)
 
 # -----------------------------------------------------------------------------
 # config: the full run's plan, with system settings that run anywhere (the CPU, plain PyTorch); config/*.py and
@@ -606,21 +605,13 @@ def main():
                     init_from=init_from, seed=seed, init_seed=weights_seed(), data_plan=data_plan, **provenance)
 
     def save(step, final=False):
-        """Every rank (ZeRO's state is gathered by collectives); rank 0 writes."""
+        """On every rank (utils.save_run)."""
         heartbeat(f'the save at step {step}', save_timeout_s)
-        path = os.path.join(out_dir, 'portable_final.pt' if final else f'portable_{step}.pt')
-        save_start = time.perf_counter()
-        if ds_dir:
-            loss_engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
-        optimizer_state = export_training_state(loss_engine, optimizer, model, backend)
-        if is_master:
-            save_checkpoint(path, model, step, optimizer_state, {
-                'schedule': 'linear warmup + cosine', 'step': step, 'learning_rate': learning_rate, 'min_lr': min_lr,
-                'warmup_steps': warmup_steps, 'max_steps': max_steps, 'segments': segments}, recent=recent,
-                skipped_updates=skipped, config_changes=changes,
-                rows_per_step=micro_batch_size * grad_accum_steps * world_size, **weights_info(step))
-            prune_checkpoints(out_dir, 'portable_', ds_dir, keep_checkpoints)
-            report_save(step, path, time.perf_counter() - save_start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
+        save_run(out_dir, 'portable_', step, final, (loss_engine, optimizer, model, backend, ds_dir), keep_checkpoints,
+                 is_master, {'schedule': 'linear warmup + cosine', 'step': step, 'learning_rate': learning_rate,
+                             'min_lr': min_lr, 'warmup_steps': warmup_steps, 'max_steps': max_steps, 'segments': segments},
+                 recent=recent, skipped_updates=skipped, config_changes=changes,
+                 rows_per_step=micro_batch_size * grad_accum_steps * world_size, **weights_info(step))
 
     stop_signal = catch_stop_signals()
     wandb_run = init_wandb(wandb_log and is_master, wandb_project, wandb_run_name, globals())

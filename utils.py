@@ -834,6 +834,21 @@ def prune_checkpoints(out_dir, prefix, ds_dir, keep):
         for step in tags[:-keep]:
             shutil.rmtree(os.path.join(ds_dir, f'step_{step}'), ignore_errors=True)
 
+def save_run(out_dir, prefix, step, final, engine, keep, is_master, scheduler_state, **extra):
+    """A training run's checkpoint, on every rank (ZeRO's state is gathered by collectives): {prefix}{step}.pt, or
+    {prefix}final.pt, and DeepSpeed's own tag where engine's ds_dir is set. Rank 0 writes it, keeps the newest `keep`
+    and reports the save. engine: (loss_engine, optimizer, model, backend, ds_dir)."""
+    loss_engine, optimizer, model, backend, ds_dir = engine
+    path = os.path.join(out_dir, f'{prefix}final.pt' if final else f'{prefix}{step}.pt')
+    start = time.perf_counter()
+    if ds_dir:
+        loss_engine.save_checkpoint(ds_dir, tag=f'step_{step}', client_state={'step': step})
+    optimizer_state = export_training_state(loss_engine, optimizer, model, backend)
+    if is_master:
+        save_checkpoint(path, model, step, optimizer_state, scheduler_state, **extra)
+        prune_checkpoints(out_dir, prefix, ds_dir, keep)
+        report_save(step, path, time.perf_counter() - start, ds_dir and os.path.join(ds_dir, f'step_{step}'))
+
 # -----------------------------------------------------------------------------
 # checkpoint files (every stage)
 
