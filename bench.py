@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch._dynamo.utils import counters
 
-from configurator import config_file_values, config_keys, configure
+from configurator import checked, config_file_values, config_keys, configure, fail
 from model import (EOS_ID, LanguageModelLoss, ModelConfig, attention_name, available_attention, check_loss_kernel,
                    count_parameters, create_model, flops_per_token, recompute_flops_per_token, use_fa4,
                    wrap_model)
@@ -878,8 +878,14 @@ def configure_run(argv):
     an edited config/pretrain.py is what gets timed."""
     configure(globals(), argv)
     if run_config:
+        # relative to the repository, as the default always was, unless it names a file from here
+        path = run_config if os.path.isfile(run_config) else os.path.join(ROOT, run_config)
+        if not os.path.isfile(path):
+            fail(f"run_config={run_config!r} not found: the config file of the run to time, or '' for none")
         keys = config_keys(globals())
-        globals().update({k: v for k, v in config_file_values(run_config).items() if k in keys})
+        for key, value in config_file_values(path).items():
+            if key in keys:
+                globals()[key] = checked(key, value, globals()[key], path)
         configure(globals(), argv)  # the command line over the run's file
 
 

@@ -157,9 +157,9 @@ def test_fused_mix_is_one_kernel_forward():
     assert counts == {'polyglu_mix': 1, 'polyglu_mix_backward': 4}
 
 
-def test_bench_defaults_are_read_from_the_pretrain_config(tmp_path):
+def test_bench_defaults_are_read_from_the_pretrain_config(tmp_path, monkeypatch):
     """bench.py's defaults are config/pretrain.py's settings, and a run whose file was edited is read from it at start
-    (run_config), the command line over it."""
+    (run_config, found from any folder; its values typed as a config file's are), the command line over it."""
     import bench
     import train
     bench, train = importlib.reload(bench), importlib.reload(train)
@@ -175,6 +175,15 @@ def test_bench_defaults_are_read_from_the_pretrain_config(tmp_path):
     assert (bench.micro_batch_size, bench.steps) == (12, 2)
     bench.configure_run([f'--run_config={edited}', '--micro_batch_size=4'])
     assert bench.micro_batch_size == 4
+    monkeypatch.chdir(tmp_path)  # the default names the repository's file from anywhere
+    bench = importlib.reload(bench)
+    bench.configure_run([])
+    assert bench.micro_batch_size == 16
+    edited.write_text('micro_batch_size = "16"\n')
+    with pytest.raises(SystemExit, match=r"micro_batch_size must be int like its default 16, got str '16'"):
+        bench.configure_run([f'--run_config={edited}'])
+    with pytest.raises(SystemExit, match=r"^error: run_config='nope\.py' not found"):
+        bench.configure_run(['--run_config=nope.py'])
 
 
 @pytest.mark.slow
