@@ -124,6 +124,7 @@ def analysis_windows(model, info):
 def described(windows):
     return ', '.join(f"{name} {len(w)} windows of {len(w[0]) - 1}" for name, w in windows.items())
 
+
 @torch.no_grad()
 def measure_routing(model, windows):
     """Routing probabilities per window, layer and neuron: [windows, layers, d_ff, K] (float32, on the CPU)."""
@@ -134,6 +135,7 @@ def measure_routing(model, windows):
         layers = [torch.softmax(b.ffn.last_logits.float() / b.ffn.tau, -1)[:, 0] for b in model.model_core]
         routing.append(torch.stack(layers, 1).cpu())
     return torch.cat(routing)
+
 
 def shares(probs):
     """The share of neurons whose largest routing weight is each activation: [..., d_ff, K] -> [..., K]."""
@@ -203,6 +205,7 @@ def causality_audit(model, windows):
     n = min(audit_sequences, len(windows))
     return {'sequences': n, 'mean_kl': float(np.mean(kls)), 'max_abs_delta_log_p': max_delta,
             'relative_change_per_layer': (layer_change / n).tolist()}
+
 
 @torch.no_grad()
 def gumbel_noise_effect(model, windows):

@@ -1087,6 +1087,7 @@ def model_from_weights(weights, info, expected=None):
         model.set_tau(info['tau'])
     return unwrapped(model)
 
+
 # =============================================================================
 # 6. Generation (eval.py, sample.py), on a model wrapped with segment_pooling=True
 # =============================================================================

@@ -834,6 +834,7 @@ def prune_checkpoints(out_dir, prefix, ds_dir, keep):
         for step in tags[:-keep]:
             shutil.rmtree(os.path.join(ds_dir, f'step_{step}'), ignore_errors=True)
 
+
 def save_run(out_dir, prefix, step, final, engine, keep, is_master, scheduler_state, **extra):
     """A training run's checkpoint, on every rank (ZeRO's state is gathered by collectives): {prefix}{step}.pt, or
     {prefix}final.pt, and DeepSpeed's own tag where engine's ds_dir is set. Rank 0 writes it, keeps the newest `keep`

@@ -16,6 +16,27 @@ from conftest import engine_config, small_config
 from test_train import losses, run_train
 
 
+def test_the_mix_backward_is_autograd_through_the_one_mix():
+    """polyglu_mix is the frozen PolyGLU.forward's mix (the same module's output, to the last bit), and both
+    hand-written backwards give what autograd gives through polyglu_mix, float64 inputs computed in float32."""
+    torch.manual_seed(0)
+    ffn = M.PolyGLU(small_config()).eval()
+    with torch.no_grad():
+        ffn.alpha.normal_()
+    x = torch.randn(2, 9, 64)
+    logits = ffn.routing_logits(ffn.pool(x))
+    g = ffn.routing_weights(logits)
+    assert torch.equal(ffn(x), ffn.W_down(M.polyglu_mix(ffn.W_gate(x), ffn.W_up(x), g)))
+    gate, up, grad_h = (torch.randn(2, 9, 128, dtype=torch.float64) for _ in range(3))
+    g = torch.softmax(torch.randn(2, 1, 128, 4, dtype=torch.float64), -1)
+    inputs = [t.clone().requires_grad_() for t in (gate, up, g)]
+    h = M.polyglu_mix(*inputs)
+    expected = (h, *torch.autograd.grad(h, inputs, grad_h))
+    for backward in (M.polyglu_mix_backward, M.polyglu_mix_backward_lean):
+        for ours, reference in zip(backward(gate, up, g, grad_h), expected):
+            torch.testing.assert_close(ours, reference.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_lean_mix_backward_is_bit_identical_in_float32():
     torch.manual_seed(0)
     for B, T, d_ff in ((2, 48, 128), (3, 300, 256), (1, 7, 4096)):
