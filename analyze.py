@@ -319,6 +319,27 @@ def interval(values):
     return n, mean, (mean - half, mean + half)
 
 
+def log_entries(path):
+    """A run's jsonl log -> (its training entries by step, the last of a step winning: a resumed run logs some steps
+    twice; every other entry, in order). A line torn by a kill is skipped."""
+    train, other = {}, []
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if 'train/loss' in entry:
+                train[entry['step']] = entry
+            else:
+                other.append(entry)
+    return train, other
+
+
+def validation_losses(entry):
+    return {key[4:]: value for key, value in entry.items() if key.startswith('val/')}
+
+
 def read_log(path):
     """A train_log.jsonl (or the out_dir holding it): training points (tokens, loss, tokens/s), the last entry of a step
     winning (a resumed run logs some steps twice), validation losses by tokens, and the run's own record (train.py's
@@ -329,15 +350,9 @@ def read_log(path):
         path = os.path.join(os.path.dirname(path), 'train_log.jsonl')
     if not os.path.isfile(path):
         fail(f"no training log at {path}: train.py writes train_log.jsonl into its out_dir, sft.py sft_log.jsonl")
-    train, validation, run = {}, {}, {}
-    with open(path) as f:
-        for entry in map(json.loads, filter(str.strip, f)):
-            if 'train/loss' in entry:
-                train[entry['step']] = entry
-            elif 'run' in entry:
-                run = entry['run']
-            elif any(k.startswith('val/') for k in entry):
-                validation[entry['train/tokens']] = {k[4:]: v for k, v in entry.items() if k.startswith('val/')}
+    train, other = log_entries(path)
+    validation = {entry['train/tokens']: validation_losses(entry) for entry in other if validation_losses(entry)}
+    run = next((entry['run'] for entry in reversed(other) if 'run' in entry), {})
     points = sorted((e['train/tokens'], e['train/loss'], e.get('train/tokens_per_sec') or np.nan)
                     for e in train.values())
     if len(points) < 2:
@@ -549,19 +564,9 @@ def run_files(path):
 def training_dynamics(path):
     """The log's series against step (the last entry of a step wins): every key DYNAMICS plots, the validation losses,
     and the steps where the plan changed (a resume with another max_steps, a budget)."""
-    train, validation, replans = {}, {}, []
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue  # a line torn by a kill
-            if 'train/loss' in entry:
-                train[entry['step']] = entry
-            elif any(key.startswith('val/') for key in entry):
-                validation[entry['step']] = {key[4:]: value for key, value in entry.items() if key.startswith('val/')}
-            if 'changes' in entry:
-                replans.append(entry['step'])
+    train, other = log_entries(path)
+    validation = {entry['step']: validation_losses(entry) for entry in other if validation_losses(entry)}
+    replans = [entry['step'] for entry in other if 'changes' in entry]
     if not train:
         fail(f"{path} holds no training-loss entry yet: --run reads a run once it has logged (log_interval)")
     steps = sorted(train)

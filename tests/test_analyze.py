@@ -274,3 +274,16 @@ def test_a_run_without_snapshots_draws_its_log(tmp_path):
     assert dynamics['step'] == list(range(10, 110, 10)) and dynamics['series']['train/loss'][-1] == 3.5
     assert dynamics['replans'] == [50] and dynamics['skipped_at'] == [70] and dynamics['tokens_per_step'] == 512
     assert dynamics['validation'] == {'step': [100], 'math': [4.5], 'loss': [4.4]}
+
+
+def test_a_log_torn_by_a_kill_is_read_to_its_last_whole_line(tmp_path):
+    """--compare's and --run's readers share one parser: the torn last line of a killed run is skipped, the last entry
+    of a step wins."""
+    import analyze
+    entries = [{'step': 1, 'train/loss': 5.0, 'train/tokens': 100}, {'step': 2, 'train/loss': 4.5, 'train/tokens': 200},
+               {'step': 2, 'train/loss': 4.0, 'train/tokens': 200}, {'step': 2, 'train/tokens': 200, 'val/math': 4.25}]
+    (tmp_path / 'train_log.jsonl').write_text(''.join(json.dumps(e) + '\n' for e in entries) + '{"step": 3, "train/lo')
+    log = analyze.read_log(str(tmp_path))
+    assert log['points'][:, 1].tolist() == [5.0, 4.0] and log['validation'] == {200: {'math': 4.25}}
+    dynamics = analyze.training_dynamics(str(tmp_path / 'train_log.jsonl'))
+    assert dynamics['step'] == [1, 2] and dynamics['validation'] == {'step': [2], 'math': [4.25]}
