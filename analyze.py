@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID, PolyGLU, packed_hidden_states, wrap_model
-from utils import (HUB_TOKENIZER, command_line, get_tokenizer, held_out_windows, init_wandb, load_checkpoint,
-                   numbered_checkpoints, open_chunks, resolve_device)
+from utils import (HUB_TOKENIZER, command_line, durable_replace, get_tokenizer, held_out_windows, hold_folder,
+                   init_wandb, load_checkpoint, log_records, numbered_checkpoints, open_chunks, resolve_device)
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -323,16 +323,11 @@ def log_entries(path):
     """A run's jsonl log -> (its training entries by step, the last of a step winning: a resumed run logs some steps
     twice; every other entry, in order). A line torn by a kill is skipped."""
     train, other = {}, []
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if 'train/loss' in entry:
-                train[entry['step']] = entry
-            else:
-                other.append(entry)
+    for entry in log_records(path)[0]:
+        if 'train/loss' in entry:
+            train[entry['step']] = entry
+        else:
+            other.append(entry)
     return train, other
 
 
@@ -990,7 +985,7 @@ def log_to_wandb(run, summary):
 def write_summary(summary):
     with open(os.path.join(output, 'summary.json.tmp'), 'w') as f:
         json.dump(summary, f, indent=1)
-    os.replace(os.path.join(output, 'summary.json.tmp'), os.path.join(output, 'summary.json'))
+    durable_replace(os.path.join(output, 'summary.json.tmp'), os.path.join(output, 'summary.json'))
     print(f"figures and summary.json -> {output}: {', '.join(sorted(os.listdir(output)))}")
 
 
@@ -1001,6 +996,7 @@ def main():
         os.makedirs(output, exist_ok=True)
     except OSError as e:
         fail(f"cannot create {output} ({e.strerror}); choose another --output")
+    hold_folder(output)  # one analysis per folder: its figures and summary.json.tmp have fixed names
     if compare:  # training logs only: no checkpoint, no text
         summary = {'comparison': compare_runs(parse_arms(compare), output), 'command': command_line()}
         print_comparison(summary['comparison'])

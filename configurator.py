@@ -15,12 +15,16 @@ import ast
 import difflib
 import itertools
 import os
+import re
 import sys
 
 LAUNCHER_KEYS = ('local_rank',)  # added by `deepspeed` / torch.distributed launchers; read from env instead
 CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
 # old key -> the key that now holds its setting: an old command line or config file gets the new name
 RENAMED = {'checkpoint_blocks': 'recompute_blocks', 'gradient_checkpointing': 'recompute_blocks'}
+SECRET_NAME = re.compile(r'(?:^|_)(?:token|api_key|secret|password)$')  # hf_token, not val_tokens or tokenizer
+# what a secret looks like: a hub or wandb token, or any long unbroken run of letters and digits (a key or a password)
+SECRET_VALUE = re.compile(r'hf_[A-Za-z0-9]{8,}|[A-Za-z0-9_]{32,}')
 
 
 def config_keys(namespace):
@@ -32,6 +36,12 @@ def config_keys(namespace):
 def fail(message):
     """End the run with one line that names the problem and the fix."""
     raise SystemExit(f"error: {message}")
+
+
+def shown(key, text):
+    """Text of a value as an error line may show it: never a value that looks like a secret, or that a secret's key
+    holds."""
+    return '<hidden: it looks like a secret>' if SECRET_NAME.search(key.lower()) or SECRET_VALUE.search(text) else text
 
 
 def nearest(key, keys):
@@ -50,8 +60,10 @@ def checked(key, value, default, source):
     if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
         return type(default)(value)
     hint = " (write True or False)" if isinstance(default, bool) else ""
+    if source.startswith('--'):  # the argument itself
+        source = f"--{key}={shown(key, source.split('=', 1)[-1])}"
     fail(f"{source}: {key} must be {type(default).__name__} like its default {default!r}, "
-         f"got {type(value).__name__} {value!r}{hint}")
+         f"got {type(value).__name__} {shown(key, repr(value))}{hint}")
 
 
 def parse_value(raw, default):
@@ -117,6 +129,6 @@ def configure(namespace, argv=None):
         if key in LAUNCHER_KEYS and key not in keys:
             continue
         if key not in keys:
-            fail(f"unknown config key '{key}' in {arg}; {nearest(key, keys)}")
+            fail(f"unknown config key '{key}' in --{key}={shown(key, raw)}; {nearest(key, keys)}")
         namespace[key] = checked(key, parse_value(raw, namespace[key]), namespace[key], arg)
     return {k: namespace[k] for k in keys}

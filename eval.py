@@ -49,9 +49,9 @@ except ImportError:  # the perplexity and the generation benchmark need no harne
 from configurator import configure, fail
 from model import (EOS_ID, PolyGLU, attention_name, count_parameters, cu_seqlens_from_eos, generate_cached,
                    generate_exact, packed_hidden_states, sampler, wrap_model)
-from utils import (chatml, checkpoint_tokenizer, command_line, file_digest, fine_tuned, get_tokenizer, git_commit,
-                   harness_metrics, held_out_windows, init_wandb, load_checkpoint, open_chunks, package_versions,
-                   plain_config, resolve_device)
+from utils import (chatml, checkpoint_tokenizer, command_line, durable_replace, file_digest, fine_tuned, get_tokenizer,
+                   git_commit, harness_metrics, held_out_windows, hold_folder, init_wandb, load_checkpoint, open_chunks,
+                   package_versions, plain_config, resolve_device)
 
 # -----------------------------------------------------------------------------
 # config
@@ -246,11 +246,11 @@ def compare_with_exact(model, tok, prompts, outputs):
 # the answers store: an interrupted evaluation continues
 
 def weights_digest(state):
-    """The loaded checkpoint's sha256, hashed once (a second for 1.2 GB): the answer store, the report and the harness's
-    record all name the weights by it."""
-    if 'sha256' not in state:
-        state['sha256'] = file_digest(state['file'])
-    return state['sha256']
+    """The sha256 of the checkpoint file that was loaded, hashed once (a second for 1.2 GB): the answer store, the
+    report and the harness's record all name the weights by it."""
+    if 'file_sha256' not in state:
+        state['file_sha256'] = file_digest(state['file'])
+    return state['file_sha256']
 
 
 def answers_path(state, tok, settings):
@@ -280,6 +280,18 @@ def read_answers(path):
         except (ValueError, KeyError, TypeError):
             continue  # a damaged line: that request is answered again
     return answers
+
+
+def valid_answer(kind, value):
+    """Whether a stored answer has the form its kind returns: a finite log-likelihood <= 0 (loglikelihood's with whether
+    the continuation is greedy), or a generated string. A damaged store's others are computed again."""
+    def log_likelihood(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and -math.inf < x <= 0
+    if kind == 'generate_until':
+        return isinstance(value, str)
+    if kind == 'loglikelihood':
+        return isinstance(value, list) and len(value) == 2 and log_likelihood(value[0]) and isinstance(value[1], bool)
+    return log_likelihood(value)
 
 
 # -----------------------------------------------------------------------------
@@ -385,6 +397,11 @@ class HarnessLM(LM):
                 copies[args] += 1
                 identity.append(copies[args])
             keys.append(hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest())
+        malformed = {key for key in keys if key in self.answers and not valid_answer(kind, self.answers[key])}
+        if malformed:
+            print(f"{len(malformed):,} stored {kind} answers are malformed (a damaged store): computed again")
+            for key in malformed:
+                del self.answers[key]
         todo = [i for i, key in enumerate(keys) if key not in self.answers]
         self.answered += len(requests) - len(todo)
         progress = tqdm(total=len(requests), initial=len(requests) - len(todo), unit='req', desc=kind)
@@ -570,7 +587,7 @@ def write_samples(samples, output):
         with open(paths[task] + '.tmp', 'w') as f:
             for record in records:
                 f.write(json.dumps(record, default=handle_non_serializable, ensure_ascii=False) + '\n')
-        os.replace(paths[task] + '.tmp', paths[task])
+        durable_replace(paths[task] + '.tmp', paths[task])
     return paths
 
 
@@ -730,7 +747,7 @@ def harness_version():
 def write_report(report):
     with open(f'{output}.tmp', 'w') as f:
         json.dump(report, f, indent=1, default=str)
-    os.replace(f'{output}.tmp', output)
+    durable_replace(f'{output}.tmp', output)
 
 
 def load_for_evaluation():
@@ -1093,6 +1110,7 @@ def check_output_folder():
         os.remove(os.path.join(folder, '.write_test'))
     except OSError as e:
         fail(f"cannot write results to {output} ({e.strerror}); choose another --output")
+    hold_folder(folder, lock=f'.{os.path.basename(output)}.lock')  # one evaluation per output: its temporary names too
 
 
 def main():

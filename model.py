@@ -1003,17 +1003,42 @@ def optimizer_groups(model, weight_decay):
 # 5. A model from a state dict
 # =============================================================================
 
-def infer_config(weights, path):
-    """The ModelConfig a state dict of the author's names implies, read off its shapes (rope_theta and norm_eps cannot
-    be: SPEC.md's values)."""
+# The largest value a checkpoint's config may hold (the published model is a small fraction of each): a file asking for
+# more stops before anything is allocated.
+CONFIG_LIMITS = {'vocab_size': 1 << 20, 'd_model': 1 << 15, 'n_layers': 1024, 'n_heads': 1024, 'n_kv_heads': 1024,
+                 'd_ff': 1 << 17, 'max_seq_len': 1 << 17, 'n_activations': 64, 'gate_hidden': 1 << 12}
+
+
+def checked_config(values, path):
+    """A ModelConfig from a checkpoint's values: known fields of their types, within CONFIG_LIMITS, or one line."""
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise SystemExit(f"error: {path}: unknown model config field(s) {unknown}; known: {sorted(types)}")
+    for key, value in values.items():
+        kind = (int, float) if types[key] is float else types[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise SystemExit(f"error: {path} has {key}={value!r}, not {types[key].__name__}: a damaged or foreign "
+                             "checkpoint")
+        limit = CONFIG_LIMITS.get(key)
+        if (limit and not 1 <= value <= limit) or (types[key] is float and not 0 < value < math.inf):
+            raise SystemExit(f"error: {path} has {key}={value:,}, outside {f'1..{limit:,}' if limit else '(0, inf)'}"
+                             ": a damaged or foreign checkpoint; nothing was allocated")
+    return ModelConfig(**values)
+
+
+def shape_config(weights, path):
+    """The config values a state dict of the author's names implies, read off its shapes before anything is allocated
+    (rope_theta and norm_eps cannot be; max_seq_len only from a stored RoPE table)."""
     def shape(key):
         if key not in weights:
             raise SystemExit(f"error: {path} has no tensor {key!r}: not a PolychromaticLM state dict "
                  f"(its first keys: {list(weights)[:4]})")
         return tuple(weights[key].shape)
     vocab_size, d_model = shape('embeddings.weight')
-    n_layers = 1 + max((int(k.split('.')[1]) for k in weights if k.startswith('model_core.')), default=-1)
-    head_dim, = shape('model_core.0.gqa.rmsnorm_q.gama')
+    layers = {k.split('.')[1] for k in weights if k.startswith('model_core.')}
+    n_layers = 1 + max((int(i) for i in layers if i.isdigit()), default=-1)
+    head_dim = max(1, shape('model_core.0.gqa.rmsnorm_q.gama')[0])
     ffn = 'polyglu' if 'model_core.0.polyglu.alpha' in weights else 'swiglu'
     values = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
                   n_heads=shape('model_core.0.gqa.W_q.weight')[0] // head_dim,
@@ -1028,25 +1053,27 @@ def infer_config(weights, path):
     if d_model != values['n_heads'] * head_dim:
         raise SystemExit(f"error: {path}: W_q has {values['n_heads'] * head_dim} rows for d_model {d_model} and "
              f"head_dim {head_dim}; not this architecture")
-    return ModelConfig(**values)
+    return values
 
 
 def model_from_weights(weights, info, expected=None):
     """read_checkpoint's (state dict, info) -> a PolychromaticLM of its recorded config, or of the one its shapes imply
-    (info gains step, tau and model_config). The tied head is filled in when stored once, the RoPE tables and every
-    shape are checked, and `expected`, a ModelConfig, is the caller's: each mismatch is one line. Built without any
-    patch, so it loads on any machine."""
+    (info gains step, tau and model_config). The recorded config is checked against the shapes and CONFIG_LIMITS before
+    the model is built; the tied head is filled in when stored once, the RoPE tables and every shape are checked, and
+    `expected`, a ModelConfig, is the caller's: each mismatch is one line. Built without any patch, so it loads on any
+    machine."""
     path = info['file']
     prefix = next((p for p in ('_orig_mod.', 'module.') if all(k.startswith(p) for k in weights)), '')
     weights = {k[len(prefix):]: v for k, v in weights.items()}  # saved from a compiled or wrapped module
-    if 'model_config' in info:
-        unknown = sorted(set(info['model_config']) - {f.name for f in fields(ModelConfig)})
-        if unknown:
-            raise SystemExit(f"error: unknown model config field(s) {unknown}; known: "
-                             f"{sorted(f.name for f in fields(ModelConfig))}")
-        config = ModelConfig(**info['model_config'])
-    else:
-        config = infer_config(weights, path)
+    implied = shape_config(weights, path)
+    recorded = info.get('model_config')
+    if recorded is not None and not isinstance(recorded, dict):
+        raise SystemExit(f"error: {path} records a model_config that is not a mapping: a damaged or foreign checkpoint")
+    config = checked_config(implied if recorded is None else recorded, path)
+    differs = {k: (getattr(config, k), v) for k, v in implied.items() if getattr(config, k) != v}
+    if differs:
+        raise SystemExit(f"error: {path}'s model config disagrees with its tensors; (config, tensors): {differs}: a "
+                         "damaged or foreign checkpoint; nothing was allocated")
     if expected is not None and asdict(expected) != asdict(config):
         diffs = {k: (v, getattr(config, k)) for k, v in asdict(expected).items() if getattr(config, k) != v}
         raise SystemExit(f"error: {path} holds a different model than configured; (configured, checkpoint): {diffs}. "

@@ -18,6 +18,7 @@ stopped and ends byte-identical to an uninterrupted one, whatever num_proc is. O
 on a folder a live one holds stops at once (utils.hold_folder).
 """
 import collections
+import contextlib
 import glob
 import hashlib
 import json
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from configurator import config_file_values, configure, fail
 from model import EOS_ID, ModelConfig
-from utils import HUB_TOKENIZER, get_tokenizer, hold_folder, load_dotenv, read_manifest
+from utils import HUB_TOKENIZER, durable_replace, get_tokenizer, hold_folder, load_dotenv, read_manifest
 
 # -----------------------------------------------------------------------------
 # config
@@ -330,12 +331,9 @@ def sha256(array):
 
 
 def atomic_write(path, data):
-    tmp = f"{path}.tmp"
-    with open(tmp, 'wb') as f:
+    with open(f"{path}.tmp", 'wb') as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable_replace(f"{path}.tmp", path)
 
 
 def save_manifest(folder, manifest):
@@ -353,6 +351,7 @@ def write_chunk(folder, index, tokens, mask=None, problems=None):
         atomic_write(os.path.join(folder, entry['mask_file']), mask.tobytes())
     if problems is not None:
         entry['problems_file'] = f'chunk_{index:05d}.problems.bin'
+        entry['problems_sha256'] = sha256(problems.astype(np.uint64))  # which problems sft.py holds out depends on it
         atomic_write(os.path.join(folder, entry['problems_file']), problems.astype(np.uint64).tobytes())
     return entry
 
@@ -586,13 +585,16 @@ def sft_statistics(folder, manifest):
 # verification
 
 def verify_folder(folder):
-    """Check every chunk against the manifest; returns the manifest, or ends with one line naming the problem."""
+    """Check every chunk against the manifest, each file hashed again (verified.json, training's record of what it
+    hashed, is dropped); returns the manifest, or ends with one line naming the problem."""
     path = os.path.join(folder, 'manifest.json')
     manifest = read_manifest(folder, 'not a prepared folder (run prepare.py for it first)')
     if manifest.get('format') != MANIFEST_FORMAT or manifest.get('eos_id') != EOS_ID:
         fail(f"{path} is a foreign manifest (format {manifest.get('format')!r}, eos {manifest.get('eos_id')}), "
              f"expected {MANIFEST_FORMAT} with EOS {EOS_ID}")
     vocab_size = manifest.get('vocab_size') or ModelConfig.vocab_size
+    with contextlib.suppress(FileNotFoundError):  # what training's checks vouched for by size and mtime: hashed anew
+        os.remove(os.path.join(folder, 'verified.json'))
     for chunk in manifest['chunks']:
         file = os.path.join(folder, chunk['file'])
         if not os.path.isfile(file):
@@ -618,6 +620,12 @@ def verify_folder(folder):
             problems_file = os.path.join(folder, chunk['problems_file'])
             if not os.path.isfile(problems_file) or os.path.getsize(problems_file) != 8 * chunk['documents']:
                 fail(f"{problems_file} is missing or does not list one problem per conversation; re-run prepare.py")
+            if 'problems_sha256' not in chunk:
+                fail(f"{path} records no checksum for {problems_file}: prepare the SFT data again into a new "
+                     "output_base")
+            if sha256(np.fromfile(problems_file, dtype=np.uint64)) != chunk['problems_sha256']:
+                fail(f"{problems_file} fails its checksum (it decides which problems are held out); delete it and "
+                     "re-run prepare.py")
     if sum(c['tokens'] for c in manifest['chunks']) != manifest['total_tokens']:
         fail(f"{path}: total_tokens does not equal the sum of its chunks")
     return manifest

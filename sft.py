@@ -94,8 +94,8 @@ def load_conversations():
     if not manifest.get('complete') or not all('mask_file' in c for c in manifest['chunks']):
         fail(f"{data_dir} is not a complete SFT preparation (tokens + loss masks): run "
              "`python prepare.py --source=sft` (it resumes)")
-    if not all('problems_file' in c for c in manifest['chunks']):
-        fail(f"{data_dir} records no problem id per conversation: prepare it again into a new output_base")
+    if not all('problems_sha256' in c for c in manifest['chunks']):
+        fail(f"{data_dir} records no checksummed problem id per conversation: prepare it again into a new output_base")
     tokens, masks, starts, problems = [], [], [], []
     offsets = np.concatenate([[0], np.cumsum([entry['tokens'] for entry in manifest['chunks']])])
     for entry, offset in zip(manifest['chunks'], offsets):
@@ -108,7 +108,9 @@ def load_conversations():
         masks.append(np.memmap(verified_chunk(data_dir, entry, 'mask_file', 'mask_sha256'), dtype=np.uint8, mode='r'))
         ends = np.flatnonzero(tokens[-1] == EOS_ID) + 1
         starts.append(offset + np.concatenate([[0], ends[:-1]]))
-        problems.append(np.fromfile(os.path.join(data_dir, entry['problems_file']), dtype=np.uint64))
+        # the held-out split is chosen by problem: damaged ids would move held-out conversations into training
+        problems.append(np.fromfile(verified_chunk(data_dir, entry, 'problems_file', 'problems_sha256'),
+                                    dtype=np.uint64))
         if problems[-1].size != ends.size:
             fail(f"{entry['problems_file']} lists {problems[-1].size} problems for {ends.size} conversations: "
                  "prepare the SFT data again")
@@ -251,8 +253,7 @@ def main():
         fail(f"long_conversations must be 'truncate' or 'skip', got {long_conversations!r}")
     rank, world_size, device = init_distributed(backend, device)
     is_master = rank == 0
-    if is_master:
-        hold_folder(out_dir)  # one run per out_dir: a second one stops here, naming this one
+    hold_folder(out_dir, rank)  # one run per out_dir, on every rank: a second one stops here, naming this one
 
     # data: conversations, the held-out slice, the packing of every epoch
     tokens, masks, starts, lengths, problems = load_conversations()
@@ -270,7 +271,7 @@ def main():
     model, pretrained = load_model()
     loss_engine, optimizer, autocast = make_engine(LanguageModelLoss(model, loss_chunk_size, loss_kernel), model,
                                                    globals())
-    path, state = resume_state(out_dir, 'portable_sft_') if resume else (None, None)
+    path, state = resume_state(out_dir, 'portable_sft_', is_master) if resume else (None, None)
     start_step = resume_run(path, state, model, loss_engine, optimizer, rows_per_step, world_size, is_master) \
         if state is not None else 0
     if start_step >= max_steps:

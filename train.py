@@ -567,11 +567,10 @@ def main():
     device, dtype = resolve_device(device, dtype)
     rank, world_size, device = init_distributed(backend, device)
     is_master = rank == 0
-    if is_master:
-        hold_folder(out_dir)  # one run per out_dir: a second one stops here, naming this one
+    hold_folder(out_dir, rank)  # one run per out_dir, on every rank: a second one stops here, naming this one
     tokens_per_step = micro_batch_size * grad_accum_steps * block_size * world_size
     asked = dict(globals())  # the command's settings, as checkpoints record them: a budget's re-plan is in the segments
-    path, state = resume_state(out_dir, 'portable_') if resume else (None, None)
+    path, state = resume_state(out_dir, 'portable_', is_master) if resume else (None, None)
     segments, changes = continue_plan(path, state, world_size, is_master)
     start_step = state['step'] if state is not None else 0
     if start_step >= max_steps:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import pickle
-import re
 import shutil
 import sys
 import time
@@ -23,7 +22,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from configurator import config_keys, fail
+from configurator import SECRET_NAME, config_keys, fail
 from model import EOS_ID, ModelConfig, cu_seqlens_from_eos, model_from_weights, optimizer_groups
 
 # -----------------------------------------------------------------------------
@@ -33,16 +32,36 @@ HUB_TOKENIZER = 'Qwen/Qwen3-0.6B-Base'
 SPECIAL_IDS = {'<|endoftext|>': EOS_ID, '<|im_start|>': 151_644, '<|im_end|>': 151_645}
 
 
-def load_dotenv(path='.env'):
-    """KEY=VALUE lines of a git-ignored .env into os.environ (the environment wins); HF_TOKEN lives here, never printed."""
+HERE = os.path.dirname(os.path.abspath(__file__))
+DOTENV = os.path.join(HERE, '.env')  # the repository's, wherever a script runs: a .env in the working folder is not read
+DOTENV_KEYS = ('HF_TOKEN', 'WANDB_API_KEY')  # the secrets .env gives (docs/security.md); it sets nothing else
+IGNORED_DOTENV_KEYS = set()  # named once a process
+
+
+def load_dotenv(path=None):
+    """The secrets of the repository's git-ignored .env (DOTENV_KEYS) into os.environ; the environment wins. Any other
+    key is ignored with one line naming it, never its value: an HF_ENDPOINT there would send HF_TOKEN to another host,
+    a GIT_CONFIG_* key would make git run a command."""
+    path = path or DOTENV
     if not os.path.isfile(path):
         return
+    ignored = []
     with open(path) as f:
         for line in f:
             line = line.strip()
-            if line and not line.startswith('#') and '=' in line:
-                key, value = line.split('=', 1)
-                os.environ.setdefault(key.strip(), value.strip().strip('"').strip("'"))
+            if line.startswith('export '):
+                line = line[len('export '):]
+            if not line or line.startswith('#') or '=' not in line:
+                continue
+            key, value = (part.strip() for part in line.split('=', 1))
+            if key in DOTENV_KEYS:
+                os.environ.setdefault(key, value.strip('"').strip("'"))
+            elif key not in IGNORED_DOTENV_KEYS:
+                ignored.append(key)
+    if ignored:
+        IGNORED_DOTENV_KEYS.update(ignored)
+        print(f"{path}: ignored {', '.join(ignored)}: .env gives only {', '.join(DOTENV_KEYS)}; set other variables "
+              "in the environment", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -183,10 +202,8 @@ def peak_flops(device, override=0.0):
 # -----------------------------------------------------------------------------
 # provenance and one run per folder (train.py, sft.py, prepare.py, eval.py, analyze.py, export.py)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TRACKED_PACKAGES = ('torch', 'deepspeed', 'lm_eval', 'transformers', 'datasets', 'liger_kernel')
-SECRET_NAME = re.compile(r'(?:^|_)(?:token|api_key|secret|password)$')  # hf_token, not val_tokens or tokenizer
-HELD_FOLDERS = {}  # folder -> its open lock file: a lock lasts as long as its file stays open, so until this process ends
+HELD_FOLDERS = {}  # lock file -> its open handle: a lock lasts as long as its file stays open, so until this process ends
 
 
 def command_line():
@@ -243,28 +260,36 @@ def run_provenance(data_folders, namespace):
             'library_versions': package_versions(), 'data': list(data_folders), 'tokenizer': tokenizer}
 
 
-def hold_folder(folder):
-    """Take {folder}/.lock for this process, or stop in one line naming the live run that holds it. The lock is the
-    kernel's (flock): it dies with its process, so a run killed with -9 never blocks a resume."""
+def hold_folder(folder, rank=0, lock='.lock'):
+    """Take {folder}/{lock} for this process (rank r > 0 of a launch: {lock}.rank{r}), or stop in one line naming the
+    live run that holds it, before anything in the folder is read or deleted: a second launch on a live folder stops on
+    every rank it shares with the live one. The lock is the kernel's (flock): it dies with its process, so a run killed
+    with -9 never blocks a resume. A filesystem that cannot lock (ENOLCK, EOPNOTSUPP: some NFS mounts) is its own line."""
     import fcntl
     import socket
     os.makedirs(folder, exist_ok=True)
-    if os.path.realpath(folder) in HELD_FOLDERS:
+    name = lock if rank == 0 else f'{lock}.rank{rank}'
+    if os.path.realpath(os.path.join(folder, name)) in HELD_FOLDERS:
         return  # this process holds it already (a stage run twice in one process, as the tests do)
-    handle = open(os.path.join(folder, '.lock'), 'a+')
+    handle = open(os.path.join(folder, name), 'a+')
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         handle.seek(0)
         holder = handle.read().strip() or 'a process that has not written its id yet'
         handle.close()
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            fail(f"{folder} is on a filesystem that cannot lock files ({errno.errorcode[e.errno]}), so two runs there "
+                 "would overwrite each other: use a folder on a local disk, or mount it with locking")
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            fail(f"cannot lock {folder} ({type(e).__name__}: {e}): check its permissions, or use another folder")
         fail(f"{folder} is in use by a live run ({holder}): stop that run, or give this one another folder")
     handle.seek(0)
     handle.truncate()
     handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                  f"{command_line()}\n")
     handle.flush()
-    HELD_FOLDERS[os.path.realpath(folder)] = handle
+    HELD_FOLDERS[os.path.realpath(os.path.join(folder, name))] = handle
 
 
 def init_wandb(enabled, project, name, namespace, job_type='train', trained=None):
@@ -272,6 +297,7 @@ def init_wandb(enabled, project, name, namespace, job_type='train', trained=None
     checkpoint an evaluation reads; project '' is then the one it trained in, name '' is {job_type}-{its file}."""
     if not enabled:
         return None
+    load_dotenv()  # WANDB_API_KEY
     try:
         import wandb
     except ImportError:
@@ -761,15 +787,34 @@ def log_entry(log_path, wandb_run, step, metrics):
         wandb_run.log(metrics, step=step)
 
 
+def log_records(path):
+    """The entries of a jsonl log (train.py's, sft.py's), and how many of its lines are not whole JSON objects: the
+    last line of a run killed while writing it is torn."""
+    entries, torn = [], 0
+    with open(path, errors='replace') as f:
+        for line in f:
+            try:
+                entry = json.loads(line) if line.strip() else None
+            except ValueError:
+                entry = 'torn'
+            if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get('step', 0), int)):
+                torn += 1
+            elif entry is not None:
+                entries.append(entry)
+    return entries, torn
+
+
 def trim_log(path, step):
-    """Drop the lines of a jsonl log past `step`: a resumed run logs those steps again, and each step is logged once."""
+    """Drop the entries of a jsonl log past `step`: a resumed run logs those steps again, and each step is logged once.
+    A torn line is dropped with one line saying so."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+    entries, torn = log_records(path)
+    if torn:
+        print(f"{path}: dropped {torn} torn line{'s' if torn > 1 else ''} (a run killed while writing its log)")
     with open(path + '.tmp', 'w') as f:
-        f.writelines(kept)
-    os.replace(path + '.tmp', path)
+        f.writelines(json.dumps(entry) + '\n' for entry in entries if entry.get('step', 0) <= step)
+    durable_replace(path + '.tmp', path)
 
 
 def numbered_checkpoints(out_dir, prefix):
@@ -779,18 +824,22 @@ def numbered_checkpoints(out_dir, prefix):
     return sorted(int(s) for s in steps if s.isdigit())
 
 
-def resume_state(out_dir, prefix):
-    """(path, state) of the newest checkpoint in out_dir that loads, or (None, None). A damaged newer one is skipped
-    with one line; leftover *.tmp files of a killed save are removed first."""
+def resume_state(out_dir, prefix, is_master):
+    """(path, state) of the newest checkpoint in out_dir that loads and passes its recorded sha256, or (None, None). A
+    damaged newer one is skipped with one line. Rank 0, which holds the folder's lock, first removes leftover *.tmp
+    files of a killed save: no other rank deletes anything."""
     import glob
-    for leftover in glob.glob(os.path.join(out_dir, '*.tmp')):
-        with contextlib.suppress(FileNotFoundError):  # another rank removed it first
-            os.remove(leftover)
+    for leftover in glob.glob(os.path.join(out_dir, '*.tmp')) if is_master else []:
+        os.remove(leftover)
     candidates = [os.path.join(out_dir, f'{prefix}final.pt')] + [
         os.path.join(out_dir, f'{prefix}{step}.pt') for step in reversed(numbered_checkpoints(out_dir, prefix))]
     for path in (p for p in candidates if os.path.isfile(p)):
         try:
-            return path, torch.load(path, map_location='cpu', weights_only=True)
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            damaged = damaged_parts(state, ['model_state_dict', 'optimizer_state_dict'])
+            if damaged:
+                raise ValueError(f"its {' and '.join(damaged)} fail the sha256 recorded when it was saved")
+            return path, state
         except Exception as e:
             print(f"warning: {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); falling back to "
                   "the newest intact checkpoint before it")
@@ -856,6 +905,59 @@ def save_run(out_dir, prefix, step, final, engine, keep, is_master, scheduler_st
 HUB_PREFIX = 'hf:'  # --checkpoint=hf:tylerxdurden/PolyChromaticLM-1.0-base-0.6B
 
 
+def tensors_of(tree, name=''):
+    """(name, tensor) of every tensor in a nested state of dicts and lists, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        yield name, tree
+    elif isinstance(tree, dict):
+        for key in sorted(tree, key=str):
+            yield from tensors_of(tree[key], f'{name}/{key}')
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from tensors_of(value, f'{name}/{i}')
+
+
+def tensor_sha256(tree):
+    """sha256 of the tensors of a state: each tensor's name, dtype, shape and bytes. Each is hashed on a thread of its
+    own (hashlib lets go of the GIL), a tensor stored twice (the tied head) once: ~1 s for the 2.4 GB fp32 model."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+    named = list(tensors_of(tree))
+    by_storage = {}
+    for _, t in named:
+        by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype), t)
+
+    def digest(t):
+        return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        digests = dict(zip(by_storage, pool.map(digest, by_storage.values())))
+    lines = ''.join(f"{name} {t.dtype} {tuple(t.shape)} "
+                    f"{digests[(t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)]}\n"
+                    for name, t in named)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def damaged_parts(state, names):
+    """Those of `names`, parts of a checkpoint's state, whose tensors no longer hash to the tensor_sha256 its save
+    recorded (a file without one cannot be checked)."""
+    recorded = state.get('tensor_sha256') or {}
+    return [name for name in names if name in recorded and tensor_sha256(state.get(name)) != recorded[name]]
+
+
+def durable_replace(tmp, path):
+    """Rename a written temporary file into place, its bytes and the rename on the disk first (fsync): a power cut
+    never leaves a final name on a half-written file."""
+    with open(tmp, 'rb+') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # a directory cannot be opened on some filesystems
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
 def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=None, snapshot=False, **extra):
     """Portable checkpoint {model_state_dict (float32, the author's keys, the tied head once), optimizer_state_dict,
     scheduler_state_dict, step, tau, model_config, **extra}, written to a temporary name and renamed. Under DeepSpeed the
@@ -870,6 +972,8 @@ def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=Non
     weights['output_head.weight'] = weights['embeddings.weight']
     state = {'model_state_dict': weights, 'optimizer_state_dict': optimizer_state, 'scheduler_state_dict': scheduler_state,
              'step': int(step), 'tau': model.tau, 'model_config': asdict(model.config), **extra}
+    state['tensor_sha256'] = {part: tensor_sha256(state[part]) for part in ('model_state_dict', 'optimizer_state_dict')
+                              if state[part] is not None}  # a load checks them: damage is caught, never trained on
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     previous = max((os.path.join(folder, n) for n in os.listdir(folder) if n.endswith('.pt')), key=os.path.getmtime,
@@ -889,7 +993,7 @@ def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=Non
         if not full:
             raise
         return disk_full(path, needed, previous, e, snapshot)
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
     return True
 
 
@@ -933,46 +1037,71 @@ class NotRun:
         self.state = state
 
 
+# What a checkpoint file may tell its loader, and of what type; nothing else in it is read. The loader's own fields
+# (file, format, file_sha256: where and what it read) never come from the file (docs/security.md).
+NUMBER, MAYBE = (int, float), type(None)
+CHECKPOINT_KEYS = {'step': int, 'tau': (*NUMBER, MAYBE), 'model_config': dict, 'tensor_sha256': dict, 'tokens': int,
+                   'stage': str, 'command': str, 'config': dict, 'git': (dict, MAYBE), 'library_versions': dict,
+                   'data': list, 'tokenizer': (str, MAYBE), 'init_from': (str, MAYBE), 'rows_per_step': int,
+                   'block_size': int, 'world_size': int, 'train_seconds': NUMBER, 'data_dir': str, 'val_tokens': int,
+                   'seed': int, 'init_seed': int, 'data_plan': (str, MAYBE), 'recent': dict, 'skipped_updates': int,
+                   'config_changes': list}
+
+
+def file_values(recorded, path):
+    """The CHECKPOINT_KEYS a file records, type-checked: a wrong type is one line."""
+    values = {k: v for k, v in recorded.items() if k in CHECKPOINT_KEYS}
+    for key, value in values.items():
+        if not isinstance(value, CHECKPOINT_KEYS[key]) or isinstance(value, bool):
+            fail(f"{path} records {key} as {type(value).__name__}: a damaged or foreign checkpoint")
+    return values
+
+
 def read_checkpoint(path):
     """Any checkpoint file -> (state dict, info): our portable .pt, the author's portable .pt {model: bf16 state dict,
     optimizer, scheduler, step, tau}, or a .safetensors. torch.load(weights_only=True, mmap=True): nothing pickled
-    runs, and the optimizer's tensors are never read."""
-    info = {'file': path}
+    runs, and the optimizer's tensors are never read. info holds where and what was read, and the file's
+    CHECKPOINT_KEYS; weights whose recorded digest (tensor_sha256) fails stop in one line."""
     try:
         if path.endswith('.safetensors'):
             from safetensors import safe_open
             with safe_open(path, framework='pt') as f:
                 weights = {k: f.get_tensor(k) for k in f.keys()}
                 metadata = f.metadata() or {}
-            info['format'] = 'safetensors'
+            recorded = {}
             for key, value in metadata.items():  # export.py's: step, tau, model_config, stage, ... as JSON values
-                if key != 'format':
-                    try:
-                        info[key] = json.loads(value)
-                    except ValueError:
-                        info[key] = value
-            return weights, info
-        foreign = []
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except pickle.UnpicklingError:
-            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            with torch.serialization.safe_globals([(NotRun, name) for name in foreign]):
-                state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+                try:
+                    recorded[key] = json.loads(value)
+                except ValueError:
+                    recorded[key] = value
+            kind = 'safetensors'
+        else:
+            foreign, kind = [], None
+            try:
+                recorded = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                with torch.serialization.safe_globals([(NotRun, name) for name in foreign]):
+                    recorded = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
-    if isinstance(state, dict) and isinstance(state.get('model_state_dict'), dict):
-        info['format'], weights = 'portable', state['model_state_dict']
-    elif isinstance(state, dict) and isinstance(state.get('model'), dict):
-        info['format'], weights = 'author portable', state['model']
-    else:
-        raise SystemExit(f"error: {path} is not a PolychromaticLM checkpoint (expected a portable .pt with "
-             "model_state_dict or model, or a .safetensors state dict)")
-    if foreign:
-        print(f"{path}: read the weights; its pickle names {len(foreign)} classes that were not run "
-              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
-    info.update({k: v for k, v in state.items() if k not in ('model', 'model_state_dict', 'optimizer',
-                                                              'optimizer_state_dict', 'scheduler', 'scheduler_state_dict')})
+    if kind is None:
+        if isinstance(recorded, dict) and isinstance(recorded.get('model_state_dict'), dict):
+            kind, weights = 'portable', recorded['model_state_dict']
+        elif isinstance(recorded, dict) and isinstance(recorded.get('model'), dict):
+            kind, weights = 'author portable', recorded['model']
+        else:
+            raise SystemExit(f"error: {path} is not a PolychromaticLM checkpoint (expected a portable .pt with "
+                 "model_state_dict or model, or a .safetensors state dict)")
+        if foreign:
+            print(f"{path}: read the weights; its pickle names {len(foreign)} classes that were not run "
+                  f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        fail(f"{path} holds a state dict with entries that are not named tensors: a damaged or foreign checkpoint")
+    info = {**file_values(recorded, path), 'file': path, 'format': kind}
+    if damaged_parts({'model_state_dict': weights, 'tensor_sha256': info.get('tensor_sha256', {})}, ['model_state_dict']):
+        fail(f"{path} is damaged: its weights fail the sha256 recorded when it was saved (a flipped bit, or a torn "
+             "copy); copy or download it again, or use the checkpoint before it")
     return weights, info
 
 

@@ -88,9 +88,9 @@ def wandb_offline_env(folder):
 
 
 @contextlib.contextmanager
-def held_by_another_process(folder):
-    """A live process holding `folder` as a stage script would (utils.hold_folder) -> its pid."""
-    holder = subprocess.Popen([sys.executable, '-c', f'import sys, utils; utils.hold_folder({str(folder)!r}); '
+def held_by_another_process(folder, rank=0):
+    """A live process holding `folder` as a stage script's rank would (utils.hold_folder) -> its pid."""
+    holder = subprocess.Popen([sys.executable, '-c', f'import sys, utils; utils.hold_folder({str(folder)!r}, {rank}); '
                                'print("held", flush=True); sys.stdin.read()'], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -154,3 +154,19 @@ def plant_spike(loss_class, step, grad_accum_steps, factor=30.0):
         calls[0] += 1
         return loss * factor if (calls[0] - 1) // grad_accum_steps == step else loss
     loss_class.forward = spiking
+
+
+def flip_byte(path):
+    """Flip one bit in the middle of the largest tensor stored in a torch zip checkpoint (the embedding), as a bad disk
+    or a torn copy would: the zip's own CRC is never checked by torch.load."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        entry = max((e for e in archive.infolist() if '/data/' in e.filename), key=lambda e: e.file_size)
+    with open(path, 'r+b') as f:
+        f.seek(entry.header_offset + 26)
+        name_length, extra_length = struct.unpack('<HH', f.read(4))
+        f.seek(entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x40]))

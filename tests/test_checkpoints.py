@@ -148,6 +148,7 @@ def test_hub_id_fetches_the_safetensors_else_the_pt(author, monkeypatch, tmp_pat
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.setattr(U, 'DOTENV', str(tmp_path / '.env'))  # the repository's .env
     (tmp_path / '.env').write_text('HF_TOKEN=hf_from_dotenv\n')
     for repo_id, kind in (('tylerxdurden/PolyChromaticLM-1.0-instruct-0.6B', 'safetensors'),
                           ('tylerxdurden/PolyChromaticLM-1.0-base-0.6B', 'author portable')):

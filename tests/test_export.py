@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+import export as X
 import model as M
 import utils as U
 import synthetic
@@ -189,14 +190,23 @@ def test_the_card_states_what_was_measured_and_by_which_command(trained, tmp_pat
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """A mocked hub: create_repo and upload_folder record their calls; HF_TOKEN from a .env."""
+    """A mocked hub: HfApi's create_repo and create_commit record their calls (the commit: each file's path in the repo
+    and its bytes); HF_TOKEN from the repository's .env (utils.DOTENV, here in tmp_path)."""
     calls = []
-    monkeypatch.setattr(huggingface_hub, 'create_repo', lambda repo_id, **kw: calls.append(('create', repo_id, kw))
-                        or f'https://huggingface.co/{repo_id}')
-    monkeypatch.setattr(huggingface_hub, 'upload_folder', lambda **kw: calls.append(('upload', kw)))
+
+    def create_repo(api, repo_id, **kw):
+        calls.append(('create', repo_id, {**kw, 'token': api.token}))
+        return f'https://huggingface.co/{repo_id}'
+
+    def create_commit(api, repo_id, operations, **kw):
+        files = {op.path_in_repo: open(op.path_or_fileobj, 'rb').read() for op in operations}
+        calls.append(('commit', repo_id, {**kw, 'token': api.token, 'files': files}))
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_commit', create_commit)
     monkeypatch.setattr(huggingface_hub, 'is_offline_mode', lambda: False)
     monkeypatch.delenv('HF_TOKEN', raising=False)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(utils, 'DOTENV', str(tmp_path / '.env'))
     (tmp_path / '.env').write_text(f'HF_TOKEN={TOKEN}\n')
     return calls
 
@@ -205,9 +215,9 @@ def test_push_uploads_the_folder_private_unless_public(trained, tmp_path, hub, c
     checkpoint, tokenizer = trained
     out = export([f'--checkpoint={checkpoint}', '--out_dir=release', f'--tokenizer={tokenizer}', '--push=me/tiny-lm'],
                  capsys)
-    (_, repo_id, create), (_, upload) = hub
-    assert repo_id == 'me/tiny-lm' and create['private'] is True and create['token'] == TOKEN
-    assert upload['repo_id'] == 'me/tiny-lm' and upload['folder_path'] == 'release' and upload['token'] == TOKEN
+    (_, repo_id, create), (_, commit_repo, commit) = hub
+    assert repo_id == commit_repo == 'me/tiny-lm' and create['private'] is True and create['token'] == TOKEN
+    assert commit['token'] == TOKEN and sorted(commit['files']) == sorted(os.listdir(tmp_path / 'release'))
     assert 'uploaded release to https://huggingface.co/me/tiny-lm (private)' in out and TOKEN not in out
     card = open(tmp_path / 'release/README.md').read()
     assert card.count('# tiny-lm') == 1 and 'sample.py --checkpoint=hf:me/tiny-lm' in card
@@ -217,13 +227,38 @@ def test_push_uploads_the_folder_private_unless_public(trained, tmp_path, hub, c
     assert hub[0][2]['private'] is False
 
 
+def test_a_push_uploads_the_release_and_nothing_else(trained, tmp_path, hub, capsys):
+    checkpoint, tokenizer = trained
+    args = [f'--checkpoint={checkpoint}', f'--tokenizer={tokenizer}', '--push=me/tiny-lm']
+    # a folder with anything else in it (a repository's root: .env and its README; a run's folder; a README of its own
+    # without an export's config.json) is refused
+    (tmp_path / 'README.md').write_text('# my repository\n')
+    (tmp_path / 'docs').mkdir()
+    (tmp_path / 'docs' / 'README.md').write_text('# my docs\n')
+    for folder, held in (('.', r'\.env, docs'), (os.path.dirname(checkpoint), r'portable_final\.pt, train_log\.jsonl'),
+                         ('docs', 'README.md')):
+        with pytest.raises(SystemExit, match=rf'^error: {folder} holds {held}.*not only a previous export: export '
+                                             r'writes into a new folder \(a push uploads what it writes there\)'):
+            export(args + [f'--out_dir={folder}'])
+    assert hub == [] and (tmp_path / 'README.md').read_text() == '# my repository\n' == \
+        (tmp_path / 'docs' / 'README.md').read_text().replace('docs', 'repository')
+    # a previous export is replaced, a killed export's temporary file removed, and only the release goes up
+    export(args + ['--out_dir=release'])
+    (tmp_path / 'release' / 'model.safetensors.tmp').write_bytes(b'half of a killed export')
+    hub.clear()
+    export(args + ['--out_dir=release'])
+    (_, _, commit), = (call for call in hub if call[0] == 'commit')
+    assert sorted(commit['files']) == sorted(X.RELEASE_FILES) == sorted(os.listdir(tmp_path / 'release'))
+    assert commit['files']['model.safetensors'] == (tmp_path / 'release' / 'model.safetensors').read_bytes()
+
+
 @pytest.mark.parametrize('fault', sorted(synthetic.HUB_FAULTS))
 def test_upload_faults_are_one_line(fault, trained, tmp_path, hub, monkeypatch, capsys):
     checkpoint, tokenizer = trained
 
-    def refuse(**kwargs):
+    def refuse(*args, **kwargs):
         raise synthetic.hub_fault(fault, url='https://huggingface.co/api/models/me/tiny-lm/preupload/main')
-    monkeypatch.setattr(huggingface_hub, 'upload_folder', refuse)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_commit', refuse)
     with pytest.raises(SystemExit) as stop:
         export([f'--checkpoint={checkpoint}', '--out_dir=release', f'--tokenizer={tokenizer}', '--push=me/tiny-lm'])
     message = str(stop.value)

@@ -1,12 +1,14 @@
 import functools
 import math
 import re
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model as M
+import synthetic
 import utils as U
 from conftest import small_config
 
@@ -248,7 +250,9 @@ def test_checkpoint_round_trip(tmp_path, config):
     torch.testing.assert_close(loaded(idx), model.eval()(idx), rtol=0, atol=0)
     state = torch.load(path, weights_only=True)
     assert set(state) == {'model_state_dict', 'optimizer_state_dict', 'scheduler_state_dict', 'step', 'tau',
-                          'model_config'}
+                          'model_config', 'tensor_sha256'}
+    assert state['tensor_sha256'] == {'model_state_dict': U.tensor_sha256(state['model_state_dict']),
+                                      'optimizer_state_dict': U.tensor_sha256(optimizer.state_dict())}
     assert not any(p.name.endswith('.tmp') for p in tmp_path.iterdir())
 
 
@@ -265,10 +269,14 @@ def bad_checkpoint(kind, folder, config):
         U.save_checkpoint(path, M.create_model(small_config(model_type='vanilla')), step=1)
     elif kind == 'truncated':
         open(path, 'wb').write(open(good, 'rb').read()[:2000])
-    elif kind == 'tampered':
+    elif kind == 'tampered':  # by another tool, which records no digest
         tampered = torch.load(good, weights_only=True)
         tampered['model_state_dict']['model_core.0.polyglu.alpha'] = torch.zeros(64, 4)
+        del tampered['tensor_sha256']
         torch.save(tampered, path)
+    elif kind == 'flipped':
+        shutil.copy(good, path)
+        synthetic.flip_byte(path)
     return path
 
 
@@ -278,6 +286,7 @@ CHECKPOINT_ERRORS = [  # a checkpoint file (bad_checkpoint) loaded for the test'
     ('truncated', r'.*truncated\.pt is not a readable checkpoint'),
     ('foreign', r'.*foreign\.pt is not a PolychromaticLM checkpoint \(expected a portable \.pt'),
     ('vanilla', r".*vanilla\.pt holds a different model than configured.*model_type.*'polyglu', 'vanilla'"),
+    ('flipped', r'.*flipped\.pt is damaged: its weights fail the sha256 recorded when it was saved \(a flipped bit'),
     ('tampered', r'.*tampered\.pt does not match its model config: .*wrong shape.*model_core\.0\.polyglu\.alpha: '
                  r'checkpoint \(64, 4\) vs model \(128, 4\)'),
 ]
