@@ -29,7 +29,7 @@ from tqdm import tqdm
 from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID, PolyGLU, packed_hidden_states, wrap_model
 from utils import (HUB_TOKENIZER, command_line, durable_replace, get_tokenizer, held_out_windows, hold_folder,
-                   init_wandb, load_checkpoint, log_records, numbered_checkpoints, open_chunks, resolve_device)
+                   init_wandb, let_go, load_checkpoint, log_records, numbered_checkpoints, open_chunks, resolve_device)
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -1005,6 +1005,7 @@ def main():
         over_time()
     else:
         one_checkpoint()
+    let_go(output)
 
 
 if __name__ == '__main__':

@@ -50,8 +50,8 @@ from configurator import configure, fail
 from model import (EOS_ID, PolyGLU, attention_name, count_parameters, cu_seqlens_from_eos, generate_cached,
                    generate_exact, packed_hidden_states, sampler, wrap_model)
 from utils import (chatml, checkpoint_tokenizer, command_line, durable_replace, file_digest, fine_tuned, get_tokenizer,
-                   git_commit, harness_metrics, held_out_windows, hold_folder, init_wandb, load_checkpoint, open_chunks,
-                   package_versions, plain_config, resolve_device)
+                   git_commit, harness_metrics, held_out_windows, hold_folder, init_wandb, let_go, load_checkpoint,
+                   open_chunks, package_versions, plain_config, resolve_device)
 
 # -----------------------------------------------------------------------------
 # config
@@ -1110,16 +1110,22 @@ def check_output_folder():
         os.remove(os.path.join(folder, '.write_test'))
     except OSError as e:
         fail(f"cannot write results to {output} ({e.strerror}); choose another --output")
-    hold_folder(folder, lock=f'.{os.path.basename(output)}.lock')  # one evaluation per output: its temporary names too
+    lock = f'.{os.path.basename(output)}.lock'
+    hold_folder(folder, lock=lock)  # one evaluation per output: its temporary names too
+    return folder, lock
 
 
 def main():
     task_names = checked_tasks()
+    held = None
     if (task_names or perplexity) and not benchmark:
-        check_output_folder()  # before the model loads: a read-only folder is found in a second, not after the tasks
+        held = check_output_folder()  # before the model loads: a read-only folder is found at once, not after the tasks
     if checkpoints and not benchmark:
-        return sweep(task_names)
-    evaluate_checkpoint(task_names, wandb_log)
+        sweep(task_names)
+    else:
+        evaluate_checkpoint(task_names, wandb_log)
+    if held:
+        let_go(*held)
 
 
 if __name__ == '__main__':

@@ -13,7 +13,6 @@ record. Every figure in the card names the command that measured it; a figure no
 export is read back before it is called done: the folder loads with load_checkpoint (a path, or hf:owner/name once
 pushed) and gives the checkpoint's logits at the exported precision.
 """
-import contextlib
 import functools
 import json
 import os
@@ -23,8 +22,8 @@ import torch
 from configurator import configure, fail
 from model import ACTIVATION_NAMES, EOS_ID, count_parameters
 from utils import (HUB_PREFIX, HUB_TOKENIZER, checkpoint_tokenizer, durable_replace, file_digest, fine_tuned,
-                   get_tokenizer, git_commit, harness_metrics, hold_folder, hub_failure, load_checkpoint, load_dotenv,
-                   log_records, quiet_hub, read_manifest, tensor_sha256)
+                   get_tokenizer, git_commit, harness_metrics, hold_folder, hub_failure, let_go, load_checkpoint,
+                   load_dotenv, log_records, quiet_hub, read_manifest, tensor_sha256)
 
 # -----------------------------------------------------------------------------
 # config
@@ -415,8 +414,7 @@ def main():
           "read back with identical logits")
     if push:
         upload(folder, push)
-    with contextlib.suppress(FileNotFoundError):  # the folder holds the release alone; the lock ends with this process
-        os.remove(os.path.join(folder, '.lock'))
+    let_go(folder)
 
 
 if __name__ == '__main__':

@@ -292,6 +292,15 @@ def hold_folder(folder, rank=0, lock='.lock'):
     HELD_FOLDERS[os.path.realpath(os.path.join(folder, name))] = handle
 
 
+def let_go(folder, lock='.lock'):
+    """Remove this process's lock from an output folder it has finished (export's release, analyze's figures, eval's
+    results), so that the folder holds its output alone. Removed before it is closed: no one locks the old file."""
+    handle = HELD_FOLDERS.pop(os.path.realpath(os.path.join(folder, lock)), None)
+    if handle:
+        os.remove(handle.name)
+        handle.close()
+
+
 def init_wandb(enabled, project, name, namespace, job_type='train', trained=None):
     """A wandb run (WANDB_MODE=offline works) with the stage's plain config, or None. trained: the info of the
     checkpoint an evaluation reads; project '' is then the one it trained in, name '' is {job_type}-{its file}."""
@@ -360,7 +369,8 @@ def file_digest(path):
 
 def verified_chunk(folder, entry, key='file', checksum='sha256'):
     """A chunk checked against its manifest checksum once: the result is cached in {folder}/verified.json against the
-    file's size and mtime, so only a changed file is hashed again (the 40 GB corpus hashes in ~23 s)."""
+    file's size, mtime and ctime, so only a changed file is hashed again (the 40 GB corpus hashes in ~23 s). ctime
+    cannot be set back, so a write that restores the mtime is still seen; `prepare.py --verify` hashes everything."""
     file = os.path.join(folder, entry[key])
     stat = os.stat(file)
     cache_path = os.path.join(folder, 'verified.json')
@@ -369,7 +379,7 @@ def verified_chunk(folder, entry, key='file', checksum='sha256'):
             cache = json.load(f)
     except (OSError, ValueError):
         cache = {}
-    stamp = [stat.st_size, stat.st_mtime_ns, entry[checksum]]
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, entry[checksum]]
     if cache.get(entry[key]) == stamp:
         return file
     if file_digest(file) != entry[checksum]:

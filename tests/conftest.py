@@ -88,9 +88,10 @@ def wandb_offline_env(folder):
 
 
 @contextlib.contextmanager
-def held_by_another_process(folder, rank=0):
+def held_by_another_process(folder, rank=0, lock='.lock'):
     """A live process holding `folder` as a stage script's rank would (utils.hold_folder) -> its pid."""
-    holder = subprocess.Popen([sys.executable, '-c', f'import sys, utils; utils.hold_folder({str(folder)!r}, {rank}); '
+    holder = subprocess.Popen([sys.executable, '-c', f'import sys, utils; utils.hold_folder({str(folder)!r}, {rank}, '
+                               f'{lock!r}); '
                                'print("held", flush=True); sys.stdin.read()'], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -99,6 +100,22 @@ def test_export_reads_back_with_the_checkpoints_logits_in_the_authors_layout(tra
     # float32: no rounding at all
     export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/fp32', f'--tokenizer={tokenizer}', '--dtype=float32'])
     assert torch.equal(logits(U.load_checkpoint(f'{tmp_path}/fp32')[0]), logits(U.load_checkpoint(checkpoint)[0]))
+
+
+def test_damaged_weights_are_never_exported_and_an_export_carries_its_digest(trained, tmp_path):
+    checkpoint, tokenizer = trained
+    flipped = str(tmp_path / 'portable_final.pt')
+    shutil.copy(checkpoint, flipped)
+    synthetic.flip_byte(flipped)
+    with pytest.raises(SystemExit, match=r'^error: .*portable_final\.pt is damaged: its weights fail the sha256'):
+        export([f'--checkpoint={flipped}', f'--out_dir={tmp_path}/release', f'--tokenizer={tokenizer}'])
+    export([f'--checkpoint={checkpoint}', f'--out_dir={tmp_path}/release', f'--tokenizer={tokenizer}'])
+    release = tmp_path / 'release' / 'model.safetensors'
+    data = bytearray(release.read_bytes())
+    data[-100] ^= 0x01  # the last tensor's bytes: the safetensors header (its length, then JSON) is at the start
+    release.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=r'^error: .*model\.safetensors is damaged: its weights fail the sha256'):
+        U.load_checkpoint(str(tmp_path / 'release'))
 
 
 def test_the_authors_checkpoint_exports_to_the_authors_file(tmp_path, trained):

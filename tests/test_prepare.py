@@ -11,6 +11,7 @@ import pytest
 import prepare
 from conftest import ROOT, held_by_another_process
 from model import EOS_ID
+import utils as U
 from utils import get_tokenizer
 
 TOKENIZER = get_tokenizer('packaged')
@@ -191,6 +192,21 @@ def test_verify_catches_truncation_and_flipped_byte(monkeypatch, tmp_path):
                             text=True)
     assert result.returncode == 1 and result.stderr.strip().count('\n') == 0
     assert 'fails its checksum' in result.stderr
+    # damage that keeps the size and the mtime: training's record of what it hashed (verified.json) does not vouch
+    # for it, and --verify hashes every file again
+    open(chunk, 'wb').write(data)
+    entry = prepare.read_manifest(folder)['chunks'][1]
+    assert prepare.verify_folder(folder) and U.verified_chunk(folder, entry) == chunk  # hashed, and recorded
+    stat = os.stat(chunk)
+    with open(chunk, 'r+b') as f:
+        f.seek(100)
+        f.write(bytes([data[100] ^ 0x01]))
+    os.utime(chunk, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(chunk).st_mtime_ns == stat.st_mtime_ns and os.path.getsize(chunk) == stat.st_size
+    with pytest.raises(SystemExit, match=r'chunk_00001\.bin fails its manifest checksum'):
+        U.verified_chunk(folder, entry)
+    with pytest.raises(SystemExit, match=r'chunk_00001\.bin fails its checksum'):
+        prepare.verify_folder(folder)
 
 
 def test_sft_mask_covers_exactly_the_assistant_turns(monkeypatch, tmp_path):

@@ -177,6 +177,23 @@ def test_a_second_launch_stops_on_every_rank_before_deleting_anything(tmp_path):
     assert not (live / 'portable_20.pt.tmp').exists()
 
 
+def test_eval_analyze_and_export_hold_their_output(tmp_path, monkeypatch):
+    import analyze as A
+    import export as X
+    results = tmp_path / 'results'
+    monkeypatch.setattr(E, 'output', str(results / 'eval.json'))
+    monkeypatch.setattr(A, 'output', str(tmp_path / 'figures'))
+    for folder, lock, start in ((results, '.eval.json.lock', E.check_output_folder),
+                                (tmp_path / 'figures', '.lock', A.main),
+                                (tmp_path / 'release', '.lock', lambda: X.release_folder(str(tmp_path / 'release')))):
+        with held_by_another_process(folder, lock=lock) as pid:
+            with pytest.raises(SystemExit, match=rf'^error: {folder} is in use by a live run \(process {pid} on '):
+                start()
+    monkeypatch.setattr(E, 'output', str(results / 'other.json'))
+    with held_by_another_process(results, lock='.eval.json.lock'):
+        E.check_output_folder()  # another output in the same folder is another evaluation's
+
+
 @pytest.mark.parametrize('code', [errno.ENOLCK, errno.EOPNOTSUPP])
 def test_a_filesystem_that_cannot_lock_is_its_own_line(tmp_path, monkeypatch, code):
     def refuse(handle, operation):

@@ -2,6 +2,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -172,6 +173,19 @@ def test_bad_settings_are_one_clear_line(sft_data, pretrained, tmp_path, setting
                      str(tmp_path / 'out'), **settings)
     with pytest.raises(SystemExit, match=f'^error: {line}'):
         run_sft(given)
+
+
+def test_reordered_problem_ids_are_caught_before_they_move_the_held_out_split(sft_data, pretrained, tmp_path):
+    data = str(tmp_path / 'sft')
+    shutil.copytree(sft_data, data)
+    problems = os.path.join(data, 'chunk_00000.problems.bin')
+    ids = np.fromfile(problems, dtype=np.uint64)
+    ids[::-1].tofile(problems)  # the same size, every held-out conversation now named by a training problem's id
+    with pytest.raises(SystemExit, match=r'^error: .*chunk_00000\.problems\.bin fails its manifest checksum'):
+        run_sft(sft_args(data, pretrained['polyglu'], str(tmp_path / 'out')))
+    with pytest.raises(SystemExit, match=r'^error: .*chunk_00000\.problems\.bin fails its checksum \(it decides which '
+                                         r'problems are held out\)'):
+        prepare.verify_folder(data)
 
 
 def test_a_vanilla_checkpoint_fine_tunes_as_vanilla(sft_data, pretrained, tmp_path):

@@ -31,16 +31,6 @@ def test_local_tokenizer_path_and_checks(tmp_path):
         utils.get_tokenizer(str(tmp_path / '..'))
 
 
-def test_dotenv_fills_but_never_overrides(tmp_path, monkeypatch):
-    env = tmp_path / '.env'
-    env.write_text("# secrets\nPOLY_TEST_TOKEN='abc'\nPOLY_TEST_SET=from_file\n")
-    monkeypatch.setenv('POLY_TEST_SET', 'from_env')
-    monkeypatch.delenv('POLY_TEST_TOKEN', raising=False)
-    utils.load_dotenv(str(env))
-    assert os.environ['POLY_TEST_TOKEN'] == 'abc'
-    assert os.environ['POLY_TEST_SET'] == 'from_env'
-
-
 def test_cosine_lr():
     lr = lambda step: utils.cosine_lr(step, max_lr=1e-4, warmup_steps=2000, total_steps=19_531)  # noqa: E731
     assert lr(0) == pytest.approx(5e-8)
