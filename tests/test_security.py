@@ -1,12 +1,11 @@
 """What the project reads from outside and does not control: `.env`, the command line, checkpoint files from the hub,
-a shared folder, a killed run's leftovers. Each test is a finding of the review in docs/security.md (the export's push
-is tested in test_export.py, a chunk's damage in test_prepare.py and test_sft.py)."""
+a shared folder. docs/security.md says what each check guards; the export's push is tested in test_export.py, damaged
+files in test_damage.py (and a chunk's in test_prepare.py and test_sft.py)."""
 import errno
 import fcntl
 import json
 import os
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,52 +111,6 @@ def test_a_layer_count_out_of_bounds_stops_before_allocating(tmp_path):
     torch.save({'model': weights}, tmp_path / 'deep.pt')
     with pytest.raises(SystemExit, match=r'deep\.pt has n_layers=2,000,001, outside 1\.\.1,024'):
         U.load_checkpoint(str(tmp_path / 'deep.pt'))
-
-# -----------------------------------------------------------------------------
-# 5. damage is caught
-
-
-def test_a_resume_falls_back_past_a_flipped_bit(tmp_path, capsys):
-    model = M.create_model(small_config())
-    optimizer = torch.optim.AdamW(model.parameters())
-    for step in (10, 20):
-        U.save_checkpoint(str(tmp_path / f'portable_{step}.pt'), model, step, optimizer.state_dict())
-    synthetic.flip_byte(str(tmp_path / 'portable_20.pt'))
-    path, state = U.resume_state(str(tmp_path), 'portable_', is_master=True)
-    assert path == str(tmp_path / 'portable_10.pt') and state['step'] == 10
-    assert capsys.readouterr().out == (f"warning: {tmp_path}/portable_20.pt is damaged (ValueError: its "
-                                       "model_state_dict fail the sha256 recorded when it was saved); falling back "
-                                       "to the newest intact checkpoint before it\n")
-
-
-def test_a_torn_log_line_is_dropped_on_resume_with_one_line(tmp_path, capsys):
-    log = tmp_path / 'train_log.jsonl'
-    log.write_text('{"step": 5, "train/loss": 4.0}\n{"step": 10, "train/loss": 3.5}\n{"step": 15, "train/lo')
-    U.trim_log(str(log), 10)
-    assert log.read_text() == '{"step": 5, "train/loss": 4.0}\n{"step": 10, "train/loss": 3.5}\n'
-    assert capsys.readouterr().out == f"{log}: dropped 1 torn line (a run killed while writing its log)\n"
-
-
-def test_malformed_stored_answers_are_computed_again(capsys):
-    lm = SimpleNamespace(answers={}, author=False, noise_seed=None, answered=0, file=None,
-                         cache_hook=SimpleNamespace(add_partial=lambda *args: None))
-    answer = E.HarnessLM.answer.__get__(lm)
-    requests = [SimpleNamespace(args=(f'context {i}', ' continuation')) for i in range(4)]
-    computed = []
-
-    def compute(todo, record, progress, keys):
-        computed.append(list(todo))
-        for j in range(len(todo)):
-            record(j, [-1.0, True])
-    answer('loglikelihood', requests, compute)
-    stored = list(lm.answers)
-    for key, damaged in zip(stored[1:], ([0.5, True], 'text', [float('nan'), False])):  # what a damaged store holds
-        lm.answers[key] = damaged
-    assert answer('loglikelihood', requests, compute) == [[-1.0, True]] * 4
-    assert computed == [[0, 1, 2, 3], [1, 2, 3]]
-    assert '3 stored loglikelihood answers are malformed (a damaged store): computed again' in capsys.readouterr().out
-    assert [E.valid_answer('generate_until', v) for v in ('', 3)] == [True, False]
-    assert [E.valid_answer('loglikelihood_rolling', v) for v in (-3.5, 0.0, 1.0, True, None)] == [True, True] + [False] * 3
 
 # -----------------------------------------------------------------------------
 # 6. locks on every rank, before anything is deleted; a filesystem that cannot lock; durable writes
