@@ -1066,10 +1066,7 @@ def model_from_weights(weights, info, expected=None):
     prefix = next((p for p in ('_orig_mod.', 'module.') if all(k.startswith(p) for k in weights)), '')
     weights = {k[len(prefix):]: v for k, v in weights.items()}  # saved from a compiled or wrapped module
     implied = shape_config(weights, path)
-    recorded = info.get('model_config')
-    if recorded is not None and not isinstance(recorded, dict):
-        raise SystemExit(f"error: {path} records a model_config that is not a mapping: a damaged or foreign checkpoint")
-    config = checked_config(implied if recorded is None else recorded, path)
+    config = checked_config(info.get('model_config') or implied, path)  # read_checkpoint type-checked the mapping
     differs = {k: (getattr(config, k), v) for k, v in implied.items() if getattr(config, k) != v}
     if differs:
         raise SystemExit(f"error: {path}'s model config disagrees with its tensors; (config, tensors): {differs}: a "

@@ -38,11 +38,11 @@ DOTENV_KEYS = ('HF_TOKEN', 'WANDB_API_KEY')  # the secrets .env gives (docs/secu
 IGNORED_DOTENV_KEYS = set()  # named once a process
 
 
-def load_dotenv(path=None):
+def load_dotenv():
     """The secrets of the repository's git-ignored .env (DOTENV_KEYS) into os.environ; the environment wins. Any other
     key is ignored with one line naming it, never its value: an HF_ENDPOINT there would send HF_TOKEN to another host,
     a GIT_CONFIG_* key would make git run a command."""
-    path = path or DOTENV
+    path = DOTENV
     if not os.path.isfile(path):
         return
     ignored = []
