@@ -593,7 +593,7 @@ def verify_folder(folder):
         fail(f"{path} is a foreign manifest (format {manifest.get('format')!r}, eos {manifest.get('eos_id')}), "
              f"expected {MANIFEST_FORMAT} with EOS {EOS_ID}")
     vocab_size = manifest.get('vocab_size') or ModelConfig.vocab_size
-    with contextlib.suppress(FileNotFoundError):  # what training's checks vouched for by size and mtime: hashed anew
+    with contextlib.suppress(FileNotFoundError):  # what training vouched for by size and times: hashed anew
         os.remove(os.path.join(folder, 'verified.json'))
     for chunk in manifest['chunks']:
         file = os.path.join(folder, chunk['file'])
