@@ -802,15 +802,15 @@ def log_records(path):
     last line of a run killed while writing it is torn."""
     entries, torn = [], 0
     with open(path, errors='replace') as f:
-        for line in f:
+        for line in filter(str.strip, f):
             try:
-                entry = json.loads(line) if line.strip() else None
+                entry = json.loads(line)
             except ValueError:
-                entry = 'torn'
-            if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get('step', 0), int)):
-                torn += 1
-            elif entry is not None:
+                entry = None
+            if isinstance(entry, dict) and isinstance(entry.get('step', 0), int):
                 entries.append(entry)
+            else:
+                torn += 1
     return entries, torn
 
 
@@ -927,31 +927,31 @@ def tensors_of(tree, name=''):
             yield from tensors_of(value, f'{name}/{i}')
 
 
-def tensor_sha256(tree):
+def tensor_sha256(tree, digests=None):
     """sha256 of the tensors of a state: each tensor's name, dtype, shape and bytes. Each is hashed on a thread of its
-    own (hashlib lets go of the GIL), a tensor stored twice (the tied head) once: ~1 s for the 2.4 GB fp32 model."""
+    own (hashlib lets go of the GIL), a tensor stored twice once: the tied head, and through `digests` (each stored
+    tensor's sha256, shared between calls) the fp32 masters that are both the weights and the optimizer's state.
+    ~1 s for the 2.4 GB fp32 model."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
+    digests = {} if digests is None else digests
+    stored = lambda t: (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)  # noqa: E731
     named = list(tensors_of(tree))
-    by_storage = {}
-    for _, t in named:
-        by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype), t)
+    todo = {stored(t): t for _, t in named if stored(t) not in digests}
 
     def digest(t):
         return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        digests = dict(zip(by_storage, pool.map(digest, by_storage.values())))
-    lines = ''.join(f"{name} {t.dtype} {tuple(t.shape)} "
-                    f"{digests[(t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)]}\n"
-                    for name, t in named)
+        digests.update(zip(todo, pool.map(digest, todo.values())))
+    lines = ''.join(f"{name} {t.dtype} {tuple(t.shape)} {digests[stored(t)]}\n" for name, t in named)
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def damaged_parts(state, names):
     """Those of `names`, parts of a checkpoint's state, whose tensors no longer hash to the tensor_sha256 its save
     recorded (a file without one cannot be checked)."""
-    recorded = state.get('tensor_sha256') or {}
-    return [name for name in names if name in recorded and tensor_sha256(state.get(name)) != recorded[name]]
+    recorded, digests = state.get('tensor_sha256') or {}, {}
+    return [name for name in names if name in recorded and tensor_sha256(state.get(name), digests) != recorded[name]]
 
 
 def durable_replace(tmp, path):
@@ -982,8 +982,9 @@ def save_checkpoint(path, model, step, optimizer_state=None, scheduler_state=Non
     weights['output_head.weight'] = weights['embeddings.weight']
     state = {'model_state_dict': weights, 'optimizer_state_dict': optimizer_state, 'scheduler_state_dict': scheduler_state,
              'step': int(step), 'tau': model.tau, 'model_config': asdict(model.config), **extra}
-    state['tensor_sha256'] = {part: tensor_sha256(state[part]) for part in ('model_state_dict', 'optimizer_state_dict')
-                              if state[part] is not None}  # a load checks them: damage is caught, never trained on
+    digests = {}  # a load checks them: damage is caught, never trained on
+    state['tensor_sha256'] = {part: tensor_sha256(state[part], digests)
+                              for part in ('model_state_dict', 'optimizer_state_dict') if state[part] is not None}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     previous = max((os.path.join(folder, n) for n in os.listdir(folder) if n.endswith('.pt')), key=os.path.getmtime,

@@ -9,12 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import prepare
+import utils as U
 from conftest import ROOT, held_by_another_process
 from model import EOS_ID
-import utils as U
-from utils import get_tokenizer
 
-TOKENIZER = get_tokenizer('packaged')
+TOKENIZER = U.get_tokenizer('packaged')
 
 
 def documents(n=120, seed=0):

@@ -61,7 +61,7 @@ def test_a_rejected_argument_never_echoes_a_secret(argv):
 # 3. a file cannot steer its loader; 4. its config is checked before anything is allocated
 
 
-def test_a_checkpoint_cannot_set_what_the_loader_derives(tmp_path, capsys):
+def test_a_checkpoint_cannot_set_what_the_loader_derives(tmp_path):
     other = str(tmp_path / 'other.pt')
     U.save_checkpoint(other, M.create_model(small_config()), step=5)
     path = str(tmp_path / 'claims.pt')
